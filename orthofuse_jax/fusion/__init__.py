@@ -1,0 +1,1 @@
+"""Adapters as pytrees, merge methods and checkpoint I/O."""

@@ -1,0 +1,70 @@
+"""Pure JAX manifold math for GS-orthogonal matrices.
+
+No I/O, no adapters, no diffusers. Every function takes stacked blocks ``[..., nb, b, b]`` (or
+``[..., b, b]``), keeps the input dtype, and is safe under ``jax.jit`` and ``jax.vmap``. Only
+matmuls, ``solve`` and ``eigh`` are used on merge paths (no ``eig``, ``schur`` or host callbacks).
+"""
+
+from .cayley import cayley, eye_like, inverse_cayley, skew
+from .geodesic import curve_speed, geodesic, geodesic_distance, geodesic_speed, relative_rotation
+from .group import (
+    act,
+    group_dimension,
+    orbit_dimension,
+    orbit_map,
+    sign_stabilizer_element,
+    stabilizer_dimension,
+    stabilizer_dimension_formula,
+    stabilizer_is_discrete,
+)
+from .gs import block_diag, gs_apply, gs_apply_transpose, gs_dense, gs_shape
+from .shuffle import perfect_shuffle, perfect_shuffle_indices, perfect_shuffle_matrix, perfect_unshuffle
+from .spectral import (
+    DEFAULT_ANGLE_TOL,
+    NegativeEigenvalueError,
+    expm_skew,
+    log,
+    log_with_flag,
+    power,
+    rotation_angles,
+    spectral_map,
+    spectral_map_with_flag,
+)
+
+__all__ = [
+    "DEFAULT_ANGLE_TOL",
+    "NegativeEigenvalueError",
+    "act",
+    "block_diag",
+    "cayley",
+    "curve_speed",
+    "expm_skew",
+    "eye_like",
+    "geodesic",
+    "geodesic_distance",
+    "geodesic_speed",
+    "group_dimension",
+    "gs_apply",
+    "gs_apply_transpose",
+    "gs_dense",
+    "gs_shape",
+    "inverse_cayley",
+    "log",
+    "log_with_flag",
+    "orbit_dimension",
+    "orbit_map",
+    "perfect_shuffle",
+    "perfect_shuffle_indices",
+    "perfect_shuffle_matrix",
+    "perfect_unshuffle",
+    "power",
+    "relative_rotation",
+    "rotation_angles",
+    "sign_stabilizer_element",
+    "skew",
+    "spectral_map",
+    "spectral_map_with_flag",
+    "stabilizer_dimension",
+    "stabilizer_dimension_formula",
+    "stabilizer_is_discrete",
+]

@@ -1,0 +1,214 @@
+"""Functions of rotation angles of orthogonal blocks, in real arithmetic (SPEC 9.3, 11).
+
+Every ``U`` in ``SO(b)`` without an eigenvalue ``-1`` is ``Cay(S)`` for a skew ``S``. On each
+eigenspace of ``-S^2 = V diag(sigma^2) V^T`` (symmetric positive semidefinite, so a real
+``eigh``), ``J = S / sigma`` is a complex structure and ``U = cos(theta) I + sin(theta) J`` with
+``theta = 2 arctan(sigma)``. Any odd angle map ``theta -> phi(theta)`` therefore acts as
+
+    U  ->  V diag(cos phi) V^T  +  S V diag(sin(phi) / sigma) V^T                        (*)
+
+which gives, with no complex numbers and no ``eig``:
+
+* ``log U   = S V diag(theta / sigma) V^T``           (principal logarithm)
+* ``U^t     = (*) with phi = t theta``                 (fractional power, any real t)
+* ``exp(f log U) = (*) with phi = f theta``            (the exact spectral map, paper eq. (6))
+* ``exp(S)  = V diag(cos sigma) V^T + S V diag(sin(sigma)/sigma) V^T`` for skew S.
+
+Only functions of ``sigma^2`` enter, so repeated eigenvalues (always present: they come in
+pairs) and the null space of S are harmless; ``eigh``, ``solve`` and matmuls run natively on
+GPU/TPU under ``jit``.
+
+Domain: the principal logarithm does not exist as a real matrix when U has an eigenvalue
+``-1`` (a rotation by pi). Blocks whose largest rotation angle is within ``angle_tol``
+(default 1e-4) of pi are *flagged*: :func:`log_with_flag` and :func:`spectral_map_with_flag`
+return NaN for those blocks and a boolean ``bad`` array of shape ``U.shape[:-2]``;
+:func:`log`, :func:`power` and :func:`spectral_map` raise :class:`NegativeEigenvalueError`
+when called on concrete arrays (outside ``jit``), and inside ``jit`` return the NaN blocks,
+which the caller can detect with ``jnp.isnan`` (or by using the ``*_with_flag`` variants).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._types import Array, Block, Bool, Float
+from .cayley import inverse_cayley
+
+__all__ = [
+    "NegativeEigenvalueError",
+    "DEFAULT_ANGLE_TOL",
+    "rotation_angles",
+    "expm_skew",
+    "log",
+    "log_with_flag",
+    "power",
+    "spectral_map",
+    "spectral_map_with_flag",
+]
+
+DEFAULT_ANGLE_TOL = 1e-4
+
+
+class NegativeEigenvalueError(ValueError):
+    """An orthogonal block has an eigenvalue at (or within tolerance of) -1."""
+
+
+def _eigh_sq(s: Block) -> tuple[Array, Array]:
+    """``lam, V`` with ``-S^2 = V diag(lam) V^T`` and ``lam >= 0`` (clamped)."""
+    m = jnp.swapaxes(s, -1, -2) @ s  # = -S^2 for skew S, symmetric PSD
+    m = 0.5 * (m + jnp.swapaxes(m, -1, -2))
+    lam, v = jnp.linalg.eigh(m)
+    return jnp.maximum(lam, 0.0), v
+
+
+def _sinc_ratio(phi: Array, sigma: Array, limit: Array) -> Array:
+    """``sin(phi) / sigma`` with the value ``limit`` where ``sigma == 0``."""
+    safe = jnp.where(sigma > 0, sigma, 1.0)
+    return jnp.where(sigma > 0, jnp.sin(phi) / safe, limit)
+
+
+def _rotate(s: Block, v: Array, cos_phi: Array, sin_over_sigma: Array) -> Block:
+    """Evaluate (*): ``V diag(c) V^T + S V diag(r) V^T``."""
+    vt = jnp.swapaxes(v, -1, -2)
+    return (v * cos_phi[..., None, :]) @ vt + s @ ((v * sin_over_sigma[..., None, :]) @ vt)
+
+
+def _polar_step(y: Block) -> Block:
+    """One Newton-Schulz step towards the polar factor: ``Y (3I - Y^T Y) / 2``.
+
+    The spectral formula is exact in exact arithmetic; in float32 its orthogonality error grows
+    with ``tan(theta / 2)`` through the inverse Cayley solve. One step squares that error
+    (2 matmuls) without moving an orthogonal Y.
+    """
+    eye = jnp.eye(y.shape[-1], dtype=y.dtype)
+    return 0.5 * y @ (3.0 * eye - jnp.swapaxes(y, -1, -2) @ y)
+
+
+def _finite_blocks(x: Array) -> Array:
+    return jnp.all(jnp.isfinite(x), axis=(-1, -2))
+
+
+def _angle_threshold(angle_tol: float) -> float:
+    # theta = 2 arctan(sigma) > pi - tol  <=>  sigma > tan((pi - tol) / 2) = cot(tol / 2)
+    return float(1.0 / np.tan(angle_tol / 2.0))
+
+
+def _decompose(u: Block, angle_tol: float):
+    s = inverse_cayley(u)
+    lam, v = _eigh_sq(s)
+    sigma = jnp.sqrt(lam)
+    theta = 2.0 * jnp.arctan(sigma)
+    bad = ~_finite_blocks(s) | (jnp.max(sigma, axis=-1) > _angle_threshold(angle_tol))
+    return s, v, sigma, theta, bad
+
+
+def _is_concrete(*xs) -> bool:
+    return not any(isinstance(x, jax.core.Tracer) for x in xs)
+
+
+def _raise_if_bad(bad: Array, what: str) -> None:
+    bad = np.asarray(bad)
+    if bad.any():
+        where = np.argwhere(bad)
+        first = tuple(int(i) for i in where[0])
+        raise NegativeEigenvalueError(
+            f"{what}: {int(bad.sum())} block(s) have an eigenvalue at -1 (a rotation within the "
+            f"angle tolerance of pi), first at block index {first}; the real principal logarithm "
+            "is not defined there"
+        )
+
+
+def rotation_angles(u: Block) -> Float[Array, "*batch b"]:
+    """Rotation angles ``theta in [0, pi)`` of each block (each plane's angle appears twice).
+
+    Computed as ``2 arctan(sigma)`` from the inverse Cayley parameter; a block with an
+    eigenvalue -1 gives ``pi`` (or NaN).
+    """
+    _, _, _, theta, _ = _decompose(u, DEFAULT_ANGLE_TOL)
+    return theta
+
+
+def expm_skew(a: Block) -> Block:
+    """``expm(skew(A))`` for every block, via a real ``eigh`` (exact for all angles)."""
+    s = 0.5 * (a - jnp.swapaxes(a, -1, -2))
+    lam, v = _eigh_sq(s)
+    sigma = jnp.sqrt(lam)
+    return _rotate(s, v, jnp.cos(sigma), _sinc_ratio(sigma, sigma, jnp.ones_like(sigma)))
+
+
+def log_with_flag(u: Block, *, angle_tol: float = DEFAULT_ANGLE_TOL) -> tuple[Block, Bool[Array, "*batch"]]:
+    """Principal logarithm of orthogonal blocks and a per-block flag of where it is undefined.
+
+    ``log U = S V diag(theta / sigma) V^T`` with ``S = invCay(U)`` (module docstring).
+
+    Returns:
+      ``(X, bad)``: skew blocks ``X`` with ``expm(X) = U``; ``bad[...]`` is True for blocks
+      with a rotation angle within ``angle_tol`` of pi (or non-finite input), and those
+      blocks of ``X`` are NaN.
+    """
+    s, v, sigma, theta, bad = _decompose(u, angle_tol)
+    ratio = jnp.where(sigma > 0, theta / jnp.where(sigma > 0, sigma, 1.0), 2.0)
+    x = s @ ((v * ratio[..., None, :]) @ jnp.swapaxes(v, -1, -2))
+    x = 0.5 * (x - jnp.swapaxes(x, -1, -2))
+    return jnp.where(bad[..., None, None], jnp.nan, x), bad
+
+
+def log(u: Block, *, angle_tol: float = DEFAULT_ANGLE_TOL) -> Block:
+    """Principal logarithm of orthogonal blocks (skew result).
+
+    Raises :class:`NegativeEigenvalueError` on concrete input with an eigenvalue at -1;
+    under ``jit`` such blocks come back as NaN (see :func:`log_with_flag`).
+    """
+    x, bad = log_with_flag(u, angle_tol=angle_tol)
+    if _is_concrete(u):
+        _raise_if_bad(bad, "log")
+    return x
+
+
+def spectral_map_with_flag(
+    u: Block,
+    angle_map: Callable[[Array], Array],
+    *,
+    angle_tol: float = DEFAULT_ANGLE_TOL,
+) -> tuple[Block, Bool[Array, "*batch"]]:
+    """Apply an odd map of rotation angles ``theta -> angle_map(theta)`` to every block.
+
+    The result is ``V diag(cos phi) V^T + S V diag(sin(phi)/sigma) V^T`` (module docstring),
+    exact for any output angle (no wrap-around problem). ``angle_map`` must be odd with
+    ``angle_map(0) = 0`` (it is evaluated on ``theta >= 0``) and may close over arrays that
+    broadcast against the angles ``[..., b]``.
+
+    Returns:
+      ``(Y, bad)`` as in :func:`log_with_flag`.
+    """
+    s, v, sigma, theta, bad = _decompose(u, angle_tol)
+    phi = angle_map(theta)
+    # As sigma -> 0: sin(phi)/sigma -> phi'(0) * dtheta/dsigma(0) = 2 phi'(0).
+    _, slope0 = jax.jvp(angle_map, (jnp.zeros_like(theta),), (jnp.ones_like(theta),))
+    y = _polar_step(_rotate(s, v, jnp.cos(phi), _sinc_ratio(phi, sigma, 2.0 * slope0)))
+    return jnp.where(bad[..., None, None], jnp.nan, y), bad
+
+
+def spectral_map(u: Block, angle_map: Callable[[Array], Array], *, angle_tol: float = DEFAULT_ANGLE_TOL) -> Block:
+    """:func:`spectral_map_with_flag` that raises on concrete input with an eigenvalue at -1."""
+    y, bad = spectral_map_with_flag(u, angle_map, angle_tol=angle_tol)
+    if _is_concrete(u):
+        _raise_if_bad(bad, "spectral_map")
+    return y
+
+
+def power(u: Block, t, *, angle_tol: float = DEFAULT_ANGLE_TOL) -> Block:
+    """Fractional power ``U^t = exp(t log U)`` of orthogonal blocks, for any real ``t``.
+
+    ``t`` is a scalar or an array broadcasting against the block batch shape ``u.shape[:-2]``.
+    The exact spectral map ``Y -> exp(f log Y)`` of the paper (eq. (6)) is ``power(Y, f)``.
+    """
+    t = jnp.asarray(t, dtype=u.dtype)[..., None]
+    y, bad = spectral_map_with_flag(u, lambda th: t * th, angle_tol=angle_tol)
+    if _is_concrete(u, t):
+        _raise_if_bad(bad, "power")
+    return y

@@ -1,0 +1,1 @@
+"""Flax SDXL integration (optional extra ``orthofuse-jax[sdxl]``)."""
