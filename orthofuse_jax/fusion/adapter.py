@@ -1,0 +1,174 @@
+"""GS adapters as pytrees: layers of equal block shape stacked for one jitted call.
+
+An adapter holds, per adapted layer (e.g. ``down_blocks.1.attentions.0.transformer_blocks.0.
+attn1.processor.to_q_moft``), the two block stacks ``L, R`` of shape ``[nb, b, b]`` and an
+optional per-channel scale vector. Layers with the same ``(nb, b)`` are stacked on a leading
+axis into a :class:`LayerStack` (``[layers, nb, b, b]``) so a merge of a whole SDXL adapter
+(560 layers, block sizes 20/40/64) is three batched calls, not a Python loop per layer.
+
+``L, R`` are either raw Cayley parameters (``orthogonal=False``; what the reference trains and
+saves, SPEC 1.2/5) or orthogonal blocks (``orthogonal=True``; what merges return).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..geometry import cayley, inverse_cayley
+from ..geometry._types import Array, Float
+
+__all__ = [
+    "LayerStack",
+    "GSAdapter",
+    "SCALE_NAME",
+    "stack_key",
+    "from_layers",
+    "to_layers",
+    "to_orthogonal",
+    "to_cayley_params",
+    "check_compatible",
+]
+
+# GS layer name suffix -> the scale vector that the reference processor applies after it (SPEC 2).
+SCALE_NAME = {"to_q_moft": "q_scale", "to_k_moft": "k_scale", "to_v_moft": "v_scale", "to_out_moft": "out_scale"}
+
+
+def stack_key(nb: int, b: int) -> str:
+    """Key of the stack holding layers with ``nb`` blocks of size ``b``."""
+    return f"nb{nb}_b{b}"
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class LayerStack:
+    """Layers of one block shape: ``L, R`` ``[layers, nb, b, b]`` and their names (static)."""
+
+    L: Float[Array, "layers nb b b"]
+    R: Float[Array, "layers nb b b"]
+    names: tuple[str, ...] = field(metadata=dict(static=True))
+
+    @property
+    def nb(self) -> int:
+        return self.L.shape[-3]
+
+    @property
+    def b(self) -> int:
+        return self.L.shape[-1]
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class GSAdapter:
+    """A GS adapter: stacks of L/R blocks keyed by :func:`stack_key`, scales keyed by layer name.
+
+    Attributes:
+      stacks: ``{stack_key(nb, b): LayerStack}``.
+      scales: ``{layer name: scale vector [h]}``; a layer without an entry has unit scales.
+      orthogonal: False when L/R are raw Cayley parameters, True when they are orthogonal blocks.
+    """
+
+    stacks: dict[str, LayerStack]
+    scales: dict[str, Float[Array, "h"]]
+    orthogonal: bool = field(default=False, metadata=dict(static=True))
+
+    @property
+    def layer_names(self) -> tuple[str, ...]:
+        return tuple(n for s in self.stacks.values() for n in s.names)
+
+    @property
+    def num_layers(self) -> int:
+        return sum(len(s.names) for s in self.stacks.values())
+
+    @property
+    def dtype(self):
+        return next(iter(self.stacks.values())).L.dtype
+
+    def map_stacks(self, fn: Callable[[Array], Array], *, orthogonal: bool | None = None) -> GSAdapter:
+        """Apply ``fn`` to every L and R stack (same function for both)."""
+        stacks = {k: replace(s, L=fn(s.L), R=fn(s.R)) for k, s in self.stacks.items()}
+        return replace(self, stacks=stacks, orthogonal=self.orthogonal if orthogonal is None else orthogonal)
+
+    def astype(self, dtype) -> GSAdapter:
+        stacks = {k: replace(s, L=s.L.astype(dtype), R=s.R.astype(dtype)) for k, s in self.stacks.items()}
+        scales = {k: v.astype(dtype) for k, v in self.scales.items()}
+        return replace(self, stacks=stacks, scales=scales)
+
+
+def from_layers(
+    layers: Mapping[str, tuple[Array, Array]],
+    scales: Mapping[str, Array] | None = None,
+    *,
+    orthogonal: bool = False,
+    dtype=None,
+) -> GSAdapter:
+    """Group per-layer ``{name: (L, R)}`` into stacks by block shape; names sorted within a stack."""
+    groups: dict[str, list[str]] = {}
+    for name, (L, R) in layers.items():
+        L_shape, R_shape = np.shape(L), np.shape(R)
+        if len(L_shape) != 3 or L_shape[1] != L_shape[2] or L_shape != R_shape:
+            raise ValueError(f"layer {name!r}: L {L_shape} and R {R_shape} must both be [nb, b, b]")
+        groups.setdefault(stack_key(L_shape[0], L_shape[1]), []).append(name)
+    stacks = {}
+    for key, names in groups.items():
+        names = sorted(names)  # canonical order, so adapters read from different files align
+        L = jnp.stack([jnp.asarray(layers[n][0], dtype=dtype) for n in names])
+        R = jnp.stack([jnp.asarray(layers[n][1], dtype=dtype) for n in names])
+        stacks[key] = LayerStack(L=L, R=R, names=tuple(names))
+    sc = {k: jnp.asarray(v, dtype=dtype) for k, v in (scales or {}).items()}
+    return GSAdapter(stacks=stacks, scales=sc, orthogonal=orthogonal)
+
+
+def to_layers(adapter: GSAdapter) -> dict[str, tuple[Array, Array]]:
+    """Inverse of :func:`from_layers`: ``{name: (L, R)}``."""
+    out = {}
+    for s in adapter.stacks.values():
+        for i, n in enumerate(s.names):
+            out[n] = (s.L[i], s.R[i])
+    return out
+
+
+def to_orthogonal(adapter: GSAdapter) -> GSAdapter:
+    """Orthogonal blocks ``Cay(L), Cay(R)`` of a raw-parameter adapter (identity if already)."""
+    if adapter.orthogonal:
+        return adapter
+    return adapter.map_stacks(cayley, orthogonal=True)
+
+
+def to_cayley_params(adapter: GSAdapter) -> GSAdapter:
+    """Raw Cayley parameters ``invCay(L), invCay(R)`` such that ``Cay`` of them gives the blocks.
+
+    This is how merged (orthogonal) adapters are stored in the reference format: the reference
+    loads them with ``method="cayley"`` and reproduces the blocks (SPEC 1.2, 5).
+    """
+    if not adapter.orthogonal:
+        return adapter
+    return adapter.map_stacks(inverse_cayley, orthogonal=False)
+
+
+def check_compatible(adapters: Iterable[GSAdapter], names: Iterable[str] | None = None) -> None:
+    """Raise ``ValueError`` naming the layer when adapters differ in layers or block shapes."""
+    adapters = list(adapters)
+    labels = list(names) if names is not None else [f"adapter {i}" for i in range(len(adapters))]
+    ref = adapters[0]
+    ref_layers = {n: (k, s.L.shape[1:]) for k, s in ref.stacks.items() for n in s.names}
+    for a, lab in zip(adapters[1:], labels[1:]):
+        got = {n: (k, s.L.shape[1:]) for k, s in a.stacks.items() for n in s.names}
+        missing = sorted(set(ref_layers) - set(got))
+        extra = sorted(set(got) - set(ref_layers))
+        if missing:
+            raise ValueError(f"{lab}: layer {missing[0]!r} of {labels[0]} is missing ({len(missing)} missing in all)")
+        if extra:
+            raise ValueError(f"{lab}: layer {extra[0]!r} is not in {labels[0]} ({len(extra)} extra in all)")
+        for n, (k, shp) in ref_layers.items():
+            if got[n][1] != shp:
+                raise ValueError(
+                    f"{lab}: layer {n!r} has blocks {tuple(got[n][1])}, {labels[0]} has {tuple(shp)} (nb, b, b)"
+                )
+        for k, s in ref.stacks.items():
+            if a.stacks[k].names != s.names:
+                raise ValueError(f"{lab}: layers of shape {k} are in a different order than in {labels[0]}")
