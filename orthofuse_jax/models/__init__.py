@@ -1,1 +1,50 @@
-"""Flax SDXL integration (optional extra ``orthofuse-jax[sdxl]``)."""
+"""Flax SDXL integration (optional extra ``orthofuse-jax[sdxl]``).
+
+* :func:`patch_unet_params` / :func:`unpatch_unet_params` -- fold a GS adapter into the attention
+  kernels of a Flax UNet (``K_eff = (Q^T K) * s``, SPEC 2) and undo it.
+* :func:`attention_layers` -- reference layer name -> Flax parameter path table from a UNet config.
+* :func:`load_unet` / :func:`load_vae` -- diffusers PyTorch safetensors -> Flax params (no torch).
+* :func:`generate` / :func:`denoise` / :func:`euler_schedule` -- SDXL Euler sampling with CFG (SPEC 4).
+* :func:`apply_onthefly` -- the reference's per-call application of the adapter (tests, benchmarks).
+
+Only :mod:`._backbone` imports diffusers; importing this package imports neither flax nor diffusers.
+"""
+
+from .layers import AttentionLayer, attention_layers, attention_layers_from_params, layer_name
+from .patch import fold_plan, patch_unet_params, unpatch_unet_params
+from .weights import MissingModelFileError, load_unet, load_vae, resolve_component
+
+__all__ = [
+    "AttentionLayer",
+    "MissingModelFileError",
+    "apply_onthefly",
+    "attention_layers",
+    "attention_layers_from_params",
+    "denoise",
+    "euler_schedule",
+    "fold_plan",
+    "generate",
+    "layer_name",
+    "load_unet",
+    "load_vae",
+    "onthefly_interceptor",
+    "patch_unet_params",
+    "resolve_component",
+    "unpatch_unet_params",
+]
+
+_LAZY = {
+    "apply_onthefly": "onthefly",
+    "onthefly_interceptor": "onthefly",
+    "denoise": "generate",
+    "euler_schedule": "generate",
+    "generate": "generate",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(name)

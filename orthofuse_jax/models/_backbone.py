@@ -1,0 +1,167 @@
+"""Every diffusers import of orthofuse-jax lives here, so swapping the backbone touches one file.
+
+Backbone: diffusers 0.35.2, the last release that ships Flax models (``FlaxUNet2DConditionModel``,
+``FlaxAutoencoderKL``); it runs with jax 0.10.2 / flax 0.12.8 (SPEC 11). Weights are read from the
+diffusers PyTorch layout (``config.json`` + ``diffusion_pytorch_model.safetensors``) with numpy
+only, using diffusers' own rename/transpose rule (``rename_key_and_reshape_tensor``) against the
+*shapes* of the Flax parameters (``jax.eval_shape``), so nothing is randomly initialised and torch
+is not needed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterator, Mapping
+
+import jax
+import numpy as np
+
+__all__ = [
+    "MissingModelFileError",
+    "build_unet",
+    "build_vae",
+    "convert_torch_state_dict",
+    "load_config",
+    "load_flax_weights",
+    "iter_safetensors",
+]
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+
+
+class MissingModelFileError(FileNotFoundError):
+    """A model folder lacks ``config.json`` or its safetensors weights; the message names the file."""
+
+
+def _quiet_diffusers():
+    from diffusers.utils import logging as dlogging
+
+    dlogging.set_verbosity_error()
+    logging.getLogger("diffusers").setLevel(logging.ERROR)
+
+
+def load_config(folder: str | os.PathLike) -> dict:
+    """Read ``folder/config.json`` (raises :class:`MissingModelFileError` naming the file)."""
+    path = os.path.join(os.fspath(folder), CONFIG_NAME)
+    if not os.path.isdir(os.fspath(folder)):
+        raise MissingModelFileError(f"model folder {os.fspath(folder)!r} does not exist")
+    if not os.path.isfile(path):
+        raise MissingModelFileError(f"missing model file {path!r} (diffusers config)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def _weight_files(folder: str) -> list[str]:
+    single = os.path.join(folder, WEIGHTS_NAME)
+    index = os.path.join(folder, WEIGHTS_INDEX_NAME)
+    if os.path.isfile(single):
+        return [single]
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        files = [os.path.join(folder, s) for s in shards]
+        for p in files:
+            if not os.path.isfile(p):
+                raise MissingModelFileError(f"missing model file {p!r} (listed in {index!r})")
+        return files
+    raise MissingModelFileError(
+        f"missing model file {single!r} (no {WEIGHTS_INDEX_NAME} either); "
+        "expected diffusers-format PyTorch weights in safetensors"
+    )
+
+
+def iter_safetensors(folder: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield ``(torch key, numpy array)`` one tensor at a time (keeps peak host memory low)."""
+    from safetensors import safe_open
+
+    for path in _weight_files(os.fspath(folder)):
+        with safe_open(path, framework="numpy") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+
+
+def _flax_config(config: Mapping) -> dict:
+    # Torch configs carry keys the Flax class does not know (act_fn, ...); from_config drops them.
+    cfg = {k: v for k, v in config.items() if not k.startswith("_")}
+    if isinstance(cfg.get("cross_attention_dim"), (list, tuple)):
+        raise ValueError("per-block cross_attention_dim is not supported by the Flax UNet")
+    return cfg
+
+
+def build_unet(config: Mapping, dtype=None):
+    """``FlaxUNet2DConditionModel`` from a (torch or Flax) diffusers UNet config dict."""
+    import jax.numpy as jnp
+    from diffusers import FlaxUNet2DConditionModel
+
+    _quiet_diffusers()
+    return FlaxUNet2DConditionModel.from_config(_flax_config(config), dtype=dtype or jnp.float32)
+
+
+def build_vae(config: Mapping, dtype=None):
+    """``FlaxAutoencoderKL`` from a diffusers VAE config dict."""
+    import jax.numpy as jnp
+    from diffusers import FlaxAutoencoderKL
+
+    _quiet_diffusers()
+    return FlaxAutoencoderKL.from_config(_flax_config(config), dtype=dtype or jnp.float32)
+
+
+def convert_torch_state_dict(items, module, *, source: str = "state dict") -> dict:
+    """Map diffusers PyTorch ``(key, array)`` pairs to the Flax parameter tree of ``module``.
+
+    Uses diffusers' rename rule (``a.0.b`` -> ``a_0/b``, Linear ``weight`` -> ``kernel`` transposed,
+    Conv ``weight`` ``(O, I, kh, kw)`` -> ``(kh, kw, I, O)``, norm ``weight`` -> ``scale``) against the
+    Flax shapes from ``jax.eval_shape(module.init_weights)``. Raises ``ValueError`` naming the key on
+    a shape mismatch, an unexpected or missing parameter, or non-finite values.
+    """
+    import jax.numpy as jnp
+    from diffusers.models.modeling_flax_pytorch_utils import rename_key, rename_key_and_reshape_tensor
+    from flax.traverse_util import flatten_dict, unflatten_dict
+
+    shapes = flatten_dict(jax.eval_shape(module.init_weights, jax.random.PRNGKey(0)))
+    flat: dict[tuple[str, ...], jax.Array] = {}
+    for pt_key, tensor in items:
+        tensor = np.asarray(tensor)
+        pt_tuple = tuple(rename_key(pt_key).split("."))
+        fkey, ftensor = rename_key_and_reshape_tensor(pt_tuple, tensor, shapes)
+        if fkey not in shapes:
+            raise ValueError(f"{source}: weight {pt_key!r} has no Flax counterpart ({'/'.join(fkey)})")
+        if tuple(ftensor.shape) != tuple(shapes[fkey].shape):
+            raise ValueError(
+                f"{source}: weight {pt_key!r} has shape {tuple(tensor.shape)}, the model expects "
+                f"{tuple(shapes[fkey].shape)} at {'/'.join(fkey)} (after transposition)"
+            )
+        if np.issubdtype(ftensor.dtype, np.floating) and not np.all(np.isfinite(ftensor)):
+            raise ValueError(f"{source}: weight {pt_key!r} has non-finite values")
+        flat[fkey] = jnp.asarray(np.ascontiguousarray(ftensor))
+    missing = sorted(set(shapes) - set(flat))
+    if missing:
+        raise ValueError(
+            f"{source}: {len(missing)} parameters missing, first {'/'.join(missing[0])!r}; "
+            "the weights do not belong to this config"
+        )
+    return unflatten_dict(flat)
+
+
+def load_flax_weights(folder: str | os.PathLike, *, kind: str = "unet", dtype=None):
+    """``(module, params, config)`` from a local diffusers folder (``kind`` = "unet" or "vae")."""
+    config = load_config(folder)
+    module = build_unet(config, dtype) if kind == "unet" else build_vae(config, dtype)
+    files = _weight_files(os.fspath(folder))
+    params = convert_torch_state_dict(iter_safetensors(folder), module, source=", ".join(files))
+    return module, params, config
+
+
+def download(hub_id: str) -> str:
+    """Snapshot a hub repo (only UNet/VAE/scheduler files); called only for an explicit hub id."""
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(
+        hub_id,
+        allow_patterns=["unet/*", "vae/*", "scheduler/*", "model_index.json"],
+        ignore_patterns=["*.bin", "*.msgpack", "*fp16*", "*.onnx*"],
+    )

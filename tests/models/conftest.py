@@ -1,0 +1,123 @@
+"""Tiny SDXL-shaped UNet (and VAE) built from configs with random weights, saved in diffusers format.
+
+Shapes mirror SDXL where it matters for the adapters: cross-attention with a context width (48)
+different from the hidden widths (32, 64) so the k/v adapters of attn2 are 'wide', text_time added
+embeddings, attn1/attn2 at two resolutions, linear projections, transformer depth (1, 2).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flax")
+pytest.importorskip("diffusers")
+
+TINY_UNET = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    mid_block_type="UNetMidBlock2DCrossAttn",
+    block_out_channels=[32, 64],
+    layers_per_block=1,
+    transformer_layers_per_block=[1, 2],
+    attention_head_dim=[2, 4],
+    cross_attention_dim=48,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=32 + 6 * 8,
+    norm_num_groups=32,
+)
+TEXT_EMBED_DIM = 32
+
+TINY_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[32, 32, 32, 32],
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=64,
+)
+
+
+def _randomize(model, seed: int):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.5 / max(1, p.shape[-1]) ** 0.5) + 0.01 * torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_unet_dir(tmp_path_factory):
+    """Folder with config.json + diffusion_pytorch_model.safetensors of a random tiny UNet."""
+    torch = pytest.importorskip("torch")
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    model = _randomize(UNet2DConditionModel(**TINY_UNET), 0).eval()
+    path = tmp_path_factory.mktemp("tiny_sdxl") / "unet"
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_unet_dir):
+    """An SDXL-like model root: unet/ and vae/ (diffusers layout)."""
+    pytest.importorskip("torch")
+    from diffusers import AutoencoderKL
+
+    vae = _randomize(AutoencoderKL(**TINY_VAE), 1).eval()
+    vae.save_pretrained(tiny_unet_dir.parent / "vae", safe_serialization=True)
+    return tiny_unet_dir.parent
+
+
+@pytest.fixture(scope="session")
+def torch_unet(tiny_unet_dir):
+    pytest.importorskip("torch")
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(tiny_unet_dir).eval()
+
+
+@pytest.fixture(scope="session")
+def flax_unet(tiny_unet_dir):
+    """(module, params, config) loaded by our numpy converter."""
+    from orthofuse_jax.models import load_unet
+
+    return load_unet(tiny_unet_dir)
+
+
+def random_inputs(seed: int = 0, batch: int = 2, tokens: int = 5, size: int = 8):
+    rng = np.random.default_rng(seed)
+    return dict(
+        sample=rng.standard_normal((batch, 4, size, size)).astype(np.float32),
+        timesteps=np.array([981.0, 421.0][:batch], dtype=np.float32),
+        encoder_hidden_states=rng.standard_normal((batch, tokens, TINY_UNET["cross_attention_dim"])).astype(np.float32),
+        text_embeds=rng.standard_normal((batch, TEXT_EMBED_DIM)).astype(np.float32),
+        time_ids=np.tile(np.array([[64, 64, 0, 0, 64, 64]], np.float32), (batch, 1)),
+    )
+
+
+def random_adapter(table, *, nb: int = 4, seed: int = 0, angle: float = 0.3, dtype=np.float32, scales: bool = True):
+    """A raw-Cayley GS adapter over every layer of ``table`` (n = input width, scales = output width)."""
+    from orthofuse_jax.fusion.adapter import from_layers
+
+    rng = np.random.default_rng(seed)
+    layers, sc = {}, {}
+    for name, spec in table.items():
+        b = spec.n_in // nb
+        A = rng.standard_normal((2, nb, b, b)) * angle / np.sqrt(b)
+        A = (A - np.swapaxes(A, -1, -2)) / 2
+        layers[name] = (A[0].astype(dtype), A[1].astype(dtype))
+        if scales:
+            sc[name] = (1.0 + 0.2 * rng.standard_normal(spec.n_out)).astype(dtype)
+    return from_layers(layers, sc, dtype=dtype)
