@@ -1,0 +1,496 @@
+"""OrthoFuse merges of GS adapters: block-level maps and the adapter-level :func:`merge` / :func:`sweep`.
+
+One convention everywhere: ``t = 0`` is the first (concept) adapter, ``t = 1`` the second (style);
+N adapters take a probability vector of weights in adapter order. Every merge acts block by block,
+independently on the L stack and the R stack; the perfect shuffle is untouched (SPEC 3).
+
+Methods (``method=``):
+
+* ``"geodesic"`` -- the full OrthoFuse merge (SPEC 3.2, paper eq. (4)): ``Y(t) = U1 (U1^T U2)^t``,
+  exact in real arithmetic (inverse Cayley + ``eigh``; :mod:`orthofuse_jax.geometry.spectral`).
+  N adapters: the weighted Karcher mean (:mod:`orthofuse_jax.fusion.karcher`).
+* ``"cayley"`` -- the fast merge (SPEC 3.3, paper eq. (38)): ``Y(t) = Cay((1-t) skew(A1) + t skew(A2))``
+  on RAW Cayley parameters. N adapters: ``Cay(sum_i w_i skew(A_i))``.
+
+Spectra restoration (``restore=``), with the phase multiplier (paper eqs. (6)-(8), SPEC 3.7)
+
+    f(t) = 1 + 4 (alpha - 1) t (1 - t)            (two adapters; f(0) = f(1) = 1, f(1/2) = alpha)
+    f(w) = 1 + 2 (alpha - 1) (1 - sum_i w_i^2)    (N adapters; equals f(t) for w = (1 - t, t):
+                                                   1 - (1-t)^2 - t^2 = 2 t (1 - t))
+
+* ``"none"``: ``Y``.
+* ``"cayley"``: ``Cay(eta Y)``, ``eta = f / 2``; with ``alpha = 2`` this is exactly the reference's
+  ``curve_over_id`` (``eta = 0.5 + 2 p (1 - p)``, SPEC 3.7) used by both presets (``p = t`` for
+  ``moft_merge``, ``p = 1 - t`` for ``moft_merge_fast``; eta is symmetric so both equal ``p = t``).
+  Like the reference it does not restore the endpoints exactly (``theta -> theta - theta^3/4`` at
+  t = 0, 1) and caps rotations at pi/2.
+* ``"exact"``: ``exp(f log Y)`` (paper eq. (6)), computed as a real spectral map of the rotation
+  angles; ``f = 1`` at the endpoints, so t = 0 and t = 1 return the inputs.
+
+Reference bugs we do not reproduce (SPEC 9): the eig-based log with ``V^H`` for ``V^{-1}`` (9.1) and
+the branch cut at -1 (9.2) -- we use the real principal log, and a block with an eigenvalue at -1
+(no real log) raises :class:`MergeError` naming the layer (NaN under ``jit``) instead of silently
+returning a non-orthogonal block; the opposite t conventions (9.10) -- one convention here; the
+exact-float ``sum(ts) == 1`` assertion (9.4) -- a tolerance here; in-place mutation (9.7) -- all
+functions are pure. The style scales are dropped only under ``scales="concept"`` (9.11, SPEC 3.9).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..geometry import DEFAULT_ANGLE_TOL, cayley, geodesic, power, skew, spectral_map_with_flag
+from ..geometry._types import Array, Block, Bool, Float
+from ._paths import geodesic_path
+from .adapter import GSAdapter, LayerStack, check_compatible, to_cayley_params, to_orthogonal
+from .karcher import cayley_mean_blocks, karcher_mean_blocks_with_flag
+from .scales import SCALE_RULES, combine_scales
+
+__all__ = [
+    "METHODS",
+    "RESTORES",
+    "MergeError",
+    "MergeReport",
+    "geodesic_blocks",
+    "cayley_space_blocks",
+    "curve_over_id",
+    "restoration_factor",
+    "restore_exact",
+    "merge",
+    "sweep",
+    "orthogonality_error",
+    "merge_report",
+]
+
+METHODS = ("geodesic", "cayley")
+RESTORES = ("none", "cayley", "exact")
+
+
+class MergeError(ValueError):
+    """A merge is undefined for some layer (e.g. a block with an eigenvalue at -1); names the layer."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Block level: pure, jit/vmap-safe, ``[..., b, b]``, dtype-generic.
+
+
+def _t_blocks(t, dtype) -> Array:
+    return jnp.asarray(t, dtype=dtype)[..., None, None]
+
+
+def geodesic_blocks(u1: Block, u2: Block, t, *, angle_tol: float = DEFAULT_ANGLE_TOL) -> Block:
+    """Exact SO(b) geodesic ``U1 (U1^T U2)^t`` (SPEC 3.2, paper eq. (4)); ``t = 0 -> U1``, ``t = 1 -> U2``.
+
+    The reference computes ``U1 Re(expm(-t V diag(i Arg lambda) V^H))`` from a complex ``eig`` of
+    ``U2^T U1``, which is wrong for repeated eigenvalues and at -1 (SPEC 9.1-9.2); this is the real
+    principal-log form (:func:`orthofuse_jax.geometry.geodesic`). Raises
+    :class:`~orthofuse_jax.geometry.NegativeEigenvalueError` on concrete input whose relative
+    rotation has an eigenvalue -1; NaN blocks under ``jit``.
+
+    Args:
+      u1, u2: orthogonal blocks ``[..., b, b]``.
+      t: scalar or array broadcasting against ``u1.shape[:-2]``.
+    """
+    return geodesic(u1, u2, t, angle_tol=angle_tol)
+
+
+def cayley_space_blocks(a1: Block, a2: Block, t) -> Block:
+    """Fast merge ``Cay((1 - t) skew(A1) + t skew(A2))`` on RAW Cayley parameters (SPEC 3.3, eq. (38)).
+
+    Our convention: ``t = 0 -> Cay(A1)``, ``t = 1 -> Cay(A2)``. The reference's
+    ``merge_inside_cayley_space([A1, A2], [t', 1 - t'])`` is this function at ``t = 1 - t'``
+    (SPEC 3.8).
+    """
+    t = _t_blocks(t, a1.dtype)
+    return cayley((1.0 - t) * skew(a1) + t * skew(a2))
+
+
+def curve_over_id(u: Block, p) -> Block:
+    """The reference's spectra restoration ``Cay(eta U)``, ``eta = 0.5 + 2 p (1 - p)`` (SPEC 3.7).
+
+    ``U`` is an orthogonal block; ``Cay`` takes its skew part, so this is ``Cay(eta (U - U^T)/2)``
+    and maps each rotation angle ``theta`` to ``2 arctan(eta sin theta)``. The reference asserts
+    ``0 <= p <= 1``; this pure function does not check (``merge`` checks t).
+    """
+    p = _t_blocks(p, u.dtype)
+    eta = 0.5 + 2.0 * p * (1.0 - p)
+    return cayley(eta * u)
+
+
+def restoration_factor(t, alpha=2.0):
+    """Phase multiplier ``f(t) = 1 + 4 (alpha - 1) t (1 - t)`` (paper eq. (8), SPEC 3.7)."""
+    return 1.0 + 4.0 * (alpha - 1.0) * t * (1.0 - t)
+
+
+def restore_exact(u: Block, t, alpha=2.0, *, angle_tol: float = DEFAULT_ANGLE_TOL) -> Block:
+    """Exact restoration ``exp(f(t) log U)``, ``f(t) = 1 + 4 (alpha - 1) t (1 - t)`` (paper eqs. (6), (8)).
+
+    ``f(0) = f(1) = 1`` (endpoints unchanged), ``f(1/2) = alpha``; ``alpha = 1`` is the identity
+    map, ``alpha = 0`` collapses the midpoint to the identity matrix. Computed as
+    :func:`orthofuse_jax.geometry.power` ``(U, f)``; raises on concrete blocks with an eigenvalue -1.
+    """
+    return power(u, restoration_factor(jnp.asarray(t, dtype=u.dtype), alpha), angle_tol=angle_tol)
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernels on one stack (jitted; options static).
+
+
+def _not_finite(y: Array) -> Array:
+    return ~jnp.all(jnp.isfinite(y), axis=(-1, -2))
+
+
+def _restore_with_flag(y: Block, f, restore: str, angle_tol: float) -> tuple[Block, Bool[Array, "*batch"]]:
+    if restore == "none":
+        return y, _not_finite(y)
+    if restore == "cayley":
+        y = cayley((0.5 * f) * y)
+        return y, _not_finite(y)
+    y, bad = spectral_map_with_flag(y, lambda th: f * th, angle_tol=angle_tol)
+    return y, bad | _not_finite(y)
+
+
+def _pair_point(x1, x2, t, path, *, method, restore, alpha, angle_tol):
+    if method == "geodesic":
+        y, bad = path.at(t), path.bad
+    else:
+        y = cayley_space_blocks(x1, x2, t)
+        bad = _not_finite(y)
+    y, bad2 = _restore_with_flag(y, restoration_factor(t, alpha), restore, angle_tol)
+    return y, bad | bad2
+
+
+@functools.partial(jax.jit, static_argnames=("method", "restore", "angle_tol"))
+def _pair_kernel(x1, x2, t, alpha, *, method, restore, angle_tol):
+    path = geodesic_path(x1, x2, angle_tol=angle_tol) if method == "geodesic" else None
+    return _pair_point(x1, x2, t, path, method=method, restore=restore, alpha=alpha, angle_tol=angle_tol)
+
+
+@functools.partial(jax.jit, static_argnames=("method", "restore", "angle_tol"))
+def _sweep_kernel(x1, x2, ts, alpha, *, method, restore, angle_tol):
+    # The t-independent decomposition (inverse Cayley of U1^T U2 and its eigh) is done once here.
+    path = geodesic_path(x1, x2, angle_tol=angle_tol) if method == "geodesic" else None
+    if method == "cayley":
+        x1, x2 = skew(x1), skew(x2)
+    point = functools.partial(_pair_point, method=method, restore=restore, angle_tol=angle_tol)
+    return jax.vmap(lambda t: point(x1, x2, t, path, alpha=alpha))(ts)
+
+
+@functools.partial(jax.jit, static_argnames=("method", "restore", "angle_tol", "tol", "max_iter"))
+def _mean_kernel(xs, w, alpha, *, method, restore, angle_tol, tol, max_iter):
+    if method == "geodesic":
+        y, res, it, bad = karcher_mean_blocks_with_flag(xs, w, tol=tol, max_iter=max_iter, angle_tol=angle_tol)
+    else:
+        y = cayley_mean_blocks(xs, w)
+        bad = _not_finite(y)
+        res, it = jnp.zeros((), xs.dtype), jnp.zeros((), jnp.int32)
+    f = 1.0 + 2.0 * (alpha - 1.0) * (1.0 - jnp.sum(w**2))
+    y, bad2 = _restore_with_flag(y, f, restore, angle_tol)
+    return y, bad | bad2, res, it
+
+
+# ------------------------------------------------------------------------------------------------
+# Adapter level.
+
+
+def _is_concrete(*trees) -> bool:
+    leaves = jax.tree_util.tree_leaves(trees)
+    return not any(isinstance(x, jax.core.Tracer) for x in leaves)
+
+
+def _check_options(method, restore, scales) -> None:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if restore not in RESTORES:
+        raise ValueError(f"restore must be one of {RESTORES}, got {restore!r}")
+    if scales not in SCALE_RULES:
+        raise ValueError(f"scales must be one of {SCALE_RULES}, got {scales!r}")
+
+
+def _check_t(t, extrapolate: bool, what: str = "t") -> None:
+    if isinstance(t, jax.core.Tracer):
+        return
+    arr = np.asarray(t, dtype=np.float64)
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{what} must be finite, got {arr.tolist()}")
+    if not extrapolate and (np.any(arr < 0.0) or np.any(arr > 1.0)):
+        bad = arr[(arr < 0.0) | (arr > 1.0)].ravel()[0]
+        raise ValueError(f"{what} = {float(bad)} is outside [0, 1]; pass extrapolate=True to extrapolate along the path")
+
+
+def _check_weights(w, k: int, extrapolate: bool, tol: float) -> None:
+    if np.shape(w) != (k,):
+        raise ValueError(f"weights must have shape ({k},) for {k} adapters, got {np.shape(w)}")
+    if isinstance(w, jax.core.Tracer):
+        return
+    arr = np.asarray(w, dtype=np.float64)
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"weights must be finite, got {arr.tolist()}")
+    if not extrapolate and np.any(arr < 0):
+        i = int(np.argmax(arr < 0))
+        raise ValueError(f"weights[{i}] = {arr[i]} is negative; weights must be a probability vector")
+    if abs(arr.sum() - 1.0) > tol:
+        raise ValueError(f"weights must sum to 1 (tolerance {tol}), got sum {arr.sum()!r} for {arr.tolist()}")
+
+
+def _inputs(adapters: Sequence[GSAdapter], method: str, dtype) -> list[GSAdapter]:
+    conv = to_orthogonal if method == "geodesic" else to_cayley_params
+    return [conv(a.astype(dtype)) if a.dtype != dtype else conv(a) for a in adapters]
+
+
+_WHY = {
+    "geodesic": "the relative rotation U1^T U2 (or, for N adapters, M^T U_i in the Karcher iteration) "
+    "has an eigenvalue at -1, where the real principal logarithm is undefined",
+    "cayley": "an input orthogonal block has an eigenvalue at -1 (no Cayley parameter) or is not finite",
+}
+
+
+def _raise_if_bad(flags: dict, stacks: dict[str, LayerStack], method: str, restore: str, ts=None) -> None:
+    for key, per in flags.items():
+        for which in ("L", "R"):
+            bad = np.asarray(per[which])
+            if not bad.any():
+                continue
+            idx = np.argwhere(bad)[0]
+            layer, block = stacks[key].names[int(idx[-2])], int(idx[-1])
+            at = f" at t = {float(np.asarray(ts)[int(idx[0])])}" if ts is not None else ""
+            why = _WHY[method]
+            if restore == "exact":
+                why += ", or the merged block has an eigenvalue at -1 (restore='exact' needs its logarithm)"
+            raise MergeError(
+                f"layer {layer!r}: merged {which} block {block}{at} is undefined ({int(bad.sum())} bad block(s) "
+                f"in stack {key}): {why}"
+            )
+
+
+def merge(
+    adapters: Sequence[GSAdapter],
+    weights=None,
+    *,
+    t=None,
+    method: str = "geodesic",
+    restore: str = "none",
+    alpha=2.0,
+    scales: str = "concept",
+    extrapolate: bool = False,
+    angle_tol: float = DEFAULT_ANGLE_TOL,
+    weight_tol: float = 1e-6,
+    karcher_tol: float = 1e-6,
+    karcher_max_iter: int = 50,
+) -> GSAdapter:
+    """Merge GS adapters block by block into one adapter of orthogonal blocks (module docstring).
+
+    Two adapters: give ``t`` (0 = first/concept, 1 = second/style). Reference presets:
+    ``moft_merge --t T`` is ``merge([c, s], t=T, method="geodesic", restore="cayley")`` and
+    ``moft_merge_fast --t T`` is ``merge([c, s], t=T, method="cayley", restore="cayley")``.
+    N adapters: give ``weights`` (a probability vector, checked to ``weight_tol``); ``geodesic``
+    is then the weighted Karcher mean (for two adapters it equals the geodesic point at
+    ``t = weights[1]``), ``cayley`` the weighted Cayley-space mean, and restoration uses
+    ``f = 1 + 2 (alpha - 1)(1 - sum w_i^2)``.
+
+    Inputs may hold raw Cayley parameters or orthogonal blocks: ``geodesic`` maps raw ones through
+    ``Cay``; ``cayley`` needs raw parameters and recovers them from orthogonal blocks with
+    ``invCay`` (:func:`~orthofuse_jax.fusion.adapter.to_cayley_params`). All adapters are cast to
+    the first one's dtype.
+
+    Usable under ``jax.jit``: bind the options (``functools.partial(merge, method=..., restore=...)``)
+    and pass adapters, ``t`` or ``weights`` as arguments. On concrete arrays the t range, the
+    weights and the result are checked; under ``jit`` these checks are skipped and undefined
+    blocks come back as NaN.
+
+    Args:
+      adapters: sequence of compatible :class:`GSAdapter` (same layers and block shapes).
+      weights: ``[N]`` probability vector (exclusive with ``t``).
+      t: interpolation parameter for exactly two adapters.
+      method: ``"geodesic"`` or ``"cayley"``.
+      restore: ``"none"``, ``"cayley"`` (reference ``curve_over_id`` for alpha = 2) or ``"exact"``.
+      alpha: restoration strength, ``f(1/2) = alpha`` (paper eq. (8)).
+      scales: ``"concept"``, ``"geometric"`` or ``"linear"`` (:mod:`orthofuse_jax.fusion.scales`).
+      extrapolate: allow t outside [0, 1] (and negative weights).
+      angle_tol: how close to pi a rotation angle may come before the log counts as undefined.
+      weight_tol: tolerance of the ``sum(weights) == 1`` check.
+      karcher_tol, karcher_max_iter: stopping rule of the Karcher iteration (N >= 3 geodesic);
+        a warning is issued on concrete input when it stops without reaching the tolerance.
+
+    Returns:
+      A :class:`GSAdapter` with ``orthogonal=True`` and the combined scales.
+
+    Raises:
+      ValueError: bad option, t, weights or incompatible adapters (message names the value/layer).
+      MergeError: a merged or intermediate block has an eigenvalue at -1 (message names the layer).
+    """
+    _check_options(method, restore, scales)
+    adapters = list(adapters)
+    k = len(adapters)
+    if k == 0:
+        raise ValueError("merge needs at least one adapter")
+    check_compatible(adapters)
+    if t is not None and weights is not None:
+        raise ValueError("give either t (two adapters) or weights (N adapters), not both")
+    dtype = adapters[0].dtype
+    if t is not None:
+        if k != 2:
+            raise ValueError(f"t is for merging exactly two adapters, got {k}; pass weights instead")
+        _check_t(t, extrapolate)
+        t = jnp.asarray(t, dtype=dtype)
+        if t.ndim:
+            raise ValueError(f"t must be a scalar, got shape {t.shape}; use sweep() for several values")
+        w = jnp.stack([1.0 - t, t])
+    elif weights is None:
+        if k == 1:
+            w = jnp.ones((1,), dtype)
+        else:
+            raise ValueError(f"merging {k} adapters needs t (two adapters) or weights")
+    else:
+        _check_weights(weights, k, extrapolate, weight_tol)
+        w = jnp.asarray(weights, dtype=dtype)
+        if k == 2:
+            t = w[1]  # the two-adapter Karcher mean / Cayley mean is the path point at t = w[1]
+    xs = _inputs(adapters, method, dtype)
+    stacks, flags = {}, {}
+    info = []
+    for key, s0 in xs[0].stacks.items():
+        out, per = {}, {}
+        for which in ("L", "R"):
+            blocks = [getattr(a.stacks[key], which) for a in xs]
+            if k == 2:
+                y, bad = _pair_kernel(
+                    blocks[0], blocks[1], t, alpha, method=method, restore=restore, angle_tol=angle_tol
+                )
+            else:
+                y, bad, res, it = _mean_kernel(
+                    jnp.stack(blocks),
+                    w,
+                    alpha,
+                    method=method,
+                    restore=restore,
+                    angle_tol=angle_tol,
+                    tol=karcher_tol,
+                    max_iter=karcher_max_iter,
+                )
+                if method == "geodesic":
+                    info.append((key, which, res, it))
+            out[which], per[which] = y, bad
+        stacks[key] = replace(adapters[0].stacks[key], L=out["L"], R=out["R"])
+        flags[key] = per
+    if _is_concrete(adapters, t, w):
+        _raise_if_bad(flags, stacks, method, restore)
+        for key, which, res, it in info:
+            if not float(res) <= karcher_tol:
+                warnings.warn(
+                    f"Karcher mean of stack {key} ({which}) stopped after {int(it)} iterations with residual "
+                    f"{float(res):.3g} > karcher_tol = {karcher_tol}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+    sc = combine_scales(adapters, w, scales, dtype=dtype)
+    return GSAdapter(stacks=stacks, scales=sc, orthogonal=True)
+
+
+def sweep(
+    adapter1: GSAdapter,
+    adapter2: GSAdapter,
+    ts,
+    *,
+    method: str = "geodesic",
+    restore: str = "none",
+    alpha=2.0,
+    scales: str = "concept",
+    extrapolate: bool = False,
+    angle_tol: float = DEFAULT_ANGLE_TOL,
+) -> GSAdapter:
+    """Merge two adapters at every ``t`` in ``ts`` in one vmapped call per stack.
+
+    Equals ``[merge([adapter1, adapter2], t=t, ...) for t in ts]`` stacked on a new leading axis,
+    but the t-independent work -- for ``geodesic`` the inverse Cayley of ``U1^T U2`` and its
+    ``eigh`` (:func:`orthofuse_jax.fusion._paths.geodesic_path`) -- is done once per sweep; each t
+    then costs a few matmuls (plus, for ``restore="exact"``, the decomposition of the merged block,
+    which depends on t).
+
+    Returns:
+      A :class:`GSAdapter` (``orthogonal=True``) whose stacks are ``[T, layers, nb, b, b]`` and
+      whose scales are ``[T, h]``.
+    Raises:
+      As :func:`merge`; the :class:`MergeError` message also gives the offending t.
+    """
+    _check_options(method, restore, scales)
+    check_compatible([adapter1, adapter2])
+    _check_t(ts, extrapolate, "ts")
+    dtype = adapter1.dtype
+    ts = jnp.asarray(ts, dtype=dtype)
+    if ts.ndim != 1:
+        raise ValueError(f"ts must be a 1-D array of t values, got shape {ts.shape}")
+    x1, x2 = _inputs([adapter1, adapter2], method, dtype)
+    stacks, flags = {}, {}
+    for key in x1.stacks:
+        out, per = {}, {}
+        for which in ("L", "R"):
+            out[which], per[which] = _sweep_kernel(
+                getattr(x1.stacks[key], which),
+                getattr(x2.stacks[key], which),
+                ts,
+                alpha,
+                method=method,
+                restore=restore,
+                angle_tol=angle_tol,
+            )
+        stacks[key] = replace(adapter1.stacks[key], L=out["L"], R=out["R"])
+        flags[key] = per
+    if _is_concrete(adapter1, adapter2, ts):
+        _raise_if_bad(flags, stacks, method, restore, ts=ts)
+    w = jnp.stack([1.0 - ts, ts], axis=-1)
+    sc = combine_scales([adapter1, adapter2], w, scales, dtype=dtype)
+    return GSAdapter(stacks=stacks, scales=sc, orthogonal=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Reports.
+
+
+def orthogonality_error(u: Block) -> Float[Array, "*batch"]:
+    """Per-block ``||U^T U - I||_max``."""
+    eye = jnp.eye(u.shape[-1], dtype=u.dtype)
+    return jnp.max(jnp.abs(jnp.swapaxes(u, -1, -2) @ u - eye), axis=(-1, -2))
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    """Orthogonality of a merged adapter: ``per_layer[name] = max ||U^T U - I||_max`` over its L and R blocks."""
+
+    per_layer: dict[str, float]
+    max_error: float
+    worst_layer: str | None
+    nonfinite_layers: tuple[str, ...]
+
+
+def merge_report(adapter: GSAdapter) -> MergeReport:
+    """Per-layer maximum orthogonality error of an adapter's blocks (raw adapters are mapped through Cay).
+
+    Works for :func:`sweep` results too (the maximum is also taken over the t axis). A layer with
+    non-finite blocks is listed in ``nonfinite_layers`` and reported with error ``inf``.
+    """
+    adapter = to_orthogonal(adapter)
+    per: dict[str, float] = {}
+    nonfinite = []
+    for s in adapter.stacks.values():
+        e = jnp.maximum(orthogonality_error(s.L), orthogonality_error(s.R))  # [..., layers, nb]
+        e = np.asarray(e).reshape(-1, len(s.names), s.nb)
+        e = np.where(np.isfinite(e), e, np.inf).max(axis=(0, 2))
+        for name, v in zip(s.names, e):
+            per[name] = float(v)
+            if not np.isfinite(v):
+                nonfinite.append(name)
+    worst = max(per, key=per.get) if per else None
+    return MergeReport(
+        per_layer=per,
+        max_error=per[worst] if worst is not None else 0.0,
+        worst_layer=worst,
+        nonfinite_layers=tuple(nonfinite),
+    )
