@@ -1,0 +1,127 @@
+"""Every public array function of ``orthofuse_jax.geometry``: ``jit(f)(x) == f(x)`` and
+``vmap(f)`` over a new leading axis equals a Python loop.
+
+Functions of integers only (``stabilizer_*``, ``group_dimension``, ``orbit_dimension``,
+``perfect_shuffle_indices``, ``perfect_shuffle_matrix``) build host-side numbers or constants from
+static shapes; they are not traced and are skipped here (see SKIPPED).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from orthofuse_jax import geometry as geo
+
+from .strategies import DTYPES, random_rotations, random_skew, tol
+
+NB, B = 3, 4
+N = NB * B
+N_BATCH = 3
+
+SKIPPED = {
+    # ints in, host numbers / constants out
+    "group_dimension",
+    "orbit_dimension",
+    "stabilizer_dimension",
+    "stabilizer_dimension_formula",
+    "stabilizer_is_discrete",
+    "perfect_shuffle_indices",
+    "perfect_shuffle_matrix",
+    # not functions
+    "DEFAULT_ANGLE_TOL",
+    "NegativeEigenvalueError",
+}
+
+
+def odd_map(theta):
+    return 0.6 * theta + 0.02 * theta**3
+
+
+def _rot(rng, ang=2.0):
+    return random_rotations(rng, (NB,), B, ang)
+
+
+def _skew(rng, ang=2.0):
+    return random_skew(rng, (NB,), B, ang)
+
+
+def _signs(rng):
+    return rng.choice([-1.0, 1.0], size=(NB, B))
+
+
+# name -> (function of arrays only, builder of one example's arguments from an rng)
+TABLE = {
+    "act": (geo.act, lambda r: (_rot(r), _rot(r), random_rotations(r, (), N, 2.0))),
+    "block_diag": (geo.block_diag, lambda r: (r.standard_normal((NB, B, B)),)),
+    "cayley": (geo.cayley, lambda r: (r.standard_normal((NB, B, B)),)),
+    "curve_speed": (
+        lambda u1, u2, t: geo.curve_speed(lambda s: geo.geodesic(u1, u2, s), t),
+        lambda r: (_rot(r), _rot(r), np.asarray(r.uniform(0, 1))),
+    ),
+    "expm_skew": (geo.expm_skew, lambda r: (_skew(r, 5.0),)),
+    "eye_like": (lambda a: geo.eye_like(a) + 0.0 * a, lambda r: (r.standard_normal((NB, B, B)),)),
+    "geodesic": (geo.geodesic, lambda r: (_rot(r), _rot(r), np.asarray(r.uniform(-0.5, 1.5)))),
+    "geodesic_distance": (geo.geodesic_distance, lambda r: (_rot(r), _rot(r))),
+    "geodesic_speed": (geo.geodesic_speed, lambda r: (_rot(r), _rot(r), np.asarray(r.uniform(0, 1)))),
+    "gs_apply": (geo.gs_apply, lambda r: (r.standard_normal((2, N)), _rot(r), _rot(r))),
+    "gs_apply_transpose": (geo.gs_apply_transpose, lambda r: (r.standard_normal((2, N)), _rot(r), _rot(r))),
+    "gs_dense": (geo.gs_dense, lambda r: (_rot(r), _rot(r))),
+    # static shapes: under vmap it must see one example's shape
+    "gs_shape": (lambda L, R: jnp.asarray(geo.gs_shape(L, R)) + 0 * L.sum().astype(int), lambda r: (_rot(r), _rot(r))),
+    "inverse_cayley": (geo.inverse_cayley, lambda r: (_rot(r),)),
+    "log": (geo.log, lambda r: (_rot(r, 3.0),)),
+    "log_with_flag": (geo.log_with_flag, lambda r: (_rot(r, 3.0),)),
+    "orbit_map": (geo.orbit_map, lambda r: (_rot(r), _rot(r))),
+    "perfect_shuffle": (lambda z: geo.perfect_shuffle(z, NB), lambda r: (r.standard_normal((2, N)),)),
+    "perfect_unshuffle": (lambda z: geo.perfect_unshuffle(z, NB), lambda r: (r.standard_normal((2, N)),)),
+    "power": (geo.power, lambda r: (_rot(r, 3.0), np.asarray(r.uniform(-1, 2)))),
+    "relative_rotation": (geo.relative_rotation, lambda r: (_rot(r), _rot(r))),
+    "rotation_angles": (geo.rotation_angles, lambda r: (_rot(r),)),
+    "sign_stabilizer_element": (geo.sign_stabilizer_element, lambda r: (_signs(r),)),
+    "skew": (geo.skew, lambda r: (r.standard_normal((NB, B, B)),)),
+    "spectral_map": (lambda u: geo.spectral_map(u, odd_map), lambda r: (_rot(r, 3.0),)),
+    "spectral_map_with_flag": (lambda u: geo.spectral_map_with_flag(u, odd_map), lambda r: (_rot(r, 3.0),)),
+}
+
+
+def test_table_covers_public_api():
+    assert set(TABLE) | SKIPPED == set(geo.__all__)
+    assert not set(TABLE) & SKIPPED
+
+
+def _close(a, b, dtype):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.shape == y.shape and x.dtype == y.dtype
+        if x.dtype.kind == "f":
+            np.testing.assert_allclose(x, y, rtol=0, atol=tol(dtype, f32=1e-5, f64=1e-12) * max(1.0, np.abs(y).max()))
+        else:
+            np.testing.assert_array_equal(x, y)
+
+
+def _args(name, dtype, k):
+    build = TABLE[name][1]
+    rng = np.random.default_rng([sorted(TABLE).index(name), k])
+    return tuple(np.asarray(a, dtype) if np.asarray(a).dtype.kind == "f" else np.asarray(a) for a in build(rng))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", sorted(TABLE))
+def test_jit_and_vmap_match_eager(name, dtype):
+    f = TABLE[name][0]
+    examples = [_args(name, dtype, k) for k in range(N_BATCH)]
+    eager = [f(*ex) for ex in examples]  # the Python loop
+    for out in eager:
+        for leaf in jax.tree.leaves(out):
+            if np.asarray(leaf).dtype.kind == "f":
+                assert np.asarray(leaf).dtype == dtype  # dtype preserved
+    _close(jax.jit(f)(*examples[0]), eager[0], dtype)
+    stacked = tuple(np.stack(a) for a in zip(*examples, strict=True))
+    batched = jax.vmap(f)(*stacked)
+    looped = jax.tree.map(lambda *xs: np.stack(xs), *eager)
+    _close(batched, looped, dtype)
+    # vmap under jit too (the way merges call these)
+    _close(jax.jit(jax.vmap(f))(*stacked), looped, dtype)
