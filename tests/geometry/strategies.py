@@ -46,6 +46,15 @@ def gs_shapes(max_nb: int = 5, max_b: int = 5) -> st.SearchStrategy[tuple[int, i
     return st.one_of(st.sampled_from(special), free)
 
 
+def block_shapes(max_nb: int = 4, max_b: int = 5) -> st.SearchStrategy[tuple[int, int]]:
+    """``(nb, b)`` for per-block functions (nb is only a batch axis): b = 1, 3 (a plane and a
+    null direction) and 4 (two planes) under ``ci``; free shapes too under ``thorough``."""
+    pool = [(3, 1), (2, 3), (1, 4)]
+    if not THOROUGH:
+        return st.sampled_from(pool)
+    return st.one_of(st.sampled_from(pool), st.tuples(st.integers(1, max_nb), st.integers(1, max_b)))
+
+
 def angles(max_angle: float = 3.0, min_angle: float = 0.0) -> st.SearchStrategy[float]:
     return st.floats(min_value=min_angle, max_value=max_angle, allow_nan=False)
 
@@ -151,7 +160,7 @@ def rotation_stacks(
     dtype=None,
 ) -> RotationCase:
     """A ``[nb, b, b]`` stack of rotations with largest angle drawn in ``[min_angle, max_angle]``."""
-    nb, b = draw(shapes if shapes is not None else gs_shapes())
+    nb, b = draw(shapes if shapes is not None else block_shapes())
     dt = dtype if dtype is not None else draw(dtypes())
     ang = draw(angles(max_angle, min_angle))
     seed = draw(seeds())
