@@ -150,3 +150,15 @@ def test_commands_import_is_light():
     )
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+
+
+def test_generate_cli_missing_model_is_a_clear_error(tmp_path, capsys):
+    from orthofuse_jax.models.commands import main
+
+    emb = tmp_path / "emb.npz"
+    np.savez(emb, prompt_embeds=np.zeros((77, 2048), np.float32), pooled=np.zeros(1280, np.float32))
+    rc = main(["generate", "--model", str(tmp_path / "sdxl"), "--embeddings", str(emb), "-o", str(tmp_path / "o.png")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "sdxl" in err and "does not exist" in err and "hub" in err
+    assert not (tmp_path / "o.png").exists()
