@@ -1,0 +1,401 @@
+"""Command line: ``orthofuse-jax {fuse, sweep, demo, inspect}`` (+ optional model commands).
+
+Default merge = the reference's ``moft_merge`` preset: exact block geodesic, ``curve_over_id``
+spectra restoration (``--method geodesic --restore cayley``), ``--t 0.6``. t = 0 is the concept
+(first) adapter, t = 1 the style (second).
+
+Every bad input (unreadable/truncated file, missing/extra keys, shape or block-count mismatch,
+non-finite values, a merged block with an eigenvalue -1, t outside [0, 1] without
+``--extrapolate``, output path equal to an input) ends with a one-line message on stderr and exit
+status 2, and leaves no output file (writes are atomic). Startup imports neither JAX nor Flax.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import math
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+__all__ = ["main", "build_parser", "parse_ts"]
+
+PROG = "orthofuse-jax"
+EXIT_BAD_INPUT = 2
+
+
+class CLIError(ValueError):
+    """A bad command-line input; reported as one line with exit status 2."""
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def parse_ts(text: str) -> list[float]:
+    """``start:stop:count`` (inclusive linspace) or a comma list ``0,0.5,1``."""
+    try:
+        if ":" in text:
+            a, b, n = text.split(":")
+            n = int(n)
+            if n < 1:
+                raise ValueError
+            if n == 1:
+                return [float(a)]
+            a, b = float(a), float(b)
+            return [a + (b - a) * i / (n - 1) for i in range(n)]
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise CLIError(f"--ts {text!r}: expected start:stop:count (e.g. 0:1:11) or a comma list") from None
+
+
+def _check_t(ts, extrapolate: bool) -> None:
+    for t in ts:
+        if not math.isfinite(t):
+            raise CLIError(f"t={t} is not a finite number")
+        if not extrapolate and not 0.0 <= t <= 1.0:
+            raise CLIError(f"t={t:g} is outside [0, 1] (0 = concept, 1 = style); pass --extrapolate to extrapolate")
+
+
+def load_any(path):
+    """Read a reference-format or PEFT OFT adapter file (format detected from the keys)."""
+    from .fusion.io import adapter_from_tensors, read_tensors
+    from .fusion.peft import is_peft_oft, load_peft_oft
+
+    p = Path(path)
+    file = p / "adapter_model.safetensors" if p.is_dir() else p
+    tensors, _ = read_tensors(file)
+    if is_peft_oft(tensors):
+        return load_peft_oft(file, tensors=tensors)
+    return adapter_from_tensors(tensors, source=str(file))
+
+
+def _load_pair(args):
+    from .fusion.io import check_pair
+
+    concept, style = load_any(args.concept), load_any(args.style)
+    check_pair([concept, style], [args.concept, args.style])
+    if args.float64:
+        concept, style = concept.astype("float64"), style.astype("float64")
+    return concept, style
+
+
+def _merge_kwargs(args) -> dict:
+    return dict(method=args.method, restore=args.restore, alpha=args.alpha, scales=args.scales)
+
+
+def _sub_adapter(adapter, key):
+    from .fusion.adapter import GSAdapter
+
+    st = adapter.stacks[key]
+    sc = {n: adapter.scales[n] for n in st.names if n in adapter.scales}
+    return GSAdapter(stacks={key: st}, scales=sc, orthogonal=adapter.orthogonal)
+
+
+def _orth_error(adapter) -> float:
+    import numpy as np
+
+    err = 0.0
+    for st in adapter.stacks.values():
+        for x in (st.L, st.R):
+            y = np.asarray(x, dtype=np.float64)
+            err = max(err, float(np.abs(np.swapaxes(y, -1, -2) @ y - np.eye(y.shape[-1])).max()))
+    return err
+
+
+def _enable_x64(args) -> None:
+    if getattr(args, "float64", False):
+        import jax
+
+        jax.config.update("jax_enable_x64", True)
+
+
+# ----------------------------------------------------------------------------------------------
+# commands
+
+
+def cmd_fuse(args, *, quiet: bool = False) -> int:
+    from tqdm import tqdm
+
+    from .fusion.adapter import GSAdapter
+    from .fusion.io import check_output_path, save_adapter
+    from .fusion.merge import merge
+
+    _check_t([args.t], args.extrapolate)
+    check_output_path(args.output, [args.concept, args.style])
+    _enable_x64(args)
+    concept, style = _load_pair(args)
+    t0 = time.perf_counter()
+    stacks, scales = {}, {}
+    for key in tqdm(sorted(concept.stacks), desc="fuse", unit="stack", disable=quiet, file=sys.stderr):
+        try:
+            m = merge(
+                [_sub_adapter(concept, key), _sub_adapter(style, key)],
+                t=args.t,
+                extrapolate=args.extrapolate,
+                **_merge_kwargs(args),
+            )
+        except ValueError as e:
+            raise CLIError(f"{args.concept} + {args.style}: {e}") from None
+        stacks.update(m.stacks)
+        scales.update(m.scales)
+    merged = GSAdapter(stacks=stacks, scales=scales, orthogonal=True)
+    merged = merged.map_stacks(lambda x: x.block_until_ready())
+    elapsed = time.perf_counter() - t0
+    err = _orth_error(merged)
+    meta = {
+        "orthofuse_t": repr(float(args.t)),
+        "orthofuse_method": args.method,
+        "orthofuse_restore": args.restore,
+        "orthofuse_alpha": repr(float(args.alpha)),
+        "orthofuse_scales": args.scales,
+    }
+    save_adapter(args.output, merged.astype("float32"), metadata=meta, inputs=[args.concept, args.style])
+    shapes = "/".join(str(s.b) for s in sorted(merged.stacks.values(), key=lambda s: s.b))
+    print(
+        f"fused {merged.num_layers} layers (block sizes {shapes}) at t={args.t:g} "
+        f"[{args.method}, restore={args.restore}] in {elapsed:.2f} s; "
+        f"max orthogonality error {err:.1e}; wrote {args.output}"
+    )
+    return 0
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    from .fusion.io import _atomic_write_bytes
+
+    _atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+
+_SWEEP_FILES = ("sweep.json", "angles.png", "speed.png", "ambient_distance.png", "summary.png")
+
+
+def cmd_sweep(args) -> int:
+    from .fusion.merge import sweep
+    from .fusion.stats import sweep_statistics
+    from .plots import write_sweep_plots
+
+    ts = parse_ts(args.ts)
+    _check_t(ts, args.extrapolate)
+    out = Path(args.plot)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"{out}: --plot must be a directory, a file is in the way")
+    for inp in (args.concept, args.style):
+        if Path(inp).resolve().parent == out.resolve() and Path(inp).name in _SWEEP_FILES:
+            raise CLIError(f"{out / Path(inp).name}: output path is the input file {inp}; refusing to overwrite an input")
+    _enable_x64(args)
+    concept, style = _load_pair(args)
+    t0 = time.perf_counter()
+    kw = _merge_kwargs(args)
+    try:
+        before = sweep(concept, style, ts, extrapolate=args.extrapolate, **{**kw, "restore": "none"})
+        after = before if args.restore == "none" else sweep(concept, style, ts, extrapolate=args.extrapolate, **kw)
+        stats = sweep_statistics(concept, style, ts, before=before, after=after, **kw)
+    except ValueError as e:
+        raise CLIError(f"{args.concept} + {args.style}: {e}") from None
+    elapsed = time.perf_counter() - t0
+    stats["concept"], stats["style"] = str(args.concept), str(args.style)
+    stats["seconds"] = elapsed
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(out / "sweep.json", stats)
+    pngs = write_sweep_plots(stats, out)
+    print(f"swept {len(ts)} values of t over {stats['layers']} layers in {elapsed:.2f} s "
+          f"[{args.method}, restore={args.restore}]")
+    print("     t   speed(before)  speed(after)  ambient-dist(after)  orth-err(after)  max-angle(after)")
+    for i, t in enumerate(stats["ts"]):
+        print(
+            f"  {t:5.2f}  {stats['speed_before'][i]:13.4f}  {stats['speed_after'][i]:12.4f}  "
+            f"{stats['ambient_distance_after'][i]:19.4f}  {stats['orthogonality_error_after'][i]:15.1e}  "
+            f"{stats['max_angle_after'][i]:16.3f}"
+        )
+    print(f"geodesic distance d(concept, style) = {stats['geodesic_distance']:.4f}")
+    print(f"wrote {out / 'sweep.json'}")
+    for p in pngs:
+        print(f"wrote {p}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .fusion.demo import write_demo_pair
+
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="orthofuse-demo-"))
+    t0 = time.perf_counter()
+    concept, style = write_demo_pair(out, full_sdxl=args.full_sdxl)
+    print(f"wrote demo adapters ({'full SDXL, 560' if args.full_sdxl else 'SDXL-shaped, 16'} layers): {concept}, {style}")
+    common = dict(concept=concept, style=style, method="geodesic", restore="cayley", alpha=2.0,
+                  scales="concept", extrapolate=False, float64=False)
+    fuse_args = argparse.Namespace(t=0.6, output=out / "fused.safetensors", **common)
+    print(f"$ {PROG} fuse {concept} {style} -o {fuse_args.output} --t 0.6")
+    cmd_fuse(fuse_args, quiet=True)
+    ts = "0:1:5" if args.full_sdxl else "0:1:11"
+    sweep_args = argparse.Namespace(ts=ts, plot=out / "sweep", **common)
+    print(f"$ {PROG} sweep {concept} {style} --ts {ts} --plot {sweep_args.plot}")
+    cmd_sweep(sweep_args)
+    print(f"demo finished in {time.perf_counter() - t0:.1f} s; outputs in {out}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    import jax.numpy as jnp
+    import numpy as np
+
+    from .fusion.adapter import to_orthogonal
+    from .geometry import rotation_angles
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        adapter = load_any(args.file)
+    problems = [str(w.message) for w in caught]
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    orth = to_orthogonal(adapter)
+    print(f"{args.file}: {adapter.num_layers} GS layers, {len(adapter.scales)} scale vectors")
+    worst_all = 0.0
+    for key in sorted(orth.stacks, key=lambda k: orth.stacks[k].b):
+        st = orth.stacks[key]
+        th = np.nan_to_num(np.asarray(rotation_angles(jnp.concatenate([st.L, st.R]))), nan=np.pi)
+        per_layer = th.reshape(2, len(st.names), -1).max(axis=(0, 2))
+        worst = float(per_layer.max())
+        worst_all = max(worst_all, worst)
+        print(
+            f"  {key}: {len(st.names):4d} layers  L,R [{st.nb}, {st.b}, {st.b}]  n={st.nb * st.b}  "
+            f"max rotation angle {worst:.3f} rad (mean over layers {per_layer.mean():.3f})"
+        )
+        for name, a in zip(st.names, per_layer):
+            if a > np.pi - 1e-3:
+                problems.append(f"layer {name!r}: a block rotates by ~pi (eigenvalue -1): no geodesic merge")
+            elif a > np.pi / 2:
+                problems.append(f"layer {name!r}: max rotation {a:.2f} rad > pi/2 (curve_over_id saturates there)")
+    if adapter.scales:
+        sc = np.concatenate([np.asarray(v).ravel() for v in adapter.scales.values()])
+        print(f"  scales: min {sc.min():.4f}  max {sc.max():.4f}  mean {sc.mean():.4f}")
+    missing = [n for n in adapter.layer_names if n not in adapter.scales]
+    if adapter.scales and missing:
+        problems.append(f"{len(missing)} layer(s) without a scale vector, e.g. {missing[0]!r}")
+    print(f"  max rotation angle overall: {worst_all:.3f} rad")
+    print(f"  problems: {len(problems)}" + ("" if problems else " (none)"))
+    for p in problems:
+        print(f"   - {p}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# parser
+
+
+def _add_merge_options(p) -> None:
+    p.add_argument("--method", choices=["geodesic", "cayley"], default="geodesic",
+                   help="geodesic: exact block-wise SO(b) geodesic (SPEC 3.2); cayley: fast Cayley-space "
+                        "merge (SPEC 3.3). Default: geodesic")
+    p.add_argument("--restore", choices=["cayley", "exact", "none"], default="cayley",
+                   help="spectra restoration: cayley = the reference's curve_over_id (eta = 1/2 + 2t(1-t)); "
+                        "exact = exp(f(t) log Y), f = 1 + 4(alpha-1)t(1-t); none. Default: cayley")
+    p.add_argument("--alpha", type=float, default=2.0, help="phase multiplier at t=1/2 for --restore exact (default 2)")
+    p.add_argument("--scales", choices=["concept", "geometric", "linear"], default="concept",
+                   help="scale vectors: concept (the reference's behaviour), per-channel weighted geometric "
+                        "mean, or linear interpolation. Default: concept")
+    p.add_argument("--extrapolate", action="store_true", help="allow t outside [0, 1]")
+    p.add_argument("--float64", action="store_true", help="merge in float64 (output is float32 either way)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Training-free fusion of orthogonal GS (Group-and-Shuffle) diffusion adapters (OrthoFuse). "
+                    "Default merge: --method geodesic --restore cayley --t 0.6 (the reference's moft_merge preset); "
+                    "t = 0 is the concept adapter, t = 1 the style adapter.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("fuse", help="merge a concept and a style adapter into one GS adapter file",
+                       description="Merge CONCEPT (t=0) and STYLE (t=1) adapters (reference safetensors format or "
+                                   "PEFT OFT) and write the merged adapter in the reference format (raw Cayley "
+                                   "parameters invCay(Y), so the reference's method='cayley' reproduces Y).")
+    p.add_argument("concept", type=Path)
+    p.add_argument("style", type=Path)
+    p.add_argument("-o", "--output", type=Path, required=True, help="output .safetensors (never an input)")
+    p.add_argument("--t", type=float, default=0.6, help="position on the merge path (default 0.6)")
+    _add_merge_options(p)
+    p.set_defaults(func=cmd_fuse)
+
+    p = sub.add_parser("sweep", help="merge at many t in one vmapped call; write sweep.json and PNG plots",
+                       description="Sweep t, write DIR/sweep.json (per-t statistics) and PNGs: eigen-angle "
+                                   "histograms, speed along t, distance to the straight ambient path.")
+    p.add_argument("concept", type=Path)
+    p.add_argument("style", type=Path)
+    p.add_argument("--ts", default="0:1:11", help="start:stop:count or comma list (default 0:1:11)")
+    p.add_argument("--plot", type=Path, required=True, metavar="DIR", help="output directory")
+    _add_merge_options(p)
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("demo", help="write a built-in concept/style pair, then fuse and sweep it",
+                       description="Writes concept.safetensors and style.safetensors (deterministic, SDXL-shaped), "
+                                   "fused.safetensors (t=0.6, geodesic + curve_over_id) and sweep/ (JSON + PNGs).")
+    p.add_argument("--out", type=Path, default=None, help="output directory (default: a new temporary directory)")
+    p.add_argument("--full-sdxl", action="store_true", help="all 560 SDXL layers instead of 16")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("inspect", help="layers, block shapes, rotation angles and problems of an adapter file")
+    p.add_argument("file", type=Path)
+    p.set_defaults(func=cmd_inspect)
+
+    _register_optional(sub)
+    return parser
+
+
+def _register_optional(sub) -> None:
+    """Let ``orthofuse_jax.models.commands.register(subparsers)`` add commands (e.g. generate/train)."""
+    name = "orthofuse_jax.models.commands"
+    try:
+        mod = sys.modules.get(name)
+        if mod is None:
+            if importlib.util.find_spec(name) is None:
+                return
+            mod = importlib.import_module(name)
+    except (ImportError, ValueError):
+        return
+    register = getattr(mod, "register", None)
+    if callable(register):
+        register(sub)
+
+
+def _one_line(msg: str) -> str:
+    return " ".join(str(msg).split())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .fusion.io import AdapterFileError
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            rc = args.func(args)
+        except (CLIError, AdapterFileError, ValueError, OSError) as e:
+            _flush_warnings(caught)
+            print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        _flush_warnings(caught)
+    return int(rc or 0)
+
+
+def _flush_warnings(caught) -> None:
+    seen = set()
+    for w in caught:
+        if issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning)):
+            continue
+        msg = _one_line(w.message)
+        if msg not in seen:
+            seen.add(msg)
+            print(f"{PROG}: warning: {msg}", file=sys.stderr)
+    caught.clear()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,298 @@
+"""The ``orthofuse-jax`` command line: happy paths and every bad input (exit 2, one line, no output)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from orthofuse_jax.cli import build_parser, main, parse_ts
+
+PROC = "mid_block.attentions.0.transformer_blocks.0.attn{}.processor"
+SHAPES = {PROC.format(1) + ".to_q_moft": (2, 3), PROC.format(2) + ".to_k_moft": (1, 4)}
+
+
+def _skew(rng, shape, scale=0.3):
+    g = rng.standard_normal(shape) * scale
+    return (0.5 * (g - np.swapaxes(g, -1, -2))).astype(np.float32)
+
+
+def tensors(seed, shapes=SHAPES, scale=0.3):
+    rng = np.random.default_rng(seed)
+    t = {}
+    for name, (nb, b) in shapes.items():
+        t[name + ".ort_monarch.L"] = _skew(rng, (nb, b, b), scale)
+        t[name + ".ort_monarch.R"] = _skew(rng, (nb, b, b), scale)
+    t[PROC.format(1) + ".q_scale"] = (1 + 0.1 * rng.standard_normal(6)).astype(np.float32)
+    return t
+
+
+def write(path, t):
+    from safetensors.numpy import save_file
+
+    save_file(t, str(path), metadata={"format": "pt"})
+    return path
+
+
+@pytest.fixture()
+def pair(tmp_path):
+    return write(tmp_path / "concept.safetensors", tensors(0)), write(tmp_path / "style.safetensors", tensors(1))
+
+
+def run(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_bad(capsys, argv, *needles, absent=()):
+    rc, out, err = run(capsys, *argv)
+    assert rc == 2, (rc, out, err)
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1, err
+    for n in needles:
+        assert str(n) in errors[0], errors[0]
+    for p in absent:
+        assert not Path(p).exists(), p
+    return errors[0]
+
+
+def _cay(a):
+    s = 0.5 * (a - a.T)
+    i = np.eye(len(a))
+    return np.linalg.solve(i - s, i + s)
+
+
+# ------------------------------------------------------------------------------------------------ happy paths
+
+
+def test_fuse_default_preset_matches_scipy(capsys, pair, tmp_path):
+    import scipy.linalg as sla
+
+    from orthofuse_jax.fusion.io import read_tensors
+
+    out = tmp_path / "fused.safetensors"
+    rc, stdout, err = run(capsys, "fuse", *pair, "-o", out)
+    assert rc == 0, err
+    assert "fused 2 layers" in stdout and "max orthogonality error" in stdout and str(out) in stdout
+    got, meta = read_tensors(out)
+    assert meta["format"] == "pt" and meta["orthofuse_method"] == "geodesic" and meta["orthofuse_restore"] == "cayley"
+    c, s = tensors(0), tensors(1)
+    t = 0.6
+    eta = 0.5 + 2 * t * (1 - t)
+    for key in c:
+        if ".ort_monarch." not in key:
+            np.testing.assert_array_equal(got[key], c[key])  # scales: concept rule (the reference's)
+            continue
+        for j in range(c[key].shape[0]):
+            u1, u2 = _cay(c[key][j].astype(np.float64)), _cay(s[key][j].astype(np.float64))
+            y = u1 @ np.real(sla.expm(t * sla.logm(u1.T @ u2)))
+            y = _cay(eta * y)
+            np.testing.assert_allclose(_cay(got[key][j].astype(np.float64)), y, atol=5e-6)
+
+
+def test_fuse_cayley_exact_and_extrapolate(capsys, pair, tmp_path):
+    out = tmp_path / "f.safetensors"
+    rc, stdout, err = run(capsys, "fuse", *pair, "-o", out, "--method", "cayley", "--restore", "exact", "--t", "1.2",
+                          "--extrapolate", "--scales", "geometric")
+    assert rc == 0, err
+    assert out.exists()
+
+
+def test_sweep_writes_json_and_pngs(capsys, pair, tmp_path):
+    d = tmp_path / "sw"
+    rc, stdout, err = run(capsys, "sweep", *pair, "--ts", "0:1:3", "--plot", d)
+    assert rc == 0, err
+    st = json.loads((d / "sweep.json").read_text())
+    assert st["ts"] == [0.0, 0.5, 1.0]
+    for k in ("speed_before", "speed_after", "ambient_distance_after", "angle_hist_after", "orthogonality_error_after"):
+        assert len(st[k]) == 3
+    assert {p.name for p in d.iterdir()} == {"sweep.json", "angles.png", "speed.png", "ambient_distance.png", "summary.png"}
+    assert "geodesic distance" in stdout
+
+
+def test_inspect_reports_layers_and_max_angle(capsys, pair):
+    rc, stdout, err = run(capsys, "inspect", pair[0])
+    assert rc == 0, err
+    assert "2 GS layers" in stdout and "[2, 3, 3]" in stdout and "[1, 4, 4]" in stdout
+    c = tensors(0)
+    worst = max(
+        float(np.max(np.abs(np.angle(np.linalg.eigvals(_cay(blk.astype(np.float64)))))))
+        for k, v in c.items() if ".ort_monarch." in k for blk in v
+    )
+    assert f"max rotation angle overall: {worst:.3f} rad" in stdout
+    # the fixture stores only q_scale: the k layer has no scale vector, which is reported
+    assert "problems: 1" in stdout and "without a scale vector" in stdout
+
+
+def test_inspect_lists_non_skew_problem(capsys, tmp_path):
+    t = tensors(0)
+    k = PROC.format(1) + ".to_q_moft.ort_monarch.L"
+    t[k] = t[k] + np.float32(0.5)
+    p = write(tmp_path / "ns.safetensors", t)
+    rc, stdout, err = run(capsys, "inspect", p)
+    assert rc == 0
+    assert "problems: 2" in stdout and k in stdout
+    assert "warning:" in err and k in err
+
+
+def test_parse_ts():
+    assert parse_ts("0:1:5") == [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert parse_ts("0.2,0.4") == [0.2, 0.4]
+    assert parse_ts("0.3:0.3:1") == [0.3]
+
+
+def test_help_documents_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["fuse", "--help"])
+    out = capsys.readouterr().out
+    assert "geodesic" in out and "curve_over_id" in out and "0.6" in out
+
+
+def test_startup_imports_no_flax_or_diffusers():
+    code = (
+        "import sys; from orthofuse_jax import cli; cli.build_parser(); "
+        "bad = [m for m in ('flax', 'diffusers', 'torch') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_optional_model_commands_are_registered(monkeypatch, capsys):
+    mod = types.ModuleType("orthofuse_jax.models.commands")
+
+    def register(sub):
+        p = sub.add_parser("generate")
+        p.set_defaults(func=lambda args: print("generated") or 0)
+
+    mod.register = register
+    monkeypatch.setitem(sys.modules, "orthofuse_jax.models.commands", mod)
+    assert build_parser().parse_args(["generate"]).func is not None
+    rc, out, _ = run(capsys, "generate")
+    assert rc == 0 and "generated" in out
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+def test_missing_key(capsys, pair, tmp_path):
+    t = tensors(1)
+    k = PROC.format(2) + ".to_k_moft.ort_monarch.R"
+    del t[k]
+    bad = write(tmp_path / "bad.safetensors", t)
+    out = tmp_path / "o.safetensors"
+    assert_bad(capsys, ["fuse", pair[0], bad, "-o", out], bad, k, absent=[out])
+
+
+def test_extra_key(capsys, pair, tmp_path):
+    t = tensors(1)
+    t[PROC.format(2) + ".v_scale"] = np.ones(4, np.float32)
+    bad = write(tmp_path / "bad.safetensors", t)
+    out = tmp_path / "o.safetensors"
+    assert_bad(capsys, ["fuse", pair[0], bad, "-o", out], bad, PROC.format(2) + ".v_scale", absent=[out])
+
+
+def test_extra_layer_in_style(capsys, pair, tmp_path):
+    shapes = dict(SHAPES)
+    shapes[PROC.format(2) + ".to_v_moft"] = (1, 4)
+    bad = write(tmp_path / "bad.safetensors", tensors(1, shapes))
+    out = tmp_path / "o.safetensors"
+    assert_bad(capsys, ["fuse", pair[0], bad, "-o", out], bad, PROC.format(2) + ".to_v_moft", absent=[out])
+
+
+def test_nb_mismatch(capsys, pair, tmp_path):
+    shapes = dict(SHAPES)
+    shapes[PROC.format(1) + ".to_q_moft"] = (3, 2)
+    bad = write(tmp_path / "bad.safetensors", tensors(1, shapes))
+    out = tmp_path / "o.safetensors"
+    assert_bad(capsys, ["fuse", pair[0], bad, "-o", out], bad, PROC.format(1) + ".to_q_moft", absent=[out])
+
+
+def test_non_finite(capsys, pair, tmp_path):
+    t = tensors(1)
+    k = PROC.format(1) + ".to_q_moft.ort_monarch.L"
+    t[k][0, 0, 1] = np.nan
+    bad = write(tmp_path / "bad.safetensors", t)
+    out = tmp_path / "o.safetensors"
+    assert_bad(capsys, ["fuse", pair[0], bad, "-o", out], bad, k, "non-finite", absent=[out])
+
+
+def test_non_skew_warns_but_fuses(capsys, pair, tmp_path):
+    t = tensors(1)
+    k = PROC.format(1) + ".to_q_moft.ort_monarch.R"
+    t[k] = t[k] + np.float32(0.1) * np.eye(3, dtype=np.float32)
+    ns = write(tmp_path / "ns.safetensors", t)
+    out = tmp_path / "o.safetensors"
+    rc, stdout, err = run(capsys, "fuse", pair[0], ns, "-o", out)
+    assert rc == 0
+    warn = [line for line in err.splitlines() if "warning:" in line]
+    assert len(warn) == 1 and k in warn[0] and str(ns) in warn[0]
+    assert out.exists()
+
+
+def test_eigenvalue_minus_one_names_layer(capsys, tmp_path):
+    # L block 0 of to_q: rotation by +pi/2 in the (0,1) plane vs -pi/2 -> relative rotation by pi
+    c, s = tensors(0), tensors(1)
+    k = PROC.format(1) + ".to_q_moft.ort_monarch.L"
+    for t, sign in ((c, 1.0), (s, -1.0)):
+        t[k][0] = 0.0
+        t[k][0, 0, 1], t[k][0, 1, 0] = sign, -sign  # sigma = 1 -> theta = 2 arctan(1) = pi/2
+    pc, ps = write(tmp_path / "c.safetensors", c), write(tmp_path / "s.safetensors", s)
+    out = tmp_path / "o.safetensors"
+    assert_bad(capsys, ["fuse", pc, ps, "-o", out], PROC.format(1) + ".to_q_moft", absent=[out])
+
+
+@pytest.mark.parametrize("t", ["1.5", "-0.1", "nan"])
+def test_t_outside_range(capsys, pair, tmp_path, t):
+    out = tmp_path / "o.safetensors"
+    line = assert_bad(capsys, ["fuse", *pair, "-o", out, "--t", t], absent=[out])
+    assert "t=" in line
+
+
+def test_sweep_t_outside_range(capsys, pair, tmp_path):
+    d = tmp_path / "sw"
+    assert_bad(capsys, ["sweep", *pair, "--ts", "0:2:3", "--plot", d], "outside", absent=[d])
+    assert_bad(capsys, ["sweep", *pair, "--ts", "a:b", "--plot", d], "--ts", absent=[d])
+
+
+@pytest.mark.parametrize("cut", [0, 7, 100, -3])
+def test_truncated_file(capsys, pair, tmp_path, cut):
+    raw = pair[1].read_bytes()
+    bad = tmp_path / "trunc.safetensors"
+    bad.write_bytes(raw[:cut] if cut >= 0 else raw[:cut])
+    out = tmp_path / "o.safetensors"
+    assert_bad(capsys, ["fuse", pair[0], bad, "-o", out], bad, absent=[out])
+    assert_bad(capsys, ["inspect", bad], bad)
+
+
+def test_missing_input_file(capsys, pair, tmp_path):
+    out = tmp_path / "o.safetensors"
+    assert_bad(capsys, ["fuse", pair[0], tmp_path / "nope.safetensors", "-o", out], "nope.safetensors", absent=[out])
+
+
+def test_output_equal_to_input(capsys, pair, tmp_path):
+    before = pair[0].read_bytes()
+    assert_bad(capsys, ["fuse", *pair, "-o", pair[0]], pair[0], "input")
+    link = tmp_path / "link.safetensors"
+    os.symlink(pair[1], link)
+    assert_bad(capsys, ["fuse", *pair, "-o", link], "input")
+    assert pair[0].read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["concept.safetensors", "link.safetensors", "style.safetensors"]
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(capsys, tmp_path):
+    d = tmp_path / "demo"
+    rc, stdout, err = run(capsys, "demo", "--out", d)
+    assert rc == 0, err
+    names = {p.name for p in d.iterdir()}
+    assert {"concept.safetensors", "style.safetensors", "fused.safetensors", "sweep"} <= names
+    st = json.loads((d / "sweep" / "sweep.json").read_text())
+    assert st["layers"] == 16 and len(st["ts"]) == 11
+    assert "fused 16 layers (block sizes 20/40/64)" in stdout
