@@ -1,0 +1,1 @@
+"""Alternative formulations of the Cayley / log / power solves, timed at SDXL batch sizes."""

@@ -1,0 +1,363 @@
+"""Full SDXL merge: ours (orthofuse_jax) vs the reference algorithm (PyTorch baseline), side by side.
+
+    python -m benchmarks.merge_sdxl [--reps 5] [--baseline-reps 5] [--t 0.6] [--sweep-points 16]
+
+Workload (issue 5, SPEC 5): two adapters with the full SDXL inventory -- 560 GS layers, nb = 32,
+b = 20 / 40 / 64 for 60 / 360 / 140 layers, L and R each -- raw Cayley parameters whose block
+rotations are 0.1 to 1 rad, float32 (about 0.3 GB per adapter).
+
+Rows (medians of ``--reps`` runs after one warm-up run; compile time separately):
+
+* ``fast``   ours ``merge(method="cayley", restore="cayley")``  vs baseline preset ``moft_merge_fast``
+* ``exact``  ours ``merge(method="geodesic", restore="cayley")`` vs baseline preset ``moft_merge``
+  (per-layer ``torch.linalg.eig`` loop, 560 sequential calls)
+* ``exact (restore=exact)`` ours with the exact spectral restoration ``exp(f log Y)``
+* ``sweep``  ours ``sweep(..., 16 points, method="geodesic", restore="cayley")`` (vmapped over t)
+
+Before anything is timed the outputs of ours and the baseline are compared (max abs difference over
+every block); the run fails if it exceeds 1e-4. Peak resident memory of our exact merge is measured
+in a fresh subprocess. Writes ``benchmarks/results/merge_sdxl.json`` and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import gc
+import json
+import sys
+import time
+
+import numpy as np
+
+from . import common
+
+PARITY_TOL = 1e-4
+
+TARGETS = {
+    "fast_speedup_min": 5.0,
+    "exact_speedup_min": 10.0,
+    "exact_over_fast_max": 2.0,
+    "sweep16_over_single_max": 4.0,
+    "exact_peak_rss_gb_max": 2.5,
+}
+
+
+def _ours(method: str, restore: str):
+    from orthofuse_jax.fusion.merge import merge
+
+    def run(a1, a2, t):
+        return merge([a1, a2], t=t, method=method, restore=restore)
+
+    return run
+
+
+def _ours_jit(method: str, restore: str):
+    import jax
+
+    from orthofuse_jax.fusion.merge import merge
+
+    return jax.jit(lambda a1, a2, t: merge([a1, a2], t=t, method=method, restore=restore))
+
+
+def _ours_sweep(method: str, restore: str):
+    from orthofuse_jax.fusion.merge import sweep
+
+    def run(a1, a2, ts):
+        return sweep(a1, a2, ts, method=method, restore=restore)
+
+    return run
+
+
+def _torch_inputs(stacks):
+    import torch
+
+    per_b = {b: (torch.from_numpy(L), torch.from_numpy(R)) for b, (L, R) in stacks.items()}
+    layers = [(L[i], R[i]) for b, (L, R) in per_b.items() for i in range(L.shape[0])]
+    return per_b, layers
+
+
+def _restack(layers, stacks):
+    """Per-layer baseline outputs back to ``{b: (L, R)}`` in the workload's order."""
+    out, i = {}, 0
+    for b, (L, _) in stacks.items():
+        n = L.shape[0]
+        out[b] = (
+            np.stack([layers[i + j][0].numpy() for j in range(n)]),
+            np.stack([layers[i + j][1].numpy() for j in range(n)]),
+        )
+        i += n
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Subprocess worker: peak RSS of one of our merges on a freshly built workload.
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _vm_hwm() -> int | None:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def worker_rss(which: str, t: float, sweep_points: int, inventory) -> dict:
+    import jax
+
+    from orthofuse_jax.fusion.adapter import GSAdapter
+
+    # Build each stack and hand it to JAX immediately, so generation never holds two copies.
+    inputs = []
+    for seed in (0, 1):
+        st = {}
+        for b, n in inventory.items():
+            part = common.make_stacks({b: n}, seed=seed * 1000 + b)
+            st.update(common.to_adapter(part).stacks)
+            del part
+        inputs.append(GSAdapter(stacks=st, scales={}, orthogonal=False))
+    gc.collect()
+    rss_inputs = common.rss_bytes()
+    peak_build = common.peak_rss_bytes()
+    if which == "sweep":
+        fn = _ours_sweep("geodesic", "cayley")
+        arg = np.linspace(0.0, 1.0, sweep_points).astype(np.float32)
+    else:
+        method, restore = {"exact": ("geodesic", "cayley"), "exact_restore": ("geodesic", "exact"),
+                           "fast": ("cayley", "cayley")}[which]
+        fn = _ours(method, restore)
+        arg = t
+    out = jax.block_until_ready(fn(inputs[0], inputs[1], arg))  # first call: includes compilation
+    peak_first = common.peak_rss_bytes()
+    del out
+    gc.collect()
+    reset = _reset_peak()
+    out = jax.block_until_ready(fn(inputs[0], inputs[1], arg))
+    peak_second = _vm_hwm() if reset else None
+    out_bytes = sum(s.L.nbytes + s.R.nbytes for s in out.stacks.values())
+    return {
+        "which": which,
+        "rss_after_inputs": rss_inputs,
+        "peak_while_building_inputs": peak_build,
+        "peak_first_call": peak_first,
+        "peak_second_call": peak_second,
+        "output_bytes": out_bytes,
+        "input_bytes": sum(s.L.nbytes + s.R.nbytes for a in inputs for s in a.stacks.values()),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions of our merges (>= 5)")
+    p.add_argument("--baseline-reps", type=int, default=5, help="timed repetitions of the baseline (>= 5)")
+    p.add_argument("--t", type=float, default=0.6)
+    p.add_argument("--sweep-points", type=int, default=16)
+    p.add_argument("--skip-rss", action="store_true")
+    p.add_argument("--skip-baseline-full", action="store_true", help="debug only: no per-layer eig baseline")
+    p.add_argument("--worker", choices=["rss"], help=argparse.SUPPRESS)
+    p.add_argument("--which", default="exact", help=argparse.SUPPRESS)
+    p.add_argument("--inventory", default=None,
+                   help="debug: 'b:layers,...' instead of the SDXL inventory, e.g. 20:6,40:36,64:14")
+    p.add_argument("--out", default="merge_sdxl")
+    args = p.parse_args(argv)
+    inventory = common.SDXL_INVENTORY if not args.inventory else common.parse_inventory(args.inventory)
+
+    if args.worker == "rss":
+        res = worker_rss(args.which, args.t, args.sweep_points, inventory)
+        print(json.dumps(res))
+        return res
+
+    import jax
+    import torch
+
+    from . import reference_torch as ref
+
+    t = args.t
+    info = common.machine()
+    print(f"# merge_sdxl on {info['cpu_model']} x{info['cpu_count']}, jax {info['jax']}, torch {info['torch']}, "
+          f"load {info['load1']:.2f}", flush=True)
+    c_np, s_np = common.make_pair(inventory, seed=0)
+    a1, a2 = common.to_adapter(c_np), common.to_adapter(s_np)
+    c_pt, c_layers = _torch_inputs(c_np)
+    s_pt, s_layers = _torch_inputs(s_np)
+    n_layers = sum(L.shape[0] for L, _ in c_np.values())
+    print(f"# workload: {n_layers} layers, inventory {inventory}, nb {common.NB}, "
+          f"{sum(L.nbytes + R.nbytes for L, R in c_np.values()) / 2**20:.0f} MiB per adapter", flush=True)
+
+    ours = {
+        "fast": _ours("cayley", "cayley"),
+        "exact": _ours("geodesic", "cayley"),
+        "exact_restore": _ours("geodesic", "exact"),
+    }
+    ours_jit = {k: _ours_jit(*mr) for k, mr in
+                {"fast": ("cayley", "cayley"), "exact": ("geodesic", "cayley"), "exact_restore": ("geodesic", "exact")}.items()}
+    sweep_fn = _ours_sweep("geodesic", "cayley")
+    ts = np.linspace(0.0, 1.0, args.sweep_points).astype(np.float32)
+    results: dict = {"machine": info, "args": vars(args), "targets": TARGETS,
+                     "workload": {"layers": n_layers, "inventory": inventory, "nb": common.NB,
+                                  "angle_range": common.ANGLE_RANGE, "dtype": "float32", "t": t}}
+
+    # ---- compile times (ahead of time; the jitted whole-merge wrappers)
+    comp = {}
+    for k, f in ours_jit.items():
+        comp[k] = common.compile_time(f, a1, a2, np.float32(t))
+    # merge() itself runs per-stack jitted kernels; its first call = compile + run.
+    first = {}
+    for k, f in ours.items():
+        t0 = time.perf_counter()
+        common.block(f(a1, a2, t))
+        first[k] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    common.block(sweep_fn(a1, a2, ts))
+    first["sweep"] = time.perf_counter() - t0
+    results["compile"] = {"jit_whole_merge": comp, "first_call_of_merge": first}
+    print("# compile (jit whole merge, lower+compile): "
+          + ", ".join(f"{k} {common.fmt_s(v['total'])}" for k, v in comp.items()), flush=True)
+
+    # ---- parity before timing
+    t0 = time.perf_counter()
+    base_fast = ref.moft_merge_fast(c_pt, s_pt, t)
+    base_fast_first = time.perf_counter() - t0
+    ours_fast = common.adapter_stacks(ours["fast"](a1, a2, t))
+    d_fast = common.max_abs_diff(ours_fast, {b: (L.numpy(), R.numpy()) for b, (L, R) in base_fast.items()})
+    parity = {"fast": d_fast}
+    print(f"# parity fast  (ours cayley+cayley vs moft_merge_fast): max abs diff {d_fast:.3g}", flush=True)
+    if not args.skip_baseline_full:
+        t0 = time.perf_counter()
+        base_full = ref.moft_merge(c_layers, s_layers, t)
+        base_full_first = time.perf_counter() - t0
+        ours_exact = common.adapter_stacks(ours["exact"](a1, a2, t))
+        d_exact = common.max_abs_diff(ours_exact, _restack(base_full, c_np))
+        parity["exact"] = d_exact
+        print(f"# parity exact (ours geodesic+cayley vs moft_merge): max abs diff {d_exact:.3g}", flush=True)
+        del base_full, ours_exact
+    # ours jit == ours eager
+    parity["jit_vs_eager_exact"] = common.max_abs_diff(
+        common.adapter_stacks(ours_jit["exact"](a1, a2, np.float32(t))), common.adapter_stacks(ours["exact"](a1, a2, t)))
+    sw = sweep_fn(a1, a2, np.asarray([t], np.float32))
+    parity["sweep_vs_merge_exact"] = common.max_abs_diff(
+        {s.b: (np.asarray(s.L[0]), np.asarray(s.R[0])) for s in sw.stacks.values()},
+        common.adapter_stacks(ours["exact"](a1, a2, t)))
+    del sw, base_fast, ours_fast
+    results["parity"] = parity
+    results["parity_tol"] = PARITY_TOL
+    bad = {k: v for k, v in parity.items() if not v <= PARITY_TOL}
+    if bad:
+        common.write_json(args.out, results)
+        raise SystemExit(f"PARITY FAILURE (> {PARITY_TOL}): {bad}; nothing timed")
+    gc.collect()
+
+    # ---- timings
+    tm = {}
+
+    def run(name, fn, reps):
+        tm[name] = common.time_fn(fn, reps=reps)
+        print(f"  {name:32s} median {common.fmt_s(tm[name]['median'])}  (cpu {common.fmt_s(tm[name]['cpu_median'])}, "
+              f"load {tm[name]['load1_before']:.1f})", flush=True)
+
+    run("ours.fast", lambda: common.block(ours["fast"](a1, a2, t)), args.reps)
+    run("ours.exact", lambda: common.block(ours["exact"](a1, a2, t)), args.reps)
+    run("ours.exact_restore", lambda: common.block(ours["exact_restore"](a1, a2, t)), args.reps)
+    tf = np.float32(t)
+    run("ours.jit.fast", lambda: common.block(ours_jit["fast"](a1, a2, tf)), args.reps)
+    run("ours.jit.exact", lambda: common.block(ours_jit["exact"](a1, a2, tf)), args.reps)
+    run("ours.sweep", lambda: common.block(sweep_fn(a1, a2, ts)), args.reps)
+    gc.collect()
+    run("baseline.fast", lambda: ref.moft_merge_fast(c_pt, s_pt, t), args.baseline_reps)
+    if not args.skip_baseline_full:
+        run("baseline.full", lambda: ref.moft_merge(c_layers, s_layers, t), args.baseline_reps)
+    results["timings"] = tm
+    results["baseline_first_call"] = {"fast": base_fast_first,
+                                      "full": None if args.skip_baseline_full else base_full_first}
+    del a1, a2
+    gc.collect()
+
+    # ---- peak RSS in fresh processes
+    rss = {}
+    if not args.skip_rss:
+        for which in ("exact", "fast"):
+            rss[which] = common.run_worker("benchmarks.merge_sdxl", ["--worker", "rss", "--which", which, "--t", str(t)]
+                                           + (["--inventory", args.inventory] if args.inventory else []))
+            print(f"  peak RSS {which}: {rss[which]['peak_second_call'] / 2**30:.2f} GiB (first call "
+                  f"{rss[which]['peak_first_call'] / 2**30:.2f} GiB, inputs resident "
+                  f"{rss[which]['rss_after_inputs'] / 2**30:.2f} GiB)", flush=True)
+    results["rss"] = rss
+
+    # ---- ratios and targets
+    med = lambda k: tm[k]["median"] if k in tm else None  # noqa: E731
+    r = {
+        "fast_speedup": med("baseline.fast") / med("ours.fast"),
+        "exact_speedup": (med("baseline.full") / med("ours.exact")) if "baseline.full" in tm else None,
+        "exact_over_fast": med("ours.exact") / med("ours.fast"),
+        "exact_restore_over_fast": med("ours.exact_restore") / med("ours.fast"),
+        "sweep_over_single": med("ours.sweep") / med("ours.exact"),
+        "exact_peak_rss_gb": (max(rss["exact"]["peak_first_call"], rss["exact"]["peak_second_call"] or 0) / 1e9)
+        if rss else None,
+    }
+    results["ratios"] = r
+    met = {
+        "fast_speedup>=5": r["fast_speedup"] >= TARGETS["fast_speedup_min"],
+        "exact_speedup>=10": None if r["exact_speedup"] is None else r["exact_speedup"] >= TARGETS["exact_speedup_min"],
+        "exact<=2x_fast": r["exact_over_fast"] <= TARGETS["exact_over_fast_max"],
+        "sweep16<=4x_single": r["sweep_over_single"] <= TARGETS["sweep16_over_single_max"],
+        "exact_peak_rss<=2.5GB": None if r["exact_peak_rss_gb"] is None
+        else r["exact_peak_rss_gb"] <= TARGETS["exact_peak_rss_gb_max"],
+    }
+    results["targets_met"] = met
+    path = common.write_json(args.out, results)
+    print()
+    print(render_table(results))
+    print(f"\nwritten {path}")
+    return results
+
+
+def render_table(res: dict) -> str:
+    tm, r, comp = res["timings"], res["ratios"], res["compile"]["jit_whole_merge"]
+    g = lambda k: common.fmt_s(tm[k]["median"]) if k in tm else "-"  # noqa: E731
+    cpu = lambda k: common.fmt_s(tm[k]["cpu_median"]) if k in tm else "-"  # noqa: E731
+    rows = [
+        ["fast: Cayley space + curve_over_id", g("ours.fast"), cpu("ours.fast"), g("ours.jit.fast"),
+         common.fmt_s(comp["fast"]["total"]), g("baseline.fast"), f"{r['fast_speedup']:.2f}x"],
+        ["exact: geodesic + curve_over_id", g("ours.exact"), cpu("ours.exact"), g("ours.jit.exact"),
+         common.fmt_s(comp["exact"]["total"]), g("baseline.full"),
+         f"{r['exact_speedup']:.2f}x" if r["exact_speedup"] else "-"],
+        ["exact: geodesic + exact restoration", g("ours.exact_restore"), cpu("ours.exact_restore"), "-",
+         common.fmt_s(comp["exact_restore"]["total"]), "-", "-"],
+        [f"sweep: {res['args']['sweep_points']} t, geodesic + curve_over_id", g("ours.sweep"), cpu("ours.sweep"),
+         "-", "-", "-", "-"],
+    ]
+    out = [common.table(rows, ["merge (full SDXL, 560 layers, f32)", "ours merge()", "ours CPU time",
+                               "ours jit(merge)", "compile", "baseline (torch)", "speed-up"])]
+    met = res["targets_met"]
+    rss = r["exact_peak_rss_gb"]
+    trows = [
+        ["fast: baseline / ours >= 5", f"{r['fast_speedup']:.2f}", met["fast_speedup>=5"]],
+        ["exact: baseline / ours >= 10", f"{r['exact_speedup']:.2f}" if r["exact_speedup"] else "-",
+         met["exact_speedup>=10"]],
+        ["exact / fast (ours) <= 2", f"{r['exact_over_fast']:.2f}", met["exact<=2x_fast"]],
+        ["sweep 16 t / single t <= 4", f"{r['sweep_over_single']:.2f}", met["sweep16<=4x_single"]],
+        ["peak RSS exact merge <= 2.5 GB", f"{rss:.2f} GB" if rss else "-", met["exact_peak_rss<=2.5GB"]],
+    ]
+    out.append(common.table([[a, b, {True: "met", False: "MISSED", None: "-"}[c]] for a, b, c in trows],
+                            ["target", "measured", ""]))
+    out.append("parity (max abs diff, ours vs baseline): "
+               + ", ".join(f"{k} {v:.2g}" for k, v in res["parity"].items()))
+    return "\n\n".join(out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
