@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 
 from orthofuse_jax.fusion import (
     GSAdapter,
-    LayerStack,
     MergeError,
     cayley_space_blocks,
     curve_over_id,
@@ -33,7 +32,7 @@ from orthofuse_jax.fusion import (
     to_layers,
     to_orthogonal,
 )
-from orthofuse_jax.geometry import NegativeEigenvalueError, gs_apply, gs_dense
+from orthofuse_jax.geometry import NegativeEigenvalueError, gs_dense
 
 # -- float64 numpy/scipy references ---------------------------------------------------------
 
