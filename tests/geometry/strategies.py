@@ -55,6 +55,23 @@ def block_shapes(max_nb: int = 4, max_b: int = 5) -> st.SearchStrategy[tuple[int
     return st.one_of(st.sampled_from(pool), st.tuples(st.integers(1, max_nb), st.integers(1, max_b)))
 
 
+# Under ``ci`` each (shape, dtype) pair costs a compilation per kernel, so the shape pools are
+# paired with dtypes so that every shape class and both dtypes occur, without the full product.
+_CI_PAIRS = {
+    "gs": [((1, 4), np.float64), ((3, 1), np.float32), ((2, 3), np.float32), ((3, 2), np.float64)],
+    "block": [((3, 1), np.float32), ((2, 3), np.float64), ((1, 4), np.float32), ((1, 4), np.float64)],
+}
+
+
+def shape_dtypes(kind: str = "block") -> st.SearchStrategy[tuple[tuple[int, int], type]]:
+    """``((nb, b), dtype)``: paired pools under ``ci``, the full product (and free shapes) under
+    ``thorough``."""
+    if not THOROUGH:
+        return st.sampled_from(_CI_PAIRS[kind])
+    shapes = gs_shapes(max_nb=5, max_b=5) if kind == "gs" else block_shapes()
+    return st.tuples(shapes, dtypes())
+
+
 def angles(max_angle: float = 3.0, min_angle: float = 0.0) -> st.SearchStrategy[float]:
     return st.floats(min_value=min_angle, max_value=max_angle, allow_nan=False)
 
@@ -158,10 +175,16 @@ def rotation_stacks(
     max_angle: float = 3.0,
     min_angle: float = 0.0,
     dtype=None,
+    kind: str = "block",
 ) -> RotationCase:
-    """A ``[nb, b, b]`` stack of rotations with largest angle drawn in ``[min_angle, max_angle]``."""
-    nb, b = draw(shapes if shapes is not None else block_shapes())
-    dt = dtype if dtype is not None else draw(dtypes())
+    """A ``[nb, b, b]`` stack of rotations with largest angle drawn in ``[min_angle, max_angle]``.
+
+    Shape and dtype come from :func:`shape_dtypes` (``kind``) unless given."""
+    if shapes is None and dtype is None:
+        (nb, b), dt = draw(shape_dtypes(kind))
+    else:
+        nb, b = draw(shapes if shapes is not None else block_shapes())
+        dt = dtype if dtype is not None else draw(dtypes())
     ang = draw(angles(max_angle, min_angle))
     seed = draw(seeds())
     s = random_skew(np.random.default_rng(seed), (nb,), b, ang)

@@ -21,7 +21,6 @@ from orthofuse_jax.geometry import (
 from .strategies import (
     block_diag64,
     gs_dense64,
-    gs_shapes,
     orth_err,
     random_rotations,
     rotation_stacks,
@@ -30,7 +29,6 @@ from .strategies import (
     tol,
 )
 
-SHAPES = gs_shapes(max_nb=5, max_b=5)
 T = lambda a: np.swapaxes(a, -1, -2)  # noqa: E731
 
 
@@ -65,7 +63,7 @@ def _group_kernel(A, B, A2, B2, L, R, X):
     )
 
 
-@given(case=rotation_stacks(shapes=SHAPES))
+@given(case=rotation_stacks(kind="gs"))
 def test_action_laws_orbit_and_closure(case):
     A, B, L, R = _four(case)
     rng = case.rng(5)
@@ -144,7 +142,7 @@ def _sign_kernel(signs, L, R):
 
 
 @scaled_settings(15)
-@given(case=rotation_stacks(shapes=SHAPES), data=st.data())
+@given(case=rotation_stacks(kind="gs"), data=st.data())
 def test_sign_stabilizer_elements(case, data):
     nb, b = case.nb, case.b
     signs = np.asarray(data.draw(st.lists(st.sampled_from([-1.0, 1.0]), min_size=nb * b, max_size=nb * b)))

@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given
-from hypothesis import strategies as st
 
 from orthofuse_jax import geometry as geo
 from orthofuse_jax.geometry import gs_shape
@@ -22,6 +21,7 @@ from .strategies import (
     random_rotations,
     rotation_stacks,
     scaled_settings,
+    shape_dtypes,
     seeds,
     tol,
 )
@@ -55,7 +55,7 @@ def _products(x, L, R):
     return geo.gs_apply(x, L, R), geo.gs_apply_transpose(x, L, R), geo.gs_dense(L, R)
 
 
-@given(case=rotation_stacks(shapes=SHAPES), seed=seeds())
+@given(case=rotation_stacks(kind="gs"), seed=seeds())
 def test_gs_apply_and_dense_match_numpy(case, seed):
     L, R = _pair(case)
     q = gs_dense64(L, R)
@@ -85,7 +85,7 @@ def _orth_and_roundtrip(x, L, R):
     return geo.gs_dense(L, R), geo.gs_apply_transpose(geo.gs_apply(x, L, R), L, R)
 
 
-@given(case=rotation_stacks(shapes=SHAPES))
+@given(case=rotation_stacks(kind="gs"))
 def test_gs_matrices_are_orthogonal(case):
     L, R = _pair(case)
     n = case.nb * case.b
@@ -103,9 +103,9 @@ def _identity_outputs(x, eye, z):
             geo.gs_dense(cz, cz))
 
 
-@given(shape=SHAPES, dtype=st.sampled_from(DTYPES), seed=seeds())
-def test_identity_parameters_give_identity(shape, dtype, seed):
-    nb, b = shape
+@given(sd=shape_dtypes("gs"), seed=seeds())
+def test_identity_parameters_give_identity(sd, seed):
+    (nb, b), dtype = sd
     n = nb * b
     eye = np.broadcast_to(np.eye(b, dtype=dtype), (nb, b, b))
     x = np.random.default_rng(seed).standard_normal((2, n)).astype(dtype)
@@ -118,9 +118,9 @@ def test_identity_parameters_give_identity(shape, dtype, seed):
 
 
 @scaled_settings(10)
-@given(shape=SHAPES, dtype=st.sampled_from(DTYPES), seed=seeds())
-def test_block_diag_matches_scipy(shape, dtype, seed):
-    nb, b = shape
+@given(sd=shape_dtypes("gs"), seed=seeds())
+def test_block_diag_matches_scipy(sd, seed):
+    (nb, b), dtype = sd
     blocks = np.random.default_rng(seed).standard_normal((2, nb, b, b))
     out = np.asarray(J.block_diag(jnp.asarray(blocks, dtype)))
     assert out.dtype == dtype
