@@ -3,6 +3,9 @@
 No I/O, no adapters, no diffusers. Every function takes stacked blocks ``[..., nb, b, b]`` (or
 ``[..., b, b]``), keeps the input dtype, and is safe under ``jax.jit`` and ``jax.vmap``. Only
 matmuls, ``solve`` and ``eigh`` are used on merge paths (no ``eig``, ``schur`` or host callbacks).
+The products with one GS layer (``gs_apply``, ``gs_apply_transpose``, ``act``, ``orbit_map``,
+``sign_stabilizer_element``) take a single ``[nb, b, b]`` layer; map them over stacks of layers
+with ``jax.vmap`` (tests/geometry/test_jit_vmap.py checks vmap against a loop).
 """
 
 from .cayley import cayley, eye_like, inverse_cayley, skew

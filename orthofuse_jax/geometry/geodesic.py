@@ -39,7 +39,11 @@ def geodesic(u1: Block, u2: Block, t, *, angle_tol: float = DEFAULT_ANGLE_TOL) -
 
 
 def geodesic_distance(u1: Block, u2: Block) -> Float[Array, "*batch"]:
-    """Per-block geodesic distance ``||log(U1^T U2)||_F = sqrt(sum_i theta_i^2)``."""
+    """Per-block geodesic distance ``||log(U1^T U2)||_F = sqrt(sum_i theta_i^2)``.
+
+    Defined (and accurate) up to rotation angles just below pi; a relative rotation with an
+    exact eigenvalue -1 may give NaN (see :func:`~orthofuse_jax.geometry.rotation_angles`).
+    """
     theta = rotation_angles(relative_rotation(u1, u2))
     return jnp.sqrt(jnp.sum(theta**2, axis=-1))
 

@@ -127,6 +127,11 @@ def rotation_angles(u: Block) -> Float[Array, "*batch b"]:
 
     Computed as ``2 arctan(sigma)`` from the inverse Cayley parameter; a block with an
     eigenvalue -1 gives ``pi`` (or NaN).
+
+    .. note:: ``sigma^2`` comes from ``eigh(-S^2)``, so a zero angle (a null direction of S,
+       always present for odd b) is resolved only to about ``sqrt(eps) * max sigma``; squared
+       angles (hence :func:`~orthofuse_jax.geometry.geodesic_distance`) are accurate to about
+       ``eps * max sigma^2``. Functions of U built from (*) are not affected.
     """
     _, _, _, theta, _ = _decompose(u, DEFAULT_ANGLE_TOL)
     return theta
