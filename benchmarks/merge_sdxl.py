@@ -33,6 +33,7 @@ import numpy as np
 from . import common
 
 PARITY_TOL = 1e-4
+F32_SANITY_TOL = 1e-3
 
 TARGETS = {
     "fast_speedup_min": 5.0,
@@ -167,6 +168,9 @@ def main(argv=None) -> dict:
     p.add_argument("--t", type=float, default=0.6)
     p.add_argument("--sweep-points", type=int, default=16)
     p.add_argument("--skip-rss", action="store_true")
+    p.add_argument("--with-jit", action="store_true",
+                   help="also RUN jax.jit(merge) as one program (compile time is always reported); on this "
+                        "2-core CPU its execution hung (> 4 min for 8 layers) unless pinned to one core, see RESULTS.md")
     p.add_argument("--skip-baseline-full", action="store_true", help="debug only: no per-layer eig baseline")
     p.add_argument("--worker", choices=["rss"], help=argparse.SUPPRESS)
     p.add_argument("--which", default="exact", help=argparse.SUPPRESS)
@@ -228,26 +232,40 @@ def main(argv=None) -> dict:
     print("# compile (jit whole merge, lower+compile): "
           + ", ".join(f"{k} {common.fmt_s(v['total'])}" for k, v in comp.items()), flush=True)
 
-    # ---- parity before timing
+    # ---- parity before timing. The baseline's float32 complex eig is itself off by up to ~1e-4 (its
+    # float32 vs float64 outputs differ by 6e-5 on a 14-layer workload), so ours (float32) is checked
+    # against the same baseline algorithm run in float64 on the same inputs; the float32-vs-float32
+    # difference is reported too, with a looser sanity bound.
+    dbl = lambda d: {b: (L.double(), R.double()) for b, (L, R) in d.items()}  # noqa: E731
+    np_of = lambda d: {b: (L.numpy(), R.numpy()) for b, (L, R) in d.items()}  # noqa: E731
     t0 = time.perf_counter()
     base_fast = ref.moft_merge_fast(c_pt, s_pt, t)
     base_fast_first = time.perf_counter() - t0
     ours_fast = common.adapter_stacks(ours["fast"](a1, a2, t))
-    d_fast = common.max_abs_diff(ours_fast, {b: (L.numpy(), R.numpy()) for b, (L, R) in base_fast.items()})
-    parity = {"fast": d_fast}
-    print(f"# parity fast  (ours cayley+cayley vs moft_merge_fast): max abs diff {d_fast:.3g}", flush=True)
+    parity = {
+        "fast": common.max_abs_diff(ours_fast, np_of(ref.moft_merge_fast(dbl(c_pt), dbl(s_pt), t))),
+        "fast_vs_f32_baseline": common.max_abs_diff(ours_fast, np_of(base_fast)),
+    }
+    print(f"# parity fast  (ours cayley+cayley vs moft_merge_fast): max abs diff {parity['fast']:.3g} "
+          f"(vs float32 baseline {parity['fast_vs_f32_baseline']:.3g})", flush=True)
     if not args.skip_baseline_full:
         t0 = time.perf_counter()
         base_full = ref.moft_merge(c_layers, s_layers, t)
         base_full_first = time.perf_counter() - t0
         ours_exact = common.adapter_stacks(ours["exact"](a1, a2, t))
-        d_exact = common.max_abs_diff(ours_exact, _restack(base_full, c_np))
-        parity["exact"] = d_exact
-        print(f"# parity exact (ours geodesic+cayley vs moft_merge): max abs diff {d_exact:.3g}", flush=True)
-        del base_full, ours_exact
+        parity["exact_vs_f32_baseline"] = common.max_abs_diff(ours_exact, _restack(base_full, c_np))
+        del base_full
+        base64 = ref.moft_merge([(L.double(), R.double()) for L, R in c_layers],
+                                [(L.double(), R.double()) for L, R in s_layers], t)
+        parity["exact"] = common.max_abs_diff(ours_exact, _restack(base64, c_np))
+        print(f"# parity exact (ours geodesic+cayley vs moft_merge): max abs diff {parity['exact']:.3g} "
+              f"(vs float32 baseline {parity['exact_vs_f32_baseline']:.3g})", flush=True)
+        del base64, ours_exact
     # ours jit == ours eager
-    parity["jit_vs_eager_exact"] = common.max_abs_diff(
-        common.adapter_stacks(ours_jit["exact"](a1, a2, np.float32(t))), common.adapter_stacks(ours["exact"](a1, a2, t)))
+    if args.with_jit:
+        parity["jit_vs_eager_exact"] = common.max_abs_diff(
+            common.adapter_stacks(ours_jit["exact"](a1, a2, np.float32(t))),
+            common.adapter_stacks(ours["exact"](a1, a2, t)))
     sw = sweep_fn(a1, a2, np.asarray([t], np.float32))
     parity["sweep_vs_merge_exact"] = common.max_abs_diff(
         {s.b: (np.asarray(s.L[0]), np.asarray(s.R[0])) for s in sw.stacks.values()},
@@ -255,7 +273,7 @@ def main(argv=None) -> dict:
     del sw, base_fast, ours_fast
     results["parity"] = parity
     results["parity_tol"] = PARITY_TOL
-    bad = {k: v for k, v in parity.items() if not v <= PARITY_TOL}
+    bad = {k: v for k, v in parity.items() if not v <= (F32_SANITY_TOL if k.endswith("_f32_baseline") else PARITY_TOL)}
     if bad:
         common.write_json(args.out, results)
         raise SystemExit(f"PARITY FAILURE (> {PARITY_TOL}): {bad}; nothing timed")
@@ -273,8 +291,9 @@ def main(argv=None) -> dict:
     run("ours.exact", lambda: common.block(ours["exact"](a1, a2, t)), args.reps)
     run("ours.exact_restore", lambda: common.block(ours["exact_restore"](a1, a2, t)), args.reps)
     tf = np.float32(t)
-    run("ours.jit.fast", lambda: common.block(ours_jit["fast"](a1, a2, tf)), args.reps)
-    run("ours.jit.exact", lambda: common.block(ours_jit["exact"](a1, a2, tf)), args.reps)
+    if args.with_jit:
+        run("ours.jit.fast", lambda: common.block(ours_jit["fast"](a1, a2, tf)), args.reps)
+        run("ours.jit.exact", lambda: common.block(ours_jit["exact"](a1, a2, tf)), args.reps)
     run("ours.sweep", lambda: common.block(sweep_fn(a1, a2, ts)), args.reps)
     gc.collect()
     run("baseline.fast", lambda: ref.moft_merge_fast(c_pt, s_pt, t), args.baseline_reps)
@@ -319,9 +338,15 @@ def main(argv=None) -> dict:
     }
     results["targets_met"] = met
     path = common.write_json(args.out, results)
+    text = render_table(results)
+    m = results["machine"]
+    head = (f"`python -m benchmarks.merge_sdxl` -- {m['date_utc']}, {m['cpu_model']} x{m['cpu_count']} "
+            f"({m['memory_total_gb']} GB), jax {m['jax']}, torch {m['torch']} ({m['torch_threads']} threads), "
+            f"load average at start {m['load1']:.2f}")
+    (common.RESULTS_DIR / f"{args.out}.md").write_text(head + "\n\n" + text + "\n")
     print()
-    print(render_table(results))
-    print(f"\nwritten {path}")
+    print(text)
+    print(f"\nwritten {path} and {args.out}.md")
     return results
 
 
