@@ -10,6 +10,9 @@
 Only :mod:`._backbone` imports diffusers; importing this package imports neither flax nor diffusers.
 """
 
+# generate.py imports only jax/numpy; importing it here also keeps the package attribute
+# ``generate`` bound to the function rather than to the submodule of the same name.
+from .generate import decode, denoise, euler_schedule, generate, load_embeddings
 from .layers import AttentionLayer, attention_layers, attention_layers_from_params, layer_name
 from .patch import fold_plan, patch_unet_params, unpatch_unet_params
 from .weights import MissingModelFileError, load_unet, load_vae, resolve_component
@@ -20,11 +23,13 @@ __all__ = [
     "apply_onthefly",
     "attention_layers",
     "attention_layers_from_params",
+    "decode",
     "denoise",
     "euler_schedule",
     "fold_plan",
     "generate",
     "layer_name",
+    "load_embeddings",
     "load_unet",
     "load_vae",
     "onthefly_interceptor",
@@ -36,9 +41,6 @@ __all__ = [
 _LAZY = {
     "apply_onthefly": "onthefly",
     "onthefly_interceptor": "onthefly",
-    "denoise": "generate",
-    "euler_schedule": "generate",
-    "generate": "generate",
 }
 
 
