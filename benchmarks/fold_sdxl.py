@@ -106,7 +106,6 @@ def worker_structured(repeats: int, names=None) -> dict:
 
 def worker_dense(names) -> dict:
     import jax
-    import jax.numpy as jnp
 
     from orthofuse_jax.fusion.adapter import to_layers, to_orthogonal
     from orthofuse_jax.geometry import gs_dense
@@ -145,7 +144,6 @@ def worker_dense(names) -> dict:
         per_class.setdefault(f"{spec.n_in}x{spec.n_out}", []).append(time.perf_counter() - t0)
     total = time.perf_counter() - t_all
     del outs
-    _ = jnp
     return dict(layers=len(table), total_s=total, per_class_s=per_class, peak_rss_increase_mb=_peak_mb() - rss0)
 
 

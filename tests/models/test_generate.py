@@ -22,7 +22,7 @@ SDXL_SCHEDULER = dict(
 
 @pytest.mark.parametrize("steps", [50, 7])
 def test_euler_schedule_matches_diffusers(steps):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     from diffusers import EulerDiscreteScheduler
 
     ref = EulerDiscreteScheduler(**SDXL_SCHEDULER)
@@ -33,7 +33,6 @@ def test_euler_schedule_matches_diffusers(steps):
     np.testing.assert_allclose(got.init_noise_sigma, float(ref.init_noise_sigma), rtol=1e-5)
     if steps == 50:
         assert got.timesteps[0] == 981 and got.timesteps[-1] == 1
-    del torch
 
 
 def test_denoise_matches_torch_euler_cfg(flax_unet, torch_unet):

@@ -18,7 +18,7 @@ from orthofuse_jax.models import (
     unpatch_unet_params,
 )
 
-from .conftest import TINY_UNET, random_adapter, random_inputs
+from .conftest import random_adapter, random_inputs
 
 
 def _leaves_with_paths(tree):
