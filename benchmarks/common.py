@@ -309,3 +309,18 @@ def parse_inventory(text: str) -> dict[int, int]:
         b, n = part.split(":")
         out[int(b)] = int(n)
     return out
+
+
+def pin_to_core(core: int) -> None:
+    """Restrict this process (and its children) to one CPU core and torch to one thread.
+
+    On a machine shared with other jobs, multi-threaded XLA and MKL runtimes lose most of their
+    time to descheduled worker threads; pinned single-core runs give stable, fair ratios.
+    """
+    os.sched_setaffinity(0, {core})
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:
+        pass

@@ -176,9 +176,14 @@ def main(argv=None) -> dict:
     p.add_argument("--which", default="exact", help=argparse.SUPPRESS)
     p.add_argument("--inventory", default=None,
                    help="debug: 'b:layers,...' instead of the SDXL inventory, e.g. 20:6,40:36,64:14")
+    p.add_argument("--pin-core", type=int, default=None,
+                   help="run everything (ours, baseline, RSS workers) on this one CPU core with 1 torch thread: "
+                        "robust, apples-to-apples numbers on a machine shared with other jobs")
     p.add_argument("--out", default="merge_sdxl")
     args = p.parse_args(argv)
     inventory = common.SDXL_INVENTORY if not args.inventory else common.parse_inventory(args.inventory)
+    if args.pin_core is not None:
+        common.pin_to_core(args.pin_core)
 
     if args.worker == "rss":
         res = worker_rss(args.which, args.t, args.sweep_points, inventory)
@@ -310,6 +315,7 @@ def main(argv=None) -> dict:
     if not args.skip_rss:
         for which in ("exact", "fast"):
             rss[which] = common.run_worker("benchmarks.merge_sdxl", ["--worker", "rss", "--which", which, "--t", str(t)]
+                                           + ([] if args.pin_core is None else ["--pin-core", str(args.pin_core)])
                                            + (["--inventory", args.inventory] if args.inventory else []))
             print(f"  peak RSS {which}: {rss[which]['peak_second_call'] / 2**30:.2f} GiB (first call "
                   f"{rss[which]['peak_first_call'] / 2**30:.2f} GiB, inputs resident "
