@@ -35,11 +35,6 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="local diffusers SDXL folder (unet/, optional vae/)")
     p.add_argument("--hub-id", action="store_true", help="treat --model as a hub id and download it")
     p.add_argument("--adapter", default=None, help="GS adapter .safetensors (reference format); none = base UNet")
-    p.add_argument(
-        "--adapter-orthogonal",
-        action="store_true",
-        help="the adapter stores orthogonal blocks, not raw Cayley parameters",
-    )
     p.add_argument("--prompt", default="", help="prompt text (stored in the PNG; encode it into --embeddings)")
     p.add_argument("--embeddings", required=True, help=".npz with prompt_embeds [77,2048] and pooled [1280]")
     p.add_argument("-o", "--output", required=True, help="output PNG (latents .npy when the model has no vae/)")
@@ -67,9 +62,9 @@ def run_generate(args) -> int:
         emb = load_embeddings(args.embeddings)
         adapter = None
         if args.adapter:
-            from .adapter_file import read_adapter
+            from ..fusion.io import load_adapter
 
-            adapter = read_adapter(args.adapter, orthogonal=True if args.adapter_orthogonal else None)
+            adapter = load_adapter(args.adapter)
         image, latents = generate(
             args.model,
             emb,
