@@ -1,0 +1,244 @@
+"""``orthofuse-jax train``: train a GS adapter on a frozen local SDXL UNet (SPEC 6).
+
+Importing this module imports neither flax nor diffusers; the run function does.
+
+Modes (what decides the mode is which data is given):
+
+* concept: ``--images DIR`` (every image, centre crop + resize) or ``--latents FILE.npz``
+* style:   ``--style-image FILE`` (random crops; caption from ``data.json`` next to it or
+  ``--caption-file``, recorded in the checkpoint metadata) or ``--style-latents FILE.npz``
+* joint (paper Table 1 baseline): a concept source and a style source together; batches alternate
+  between the two (``--style-fraction`` sets the share of style steps, default 0.5).
+
+Text: the SDXL text encoders are not run (their Flax versions need ``transformers``), so every
+prompt needs precomputed embeddings: ``--embeddings`` (for the concept, or for the style in style
+mode) and ``--style-embeddings`` (joint mode), ``.npz`` with ``prompt_embeds [77, 2048]`` and
+``pooled [1280]`` as for ``generate``. Images need ``--model/vae`` (diffusers layout) to be encoded
+once; ``--save-latents`` keeps the encodings for the next run. Latent ``.npz``: ``latents
+[N, 4, h, w]`` (x_0 times the VAE scaling factor), optional ``latents_std``, ``original_sizes``.
+
+Output: ``-o ADAPTER.safetensors`` in the reference checkpoint format (SPEC 5; readable by the
+reference's ``load_attn_procs`` and by ``fuse``), written atomically; ``--checkpoint-every N``
+also writes ``ADAPTER-step{N}.safetensors`` (reference: every 200 steps). Defaults follow the
+reference recipe: nb 32, 1000 steps, batch 1, 1024 px, AdamW lr 1e-4, weight decay 1e-4, fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["register", "run_train"]
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add the ``train`` subcommand to an ``argparse`` subparsers object."""
+    p = subparsers.add_parser(
+        "train",
+        help="train a GS orthogonal adapter (concept, style or joint) on a local SDXL UNet",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="local diffusers SDXL folder (unet/, vae/ for images, scheduler/)")
+    p.add_argument("-o", "--output", required=True, help="output adapter .safetensors (reference format)")
+    src = p.add_argument_group("data")
+    src.add_argument("--images", default=None, help="concept images folder (searched recursively)")
+    src.add_argument("--latents", default=None, help="concept latents .npz instead of --images")
+    src.add_argument("--style-image", default=None, help="single style image (random crops)")
+    src.add_argument("--style-latents", default=None, help="style latents .npz instead of --style-image")
+    src.add_argument("--prompt", default=None, help='concept prompt text, e.g. "a photo of <sks> dog" (metadata)')
+    src.add_argument("--style-prompt", default=None, help="style prompt text (default: from the caption file)")
+    src.add_argument("--caption-file", default=None, help="style captions json (default: data.json next to the image)")
+    src.add_argument("--style-suffix", default=" in <style> style", help="appended to the caption (reference)")
+    src.add_argument("--embeddings", default=None, help=".npz text embeddings of the concept prompt (style prompt in style mode)")
+    src.add_argument("--style-embeddings", default=None, help=".npz text embeddings of the style prompt (joint mode)")
+    src.add_argument("--style-fraction", type=float, default=0.5, help="share of style steps in joint mode (default 0.5)")
+    src.add_argument("--resolution", type=int, default=1024, help="training resolution in pixels (default 1024)")
+    src.add_argument("--save-latents", default=None, metavar="PREFIX",
+                     help="write the VAE encodings to PREFIX-concept.npz / PREFIX-style.npz for reuse")
+    opt = p.add_argument_group("optimisation (reference defaults)")
+    opt.add_argument("--nblocks", type=int, default=32, help="GS blocks per layer (default 32)")
+    opt.add_argument("--steps", type=int, default=1000, help="optimisation steps (default 1000)")
+    opt.add_argument("--batch-size", type=int, default=1, help="default 1")
+    opt.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
+    opt.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW decoupled weight decay (default 1e-4)")
+    opt.add_argument("--max-grad-norm", type=float, default=None,
+                     help="clip the global gradient norm (default: off, as the reference)")
+    opt.add_argument("--no-scales", action="store_true", help="do not train per-channel scales (moft_scale=False)")
+    opt.add_argument("--bf16", action="store_true", help="run the UNet in bfloat16 (adapter and loss stay float32)")
+    opt.add_argument("--seed", type=int, default=8, help="default 8 (reference)")
+    out = p.add_argument_group("output")
+    out.add_argument("--checkpoint-every", type=int, default=0, help="also save every N steps (0: off)")
+    out.add_argument("--log-json", default=None, help="write per-step losses and settings to this JSON file")
+    out.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=run_train)
+    return p
+
+
+def _checkpoint_path(output: str, step: int) -> str:
+    import os
+
+    stem, ext = os.path.splitext(output)
+    return f"{stem}-step{step}{ext or '.safetensors'}"
+
+
+def _dataset(args, which: str, vae_cache: dict):
+    """LatentData of the concept or style source in ``args`` (None when not given)."""
+    import os
+
+    import numpy as np
+
+    from . import train_data as td
+
+    if which == "concept":
+        images, latents = args.images, args.latents
+        emb_path = args.embeddings
+        prompt = args.prompt
+    else:
+        images, latents = args.style_image, args.style_latents
+        joint = bool(args.images or args.latents)
+        emb_path = args.style_embeddings if joint else (args.style_embeddings or args.embeddings)
+        prompt = args.style_prompt
+        if prompt is None and images:
+            prompt = td.style_caption(images, args.caption_file, args.style_suffix)
+    if images is None and latents is None:
+        return None, prompt
+    if images is not None and latents is not None:
+        raise ValueError(f"give either images or latents for the {which}, not both")
+    what = "--embeddings" if which == "concept" or not (args.images or args.latents) else "--style-embeddings"
+    if emb_path is None:
+        raise td.EmbeddingsRequiredError(
+            f"{which}: no text embeddings for the prompt {prompt!r}: encoding text needs the SDXL CLIP text "
+            f"encoders (transformers, not installed); pass {what} FILE.npz with prompt_embeds [77, 2048] "
+            "and pooled [1280]"
+        )
+    pe, pooled = td.load_prompt_embeddings(emb_path, prompt or "")
+    res = args.resolution
+    if res % 8:
+        raise ValueError(f"--resolution must be a multiple of 8, got {res}")
+    if latents is not None:
+        data = td.load_latents(latents)
+        lat = data["latents"]
+        crop = (res // 8, res // 8) if which == "style" else tuple(lat.shape[2:])
+        if which == "style" and (crop[0] > lat.shape[2] or crop[1] > lat.shape[3]):
+            crop = tuple(lat.shape[2:])
+        sizes = data.get("original_sizes", np.tile([[lat.shape[2] * 8, lat.shape[3] * 8]], (lat.shape[0], 1)))
+        return td.LatentData(lat, data.get("latents_std"), pe, pooled, sizes, crop,
+                             random_crop=which == "style", name=latents), prompt
+    if "vae" not in vae_cache:
+        from .weights import load_vae
+
+        vae, vae_params, vae_cfg = load_vae(args.model)
+        vae_cache["vae"] = (vae, vae_params, 2 ** (len(vae_cfg["block_out_channels"]) - 1))
+    vae, vae_params, f = vae_cache["vae"]
+    paths = td.list_images(images) if which == "concept" else [images]
+    if which == "style" and not os.path.isfile(images):
+        raise FileNotFoundError(f"style image {images!r} does not exist")
+    prep = td.preprocess_concept if which == "concept" else td.preprocess_style
+    pix, sizes = zip(*(prep(p, res) for p in paths))
+    means, stds = td.encode_images(vae, vae_params, pix)
+    lat, std = np.stack(means), np.stack(stds)
+    if args.save_latents:
+        td.save_latents(f"{args.save_latents}-{which}.npz", lat, std, np.asarray(sizes))
+    return td.LatentData(lat, std, pe, pooled, np.asarray(sizes), (res // f, res // f),
+                         random_crop=which == "style", vae_scale_factor=f, name=images), prompt
+
+
+def run_train(args) -> int:
+    """Run ``train`` for parsed ``args``; returns the exit status (2 on a bad input)."""
+    import json
+    import os
+    import sys
+    import time
+
+    prog = "orthofuse-jax train"
+    try:
+        if args.steps < 0 or args.batch_size < 1 or args.nblocks < 1:
+            raise ValueError("--steps must be >= 0, --batch-size and --nblocks >= 1")
+        if args.checkpoint_every < 0:
+            raise ValueError("--checkpoint-every must be >= 0")
+        if not 0.0 < args.style_fraction < 1.0:
+            raise ValueError(f"--style-fraction must be in (0, 1), got {args.style_fraction}")
+        from ..fusion.io import check_output_path
+
+        inputs = [x for x in (args.latents, args.style_latents, args.style_image, args.embeddings,
+                              args.style_embeddings) if x]
+        check_output_path(args.output, inputs)
+        vae_cache: dict = {}
+        concept, concept_prompt = _dataset(args, "concept", vae_cache)
+        style, style_prompt = _dataset(args, "style", vae_cache)
+        datasets = [d for d in (concept, style) if d is not None]
+        if not datasets:
+            raise ValueError("no training data: give --images/--latents (concept) and/or --style-image/--style-latents")
+        mode = "joint" if len(datasets) == 2 else ("concept" if concept is not None else "style")
+        mix = [1 - args.style_fraction, args.style_fraction] if mode == "joint" else None
+
+        import jax.numpy as jnp
+
+        from ..fusion.io import save_adapter
+        from .train import TrainConfig, init_adapter, scheduler_config, train
+        from .weights import load_unet
+
+        unet, params, config = load_unet(args.model, dtype=jnp.bfloat16 if args.bf16 else None)
+        adapter0 = init_adapter(config, args.nblocks, scales=not args.no_scales)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+
+    cfg = TrainConfig(
+        steps=args.steps, nblocks=args.nblocks, learning_rate=args.lr, weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm, batch_size=args.batch_size, seed=args.seed,
+        train_scales=not args.no_scales, bf16=args.bf16, checkpoint_every=args.checkpoint_every,
+        progress=not args.no_progress, noise_schedule=scheduler_config(args.model),
+    )
+    meta = {
+        "orthofuse_jax": "train",
+        "mode": mode,
+        "nblocks": str(args.nblocks),
+        "lr": repr(args.lr),
+        "weight_decay": repr(args.weight_decay),
+        "max_grad_norm": repr(args.max_grad_norm),
+        "bf16": str(bool(args.bf16)).lower(),
+        "seed": str(args.seed),
+    }
+    if concept_prompt:
+        meta["prompt"] = concept_prompt
+    if style_prompt:
+        meta["style_prompt"] = style_prompt
+
+    def save(path, adapter, step):
+        save_adapter(path, adapter, metadata={**meta, "step": str(step)}, inputs=inputs)
+
+    def on_checkpoint(step, adapter):
+        path = _checkpoint_path(args.output, step)
+        save(path, adapter, step)
+        if args.no_progress:
+            print(f"checkpoint {path}")
+
+    t0 = time.perf_counter()
+    adapter, losses = train(unet, params, config, datasets, cfg, mix=mix, adapter=adapter0, on_checkpoint=on_checkpoint)
+    elapsed = time.perf_counter() - t0
+    save(args.output, adapter, args.steps)
+    if args.log_json:
+        with open(args.log_json, "w") as f:
+            json.dump({"mode": mode, "steps": args.steps, "seconds": elapsed, "losses": losses.tolist(),
+                       "metadata": meta}, f)
+    n = len(losses)
+    if n:
+        k = max(1, n // 10)
+        print(f"{mode}: {n} steps in {elapsed:.1f} s; loss {losses[:k].mean():.4f} (first {k}) -> "
+              f"{losses[-k:].mean():.4f} (last {k})")
+    print(f"wrote {os.fspath(args.output)}")
+    return 0
+
+
+def main(argv=None) -> int:
+    """Standalone entry (``python -m orthofuse_jax.models.train_commands train ...``)."""
+    parser = argparse.ArgumentParser(prog="orthofuse-jax")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
