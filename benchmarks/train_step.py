@@ -89,7 +89,14 @@ def _jax_step(cfg, nb, impl):
 
     from orthofuse_jax.models import apply_onthefly
     from orthofuse_jax.models._backbone import build_unet
-    from orthofuse_jax.models.train import alphas_cumprod, init_adapter, make_loss, make_optimizer, make_train_step
+    from orthofuse_jax.models.train import (
+        alphas_cumprod,
+        cayley_gauss_jordan,
+        init_adapter,
+        make_loss,
+        make_optimizer,
+        make_train_step,
+    )
 
     unet = build_unet(cfg)
     shapes = jax.eval_shape(unet.init_weights, jax.random.PRNGKey(0))
@@ -111,7 +118,8 @@ def _jax_step(cfg, nb, impl):
             noise = jax.random.normal(kn, x0.shape)
             a = abar[t][:, None, None, None]
             xt = jnp.sqrt(a) * x0 + jnp.sqrt(1 - a) * noise
-            pred = apply_onthefly(unet, params, adapter, xt, t, batch["prompt_embeds"],
+            orth = adapter.map_stacks(cayley_gauss_jordan, orthogonal=True)  # LAPACK-free, as in the fold
+            pred = apply_onthefly(unet, params, orth, xt, t, batch["prompt_embeds"],
                                   {"text_embeds": batch["text_embeds"], "time_ids": batch["time_ids"]}, config=cfg).sample
             return jnp.mean((pred - noise) ** 2)
 
@@ -139,6 +147,7 @@ def _torch_step(cfg, nb):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(0)
+    torch.set_num_threads(int(os.environ.get("TRAIN_STEP_TORCH_THREADS", "1")))
     unet = UNet2DConditionModel(**cfg).train()
     for p in unet.parameters():
         p.requires_grad_(False)
@@ -190,8 +199,8 @@ def _torch_step(cfg, nb):
         attn = unet.get_submodule(name.rsplit(".processor", 1)[0])
         h = attn.to_q.in_features
         procs[name] = Proc(h, attn.to_k.in_features)
-    unet.set_attn_processor(procs)
     params = [p for proc in procs.values() for p in proc.parameters()]
+    unet.set_attn_processor(dict(procs))  # diffusers pops entries from the dict it is given
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)
     x = {k: torch.tensor(v) for k, v in _inputs(cfg).items()}
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2
@@ -209,7 +218,7 @@ def _torch_step(cfg, nb):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     return run, int(sum(np.prod(p.shape) for p in params))
 
@@ -244,6 +253,10 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", nargs="+", default=["tiny", "medium"], choices=list(CONFIGS))
     ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
     ap.add_argument("--steps", type=int, default=10, help="timed steps after two warm-up steps")
+    ap.add_argument("--torch-threads", type=int, default=1,
+                    help="torch intra-op threads (default 1: on a shared 2-core host, OpenMP barriers "
+                         "under contention made 2-thread torch steps 5-10x slower and growing)")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds per worker")
     ap.add_argument("--worker", nargs=2, metavar=("CONFIG", "IMPL"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -254,12 +267,12 @@ def main(argv=None) -> int:
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, TRAIN_STEP_TORCH_THREADS=str(args.torch_threads), PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     rows = []
     for config in args.configs:
         for impl in args.impls:
             proc = subprocess.run([sys.executable, __file__, "--worker", config, impl, "--steps", str(args.steps)],
-                                  capture_output=True, text=True, env=env, cwd=root)
+                                  capture_output=True, text=True, env=env, cwd=root, timeout=args.timeout)
             if proc.returncode != 0:
                 print(f"{config}/{impl} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
                 continue
@@ -283,6 +296,7 @@ def main(argv=None) -> int:
     payload = dict(
         benchmark="train_step", steps=args.steps, cpu_count=os.cpu_count(), platform=platform.platform(),
         date_utc=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), load1_end=os.getloadavg()[0],
+        torch_threads_used=args.torch_threads,
         note="CPU shared with other jobs: compare ratios within one run; cpu_median_s is process CPU time",
         **versions, results=rows,
     )

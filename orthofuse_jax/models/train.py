@@ -241,7 +241,9 @@ def add_noise(x0, noise, t, abar):
     return jnp.sqrt(a) * x0 + jnp.sqrt(1.0 - a) * noise
 
 
-def diffusion_loss(adapter: GSAdapter, params, batch: Mapping, key, *, unet, plan: FoldPlan, abar, compute_dtype=None):
+def diffusion_loss(
+    adapter: GSAdapter, params, batch: Mapping, key, *, unet, plan: FoldPlan, abar, compute_dtype=None, apply: str = "fold"
+):
     """Epsilon-prediction MSE of the UNet with ``adapter`` folded in (SPEC 6); returns a scalar.
 
     Args:
@@ -253,6 +255,10 @@ def diffusion_loss(adapter: GSAdapter, params, batch: Mapping, key, *, unet, pla
       unet: the ``FlaxUNet2DConditionModel`` (its ``dtype`` is the compute dtype).
       plan: :class:`FoldPlan` of ``adapter`` against ``params``.
       abar: ``alphas_cumprod`` ``[T]`` (float32 or float64 array).
+      apply: ``"fold"`` (``K_eff = (Q^T K) * s`` once per step) or ``"onthefly"`` (the reference's
+        ``s * W (Q x)`` at every projection call, :func:`~orthofuse_jax.models.apply_onthefly`);
+        the same function of the adapter, with different costs: folding costs ``O(n b out)`` per
+        layer, the on-the-fly rotation ``O(tokens n b)`` (cheaper for few tokens, e.g. attn2 k/v).
     """
     x0 = jnp.asarray(batch["latents"])
     loss_dt = jnp.promote_types(x0.dtype, jnp.float32)
@@ -261,26 +267,46 @@ def diffusion_loss(adapter: GSAdapter, params, batch: Mapping, key, *, unet, pla
     t = jax.random.randint(kt, (x0.shape[0],), 0, abar.shape[0])
     noise = jax.random.normal(kn, x0.shape, loss_dt)
     xt = add_noise(x0, noise, t, jnp.asarray(abar, loss_dt))
-    eff = fold_adapter(params, adapter, plan, compute_dtype=compute_dtype)
     cdt = compute_dtype or unet.dtype
-    pred = unet.apply(
-        {"params": eff},
+    args = (
         xt.astype(cdt),
         t,
         jnp.asarray(batch["prompt_embeds"]).astype(cdt),
         {"text_embeds": jnp.asarray(batch["text_embeds"]).astype(cdt), "time_ids": jnp.asarray(batch["time_ids"]).astype(cdt)},
-    ).sample
+    )
+    if apply == "fold":
+        eff = fold_adapter(params, adapter, plan, compute_dtype=compute_dtype)
+        pred = unet.apply({"params": eff}, *args).sample
+    elif apply == "onthefly":
+        import flax.linen as nn
+
+        from .onthefly import onthefly_interceptor
+
+        orth = adapter.map_stacks(cayley_gauss_jordan, orthogonal=True)
+        table = {spec.name: spec for _, _, specs in plan.groups for spec in specs}
+        with nn.intercept_methods(onthefly_interceptor(orth, table)):
+            pred = unet.apply({"params": params}, *args).sample
+    else:
+        raise ValueError(f"apply must be 'fold' or 'onthefly', got {apply!r}")
     return jnp.mean(jnp.square(pred.astype(loss_dt) - noise))
 
 
-def make_loss(unet, params, adapter: GSAdapter, *, config=None, noise_schedule: Mapping | None = None, compute_dtype=None):
-    """``loss(adapter, params, batch, key)`` bound to ``unet``, its fold plan and the DDPM schedule."""
+def make_loss(
+    unet, params, adapter: GSAdapter, *, config=None, noise_schedule: Mapping | None = None, compute_dtype=None,
+    apply: str = "fold",
+):
+    """``loss(adapter, params, batch, key)`` bound to ``unet``, its fold plan and the DDPM schedule
+    (``apply``: see :func:`diffusion_loss`)."""
+    if apply not in ("fold", "onthefly"):
+        raise ValueError(f"apply must be 'fold' or 'onthefly', got {apply!r}")
     plan = FoldPlan.build(params, adapter, config=config)
     abar = alphas_cumprod(**dict(noise_schedule or DDPM_SDXL))
     abar = jnp.asarray(abar, jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
 
     def loss(adapter, params, batch, key):
-        return diffusion_loss(adapter, params, batch, key, unet=unet, plan=plan, abar=abar, compute_dtype=compute_dtype)
+        return diffusion_loss(
+            adapter, params, batch, key, unet=unet, plan=plan, abar=abar, compute_dtype=compute_dtype, apply=apply
+        )
 
     return loss
 
@@ -342,6 +368,7 @@ class TrainConfig:
     train_scales: bool = True
     bf16: bool = False
     checkpoint_every: int = 0
+    apply: str = "fold"
     progress: bool = True
     noise_schedule: dict = field(default_factory=lambda: dict(DDPM_SDXL))
 
@@ -386,7 +413,8 @@ def train(
     compute = jnp.bfloat16 if cfg.bf16 else None
     if cfg.bf16:
         params = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), params)
-    loss_fn = make_loss(unet, params, adapter, config=unet_config, noise_schedule=cfg.noise_schedule, compute_dtype=compute)
+    loss_fn = make_loss(unet, params, adapter, config=unet_config, noise_schedule=cfg.noise_schedule, compute_dtype=compute,
+                        apply=cfg.apply)
     opt = make_optimizer(
         cfg.learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm
     )

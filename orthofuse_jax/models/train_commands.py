@@ -66,6 +66,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     opt.add_argument("--no-scales", action="store_true", help="do not train per-channel scales (moft_scale=False)")
     opt.add_argument("--bf16", action="store_true", help="run the UNet in bfloat16 (adapter and loss stay float32)")
     opt.add_argument("--seed", type=int, default=8, help="default 8 (reference)")
+    opt.add_argument("--apply", choices=("fold", "onthefly"), default="fold",
+                     help="fold the adapter into the kernels once per step (default) or rotate every "
+                          "projection input as the reference does (same loss; often faster for few tokens)")
     out = p.add_argument_group("output")
     out.add_argument("--checkpoint-every", type=int, default=0, help="also save every N steps (0: off)")
     out.add_argument("--log-json", default=None, help="write per-step losses and settings to this JSON file")
@@ -188,7 +191,7 @@ def run_train(args) -> int:
         steps=args.steps, nblocks=args.nblocks, learning_rate=args.lr, weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm, batch_size=args.batch_size, seed=args.seed,
         train_scales=not args.no_scales, bf16=args.bf16, checkpoint_every=args.checkpoint_every,
-        progress=not args.no_progress, noise_schedule=scheduler_config(args.model),
+        progress=not args.no_progress, noise_schedule=scheduler_config(args.model), apply=args.apply,
     )
     meta = {
         "orthofuse_jax": "train",
@@ -199,6 +202,7 @@ def run_train(args) -> int:
         "max_grad_norm": repr(args.max_grad_norm),
         "bf16": str(bool(args.bf16)).lower(),
         "seed": str(args.seed),
+        "apply": args.apply,
     }
     if concept_prompt:
         meta["prompt"] = concept_prompt

@@ -209,7 +209,7 @@ def trained(flax_unet):
         adapter, state, value = step(adapter, state, params, batch, key)
         losses.append(float(value))
     losses.append(float(step(adapter, state, params, batch, key)[2]))  # the loss after 50 updates
-    return dict(adapter=adapter, losses=losses, before=before, params=params, cfg=cfg, unet=unet)
+    return dict(adapter=adapter, losses=losses, before=before, params=params, cfg=cfg, unet=unet, batch=batch, key=key)
 
 
 def test_fifty_steps_lower_the_loss_and_keep_blocks_orthogonal(trained):
@@ -233,6 +233,10 @@ def test_fifty_steps_lower_the_loss_and_keep_blocks_orthogonal(trained):
     assert max(float(np.abs(np.asarray(s) - 1).max()) for s in adapter.scales.values()) > 1e-2
     # frozen base parameters are bit-identical
     jax.tree_util.tree_map(np.testing.assert_array_equal, trained["before"], jax.tree_util.tree_map(np.asarray, trained["params"]))
+    # the reference's per-call rotation s * W (Q x) gives the same loss as the fold used in training
+    unet, params, cfg = trained["unet"], trained["params"], trained["cfg"]
+    otf = jax.jit(make_loss(unet, params, adapter, config=cfg, apply="onthefly"))
+    np.testing.assert_allclose(float(otf(adapter, params, trained["batch"], trained["key"])), last, rtol=1e-5)
 
 
 def test_checkpoint_round_trip_through_fuse_and_patch(trained, tmp_path, torch_unet):
