@@ -5,7 +5,7 @@ For a sweep ``t -> Y(t)`` of merged blocks (before and after spectra restoration
 * eigen-angle histograms: ``|arg lambda|`` of every eigenvalue of every merged block (each
   rotation plane contributes its angle twice), on fixed bins over ``[0, pi]`` (Fig. 2);
 * speed ``||dY/dt||_F`` on the product of all blocks (Fig. 5), measured by forward-mode
-  differentiation (:func:`geometry.curve_speed`) of the curve the merge method traces
+  differentiation (``jax.jvp``, as :func:`geometry.curve_speed`) of the curve the merge method traces
   (SPEC 3.2, 3.3, 3.7); a plain geodesic has constant speed equal to the geodesic distance;
 * distance to the straight ambient path ``||Y(t) - ((1-t) U1 + t U2)||_F`` (Fig. 6);
 * the largest orthogonality error ``max |Y^T Y - I|`` and the largest rotation angle.
@@ -17,14 +17,13 @@ from the sweep's points (a cross-check of both).
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..geometry import cayley, curve_speed, geodesic, geodesic_distance, power, rotation_angles
+from ..geometry import cayley, geodesic, geodesic_distance, power, rotation_angles
 from .adapter import GSAdapter, to_orthogonal
 
 __all__ = ["sweep_statistics", "merge_curve", "ANGLE_BINS"]
@@ -59,27 +58,49 @@ def merge_curve(a1: Any, a2: Any, u1: Any, u2: Any, *, method: str, restore: str
     return curve
 
 
-@functools.partial(jax.jit, static_argnames=("method", "restore"))
-def _stack_side_stats(r1, r2, x1, x2, y, ts, alpha, *, method, restore):
-    """Per-t sums/maxima for one block stack (one side, L or R) of a sweep ``y`` ``[T, layers, nb, b, b]``."""
-    curve = merge_curve(r1, r2, x1, x2, method=method, restore=restore, alpha=alpha)
-    sq_jvp = jax.vmap(lambda t: jnp.sum(curve_speed(curve, t) ** 2))(ts)
-    # eigh's derivative is undefined for the (always repeated) eigenvalues of -S^2 when the
-    # decomposed matrix itself moves with t (restore="exact"): fall back to central differences.
-    h = 1e-3 if ts.dtype == jnp.float32 else 1e-5
-    d = jax.vmap(lambda t: (curve(t + h) - curve(t - h)) / (2 * h))(ts)
-    sq_fd = jnp.sum(d**2, axis=tuple(range(1, d.ndim)))
-    jvp_ok = jnp.all(jnp.isfinite(sq_jvp))
-    sq = jnp.where(jvp_ok, sq_jvp, sq_fd)
-    ref = jax.vmap(curve)(ts)
+@jax.jit
+def _angles(y):
+    return jnp.nan_to_num(rotation_angles(y), nan=jnp.pi)
+
+
+@jax.jit
+def _distances(x1, x2, y, ref, ts):
     mismatch = jnp.max(jnp.abs(ref - y))
     tcol = ts.reshape(-1, 1, 1, 1, 1)
     amb = jnp.sum((y - ((1 - tcol) * x1[None] + tcol * x2[None])) ** 2, axis=(1, 2, 3, 4))
     eye = jnp.eye(y.shape[-1], dtype=y.dtype)
     orth = jnp.max(jnp.abs(jnp.swapaxes(y, -1, -2) @ y - eye), axis=(1, 2, 3, 4))
-    theta = jnp.nan_to_num(rotation_angles(y), nan=jnp.pi)
-    dist_sq = jnp.sum(geodesic_distance(x1, x2) ** 2)
-    return sq, jvp_ok, mismatch, amb, orth, theta, dist_sq
+    return mismatch, amb, orth
+
+
+_geodesic_distance = jax.jit(geodesic_distance)
+
+
+def _stack_side_stats(r1, r2, x1, x2, y, ts, alpha, *, method, restore):
+    """Per-t sums/maxima for one block stack (one side, L or R) of a sweep ``y`` ``[T, layers, nb, b, b]``.
+
+    The curve and its derivative are evaluated op by op (not under one ``jit``): on a CPU backend a
+    single XLA program chaining Cayley solves, ``eigh`` and their tangents was seen to stall (SPEC 11).
+    """
+    curve = merge_curve(r1, r2, x1, x2, method=method, restore=restore, alpha=alpha)
+    if restore == "exact":
+        # eigh's derivative is undefined for the (always repeated) eigenvalues of -S^2 when the
+        # decomposed matrix itself moves with t: use central differences instead of jvp.
+        h = 1e-3 if ts.dtype == jnp.float32 else 1e-5
+        ref = jax.vmap(curve)(ts)
+        d = (jax.vmap(curve)(ts + h) - jax.vmap(curve)(ts - h)) / (2 * h)
+        sq = jnp.sum(d**2, axis=tuple(range(1, d.ndim)))
+    else:
+
+        def point(t):
+            y_t, dy = jax.jvp(curve, (t,), (jnp.ones_like(t),))  # = geometry.curve_speed, keeping the point
+            return y_t, jnp.sum(dy**2)
+
+        ref, sq = jax.vmap(point)(ts)
+    mismatch, amb, orth = _distances(x1, x2, y, ref, ts)
+    theta = _angles(y)
+    dist_sq = jnp.sum(_geodesic_distance(x1, x2) ** 2)
+    return sq, mismatch, amb, orth, theta, dist_sq
 
 
 def _hist(theta: np.ndarray, edges: np.ndarray) -> np.ndarray:
@@ -141,12 +162,12 @@ def sweep_statistics(
             tags = [("before", before, "none")] + ([("after", after, restore)] if restore != "none" else [])
             for tag, sw, rs in tags:
                 y = getattr(sw.stacks[key], side).astype(dtype)
-                sq, ok, mis, amb, orth, theta, dsq = jax.device_get(
+                sq, mis, amb, orth, theta, dsq = jax.device_get(
                     _stack_side_stats(r1, r2, x1, x2, y, tj, jnp.asarray(alpha, dtype), method=method, restore=rs)
                 )
                 if tag == "before":
                     dist_sq += float(dsq)
-                if not ok:
+                if rs == "exact":
                     speed_method = "central-difference"
                 acc[f"sq_speed_{tag}"] += sq
                 acc[f"amb_{tag}"] += amb
