@@ -118,6 +118,9 @@ def _save(fig, path: Path) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
     os.close(fd)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
         fig.savefig(tmp, dpi=110)
         os.replace(tmp, path)
     except BaseException:
