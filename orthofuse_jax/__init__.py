@@ -7,4 +7,8 @@ Subpackages (arrows point one way): ``cli -> models -> fusion -> geometry``.
 * :mod:`orthofuse_jax.models` -- Flax SDXL: folding adapters into UNet parameters, generation, training.
 """
 
+from ._runtime import configure_cpu_threads as _configure_cpu_threads
+
+_configure_cpu_threads()
+
 __version__ = "0.1.0"

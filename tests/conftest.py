@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import os
 
-import jax
-from hypothesis import HealthCheck, settings
+# Before any JAX computation: one XLA CPU thread avoids jaxlib 0.10.2's LAPACK pool deadlock
+# (orthofuse_jax/_runtime.py); importing orthofuse_jax sets the same default.
+os.environ.setdefault("PJRT_NPROC", "1")
+
+import jax  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 

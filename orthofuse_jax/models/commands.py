@@ -46,6 +46,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="UNet compute dtype (default fp32)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run_generate)
+    from .train_commands import register as register_train
+
+    register_train(subparsers)
     return p
 
 

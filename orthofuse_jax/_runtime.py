@@ -1,0 +1,60 @@
+"""Process-level runtime settings applied when the package is imported.
+
+jaxlib 0.10.2's CPU LAPACK kernels (``solve``'s LU, ``eigh``, ...) split a batch across XLA's
+intra-op thread pool and block a pool thread while they wait for the pieces
+(``jax::ParallelBatchMap``). When a compiled program runs as many independent LAPACK calls
+at once as the pool has threads -- e.g. the L and R stacks of one merge on a 2-core machine --
+every pool thread waits and nothing runs: the process hangs at 0 % CPU (reproduced here with
+``python -m benchmarks.experiments.jit_hang``; jaxlib 0.11 removed that parallel path, but it
+needs Python >= 3.12). A pool of one thread makes the kernels run inline, which cannot
+deadlock and, for the many small blocks of a GS adapter, is also faster than the default on 2
+cores (full SDXL exact merge in one ``jit``: 10.3 s with one thread, a hang with 2 or 4, 21-25 s
+with 8; benchmarks/RESULTS.md).
+
+So on import we set ``PJRT_NPROC=1`` (read by XLA when the CPU backend starts) unless the user
+set it, or set ``ORTHOFUSE_JAX_KEEP_THREADS=1`` to leave the runtime alone. If the CPU backend
+is already running with more threads, a :class:`RuntimeWarning` says how to fix it. GPU and TPU
+backends are unaffected.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+_ENV = "PJRT_NPROC"
+_OPT_OUT = "ORTHOFUSE_JAX_KEEP_THREADS"
+
+
+def _cpu_backend() -> bool:
+    try:
+        import jax
+
+        return jax.default_backend() == "cpu"
+    except Exception:  # pragma: no cover
+        return False
+
+
+def configure_cpu_threads() -> bool:
+    """Set ``PJRT_NPROC=1`` if it is still possible and wanted; return True if it is in effect."""
+    if os.environ.get(_OPT_OUT):
+        return False
+    if _ENV in os.environ:
+        return os.environ[_ENV] == "1"
+    try:
+        from jax._src import xla_bridge
+
+        started = xla_bridge.backends_are_initialized()
+    except Exception:  # pragma: no cover - private API moved; setting the variable is still right
+        started = False
+    if started and _cpu_backend():
+        warnings.warn(
+            "orthofuse_jax was imported after JAX's CPU backend started, so jaxlib 0.10.2's batched "
+            "LAPACK kernels may deadlock on CPU; set PJRT_NPROC=1 before starting Python (or import "
+            "orthofuse_jax before running any JAX computation)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+    os.environ[_ENV] = "1"
+    return True
