@@ -471,3 +471,21 @@ def test_sweep_decomposes_once(n_t):
     jaxpr = jax.make_jaxpr(lambda x, y, t: sweep(x, y, t, restore="cayley"))(a1, a2, ts).jaxpr
     n_stacks = len(a1.stacks)
     assert _count_eigh(jaxpr) == 2 * n_stacks  # L and R of each stack, independent of n_t
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 2e-6)])
+def test_cayley_restored_equals_two_step_reference(dtype, tol):
+    """One-solve Cay(eta Cay(S)) equals Cayley-space merge then curve_over_id (two numpy solves)."""
+    from orthofuse_jax.fusion.merge import cayley_restored
+
+    rng = np.random.default_rng(7)
+    a = rng.standard_normal((6, 4, 9, 9))
+    s = 0.4 * (a - np.swapaxes(a, -1, -2))
+    eta = rng.uniform(0.5, 1.0, size=(6, 4))
+    eye = np.eye(9)
+    u = np.linalg.solve(eye - s, eye + s)  # Cay(S), float64 numpy
+    k = 0.5 * (u - np.swapaxes(u, -1, -2)) * eta[..., None, None]
+    ref = np.linalg.solve(eye - k, eye + k)  # Cay(eta U)
+    got = np.asarray(cayley_restored(s.astype(dtype), eta.astype(dtype)))
+    assert got.dtype == dtype
+    np.testing.assert_allclose(got, ref, atol=tol, rtol=0)
