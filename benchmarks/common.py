@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+import orthofuse_jax  # noqa: F401  (first: sets PJRT_NPROC=1 before any JAX backend starts)
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 NB = 32

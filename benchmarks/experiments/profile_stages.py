@@ -27,7 +27,7 @@ def main(argv=None):
     import jax
     import jax.numpy as jnp
 
-    from orthofuse_jax.fusion._paths import geodesic_path
+    from orthofuse_jax.geometry import geodesic_path
     from orthofuse_jax.fusion.merge import cayley_space_blocks, curve_over_id, restore_exact
     from orthofuse_jax.geometry import cayley, inverse_cayley
 

@@ -11,7 +11,7 @@ Public API (implementation in private-by-convention modules):
 * scales: :func:`combine_scales`.
 """
 
-from ._paths import GeodesicPath, geodesic_path
+from ..geometry import GeodesicPath, geodesic_path
 from .adapter import (
     SCALE_NAME,
     GSAdapter,

@@ -48,7 +48,7 @@ import numpy as np
 
 from ..geometry import DEFAULT_ANGLE_TOL, cayley, geodesic, power, skew, spectral_map_with_flag
 from ..geometry._types import Array, Block, Bool, Float
-from ._paths import geodesic_path
+from ..geometry import geodesic_path
 from .adapter import GSAdapter, LayerStack, check_compatible, to_cayley_params, to_orthogonal
 from .karcher import cayley_mean_blocks, karcher_mean_blocks_with_flag
 from .scales import SCALE_RULES, combine_scales
@@ -442,7 +442,7 @@ def sweep(
 
     Equals ``[merge([adapter1, adapter2], t=t, ...) for t in ts]`` stacked on a new leading axis,
     but the t-independent work -- for ``geodesic`` the inverse Cayley of ``U1^T U2`` and its
-    ``eigh`` (:func:`orthofuse_jax.fusion._paths.geodesic_path`) -- is done once per sweep; each t
+    ``eigh`` (:func:`orthofuse_jax.geometry.geodesic_path`) -- is done once per sweep; each t
     then costs a few matmuls (plus, for ``restore="exact"``, the decomposition of the merged block,
     which depends on t).
 

@@ -9,7 +9,15 @@ with ``jax.vmap`` (tests/geometry/test_jit_vmap.py checks vmap against a loop).
 """
 
 from .cayley import cayley, eye_like, inverse_cayley, skew
-from .geodesic import curve_speed, geodesic, geodesic_distance, geodesic_speed, relative_rotation
+from .geodesic import (
+    GeodesicPath,
+    curve_speed,
+    geodesic,
+    geodesic_distance,
+    geodesic_path,
+    geodesic_speed,
+    relative_rotation,
+)
 from .group import (
     act,
     group_dimension,
@@ -36,6 +44,7 @@ from .spectral import (
 
 __all__ = [
     "DEFAULT_ANGLE_TOL",
+    "GeodesicPath",
     "NegativeEigenvalueError",
     "act",
     "block_diag",
@@ -45,6 +54,7 @@ __all__ = [
     "eye_like",
     "geodesic",
     "geodesic_distance",
+    "geodesic_path",
     "geodesic_speed",
     "group_dimension",
     "gs_apply",

@@ -11,19 +11,72 @@ stacks are independent: the product-manifold distance is the 2-norm of the per-b
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 
-from ._types import Array, Block, Float
-from .spectral import DEFAULT_ANGLE_TOL, power, rotation_angles
+from ._types import Array, Block, Bool, Float
+from .spectral import DEFAULT_ANGLE_TOL, _decompose, _is_concrete, _polar_step, _raise_if_bad, _rotate, _sinc_ratio, rotation_angles
 
-__all__ = ["geodesic", "geodesic_distance", "curve_speed", "geodesic_speed", "relative_rotation"]
+__all__ = [
+    "GeodesicPath",
+    "geodesic",
+    "geodesic_path",
+    "geodesic_distance",
+    "curve_speed",
+    "geodesic_speed",
+    "relative_rotation",
+]
 
 
 def relative_rotation(u1: Block, u2: Block) -> Block:
     """``W = U1^T U2``, the rotation that carries ``U1`` to ``U2`` (``U2 = U1 W``)."""
     return jnp.swapaxes(u1, -1, -2) @ u2
+
+
+@jax.tree_util.register_dataclass
+@dataclass(frozen=True)
+class GeodesicPath:
+    """The t-independent half of the block geodesics ``U1 -> U2``, evaluated cheaply at any t.
+
+    With ``W = U1^T U2``, ``S = invCay(W)`` and ``-S^2 = V diag(sigma^2) V^T`` (one solve and one
+    real ``eigh``, done by :func:`geodesic_path`), every point is
+
+        gamma(t) = U1 [V diag(cos(t theta)) V^T + S V diag(sin(t theta)/sigma) V^T],  theta = 2 arctan(sigma)
+
+    (``spectral.py``, formula (*)), i.e. matmuls only: a sweep over T values of t costs one
+    decomposition plus T evaluations (``jax.vmap`` over :meth:`at`).
+
+    Attributes:
+      start: ``U1``; s: ``invCay(U1^T U2)``; v, sigma: eigenvectors and ``sqrt`` eigenvalues of
+      ``-S^2``; bad: ``[...]`` True where ``U1^T U2`` has an eigenvalue within ``angle_tol`` of -1
+      (or non-finite input); :meth:`at` returns NaN blocks there.
+    """
+
+    start: Block
+    s: Block
+    v: Block
+    sigma: Float[Array, "*batch b"]
+    bad: Bool[Array, "*batch"]
+
+    @property
+    def theta(self) -> Float[Array, "*batch b"]:
+        return 2.0 * jnp.arctan(self.sigma)
+
+    def at(self, t) -> Block:
+        """``gamma(t)`` for a scalar ``t`` (or an array broadcasting against the batch shape)."""
+        t = jnp.asarray(t, dtype=self.start.dtype)[..., None]
+        phi = t * self.theta
+        w = _rotate(self.s, self.v, jnp.cos(phi), _sinc_ratio(phi, self.sigma, 2.0 * t))
+        y = self.start @ _polar_step(w)
+        return jnp.where(self.bad[..., None, None], jnp.nan, y)
+
+
+def geodesic_path(u1: Block, u2: Block, *, angle_tol: float = DEFAULT_ANGLE_TOL) -> GeodesicPath:
+    """Decompose ``W = U1^T U2`` once (inverse Cayley + real ``eigh``) for evaluation at many t."""
+    s, v, sigma, _, bad = _decompose(relative_rotation(u1, u2), angle_tol)
+    return GeodesicPath(start=u1, s=s, v=v, sigma=sigma, bad=bad)
 
 
 def geodesic(u1: Block, u2: Block, t, *, angle_tol: float = DEFAULT_ANGLE_TOL) -> Block:
@@ -35,7 +88,11 @@ def geodesic(u1: Block, u2: Block, t, *, angle_tol: float = DEFAULT_ANGLE_TOL) -
       t: scalar or array broadcasting against ``u1.shape[:-2]``; values outside [0, 1]
         extrapolate along the same geodesic.
     """
-    return u1 @ power(relative_rotation(u1, u2), t, angle_tol=angle_tol)
+    path = geodesic_path(u1, u2, angle_tol=angle_tol)
+    t = jnp.asarray(t, dtype=u1.dtype)
+    if _is_concrete(u1, u2, t):
+        _raise_if_bad(path.bad, "geodesic")
+    return path.at(t)
 
 
 def geodesic_distance(u1: Block, u2: Block) -> Float[Array, "*batch"]:

@@ -30,8 +30,9 @@ SKIPPED = {
     "stabilizer_is_discrete",
     "perfect_shuffle_indices",
     "perfect_shuffle_matrix",
-    # not functions
+    # not functions (GeodesicPath is covered through geodesic_path)
     "DEFAULT_ANGLE_TOL",
+    "GeodesicPath",
     "NegativeEigenvalueError",
 }
 
@@ -64,6 +65,10 @@ TABLE = {
     "expm_skew": (geo.expm_skew, lambda r: (_skew(r, 5.0),)),
     "eye_like": (lambda a: geo.eye_like(a) + 0.0 * a, lambda r: (r.standard_normal((NB, B, B)),)),
     "geodesic": (geo.geodesic, lambda r: (_rot(r), _rot(r), np.asarray(r.uniform(-0.5, 1.5)))),
+    "geodesic_path": (
+        lambda u1, u2, t: geo.geodesic_path(u1, u2).at(t),
+        lambda r: (_rot(r), _rot(r), np.asarray(r.uniform(-0.5, 1.5))),
+    ),
     "geodesic_distance": (geo.geodesic_distance, lambda r: (_rot(r), _rot(r))),
     "geodesic_speed": (geo.geodesic_speed, lambda r: (_rot(r), _rot(r), np.asarray(r.uniform(0, 1)))),
     "gs_apply": (geo.gs_apply, lambda r: (r.standard_normal((2, N)), _rot(r), _rot(r))),
