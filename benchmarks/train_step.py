@@ -32,34 +32,10 @@ import statistics
 import sys
 import time
 
-TINY = dict(
-    sample_size=8,
-    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    block_out_channels=[32, 64],
-    layers_per_block=1,
-    transformer_layers_per_block=[1, 2],
-    attention_head_dim=[2, 4],
-    cross_attention_dim=48,
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=8,
-    projection_class_embeddings_input_dim=32 + 6 * 8,
-)
-MEDIUM = dict(
-    sample_size=32,
-    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    block_out_channels=[64, 128, 256],
-    layers_per_block=2,
-    transformer_layers_per_block=[1, 1, 2],
-    attention_head_dim=[2, 4, 8],
-    cross_attention_dim=320,
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=32,
-    projection_class_embeddings_input_dim=128 + 6 * 32,
-)
+try:  # same configs as the denoise-step benchmark
+    from benchmarks.denoise_step import MEDIUM, TINY
+except ImportError:  # run as a script: benchmarks/ itself is on sys.path
+    from denoise_step import MEDIUM, TINY
 CONFIGS = {"tiny": (TINY, 4), "medium": (MEDIUM, 32)}  # config, GS nb
 TOKENS = 77
 IMPLS = ("jax-fold", "jax-onthefly", "torch-ref")

@@ -237,11 +237,9 @@ def run_train(args) -> int:
 
 def main(argv=None) -> int:
     """Standalone entry (``python -m orthofuse_jax.models.train_commands train ...``)."""
-    parser = argparse.ArgumentParser(prog="orthofuse-jax")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    from .commands import main as models_main  # registers generate and train
+
+    return models_main(argv)
 
 
 if __name__ == "__main__":
