@@ -63,11 +63,11 @@ def _jax_step(cfg, nb, impl):
     import jax.numpy as jnp
     import numpy as np
 
+    from orthofuse_jax.geometry import cayley
     from orthofuse_jax.models import apply_onthefly
     from orthofuse_jax.models._backbone import build_unet
     from orthofuse_jax.models.train import (
         alphas_cumprod,
-        cayley_gauss_jordan,
         init_adapter,
         make_loss,
         make_optimizer,
@@ -94,7 +94,7 @@ def _jax_step(cfg, nb, impl):
             noise = jax.random.normal(kn, x0.shape)
             a = abar[t][:, None, None, None]
             xt = jnp.sqrt(a) * x0 + jnp.sqrt(1 - a) * noise
-            orth = adapter.map_stacks(cayley_gauss_jordan, orthogonal=True)  # LAPACK-free, as in the fold
+            orth = adapter.map_stacks(cayley, orthogonal=True)  # as in the fold
             pred = apply_onthefly(unet, params, orth, xt, t, batch["prompt_embeds"],
                                   {"text_embeds": batch["text_embeds"], "time_ids": batch["time_ids"]}, config=cfg).sample
             return jnp.mean((pred - noise) ** 2)

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..fusion.adapter import GSAdapter, from_layers
-from ..geometry import gs_apply_transpose, skew
+from ..geometry import cayley, gs_apply_transpose
 from .layers import AttentionLayer, attention_layers
 from .patch import fold_plan
 
@@ -48,7 +48,6 @@ __all__ = [
     "TrainConfig",
     "alphas_cumprod",
     "init_adapter",
-    "cayley_gauss_jordan",
     "fold_adapter",
     "add_noise",
     "diffusion_loss",
@@ -144,36 +143,6 @@ def _table(config_or_table: Mapping) -> dict[str, AttentionLayer]:
     return attention_layers(config_or_table)
 
 
-def cayley_gauss_jordan(a):
-    """``Cay(A) = (I - S)^{-1} (I + S)``, ``S = skew(A)``, by Gauss-Jordan elimination without pivoting.
-
-    Same map as :func:`orthofuse_jax.geometry.cayley` (SPEC 1.2), written with array ops only (a
-    ``fori_loop`` over the ``b`` columns) instead of a LAPACK LU: on a 2-core CPU host, jitted
-    training steps holding hundreds of LAPACK custom calls in forward and backward passes stalled
-    (threads parked on a futex, no progress) while the same step with this elimination ran.
-    No pivoting is needed: ``I - S`` has symmetric part ``I`` (positive definite), a property every
-    Schur complement inherits, so every pivot has real part >= 1 (Golub & Van Loan, *Matrix
-    Computations*, 4th ed., sec. 4.4.1) and the elimination is stable.
-    Differentiable (reverse mode through the fixed-length loop).
-    """
-    from jax import lax
-
-    s = skew(a)
-    b = s.shape[-1]
-    eye = jnp.eye(b, dtype=s.dtype)
-    aug = jnp.concatenate([jnp.broadcast_to(eye - s, s.shape), jnp.broadcast_to(eye + s, s.shape)], axis=-1)
-
-    def body(k, aug):
-        row = lax.dynamic_index_in_dim(aug, k, axis=-2, keepdims=False)  # [..., 2b]
-        piv = row / lax.dynamic_index_in_dim(row, k, axis=-1, keepdims=True)
-        col = lax.dynamic_index_in_dim(aug, k, axis=-1, keepdims=True)  # [..., b, 1]
-        onehot = (jnp.arange(b) == k).astype(aug.dtype)[:, None]
-        return aug - col * piv[..., None, :] + onehot * piv[..., None, :]
-
-    aug = lax.fori_loop(0, b, body, aug)
-    return aug[..., b:]
-
-
 def _copy_containers(tree):
     if isinstance(tree, Mapping):
         return {k: _copy_containers(v) for k, v in tree.items()}
@@ -214,7 +183,7 @@ def fold_adapter(params, adapter: GSAdapter, plan: FoldPlan, *, compute_dtype=No
     under ``jax.grad``/``jax.jit``. The product is computed in the promoted dtype of the adapter
     and float32 (never lower), then cast to ``compute_dtype`` (default: the kernel's dtype).
     """
-    orth = adapter if adapter.orthogonal else adapter.map_stacks(cayley_gauss_jordan, orthogonal=True)
+    orth = adapter if adapter.orthogonal else adapter.map_stacks(cayley, orthogonal=True)
     new = _copy_containers(params)
 
     def one(K, L, R, s):
@@ -282,7 +251,7 @@ def diffusion_loss(
 
         from .onthefly import onthefly_interceptor
 
-        orth = adapter.map_stacks(cayley_gauss_jordan, orthogonal=True)
+        orth = adapter.map_stacks(cayley, orthogonal=True)
         table = {spec.name: spec for _, _, specs in plan.groups for spec in specs}
         with nn.intercept_methods(onthefly_interceptor(orth, table)):
             pred = unet.apply({"params": params}, *args).sample
