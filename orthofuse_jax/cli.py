@@ -166,9 +166,9 @@ def cmd_fuse(args, *, quiet: bool = False) -> int:
 
 
 def _write_json_atomic(path: Path, obj) -> None:
-    from .fusion.io import _atomic_write_bytes
+    from .fusion.io import atomic_write_bytes
 
-    _atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
 
 
 _SWEEP_FILES = ("sweep.json", "angles.png", "speed.png", "ambient_distance.png", "summary.png")

@@ -8,7 +8,6 @@ restoration (Fig. 2), speed along t (Fig. 5), distance to the straight ambient p
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -59,37 +58,39 @@ def plot_angle_histograms(stats: dict, ax=None):
     return fig
 
 
-def plot_speed(stats: dict, ax=None):
-    """Speed ``||dY/dt||_F`` along t, with the geodesic distance (constant geodesic speed) for reference."""
+def _plot_before_after(stats: dict, key: str, ylabel: str, title: str, ax):
+    """``stats[key + "_before"]`` (dashed) and, when restored, ``stats[key + "_after"]`` along t."""
     plt = _plt()
     fig = None
     if ax is None:
         fig, ax = plt.subplots(figsize=(6.4, 4.0))
     ts = stats["ts"]
-    ax.plot(ts, stats["speed_before"], "o--", label="before restoration")
+    ax.plot(ts, stats[f"{key}_before"], "o--", label="before restoration")
     if stats["restore"] != "none":
-        ax.plot(ts, stats["speed_after"], "o-", label=f"after restore={stats['restore']}")
-    ax.axhline(stats["geodesic_distance"], color="gray", lw=0.8, label="geodesic distance d(U1, U2)")
+        ax.plot(ts, stats[f"{key}_after"], "o-", label=f"after restore={stats['restore']}")
     ax.set_xlabel("t  (0 = concept, 1 = style)")
-    ax.set_ylabel("speed ||dY/dt||_F")
-    ax.set_title("Speed along the merge path (Fig. 5)", fontsize=10)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    return fig, ax
+
+
+def plot_speed(stats: dict, ax=None):
+    """Speed ``||dY/dt||_F`` along t, with the geodesic distance (constant geodesic speed) for reference."""
+    fig, ax = _plot_before_after(stats, "speed", "speed ||dY/dt||_F", "Speed along the merge path (Fig. 5)", ax)
+    ax.axhline(stats["geodesic_distance"], color="gray", lw=0.8, label="geodesic distance d(U1, U2)")
     ax.legend(fontsize=7)
     return fig
 
 
 def plot_ambient_distance(stats: dict, ax=None):
     """``||Y(t) - ((1-t) U1 + t U2)||_F`` along t."""
-    plt = _plt()
-    fig = None
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    ts = stats["ts"]
-    ax.plot(ts, stats["ambient_distance_before"], "o--", label="before restoration")
-    if stats["restore"] != "none":
-        ax.plot(ts, stats["ambient_distance_after"], "o-", label=f"after restore={stats['restore']}")
-    ax.set_xlabel("t  (0 = concept, 1 = style)")
-    ax.set_ylabel("||Y(t) - ((1-t)U1 + tU2)||_F")
-    ax.set_title("Distance to the straight ambient path (Fig. 6)", fontsize=10)
+    fig, ax = _plot_before_after(
+        stats,
+        "ambient_distance",
+        "||Y(t) - ((1-t)U1 + tU2)||_F",
+        "Distance to the straight ambient path (Fig. 6)",
+        ax,
+    )
     ax.legend(fontsize=7)
     return fig
 
@@ -114,19 +115,15 @@ def plot_summary(stats: dict):
 
 
 def _save(fig, path: Path) -> Path:
+    import io
+
+    from .fusion.io import atomic_write_bytes
+
     plt = _plt()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110)
+        atomic_write_bytes(path, buf.getvalue())
     finally:
         plt.close(fig)
     return path

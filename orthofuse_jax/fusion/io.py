@@ -42,6 +42,7 @@ import numpy as np
 from .adapter import SCALE_NAME, GSAdapter, check_compatible, from_layers, to_cayley_params, to_layers
 
 __all__ = [
+    "atomic_write_bytes",
     "AdapterFileError",
     "NonSkewWarning",
     "load_adapter",
@@ -143,7 +144,9 @@ def read_tensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[s
     return tensors, dict(meta)
 
 
-def _atomic_write_bytes(path: Path, payload: bytes) -> None:
+def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
+    """Write ``payload`` to ``path`` atomically: temp file in the same directory, fsync, ``os.replace``."""
+    path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     try:
@@ -171,7 +174,7 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], met
     meta = {"format": "pt", **dict(metadata or {})}
     payload = save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, metadata=meta)
     try:
-        _atomic_write_bytes(path, payload)
+        atomic_write_bytes(path, payload)
     except OSError as e:
         raise AdapterFileError(f"{path}: cannot write file ({e.strerror or e})") from None
 

@@ -223,9 +223,10 @@ def run_train(args) -> int:
     elapsed = time.perf_counter() - t0
     save(args.output, adapter, args.steps)
     if args.log_json:
-        with open(args.log_json, "w") as f:
-            json.dump({"mode": mode, "steps": args.steps, "seconds": elapsed, "losses": losses.tolist(),
-                       "metadata": meta}, f)
+        from ..fusion.io import atomic_write_bytes
+
+        log = {"mode": mode, "steps": args.steps, "seconds": elapsed, "losses": losses.tolist(), "metadata": meta}
+        atomic_write_bytes(args.log_json, json.dumps(log).encode())
     n = len(losses)
     if n:
         k = max(1, n // 10)

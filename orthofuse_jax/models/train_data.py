@@ -174,7 +174,9 @@ def load_latents(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def save_latents(path: str | os.PathLike, latents, std=None, original_sizes=None) -> None:
     """Write the ``.npz`` read by :func:`load_latents` (atomically)."""
-    import tempfile
+    import io
+
+    from ..fusion.io import atomic_write_bytes
 
     path = os.fspath(path)
     arrays = {"latents": np.asarray(latents, np.float32)}
@@ -182,15 +184,9 @@ def save_latents(path: str | os.PathLike, latents, std=None, original_sizes=None
         arrays["latents_std"] = np.asarray(std, np.float32)
     if original_sizes is not None:
         arrays["original_sizes"] = np.asarray(original_sizes, np.float32)
-    fd, tmp = tempfile.mkstemp(suffix=".npz", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def load_prompt_embeddings(path: str | os.PathLike | None, prompt: str = "") -> tuple[np.ndarray, np.ndarray]:
