@@ -1,4 +1,5 @@
-"""Every diffusers import of orthofuse-jax lives here, so swapping the backbone touches one file.
+"""Every diffusers and transformers import of orthofuse-jax lives here, so swapping the backbone
+touches one file.
 
 Backbone: diffusers 0.35.2, the last release that ships Flax models (``FlaxUNet2DConditionModel``,
 ``FlaxAutoencoderKL``); it runs with jax 0.10.2 / flax 0.12.8 (SPEC 11). Weights are read from the
@@ -6,6 +7,11 @@ diffusers PyTorch layout (``config.json`` + ``diffusion_pytorch_model.safetensor
 only, using diffusers' own rename/transpose rule (``rename_key_and_reshape_tensor``) against the
 *shapes* of the Flax parameters (``jax.eval_shape``), so nothing is randomly initialised and torch
 is not needed.
+
+Text encoders: transformers 4.57.6 (the last line with Flax CLIP; 5.x dropped Flax):
+``FlaxCLIPTextModel`` / ``FlaxCLIPTextModelWithProjection`` read the PyTorch ``model.safetensors``
+of ``text_encoder/`` and ``text_encoder_2/`` (safetensors path, no torch), and ``CLIPTokenizer``
+reads ``tokenizer/`` and ``tokenizer_2/``.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ __all__ = [
     "load_config",
     "load_flax_weights",
     "iter_safetensors",
+    "load_clip_text",
+    "load_clip_tokenizer",
 ]
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -156,12 +164,85 @@ def load_flax_weights(folder: str | os.PathLike, *, kind: str = "unet", dtype=No
     return module, params, config
 
 
+def _quiet_transformers():
+    import warnings
+
+    from transformers.utils import logging as tlogging
+
+    tlogging.set_verbosity_error()
+    warnings.filterwarnings("ignore", message=".*TensorFlow and JAX classes are deprecated.*")
+
+
+def _require_transformers(what: str):
+    try:
+        import transformers  # noqa: F401
+    except ImportError as e:  # pragma: no cover - depends on the installation
+        raise MissingModelFileError(
+            f"{what} needs the SDXL text encoders, which need transformers 4.57 (install "
+            "'orthofuse-jax[sdxl]'), or pass precomputed --embeddings"
+        ) from e
+
+
+CLIP_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+TOKENIZER_FILES = ("vocab.json", "merges.txt")
+
+
+def load_clip_text(folder: str | os.PathLike, *, projection: bool):
+    """``(FlaxCLIPTextModel[WithProjection], params)`` from a transformers text-encoder folder.
+
+    ``projection=True`` loads ``text_encoder_2`` (pooled output projected, SDXL's ``text_embeds``).
+    Reads the PyTorch ``model.safetensors`` without torch. Raises :class:`MissingModelFileError`
+    naming a missing file, ``ValueError`` naming a non-finite parameter.
+    """
+    folder = os.fspath(folder)
+    _require_transformers("encoding a prompt")
+    if not os.path.isdir(folder):
+        raise MissingModelFileError(f"text encoder folder {folder!r} does not exist")
+    for name in (CONFIG_NAME,):
+        if not os.path.isfile(os.path.join(folder, name)):
+            raise MissingModelFileError(f"missing model file {os.path.join(folder, name)!r} (text encoder config)")
+    if not any(os.path.isfile(os.path.join(folder, w)) for w in CLIP_WEIGHTS):
+        raise MissingModelFileError(
+            f"missing model file {os.path.join(folder, CLIP_WEIGHTS[0])!r} (text encoder weights in safetensors)"
+        )
+    _quiet_transformers()
+    from flax.traverse_util import flatten_dict
+    from transformers import FlaxCLIPTextModel, FlaxCLIPTextModelWithProjection
+
+    cls = FlaxCLIPTextModelWithProjection if projection else FlaxCLIPTextModel
+    try:
+        model = cls.from_pretrained(folder, from_pt=True, local_files_only=True)
+    except (OSError, KeyError, ValueError) as e:
+        raise ValueError(f"{folder}: cannot load the text encoder: {' '.join(str(e).split())}") from e
+    for key, value in flatten_dict(model.params).items():
+        if not bool(np.all(np.isfinite(np.asarray(value)))):
+            raise ValueError(f"{folder}: text encoder weight {'/'.join(key)!r} has non-finite values")
+    return model, model.params
+
+
+def load_clip_tokenizer(folder: str | os.PathLike):
+    """``CLIPTokenizer`` from a tokenizer folder (``vocab.json``, ``merges.txt``, configs)."""
+    folder = os.fspath(folder)
+    _require_transformers("encoding a prompt")
+    for name in TOKENIZER_FILES:
+        if not os.path.isfile(os.path.join(folder, name)):
+            raise MissingModelFileError(f"missing model file {os.path.join(folder, name)!r} (CLIP tokenizer)")
+    _quiet_transformers()
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+
+
 def download(hub_id: str) -> str:
-    """Snapshot a hub repo (only UNet/VAE/scheduler files); called only for an explicit hub id."""
+    """Snapshot a hub repo (UNet, VAE, scheduler, text encoders and tokenizers, safetensors only);
+    called only for an explicit hub id."""
     from huggingface_hub import snapshot_download
 
     return snapshot_download(
         hub_id,
-        allow_patterns=["unet/*", "vae/*", "scheduler/*", "model_index.json"],
+        allow_patterns=[
+            "unet/*", "vae/*", "scheduler/*", "model_index.json",
+            "text_encoder/*", "text_encoder_2/*", "tokenizer/*", "tokenizer_2/*",
+        ],
         ignore_patterns=["*.bin", "*.msgpack", "*fp16*", "*.onnx*"],
     )

@@ -3,25 +3,30 @@
 Importing this module imports neither flax nor diffusers (the CLI lists commands cheaply); the run
 function imports them.
 
-What the command needs (text encoders are not run here: their Flax versions need ``transformers``):
+What the command needs:
 
 * ``--model DIR``: a local diffusers SDXL folder with ``unet/config.json`` and
   ``unet/diffusion_pytorch_model.safetensors`` (or ``.safetensors.index.json`` shards); ``vae/``
   (same layout) to decode to a PNG, otherwise the latents are saved as ``OUT.npy``;
   ``scheduler/scheduler_config.json`` optional (SDXL Euler defaults). No download unless
   ``--hub-id`` is given.
-* ``--embeddings FILE.npz``: ``prompt_embeds [77, 2048]`` (penultimate hidden states of both CLIP
-  text encoders, concatenated), ``pooled [1280]`` (text_encoder_2 projection); optional
-  ``negative_prompt_embeds`` / ``negative_pooled`` (zeros by default, as SDXL's
-  ``force_zeros_for_empty_prompt``). ``--prompt`` is recorded in the PNG metadata.
+* ``--prompt TEXT``: encoded with the folder's ``text_encoder/``, ``text_encoder_2/``,
+  ``tokenizer/`` and ``tokenizer_2/`` (Flax CLIP from transformers 4.57, in the ``sdxl`` extra).
+  ``--negative-prompt`` as in diffusers: without it the negative embeddings are zeros
+  (``force_zeros_for_empty_prompt``, SDXL base).
+* or ``--embeddings FILE.npz`` instead of encoding: ``prompt_embeds [77, 2048]`` (penultimate
+  hidden states of both CLIP text encoders, concatenated), ``pooled [1280]`` (text_encoder_2
+  projection); optional ``negative_prompt_embeds`` / ``negative_pooled``. ``orthofuse-jax
+  encode-prompt`` writes such a file.
 * ``--adapter FILE.safetensors``: reference-format GS adapter (SPEC 5), e.g. a fused one.
-"""
 
+The PNG (or ``.npy``) is written atomically; an output path equal to an input is refused.
+"""
 from __future__ import annotations
 
 import argparse
 
-__all__ = ["register", "run_generate"]
+__all__ = ["register", "run_generate", "run_encode_prompt"]
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -35,8 +40,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="local diffusers SDXL folder (unet/, optional vae/)")
     p.add_argument("--hub-id", action="store_true", help="treat --model as a hub id and download it")
     p.add_argument("--adapter", default=None, help="GS adapter .safetensors (reference format); none = base UNet")
-    p.add_argument("--prompt", default="", help="prompt text (stored in the PNG; encode it into --embeddings)")
-    p.add_argument("--embeddings", required=True, help=".npz with prompt_embeds [77,2048] and pooled [1280]")
+    p.add_argument("--prompt", default=None, help="prompt text, encoded with the model's CLIP text encoders")
+    p.add_argument("--negative-prompt", default=None, help="negative prompt (default: zero embeddings, as SDXL)")
+    p.add_argument("--embeddings", default=None,
+                   help=".npz with prompt_embeds [77,2048] and pooled [1280] instead of encoding --prompt")
     p.add_argument("-o", "--output", required=True, help="output PNG (latents .npy when the model has no vae/)")
     p.add_argument("--steps", type=int, default=50, help="Euler steps (default 50)")
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5.0)")
@@ -46,31 +53,84 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="UNet compute dtype (default fp32)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run_generate)
+    e = subparsers.add_parser(
+        "encode-prompt",
+        help="encode a prompt with SDXL's two CLIP text encoders into an embeddings .npz",
+        description="Encode --prompt (and --negative-prompt) with the model folder's text_encoder/ and "
+        "text_encoder_2/ as diffusers' StableDiffusionXLPipeline does; the .npz is what generate and "
+        "train take as --embeddings, so the text encoders need not be loaded again.",
+    )
+    e.add_argument("--model", required=True, help="local diffusers SDXL folder (text_encoder*/, tokenizer*/)")
+    e.add_argument("--prompt", required=True)
+    e.add_argument("--negative-prompt", default=None, help="also encode a negative prompt")
+    e.add_argument("-o", "--output", required=True, help="output .npz")
+    e.set_defaults(func=run_encode_prompt)
     from .train_commands import register as register_train
 
     register_train(subparsers)
     return p
 
 
-def run_generate(args) -> int:
-    """Run ``generate`` for parsed ``args``; returns the exit status."""
-    import os
+def _error(command: str, e: Exception) -> int:
     import sys
+
+    print(f"orthofuse-jax {command}: error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 2
+
+
+def run_encode_prompt(args) -> int:
+    """Run ``encode-prompt`` for parsed ``args``; returns the exit status (2 on a bad input)."""
+    import os
+
+    try:
+        from ..fusion.io import check_output_path
+        from .text import prompt_embeddings, save_embeddings
+
+        check_output_path(args.output)
+        emb = prompt_embeddings(args.model, args.prompt, args.negative_prompt)
+        save_embeddings(args.output, emb, prompt=args.prompt)
+    except (OSError, ValueError) as e:
+        return _error("encode-prompt", e)
+    shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in emb.items())
+    print(f"wrote {os.fspath(args.output)} ({shapes})")
+    return 0
+
+
+def run_generate(args) -> int:
+    """Run ``generate`` for parsed ``args``; returns the exit status (2 on a bad input)."""
+    import io
+    import os
 
     import numpy as np
 
+    from ..fusion.io import atomic_write_bytes, check_output_path
     from .generate import generate, load_embeddings
 
     try:
-        emb = load_embeddings(args.embeddings)
+        if args.embeddings is None and args.prompt is None:
+            raise ValueError("give --prompt (encoded with the model's text encoders) or --embeddings FILE.npz")
+        if args.embeddings is not None and args.negative_prompt is not None:
+            raise ValueError("--negative-prompt is encoded with the text encoders; with --embeddings put "
+                             "negative_prompt_embeds / negative_pooled in the .npz instead")
+        inputs = [x for x in (args.adapter, args.embeddings) if x]
+        out = os.fspath(args.output)
+        check_output_path(out, inputs)
+        check_output_path(os.path.splitext(out)[0] + ".npy", inputs)
         adapter = None
         if args.adapter:
             from ..fusion.io import load_adapter
 
             adapter = load_adapter(args.adapter)
+        model = args.model
+        if args.hub_id and not os.path.exists(model):
+            from . import _backbone
+
+            model = _backbone.download(model)
+        emb = load_embeddings(args.embeddings) if args.embeddings else args.prompt
         image, latents = generate(
-            args.model,
+            model,
             emb,
+            negative_prompt=args.negative_prompt if args.embeddings is None else None,
             adapter=adapter,
             num_steps=args.steps,
             guidance_scale=args.guidance,
@@ -79,27 +139,30 @@ def run_generate(args) -> int:
             seed=args.seed,
             dtype=args.dtype,
             progress=not args.no_progress,
-            allow_download=args.hub_id,
         )
-    except (FileNotFoundError, ValueError) as e:
-        print(f"orthofuse-jax generate: error: {e}", file=sys.stderr)
-        return 2
-    out = os.fspath(args.output)
+    except (OSError, ValueError) as e:
+        return _error("generate", e)
+    buf = io.BytesIO()
     if image is None:
         out = os.path.splitext(out)[0] + ".npy"
-        np.save(out, latents)
+        np.save(buf, latents)
+        atomic_write_bytes(out, buf.getvalue())
         print(f"no vae/ in {args.model}: wrote latents {out}")
         return 0
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
-    info.add_text("prompt", args.prompt)
+    info.add_text("prompt", args.prompt or "")
+    if args.negative_prompt:
+        info.add_text("negative_prompt", args.negative_prompt)
     info.add_text(
         "orthofuse-jax",
-        f"steps={args.steps} guidance={args.guidance} seed={args.seed} dtype={args.dtype} adapter={args.adapter}",
+        f"steps={args.steps} guidance={args.guidance} seed={args.seed} dtype={args.dtype} adapter={args.adapter} "
+        f"embeddings={args.embeddings}",
     )
-    Image.fromarray(image).save(out, pnginfo=info)
+    Image.fromarray(image).save(buf, format="PNG", pnginfo=info)
+    atomic_write_bytes(out, buf.getvalue())
     print(f"wrote {out}")
     return 0
 

@@ -7,9 +7,10 @@ and the deterministic update ``x <- x + (s_{i+1} - s_i) eps`` with the UNet fed 
 guidance ``eps = eps_u + g (eps_c - eps_u)`` with zero negative embeddings
 (``force_zeros_for_empty_prompt``), time ids ``(H, W, 0, 0, H, W)``.
 
-Text encoders are not part of this module (their Flax versions need ``transformers``): prompts come
-as precomputed embeddings (``prompt_embeds [77, 2048]``: penultimate hidden states of both CLIP
-encoders concatenated; ``pooled [1280]``: text_encoder_2's projected pooled output).
+Prompts are either text, encoded by the model folder's two CLIP text encoders
+(:mod:`orthofuse_jax.models.text`), or precomputed embeddings (``prompt_embeds [77, 2048]``:
+penultimate hidden states of both CLIP encoders concatenated; ``pooled [1280]``: text_encoder_2's
+projected pooled output), e.g. written by ``orthofuse-jax encode-prompt``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["EulerSchedule", "euler_schedule", "denoise", "decode", "generate", "load_embeddings", "to_uint8"]
+__all__ = ["EulerSchedule", "euler_schedule", "denoise", "decode", "generate", "load_embeddings",
+           "check_embeddings", "to_uint8"]
 
 
 @dataclass(frozen=True)
@@ -193,6 +195,25 @@ def load_embeddings(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return out
 
 
+def check_embeddings(embeddings: Mapping[str, np.ndarray], config: Mapping, *, source: str = "embeddings") -> None:
+    """Raise ``ValueError`` naming the array when the embeddings do not fit the UNet ``config``.
+
+    ``prompt_embeds`` must have ``cross_attention_dim`` features (SDXL: 2048) and ``pooled`` the
+    text part of the added embedding (``projection_class_embeddings_input_dim - 6 *
+    addition_time_embed_dim``; SDXL: 1280).
+    """
+    want = {"prompt_embeds": config.get("cross_attention_dim")}
+    if config.get("addition_embed_type") == "text_time":
+        want["pooled"] = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+    for key, dim in want.items():
+        for k in (key, "negative_" + key if key == "prompt_embeds" else "negative_pooled"):
+            if k in embeddings and dim is not None and np.shape(embeddings[k])[-1] != dim:
+                raise ValueError(
+                    f"{source}: {k!r} has shape {tuple(np.shape(embeddings[k]))}, the UNet expects {dim} "
+                    "features on the last axis (embeddings of another model?)"
+                )
+
+
 def _scheduler_config(model: str) -> dict:
     path = os.path.join(model, "scheduler", "scheduler_config.json")
     if not os.path.isfile(path):
@@ -208,8 +229,9 @@ def _scheduler_config(model: str) -> dict:
 
 def generate(
     model: str | os.PathLike,
-    embeddings: Mapping[str, np.ndarray],
+    embeddings: Mapping[str, np.ndarray] | str,
     *,
+    negative_prompt: str | None = None,
     adapter=None,
     num_steps: int = 50,
     guidance_scale: float = 5.0,
@@ -219,12 +241,18 @@ def generate(
     dtype: str = "fp32",
     progress: bool = True,
     allow_download: bool = False,
+    latents=None,
 ):
     """Sample one image with the SDXL UNet in ``model`` and ``adapter`` folded in (SPEC 4 defaults).
+
+    ``embeddings``: a prompt string (encoded with ``model``'s text encoders, ``negative_prompt``
+    as the SDXL pipeline treats it: see :func:`~orthofuse_jax.models.text.prompt_embeddings`) or
+    the mapping :func:`load_embeddings` returns.
 
     Returns ``(image uint8 [H, W, 3] or None, latents [1, 4, H/8, W/8])``; the image is ``None``
     when ``model`` has no ``vae/`` folder. ``dtype`` "bf16" runs the UNet in bfloat16 (params cast
     after folding, which happens in float32); the scheduler and the VAE stay float32.
+    ``latents``: initial unit-variance noise ``[1, 4, H/8, W/8]`` (default: drawn from ``seed``).
     """
     from .patch import patch_unet_params
     from .weights import load_unet, load_vae
@@ -237,7 +265,15 @@ def generate(
         from . import _backbone
 
         model = _backbone.download(model)
+    if isinstance(embeddings, str):
+        from .text import prompt_embeddings
+
+        # Encoded before the UNet is loaded, so the text encoders are freed first.
+        embeddings = prompt_embeddings(model, embeddings, negative_prompt)
+    elif negative_prompt is not None:
+        raise ValueError("negative_prompt needs a prompt string; put negative_prompt_embeds in the embeddings")
     unet, params, config = load_unet(model, dtype=jdt)
+    check_embeddings(embeddings, config)
     if adapter is not None:
         params = patch_unet_params(params, adapter, config=config)
     if dtype == "bf16":
@@ -265,6 +301,7 @@ def generate(
         schedule=sched,
         vae_scale_factor=vae_factor,
         progress=progress,
+        latents=latents,
     )
     if not has_vae:
         return None, np.asarray(latents)

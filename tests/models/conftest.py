@@ -80,6 +80,64 @@ def tiny_model_dir(tiny_unet_dir):
     return tiny_unet_dir.parent
 
 
+# Two tiny CLIP text encoders whose widths add up to the UNet's context width (16 + 32 = 48) and
+# whose projection gives the pooled width (32), as SDXL's 768 + 1280 = 2048 and 1280.
+TINY_CLIP = (
+    dict(hidden_size=16, intermediate_size=37, num_hidden_layers=3, num_attention_heads=2, hidden_act="quick_gelu"),
+    dict(hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4, hidden_act="gelu",
+         projection_dim=TEXT_EMBED_DIM),
+)
+# CLIP's pre-tokenizer splits "<sks>" into "<", "sks", ">"; single characters are in the vocab anyway.
+TINY_WORDS = ("a", "photo", "of", "sks", "dog", "in", "style", "watercolor")
+
+
+def write_tiny_clip_tokenizer(folder, pad_token: str) -> dict:
+    """A byte-level BPE CLIP tokenizer (vocab.json, merges.txt, configs) that knows TINY_WORDS whole."""
+    import json
+
+    from transformers import CLIPTokenizer
+    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    merges = []
+    for word in TINY_WORDS:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(pieces) > 1:
+            merges.append(f"{pieces[0]} {pieces[1]}")
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
+            vocab.setdefault(pieces[0], len(vocab))
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad_token, model_max_length=77)
+    tok.save_pretrained(folder)
+    return vocab
+
+
+@pytest.fixture(scope="session")
+def tiny_text_dir(tiny_model_dir):
+    """Adds SDXL's text side to the tiny model root: tokenizer{,_2}/ and text_encoder{,_2}/ (random CLIP)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    root = tiny_model_dir
+    vocab = write_tiny_clip_tokenizer(root / "tokenizer", "<|endoftext|>")
+    write_tiny_clip_tokenizer(root / "tokenizer_2", "!")  # SDXL's tokenizer_2 pads with "!"
+    ids = dict(vocab_size=len(vocab), max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"],
+               eos_token_id=vocab["<|endoftext|>"], pad_token_id=1)
+    torch.manual_seed(1)
+    for name, cls, cfg in (("text_encoder", CLIPTextModel, TINY_CLIP[0]),
+                           ("text_encoder_2", CLIPTextModelWithProjection, TINY_CLIP[1])):
+        model = cls(CLIPTextConfig(**cfg, **ids)).eval()
+        model.save_pretrained(root / name, safe_serialization=True)
+    return root
+
+
 @pytest.fixture(scope="session")
 def torch_unet(tiny_unet_dir):
     pytest.importorskip("torch")
