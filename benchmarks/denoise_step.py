@@ -24,34 +24,9 @@ import platform
 import statistics
 import time
 
-TINY = dict(
-    sample_size=8,
-    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    block_out_channels=[32, 64],
-    layers_per_block=1,
-    transformer_layers_per_block=[1, 2],
-    attention_head_dim=[2, 4],
-    cross_attention_dim=48,
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=8,
-    projection_class_embeddings_input_dim=32 + 6 * 8,
-)
-MEDIUM = dict(
-    sample_size=32,
-    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    block_out_channels=[64, 128, 256],
-    layers_per_block=2,
-    transformer_layers_per_block=[1, 1, 2],
-    attention_head_dim=[2, 4, 8],
-    cross_attention_dim=320,
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=32,
-    projection_class_embeddings_input_dim=128 + 6 * 32,
-)
+from orthofuse_jax.models.configs import MEDIUM_SDXL_UNET as MEDIUM
+from orthofuse_jax.models.configs import TINY_SDXL_UNET as TINY
+
 CONFIGS = {"tiny": (TINY, 4, 77), "medium": (MEDIUM, 32, 77)}  # config, GS nb, tokens
 
 

@@ -27,14 +27,8 @@ import subprocess
 import sys
 import time
 
-SDXL = dict(
-    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    block_out_channels=[320, 640, 1280],
-    layers_per_block=2,
-    transformer_layers_per_block=[1, 2, 10],
-    cross_attention_dim=2048,
-)
+from orthofuse_jax.models.configs import SDXL_BASE_UNET as SDXL
+
 NB = 32
 
 

@@ -32,10 +32,9 @@ import statistics
 import sys
 import time
 
-try:  # same configs as the denoise-step benchmark
-    from benchmarks.denoise_step import MEDIUM, TINY
-except ImportError:  # run as a script: benchmarks/ itself is on sys.path
-    from denoise_step import MEDIUM, TINY
+from orthofuse_jax.models.configs import MEDIUM_SDXL_UNET as MEDIUM  # same configs as denoise_step
+from orthofuse_jax.models.configs import TINY_SDXL_UNET as TINY
+
 CONFIGS = {"tiny": (TINY, 4), "medium": (MEDIUM, 32)}  # config, GS nb
 TOKENS = 77
 IMPLS = ("jax-fold", "jax-onthefly", "torch-ref")

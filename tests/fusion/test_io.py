@@ -55,29 +55,6 @@ def write_torch(path, tensors, metadata=None):
     return path
 
 
-def torch_cayley(a):
-    """The reference's block construction (SPEC 1.2): solve U (I - S) = I + S."""
-    import torch
-
-    s = (a - a.transpose(-1, -2)) / 2
-    eye = torch.eye(a.shape[-1], dtype=a.dtype).expand_as(s)
-    return torch.linalg.solve(eye - s, eye + s, left=False)
-
-
-def torch_butterfly(x, R, L):
-    """SPEC 1.3's numpy transcription of BlockdiagButterflyMultiply, in torch."""
-    import torch
-
-    nb, b = R.shape[0], R.shape[-1]
-    lead = x.shape[:-1]
-    n = nb * b
-    xb = x.reshape(*lead, nb, b)
-    z = torch.einsum("...ji,jai->...ja", xb, R)
-    w = z.reshape(*lead, n).reshape(*lead, b, nb).transpose(-1, -2)
-    y = torch.einsum("...vu,vcu->...vc", w, L)
-    return y.transpose(-1, -2).reshape(*lead, n)
-
-
 # ------------------------------------------------------------------------------------------------
 
 
@@ -141,6 +118,8 @@ def test_orthogonal_round_trip(tmp_path):
 def test_merged_file_reproduces_layer_output_in_reference_torch(tmp_path):
     """A merged adapter we write, loaded and applied the reference's way in torch, gives our merged layer."""
     import torch
+    from models.torch_reference import butterfly as torch_butterfly  # tests/models: the torch transcription
+    from models.torch_reference import cayley as torch_cayley
     from safetensors.torch import load_file
 
     from orthofuse_jax.fusion.merge import merge

@@ -13,25 +13,10 @@ import pytest
 pytest.importorskip("flax")
 pytest.importorskip("diffusers")
 
-TINY_UNET = dict(
-    sample_size=8,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    mid_block_type="UNetMidBlock2DCrossAttn",
-    block_out_channels=[32, 64],
-    layers_per_block=1,
-    transformer_layers_per_block=[1, 2],
-    attention_head_dim=[2, 4],
-    cross_attention_dim=48,
-    use_linear_projection=True,
-    addition_embed_type="text_time",
-    addition_time_embed_dim=8,
-    projection_class_embeddings_input_dim=32 + 6 * 8,
-    norm_num_groups=32,
-)
-TEXT_EMBED_DIM = 32
+from orthofuse_jax.models.configs import TINY_SDXL_UNET as TINY_UNET  # noqa: E402
+from orthofuse_jax.models.configs import pooled_dim  # noqa: E402
+
+TEXT_EMBED_DIM = pooled_dim(TINY_UNET)
 
 TINY_VAE = dict(
     in_channels=3,

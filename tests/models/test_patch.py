@@ -64,15 +64,9 @@ def test_table_from_config_matches_params(flax_unet):
 
 
 def test_sdxl_table_has_560_layers():
-    cfg = dict(
-        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-        up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-        block_out_channels=[320, 640, 1280],
-        layers_per_block=2,
-        transformer_layers_per_block=[1, 2, 10],
-        cross_attention_dim=2048,
-    )
-    table = attention_layers(cfg)
+    from orthofuse_jax.models.configs import SDXL_BASE_UNET
+
+    table = attention_layers(SDXL_BASE_UNET)
     assert len(table) == 560
     counts = {}
     for s in table.values():
