@@ -5,9 +5,11 @@
 * :func:`attention_layers` -- reference layer name -> Flax parameter path table from a UNet config.
 * :func:`load_unet` / :func:`load_vae` -- diffusers PyTorch safetensors -> Flax params (no torch).
 * :func:`generate` / :func:`denoise` / :func:`euler_schedule` -- SDXL Euler sampling with CFG (SPEC 4).
+* :func:`prompt_embeddings` / :func:`load_text_encoders` / :func:`encode_prompt` -- SDXL's two
+  Flax CLIP text encoders (transformers 4.57), as diffusers' SDXL pipeline encodes prompts.
 * :func:`apply_onthefly` -- the reference's per-call application of the adapter (tests, benchmarks).
 
-Only :mod:`._backbone` imports diffusers; importing this package imports neither flax nor diffusers.
+Only :mod:`._backbone` imports diffusers and transformers; importing this package imports neither flax nor diffusers.
 """
 
 # generate.py imports only jax/numpy; importing it here also keeps the package attribute
@@ -15,6 +17,7 @@ Only :mod:`._backbone` imports diffusers; importing this package imports neither
 from .generate import decode, denoise, euler_schedule, generate, load_embeddings
 from .layers import AttentionLayer, attention_layers, attention_layers_from_params, layer_name
 from .patch import fold_plan, patch_unet_params, unpatch_unet_params
+from .text import encode_prompt, load_text_encoders, prompt_embeddings, save_embeddings
 from .weights import MissingModelFileError, load_unet, load_vae, resolve_component
 
 __all__ = [
@@ -25,16 +28,20 @@ __all__ = [
     "attention_layers_from_params",
     "decode",
     "denoise",
+    "encode_prompt",
     "euler_schedule",
     "fold_plan",
     "generate",
     "layer_name",
     "load_embeddings",
+    "load_text_encoders",
     "load_unet",
     "load_vae",
     "onthefly_interceptor",
     "patch_unet_params",
+    "prompt_embeddings",
     "resolve_component",
+    "save_embeddings",
     "unpatch_unet_params",
 ]
 
