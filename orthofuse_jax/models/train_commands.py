@@ -19,8 +19,22 @@ once; ``--save-latents`` keeps the encodings for the next run. Latent ``.npz``: 
 
 Output: ``-o ADAPTER.safetensors`` in the reference checkpoint format (SPEC 5; readable by the
 reference's ``load_attn_procs`` and by ``fuse``), written atomically; ``--checkpoint-every N``
-also writes ``ADAPTER-step{N}.safetensors`` (reference: every 200 steps). Defaults follow the
-reference recipe: nb 32, 1000 steps, batch 1, 1024 px, AdamW lr 1e-4, weight decay 1e-4, fp32.
+also writes ``ADAPTER-step{N}.safetensors`` (reference: every 200 steps). Beside every adapter
+file goes ``ADAPTER[-step{N}].opt.npz``: the AdamW state, step, random-number state and losses
+that resuming needs (about twice the adapter's size; the adapter file stays in the reference
+format). Defaults follow the reference recipe: nb 32, 1000 steps, batch 1, 1024 px, AdamW lr 1e-4,
+weight decay 1e-4, fp32.
+
+Resuming: ``--resume ADAPTER-step200.safetensors`` (its ``.opt.npz`` must lie beside it) continues
+that run; ``--steps`` stays the total, so ``--steps 1000`` runs steps 201..1000, and the result is
+the same computation as the uninterrupted run (bit for bit on CPU). Give the same data and
+settings (--nblocks, --lr, --weight-decay, --max-grad-norm, --batch-size, --seed, --no-scales,
+--bf16, --style-fraction, the model's scheduler): a difference is an error (exit 2) that names the
+setting, as are a missing or damaged .opt.npz, a checkpoint at or past --steps and shapes that do
+not fit the model and --nblocks. --steps, --checkpoint-every, --apply, -o and --log-json may
+change. The input checkpoint is never overwritten (-o must be another path); later checkpoints keep
+the uninterrupted run's names and steps and get their own .opt.npz, so a resumed run can be
+resumed again. The --log-json losses cover all steps, those before the checkpoint included.
 """
 
 from __future__ import annotations
@@ -71,6 +85,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                           "projection input as the reference does (same loss; often faster for few tokens)")
     out = p.add_argument_group("output")
     out.add_argument("--checkpoint-every", type=int, default=0, help="also save every N steps (0: off)")
+    out.add_argument("--resume", default=None, metavar="CKPT",
+                     help="continue the run that wrote CKPT.safetensors (and CKPT.opt.npz beside it) up to --steps")
     out.add_argument("--log-json", default=None, help="write per-step losses and settings to this JSON file")
     out.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run_train)
@@ -146,6 +162,25 @@ def _dataset(args, which: str, vae_cache: dict):
                          random_crop=which == "style", vae_scale_factor=f, name=images), prompt
 
 
+# What a fingerprint entry (models.train.train_fingerprint) is called on the command line.
+_SETTING_FLAGS = {
+    "nblocks": "--nblocks",
+    "learning_rate": "--lr",
+    "weight_decay": "--weight-decay",
+    "max_grad_norm": "--max-grad-norm",
+    "batch_size": "--batch-size",
+    "seed": "--seed",
+    "train_scales": "scales (--no-scales)",
+    "bf16": "--bf16",
+    "mix": "data mix (--style-fraction)",
+    "datasets": "number of data sources",
+    "noise_schedule": "noise schedule (the model's scheduler config)",
+    "b1": "AdamW b1",
+    "b2": "AdamW b2",
+    "eps": "AdamW eps",
+}
+
+
 def run_train(args) -> int:
     """Run ``train`` for parsed ``args``; returns the exit status (2 on a bad input)."""
     import json
@@ -162,10 +197,14 @@ def run_train(args) -> int:
         if not 0.0 < args.style_fraction < 1.0:
             raise ValueError(f"--style-fraction must be in (0, 1), got {args.style_fraction}")
         from ..fusion.io import check_output_path
+        from .train import train_state_path
 
         inputs = [x for x in (args.latents, args.style_latents, args.style_image, args.embeddings,
                               args.style_embeddings) if x]
+        if args.resume:
+            inputs += [args.resume, train_state_path(args.resume)]
         check_output_path(args.output, inputs)
+        check_output_path(train_state_path(args.output), inputs)
         vae_cache: dict = {}
         concept, concept_prompt = _dataset(args, "concept", vae_cache)
         style, style_prompt = _dataset(args, "style", vae_cache)
@@ -177,22 +216,51 @@ def run_train(args) -> int:
 
         import jax.numpy as jnp
 
-        from ..fusion.io import save_adapter
-        from .train import TrainConfig, init_adapter, scheduler_config, train
+        from .train import (
+            TrainConfig,
+            init_adapter,
+            init_train_state,
+            load_checkpoint,
+            run_training,
+            save_checkpoint,
+            scheduler_config,
+            train_fingerprint,
+        )
         from .weights import load_unet
 
         unet, params, config = load_unet(args.model, dtype=jnp.bfloat16 if args.bf16 else None)
         adapter0 = init_adapter(config, args.nblocks, scales=not args.no_scales)
+        cfg = TrainConfig(
+            steps=args.steps, nblocks=args.nblocks, learning_rate=args.lr, weight_decay=args.weight_decay,
+            max_grad_norm=args.max_grad_norm, batch_size=args.batch_size, seed=args.seed,
+            train_scales=not args.no_scales, bf16=args.bf16, checkpoint_every=args.checkpoint_every,
+            progress=not args.no_progress, noise_schedule=scheduler_config(args.model), apply=args.apply,
+        )
+        fingerprint = train_fingerprint(cfg, datasets, mix)
+        if args.resume:
+            sources = {"concept": "concept data (--images/--latents)", "style": "style data (--style-image/--style-latents)"}
+            kinds = ["concept", "style"] if mode == "joint" else [mode]
+            labels = {**_SETTING_FLAGS, **{f"data[{i}]": sources[k] for i, k in enumerate(kinds)}}
+            state0 = load_checkpoint(args.resume, config, cfg, fingerprint, labels=labels)
+            if state0.step >= args.steps:
+                raise ValueError(
+                    f"{args.resume}: the checkpoint is at step {state0.step}, not before --steps {args.steps} "
+                    "(--steps is the total step count; raise it to train further)"
+                )
+        else:
+            state0 = init_train_state(config, cfg, adapter=adapter0)
+        every = args.checkpoint_every
+        for step in (k for k in range(state0.step + 1, args.steps) if every and k % every == 0):
+            path = _checkpoint_path(args.output, step)  # every later checkpoint, refused before training
+            for p in (path, train_state_path(path)):
+                try:
+                    check_output_path(p, inputs)
+                except ValueError as e:
+                    raise ValueError(f"{e} (the step-{step} checkpoint of this run; choose another -o)") from None
     except (FileNotFoundError, ValueError, OSError) as e:
         print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
 
-    cfg = TrainConfig(
-        steps=args.steps, nblocks=args.nblocks, learning_rate=args.lr, weight_decay=args.weight_decay,
-        max_grad_norm=args.max_grad_norm, batch_size=args.batch_size, seed=args.seed,
-        train_scales=not args.no_scales, bf16=args.bf16, checkpoint_every=args.checkpoint_every,
-        progress=not args.no_progress, noise_schedule=scheduler_config(args.model), apply=args.apply,
-    )
     meta = {
         "orthofuse_jax": "train",
         "mode": mode,
@@ -208,30 +276,37 @@ def run_train(args) -> int:
         meta["prompt"] = concept_prompt
     if style_prompt:
         meta["style_prompt"] = style_prompt
+    if args.resume:
+        meta["resumed_from"] = os.path.basename(os.fspath(args.resume))
 
-    def save(path, adapter, step):
-        save_adapter(path, adapter, metadata={**meta, "step": str(step)}, inputs=inputs)
+    def save(path, state):
+        save_checkpoint(path, state, fingerprint, metadata={**meta, "step": str(state.step)}, inputs=inputs)
 
-    def on_checkpoint(step, adapter):
-        path = _checkpoint_path(args.output, step)
-        save(path, adapter, step)
+    def on_checkpoint(state):
+        path = _checkpoint_path(args.output, state.step)
+        save(path, state)
         if args.no_progress:
             print(f"checkpoint {path}")
 
+    start = state0.step
     t0 = time.perf_counter()
-    adapter, losses = train(unet, params, config, datasets, cfg, mix=mix, adapter=adapter0, on_checkpoint=on_checkpoint)
+    final = run_training(unet, params, config, datasets, cfg, mix=mix, state=state0, on_checkpoint=on_checkpoint)
     elapsed = time.perf_counter() - t0
-    save(args.output, adapter, args.steps)
+    save(args.output, final)
+    losses = final.losses
     if args.log_json:
         from ..fusion.io import atomic_write_bytes
 
-        log = {"mode": mode, "steps": args.steps, "seconds": elapsed, "losses": losses.tolist(), "metadata": meta}
+        log = {"mode": mode, "steps": args.steps, "start_step": start, "seconds": elapsed, "losses": losses.tolist(),
+               "metadata": meta}
         atomic_write_bytes(args.log_json, json.dumps(log).encode())
-    n = len(losses)
+    new = losses[start:]
+    n = len(new)
     if n:
         k = max(1, n // 10)
-        print(f"{mode}: {n} steps in {elapsed:.1f} s; loss {losses[:k].mean():.4f} (first {k}) -> "
-              f"{losses[-k:].mean():.4f} (last {k})")
+        since = f" (resumed at step {start})" if start else ""
+        print(f"{mode}: {n} steps in {elapsed:.1f} s{since}; loss {new[:k].mean():.4f} (first {k}) -> "
+              f"{new[-k:].mean():.4f} (last {k})")
     print(f"wrote {os.fspath(args.output)}")
     return 0
 
