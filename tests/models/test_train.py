@@ -344,3 +344,296 @@ def test_train_cli_joint_bf16_with_checkpoints(tiny_model_dir, tmp_path, capsys)
     cached = load_latents(tmp_path / "cache-style.npz")
     assert cached["latents"].shape == (1, 4, 8, 12) and cached["original_sizes"].tolist() == [[64, 96]]
     assert load_latents(tmp_path / "cache-concept.npz")["latents"].shape == (2, 4, 8, 8)
+
+
+# ------------------------------------------------------------------------------------------------
+# saving and resuming (issue #6): a run stopped halfway and resumed is the uninterrupted run
+
+
+def _joint_data(seed=0):
+    """Concept latents with a posterior std (each draw adds noise) and a style image with random
+    crops: both consume the data RNG, and the interleave 0, 1, 0, 1 uses both sources."""
+    rng = np.random.default_rng(seed)
+    ctx = TINY_UNET["cross_attention_dim"]
+    concept = LatentData(rng.standard_normal((3, 4, 8, 8)).astype(np.float32),
+                         (0.1 + 0.1 * rng.random((3, 4, 8, 8))).astype(np.float32),
+                         rng.standard_normal((5, ctx)), rng.standard_normal(TEXT_EMBED_DIM),
+                         np.array([[64, 64]] * 3), (8, 8))
+    style = LatentData(rng.standard_normal((1, 4, 8, 12)).astype(np.float32), None,
+                       rng.standard_normal((5, ctx)), rng.standard_normal(TEXT_EMBED_DIM),
+                       np.array([[64, 96]]), (8, 8), random_crop=True)
+    return [concept, style]
+
+
+def _assert_trees_equal(a, b):
+    la, ta = jax.tree_util.tree_flatten(a)
+    lb, tb = jax.tree_util.tree_flatten(b)
+    assert ta == tb
+    for x, y in zip(la, lb):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.dtype == y.dtype
+        np.testing.assert_array_equal(x, y)
+
+
+def test_resumed_run_is_the_uninterrupted_run_bit_for_bit(flax_unet, tmp_path):
+    """4 steps straight (the reference) vs 2 steps, save, load, 2 more: identical in float32."""
+    from dataclasses import replace
+
+    from orthofuse_jax.fusion.io import read_tensors
+    from orthofuse_jax.models.train import TrainConfig, load_checkpoint, run_training, save_checkpoint, train_fingerprint
+
+    unet, params, cfg_unet = flax_unet
+    data = _joint_data()
+    cfg = TrainConfig(steps=4, nblocks=NB, learning_rate=1e-2, max_grad_norm=1.0, progress=False)
+    fp = train_fingerprint(cfg, data)
+    straight = run_training(unet, params, cfg_unet, data, cfg)
+    first = run_training(unet, params, cfg_unet, data, replace(cfg, steps=2))
+    ck = tmp_path / "run-step2.safetensors"
+    save_checkpoint(ck, first, fp)
+    tensors, _ = read_tensors(ck)
+    assert len(tensors) == 88 * 3  # the reference format: L, R and scale per layer, nothing else
+    resumed = run_training(unet, params, cfg_unet, data, cfg, state=load_checkpoint(ck, cfg_unet, cfg, fp))
+
+    assert resumed.step == straight.step == 4 and len(straight.losses) == 4
+    np.testing.assert_array_equal(first.losses, straight.losses[:2])
+    np.testing.assert_array_equal(resumed.losses, straight.losses)  # steps 3, 4 recomputed after the reload
+    _assert_trees_equal(resumed.adapter, straight.adapter)
+    _assert_trees_equal(resumed.opt_state, straight.opt_state)  # clip (empty) + AdamW count, mu, nu
+    np.testing.assert_array_equal(resumed.key, straight.key)
+    assert resumed.data_rng == straight.data_rng
+    # not vacuous: the halfway state is away from the start, and the last two steps moved it on
+    halfway = max(float(np.abs(np.asarray(st.L)).max()) for st in first.adapter.stacks.values())
+    moved = max(float(np.abs(np.asarray(a.L) - np.asarray(b.L)).max())
+                for a, b in zip(straight.adapter.stacks.values(), first.adapter.stacks.values()))
+    assert halfway > 1e-3 and moved > 1e-3
+    assert len(set(straight.losses.tolist())) == 4
+
+
+def _train_cli(argv):
+    """The ``train`` subcommand on its own parser (independent of the other subcommands)."""
+    import argparse
+
+    from orthofuse_jax.models.train_commands import register
+
+    parser = argparse.ArgumentParser(prog="orthofuse-jax")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["train", *map(str, argv)])
+    return args.func(args)
+
+
+def _digest(path):
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def cli_resume(tiny_model_dir, tmp_path_factory):
+    """``train`` for 4 steps with a checkpoint at 2, then ``--resume`` from that checkpoint to 4."""
+    d = tmp_path_factory.mktemp("resume")
+    concept, style = _joint_data(1)
+    np.savez(d / "concept.npz", latents=concept.latents, latents_std=concept.std, original_sizes=concept.original_sizes)
+    np.savez(d / "style.npz", latents=style.latents, original_sizes=style.original_sizes)
+    for name, ds in (("concept", concept), ("style", style)):
+        np.savez(d / f"{name}-emb.npz", prompt_embeds=ds.prompt_embeds, pooled=ds.pooled)
+    base = ["--model", tiny_model_dir, "--latents", d / "concept.npz", "--embeddings", d / "concept-emb.npz",
+            "--style-latents", d / "style.npz", "--style-embeddings", d / "style-emb.npz", "--resolution", 64,
+            "--nblocks", NB, "--lr", "1e-2", "--no-progress", "--checkpoint-every", 2]
+    rc = _train_cli(base + ["--steps", 4, "-o", d / "run.safetensors", "--log-json", d / "run.json"])
+    ck = d / "run-step2.safetensors"
+    before = {p.name: _digest(p) for p in (ck, d / "run-step2.opt.npz")}
+    rc_resume = _train_cli(base + ["--steps", 4, "--resume", ck, "-o", d / "resumed.safetensors",
+                                   "--log-json", d / "resumed.json"])
+    return dict(dir=d, base=base, rc=rc, rc_resume=rc_resume, ck=ck, before=before)
+
+
+def test_train_cli_resume_round_trip(cli_resume, tiny_model_dir):
+    from orthofuse_jax.fusion.io import read_tensors
+    from orthofuse_jax.models import load_unet
+    from orthofuse_jax.models.train import TrainConfig, load_checkpoint, train_fingerprint
+
+    d = cli_resume["dir"]
+    assert cli_resume["rc"] == 0 and cli_resume["rc_resume"] == 0
+    for name in ("run", "run-step2", "resumed"):
+        assert (d / f"{name}.safetensors").exists() and (d / f"{name}.opt.npz").exists(), name
+    # the input checkpoint and its state are untouched
+    assert {p: _digest(d / p) for p in cli_resume["before"]} == cli_resume["before"]
+    # the resumed output is the uninterrupted run's output, tensor for tensor (reference keys only)
+    want, want_meta = read_tensors(d / "run.safetensors")
+    got, got_meta = read_tensors(d / "resumed.safetensors")
+    assert set(got) == set(want) and len(got) == 88 * 3
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    assert got_meta["step"] == want_meta["step"] == "4" and got_meta["resumed_from"] == "run-step2.safetensors"
+    mid, _ = read_tensors(cli_resume["ck"])
+    assert any(not np.array_equal(mid[k], want[k]) for k in want)  # steps 3-4 did move the adapter
+    run_log, res_log = (json.loads((d / f).read_text()) for f in ("run.json", "resumed.json"))
+    assert res_log["start_step"] == 2 and len(run_log["losses"]) == 4
+    assert res_log["losses"] == run_log["losses"]  # the two recomputed losses equal the originals exactly
+    # the final state files agree too, so either output can be resumed again
+    _, _, unet_cfg = load_unet(tiny_model_dir / "unet")
+    concept, style = _joint_data(1)
+    from orthofuse_jax.models.train import scheduler_config
+
+    cfg = TrainConfig(steps=6, nblocks=NB, learning_rate=1e-2, noise_schedule=scheduler_config(tiny_model_dir))
+    fp = train_fingerprint(cfg, [concept, style], [0.5, 0.5])
+    a = load_checkpoint(d / "run.safetensors", unet_cfg, cfg, fp)
+    b = load_checkpoint(d / "resumed.safetensors", unet_cfg, cfg, fp)
+    assert a.step == b.step == 4
+    _assert_trees_equal(a.opt_state, b.opt_state)
+    _assert_trees_equal(a.adapter, b.adapter)
+    np.testing.assert_array_equal(a.key, b.key)
+    assert a.data_rng == b.data_rng
+
+
+def _rewrite_npz(src, dst, edit):
+    with np.load(src) as f:
+        arrays = {k: np.asarray(f[k]) for k in f.files}
+    edit(arrays)
+    np.savez(dst, **arrays)
+
+
+def _copy_pair(src_ck, dst_dir, name="ck"):
+    import shutil
+
+    dst_dir.mkdir(exist_ok=True)
+    dst = dst_dir / f"{name}.safetensors"
+    shutil.copy(src_ck, dst)
+    shutil.copy(src_ck.with_name(src_ck.stem + ".opt.npz"), dst_dir / f"{name}.opt.npz")
+    return dst
+
+
+def _bad_state(tmp_path, ck, edit):
+    dst = _copy_pair(ck, tmp_path / "bad")
+    state = tmp_path / "bad" / "ck.opt.npz"
+    _rewrite_npz(state, state, edit)
+    return dst, state
+
+
+def _first_mu(arrays):
+    return next(k for k in sorted(arrays) if "/mu/stacks/" in k and k.endswith("/L"))
+
+
+def _reshape_mu(arrays):
+    k = _first_mu(arrays)
+    arrays[k] = arrays[k][:, :2]
+
+
+def _nan_nu(arrays):
+    k = next(k for k in sorted(arrays) if "/nu/scales/" in k)
+    arrays[k] = arrays[k].copy()
+    arrays[k][3] = np.nan
+
+
+def _drop_mu(arrays):
+    del arrays[_first_mu(arrays)]
+
+
+def _shapes_checkpoint(tmp_path, ck):
+    """A checkpoint whose first layer has 2 blocks of 16 instead of 4 of 8 (state file unchanged)."""
+    from orthofuse_jax.fusion.io import read_tensors, save_tensors
+
+    dst = _copy_pair(ck, tmp_path / "bad")
+    tensors, meta = read_tensors(dst)
+    key = sorted(k for k in tensors if k.endswith(".ort_monarch.L"))[0]
+    for side in "LR":
+        tensors[key[:-1] + side] = np.zeros((2, 16, 16), np.float32)
+    save_tensors(dst, tensors, meta)
+    return dst, key[: -len(".ort_monarch.L")]
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["missing_state", "lr", "seed", "nblocks", "no_scales", "max_grad_norm", "data", "steps_done", "steps_past",
+     "layer_shape", "state_shape", "state_missing_entry", "state_nonfinite", "adapter_nonfinite", "other_adapter",
+     "corrupt_state", "overwrite_input", "later_checkpoint_is_input"],
+)
+def test_train_cli_resume_rejects_bad_input(case, cli_resume, tmp_path, capsys):
+    """Each bad --resume: exit 2, one message naming the file and the problem, nothing written."""
+    import shutil
+
+    from orthofuse_jax.fusion.io import read_tensors, save_tensors
+
+    src = cli_resume["dir"]
+    ck = cli_resume["ck"]
+    base = [str(x) for x in cli_resume["base"]]
+    out = tmp_path / "out.safetensors"
+    extra = ["--steps", "4"]
+    resume = ck
+    state = src / "run-step2.opt.npz"
+    if case == "missing_state":
+        (tmp_path / "lone").mkdir()
+        resume = tmp_path / "lone" / "ck.safetensors"
+        shutil.copy(ck, resume)
+        want = [str(tmp_path / "lone" / "ck.opt.npz"), "does not exist"]
+    elif case in ("lr", "seed", "nblocks", "max_grad_norm"):
+        flag, value, shown = {"lr": ("--lr", "2e-2", "0.01"), "seed": ("--seed", "9", "8"),
+                              "nblocks": ("--nblocks", "2", "4"), "max_grad_norm": ("--max-grad-norm", "1.0", "off")}[case]
+        extra += [flag, value]
+        want = [str(state), flag, f"the state has {shown}"]
+    elif case == "no_scales":
+        extra += ["--no-scales"]
+        want = [str(state), "--no-scales", "the state has true, this run false"]
+    elif case == "data":
+        _rewrite_npz(src / "style.npz", tmp_path / "style2.npz", lambda a: a.update(latents=a["latents"] + 1))
+        i = base.index("--style-latents")
+        base[i + 1] = str(tmp_path / "style2.npz")
+        want = [str(state), "style data (--style-image/--style-latents): the state has 1 latents 4x8x12", "sha256"]
+    elif case == "steps_done":
+        extra = ["--steps", "2"]
+        want = [str(ck), "at step 2", "--steps 2"]
+    elif case == "steps_past":
+        extra = ["--steps", "1"]
+        want = [str(ck), "at step 2", "--steps 1"]
+    elif case == "layer_shape":
+        resume, layer = _shapes_checkpoint(tmp_path, ck)
+        want = [str(resume), layer, "[2, 16, 16]", "nblocks=4 needs [4, 8, 8]"]
+    elif case == "state_shape":
+        with np.load(state) as f:
+            k = _first_mu(f.files)
+            shape = list(f[k].shape)
+        resume, state = _bad_state(tmp_path, ck, _reshape_mu)
+        want = [str(state), repr(k), f"float32 {shape[:1] + [2] + shape[2:]}", f"needs float32 {shape}"]
+    elif case == "state_missing_entry":
+        resume, state = _bad_state(tmp_path, ck, _drop_mu)
+        want = [str(state), "/mu/stacks/", "is missing"]
+    elif case == "state_nonfinite":
+        resume, state = _bad_state(tmp_path, ck, _nan_nu)
+        want = [str(state), "/nu/scales/", "1 non-finite value(s), first nan at index (3,)"]
+    elif case == "adapter_nonfinite":
+        resume = _copy_pair(ck, tmp_path / "bad")
+        tensors, meta = read_tensors(resume)
+        key = sorted(k for k in tensors if k.endswith("q_scale"))[0]
+        tensors[key][1] = np.inf
+        save_tensors(resume, tensors, meta)
+        want = [str(resume), key, "non-finite"]
+    elif case == "other_adapter":  # the final output's state placed beside the step-2 adapter
+        resume = _copy_pair(ck, tmp_path / "bad")
+        state = tmp_path / "bad" / "ck.opt.npz"
+        shutil.copy(src / "run.opt.npz", state)
+        want = [str(state), "another adapter", str(resume)]
+    elif case == "corrupt_state":
+        resume = _copy_pair(ck, tmp_path / "bad")
+        state = tmp_path / "bad" / "ck.opt.npz"
+        state.write_bytes(b"PK\x03\x04 not really a zip")
+        want = [str(state), "not a readable training-state file"]
+    elif case == "overwrite_input":
+        resume = _copy_pair(ck, tmp_path / "bad")
+        out = resume
+        want = [str(resume), "refusing to overwrite an input"]
+    elif case == "later_checkpoint_is_input":  # resuming at 2 would write x-step4.safetensors over the input
+        resume = _copy_pair(ck, tmp_path / "bad", name="x-step4")
+        out = tmp_path / "bad" / "x.safetensors"
+        extra = ["--steps", "6"]
+        want = [str(resume), "refusing to overwrite an input", "the step-4 checkpoint of this run"]
+    inputs_before = {p: _digest(p) for p in (resume.parent.iterdir())}
+    capsys.readouterr()
+    rc = _train_cli(base + extra + ["--resume", resume, "-o", out])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith("orthofuse-jax train: error: ") and err.count("\n") == 1, err
+    for w in want:
+        assert w in err, (w, err)
+    assert {p: _digest(p) for p in resume.parent.iterdir()} == inputs_before  # nothing rewritten
+    if out != resume:
+        assert not out.exists() and not out.with_name(out.stem + ".opt.npz").exists()
