@@ -10,10 +10,13 @@ Modes (what decides the mode is which data is given):
 * joint (paper Table 1 baseline): a concept source and a style source together; batches alternate
   between the two (``--style-fraction`` sets the share of style steps, default 0.5).
 
-Text: the SDXL text encoders are not run (their Flax versions need ``transformers``), so every
-prompt needs precomputed embeddings: ``--embeddings`` (for the concept, or for the style in style
-mode) and ``--style-embeddings`` (joint mode), ``.npz`` with ``prompt_embeds [77, 2048]`` and
-``pooled [1280]`` as for ``generate``. Images need ``--model/vae`` (diffusers layout) to be encoded
+Text: prompts are encoded by the model folder's two CLIP text encoders (``text_encoder*/``,
+``tokenizer*/``; Flax CLIP from transformers 4.57, as ``generate --prompt``): ``--prompt`` for the
+concept, ``--style-prompt`` or the style caption for the style. Or pass precomputed embeddings
+instead (``orthofuse-jax encode-prompt`` writes them): ``--embeddings`` (for the concept, or for the
+style in style mode) and ``--style-embeddings`` (joint mode), ``.npz`` with ``prompt_embeds
+[77, 2048]`` and ``pooled [1280]``; then the prompt text is only metadata. Images need
+``--model/vae`` (diffusers layout) to be encoded
 once; ``--save-latents`` keeps the encodings for the next run. Latent ``.npz``: ``latents
 [N, 4, h, w]`` (x_0 times the VAE scaling factor), optional ``latents_std``, ``original_sizes``.
 
@@ -59,7 +62,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     src.add_argument("--latents", default=None, help="concept latents .npz instead of --images")
     src.add_argument("--style-image", default=None, help="single style image (random crops)")
     src.add_argument("--style-latents", default=None, help="style latents .npz instead of --style-image")
-    src.add_argument("--prompt", default=None, help='concept prompt text, e.g. "a photo of <sks> dog" (metadata)')
+    src.add_argument("--prompt", default=None, help='concept prompt, e.g. "a photo of <sks> dog" (encoded by the text encoders)')
     src.add_argument("--style-prompt", default=None, help="style prompt text (default: from the caption file)")
     src.add_argument("--caption-file", default=None, help="style captions json (default: data.json next to the image)")
     src.add_argument("--style-suffix", default=" in <style> style", help="appended to the caption (reference)")
@@ -125,12 +128,21 @@ def _dataset(args, which: str, vae_cache: dict):
         raise ValueError(f"give either images or latents for the {which}, not both")
     what = "--embeddings" if which == "concept" or not (args.images or args.latents) else "--style-embeddings"
     if emb_path is None:
-        raise td.EmbeddingsRequiredError(
-            f"{which}: no text embeddings for the prompt {prompt!r}: encoding text needs the SDXL CLIP text "
-            f"encoders (transformers, not installed); pass {what} FILE.npz with prompt_embeds [77, 2048] "
-            "and pooled [1280]"
-        )
-    pe, pooled = td.load_prompt_embeddings(emb_path, prompt or "")
+        if prompt is None:
+            flag = "--prompt" if which == "concept" else "--style-prompt (or a caption file)"
+            raise td.EmbeddingsRequiredError(
+                f"{which}: no prompt: give {flag}, encoded by the model's text encoders, or {what} FILE.npz "
+                "with prompt_embeds [77, 2048] and pooled [1280]"
+            )
+        if "text" not in vae_cache:
+            from .text import load_text_encoders
+
+            vae_cache["text"] = load_text_encoders(args.model)
+        from .text import encode_prompt
+
+        pe, pooled = (a[0] for a in encode_prompt(vae_cache["text"], prompt))
+    else:
+        pe, pooled = td.load_prompt_embeddings(emb_path, prompt or "")
     res = args.resolution
     if res % 8:
         raise ValueError(f"--resolution must be a multiple of 8, got {res}")
@@ -208,6 +220,7 @@ def run_train(args) -> int:
         vae_cache: dict = {}
         concept, concept_prompt = _dataset(args, "concept", vae_cache)
         style, style_prompt = _dataset(args, "style", vae_cache)
+        vae_cache.clear()  # free the text encoders and the VAE before the UNet is loaded
         datasets = [d for d in (concept, style) if d is not None]
         if not datasets:
             raise ValueError("no training data: give --images/--latents (concept) and/or --style-image/--style-latents")
@@ -229,6 +242,11 @@ def run_train(args) -> int:
         from .weights import load_unet
 
         unet, params, config = load_unet(args.model, dtype=jnp.bfloat16 if args.bf16 else None)
+        from .generate import check_embeddings
+
+        for d in datasets:
+            check_embeddings({"prompt_embeds": d.prompt_embeds, "pooled": d.pooled}, config,
+                             source=f"text embeddings of {d.name}")
         adapter0 = init_adapter(config, args.nblocks, scales=not args.no_scales)
         cfg = TrainConfig(
             steps=args.steps, nblocks=args.nblocks, learning_rate=args.lr, weight_decay=args.weight_decay,

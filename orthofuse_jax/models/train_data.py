@@ -15,9 +15,9 @@ whole set, and the original image sizes for SDXL's ``time_ids``.
 * ``time_ids = [orig_h, orig_w, 0, 0, target_h, target_w]``: crop corner (0, 0) as in the reference
   (SPEC 9.14); original size in SDXL's (h, w) order (the reference's style set writes (w, h)).
 
-Text encoders are not run (their Flax versions need ``transformers``): prompts come as
-``.npz`` embeddings (``prompt_embeds [77, 2048]``, ``pooled [1280]``), the format of
-``generate --embeddings``.
+Prompt embeddings come from :mod:`orthofuse_jax.models.text` (the model's CLIP text encoders) or
+from ``.npz`` files (``prompt_embeds [77, 2048]``, ``pooled [1280]``), the format of
+``generate --embeddings`` and ``encode-prompt``.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 class EmbeddingsRequiredError(ValueError):
-    """No precomputed text embeddings were given (text encoders need ``transformers``)."""
+    """Neither a prompt to encode nor precomputed text embeddings were given."""
 
 
 @dataclass
@@ -192,14 +192,14 @@ def save_latents(path: str | os.PathLike, latents, std=None, original_sizes=None
 def load_prompt_embeddings(path: str | os.PathLike | None, prompt: str = "") -> tuple[np.ndarray, np.ndarray]:
     """``(prompt_embeds [T, D], pooled [P])`` from an embeddings ``.npz`` (``generate`` format).
 
-    Raises :class:`EmbeddingsRequiredError` when ``path`` is None: encoding ``prompt`` needs the
-    SDXL text encoders, whose Flax versions come from ``transformers`` (not a dependency).
+    Raises :class:`EmbeddingsRequiredError` when ``path`` is None (encode ``prompt`` with
+    :func:`orthofuse_jax.models.text.prompt_embeddings` instead).
     """
     if path is None:
         raise EmbeddingsRequiredError(
-            f"no text embeddings for the prompt {prompt!r}: encoding text needs the SDXL CLIP text encoders "
-            "(transformers, not installed); pass --embeddings FILE.npz with prompt_embeds [77, 2048] "
-            "(penultimate hidden states of both encoders, concatenated) and pooled [1280]"
+            f"no text embeddings file for the prompt {prompt!r}: pass --embeddings FILE.npz with prompt_embeds "
+            "[77, 2048] (penultimate hidden states of both encoders, concatenated) and pooled [1280], or "
+            "encode the prompt with the model's text encoders"
         )
     from .generate import load_embeddings
 

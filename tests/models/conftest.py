@@ -105,12 +105,15 @@ def write_tiny_clip_tokenizer(folder, pad_token: str) -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_text_dir(tiny_model_dir):
-    """Adds SDXL's text side to the tiny model root: tokenizer{,_2}/ and text_encoder{,_2}/ (random CLIP)."""
+    """A tiny model root with SDXL's text side: unet/, vae/, tokenizer{,_2}/, text_encoder{,_2}/ (random CLIP)."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    root = tiny_model_dir
+    root = tiny_model_dir.parent / "tiny_sdxl_text"  # its own root: tiny_model_dir stays text-free
+    root.mkdir()
+    for part in ("unet", "vae"):
+        (root / part).symlink_to(tiny_model_dir / part, target_is_directory=True)
     vocab = write_tiny_clip_tokenizer(root / "tokenizer", "<|endoftext|>")
     write_tiny_clip_tokenizer(root / "tokenizer_2", "!")  # SDXL's tokenizer_2 pads with "!"
     ids = dict(vocab_size=len(vocab), max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"],

@@ -192,3 +192,35 @@ def test_bad_prompt_arguments(tiny_text_dir, tmp_path, capsys):
     assert "prompt_embeds" in err and "(77, 2048)" in err and "48" in err
     assert main([*base, "--embeddings", str(bad), "-o", str(bad)]) == 2  # output is an input
     assert bad.exists()
+
+
+def test_train_encodes_the_prompt_like_encode_prompt(tiny_text_dir, tmp_path, capsys):
+    """train --prompt feeds the text encoders' embeddings: same adapter as with encode-prompt's .npz."""
+    from orthofuse_jax.fusion.io import load_adapter, read_tensors
+    from orthofuse_jax.models.commands import main
+
+    lat = tmp_path / "concept.npz"
+    np.savez(lat, latents=np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32))
+    emb = tmp_path / "emb.npz"
+    assert main(["encode-prompt", "--model", str(tiny_text_dir), "--prompt", PROMPT, "-o", str(emb)]) == 0
+    base = ["train", "--model", str(tiny_text_dir), "--latents", str(lat), "--resolution", "64", "--nblocks", "4",
+            "--steps", "2", "--lr", "1e-2", "--no-progress"]
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    assert main([*base, "--prompt", PROMPT, "-o", str(a)]) == 0
+    assert main([*base, "--prompt", PROMPT, "--embeddings", str(emb), "-o", str(b)]) == 0
+    ta, meta = read_tensors(a)
+    tb, _ = read_tensors(b)
+    assert meta["prompt"] == PROMPT and sorted(ta) == sorted(tb)
+    for k in ta:
+        np.testing.assert_array_equal(ta[k], tb[k])
+    assert load_adapter(a).num_layers == 88
+
+    capsys.readouterr()
+    assert main([*base, "-o", str(tmp_path / "c.safetensors")]) == 2  # neither a prompt nor embeddings
+    err = capsys.readouterr().err
+    assert "--prompt" in err and "--embeddings" in err and not (tmp_path / "c.safetensors").exists()
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, prompt_embeds=np.zeros((77, 2048), np.float32), pooled=np.zeros(1280, np.float32))
+    assert main([*base, "--embeddings", str(bad), "-o", str(tmp_path / "c.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "prompt_embeds" in err and "48" in err

@@ -322,9 +322,10 @@ def test_train_cli_joint_bf16_with_checkpoints(tiny_model_dir, tmp_path, capsys)
     base = ["train", "--model", str(tiny_model_dir), "--images", str(imgs), "--prompt", "a photo of <sks> dog",
             "--style-image", str(style), "--resolution", "64", "--nblocks", str(NB), "-o", str(out)]
 
-    # text encoders are not available: a clear error, exit status 2, no output
+    # this model folder has no text encoders: a clear error naming the folder, exit status 2, no output
     assert main(base + ["--steps", "1"]) == 2
-    assert "--embeddings" in capsys.readouterr().err and not out.exists()
+    err = capsys.readouterr().err
+    assert "text_encoder/" in err and "--embeddings" in err and not out.exists()
 
     log = tmp_path / "log.json"
     rc = main(base + ["--embeddings", str(tmp_path / "concept.npz"), "--style-embeddings", str(tmp_path / "style.npz"),
