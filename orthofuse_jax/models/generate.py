@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["EulerSchedule", "euler_schedule", "denoise", "decode", "generate", "load_embeddings",
+__all__ = ["EulerSchedule", "alphas_cumprod", "euler_schedule", "denoise", "decode", "generate", "load_embeddings",
            "check_embeddings", "to_uint8"]
 
 
@@ -35,6 +35,28 @@ class EulerSchedule:
     timesteps: np.ndarray
     sigmas: np.ndarray
     init_noise_sigma: float
+
+
+def alphas_cumprod(
+    *,
+    beta_start: float = 0.00085,
+    beta_end: float = 0.012,
+    beta_schedule: str = "scaled_linear",
+    num_train_timesteps: int = 1000,
+    **_ignored,
+) -> np.ndarray:
+    """``abar_t = prod_{s<=t} (1 - beta_s)`` of diffusers' DDPM/Euler schedulers (float64, ``[T]``).
+
+    ``scaled_linear``: ``beta = linspace(sqrt(beta_start), sqrt(beta_end), T)^2`` (SDXL);
+    ``linear``: ``linspace(beta_start, beta_end, T)``. Extra scheduler-config keys are ignored.
+    """
+    if beta_schedule == "scaled_linear":
+        betas = np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=np.float64) ** 2
+    elif beta_schedule == "linear":
+        betas = np.linspace(beta_start, beta_end, num_train_timesteps, dtype=np.float64)
+    else:
+        raise ValueError(f"beta_schedule {beta_schedule!r} is not supported (scaled_linear, linear)")
+    return np.cumprod(1.0 - betas)
 
 
 def euler_schedule(
@@ -52,13 +74,8 @@ def euler_schedule(
 
     Extra keys of a ``scheduler_config.json`` are accepted and ignored.
     """
-    if beta_schedule == "scaled_linear":
-        betas = np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=np.float64) ** 2
-    elif beta_schedule == "linear":
-        betas = np.linspace(beta_start, beta_end, num_train_timesteps, dtype=np.float64)
-    else:
-        raise ValueError(f"beta_schedule {beta_schedule!r} is not supported (scaled_linear, linear)")
-    ac = np.cumprod(1.0 - betas)
+    ac = alphas_cumprod(beta_start=beta_start, beta_end=beta_end, beta_schedule=beta_schedule,
+                        num_train_timesteps=num_train_timesteps)
     all_sigmas = ((1 - ac) / ac) ** 0.5
     if timestep_spacing == "leading":
         ratio = num_train_timesteps // num_steps

@@ -52,6 +52,7 @@ import numpy as np
 from ..fusion.adapter import GSAdapter, from_layers, to_layers
 from ..geometry import cayley, gs_apply_transpose
 from .layers import AttentionLayer, attention_layers
+from .generate import alphas_cumprod
 from .patch import fold_plan
 
 __all__ = [
@@ -79,28 +80,6 @@ __all__ = [
 
 # SDXL base 1.0 scheduler settings used by the reference's DDPMScheduler (SPEC 4, 6).
 DDPM_SDXL = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
-
-
-def alphas_cumprod(
-    *,
-    beta_start: float = 0.00085,
-    beta_end: float = 0.012,
-    beta_schedule: str = "scaled_linear",
-    num_train_timesteps: int = 1000,
-    **_ignored,
-) -> np.ndarray:
-    """``abar_t = prod_{s<=t} (1 - beta_s)`` of diffusers' ``DDPMScheduler`` (float64, ``[T]``).
-
-    ``scaled_linear``: ``beta = linspace(sqrt(beta_start), sqrt(beta_end), T)^2`` (SDXL);
-    ``linear``: ``linspace(beta_start, beta_end, T)``. Extra scheduler-config keys are ignored.
-    """
-    if beta_schedule == "scaled_linear":
-        betas = np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=np.float64) ** 2
-    elif beta_schedule == "linear":
-        betas = np.linspace(beta_start, beta_end, num_train_timesteps, dtype=np.float64)
-    else:
-        raise ValueError(f"beta_schedule {beta_schedule!r} is not supported (scaled_linear, linear)")
-    return np.cumprod(1.0 - betas)
 
 
 def scheduler_config(model: str | os.PathLike) -> dict:
