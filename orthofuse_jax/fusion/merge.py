@@ -194,14 +194,73 @@ def _pair_point(x1, x2, t, path, *, method, restore, alpha, angle_tol):
     return y, bad | bad2
 
 
-@functools.partial(jax.jit, static_argnames=("method", "restore", "angle_tol"))
-def _pair_kernel(x1, x2, t, alpha, *, method, restore, angle_tol):
-    path = geodesic_path(x1, x2, angle_tol=angle_tol) if method == "geodesic" else None
-    return _pair_point(x1, x2, t, path, method=method, restore=restore, alpha=alpha, angle_tol=angle_tol)
+_CPU_CHUNK_BYTES = 1 * 2**20
+"""Target size of one input chunk of the two-adapter merge kernel on CPU (``_chunk_size``)."""
 
 
-@functools.partial(jax.jit, static_argnames=("method", "restore", "angle_tol"))
-def _sweep_kernel(x1, x2, ts, alpha, *, method, restore, angle_tol):
+def _as_method_input(x: Block, orthogonal: bool, method: str) -> Block:
+    """``Cay(x)`` / ``invCay(x)`` when ``method`` needs the other form (``_stack_inputs``)."""
+    if orthogonal == (method == "geodesic"):
+        return x
+    return cayley(x) if method == "geodesic" else inverse_cayley(x)
+
+
+def _chunk_size(n: int, block_bytes: int) -> int:
+    """Blocks per chunk for a stack of ``n`` blocks: all of them off CPU, about ``_CPU_CHUNK_BYTES`` on CPU.
+
+    The merge kernel holds several block-sized temporaries per input block (the Cayley and
+    inverse-Cayley solves, ``eigh``, the rotation): about 7 stacks' worth for a whole stack, 0.5 GB
+    for the 64x64 SDXL stack. In chunks of about 1 MB they are negligible (issue 5), and they stay
+    in cache: on CPU the batched LAPACK calls loop over the blocks anyway, so the merge gets
+    slightly faster. A divisor of ``n`` is preferred, so no chunk is ragged. Accelerators keep one
+    batched call per stack.
+    """
+    if jax.default_backend() != "cpu":
+        return n
+    target = max(1, _CPU_CHUNK_BYTES // max(block_bytes, 1))
+    if n <= target:
+        return n
+    divisor = max(d for d in range(1, target + 1) if n % d == 0)
+    return divisor if 4 * divisor >= target else target
+
+
+def _map_block_chunks(fn, xs: tuple[Array, ...], chunk: int):
+    """``fn(*xs)`` for a block-wise ``fn`` (``[c, b, b]`` inputs -> outputs with leading ``c``), in chunks.
+
+    ``lax.map`` over ``n // chunk`` chunks, then one call on the remainder, if any. Each block's
+    result does not depend on the other blocks of its chunk, so chunking does not change it.
+    """
+    n = xs[0].shape[0]
+    if chunk >= n:
+        return fn(*xs)
+    k, rest = divmod(n, chunk)
+    head = jax.lax.map(lambda part: fn(*part), tuple(x[: k * chunk].reshape((k, chunk) + x.shape[1:]) for x in xs))
+    head = jax.tree_util.tree_map(lambda y: y.reshape((k * chunk,) + y.shape[2:]), head)
+    if not rest:
+        return head
+    tail = fn(*(x[k * chunk :] for x in xs))
+    return jax.tree_util.tree_map(lambda h, t: jnp.concatenate([h, t]), head, tail)
+
+
+@functools.partial(jax.jit, static_argnames=("method", "restore", "angle_tol", "orthogonal"))
+def _pair_kernel(x1, x2, t, alpha, *, method, restore, angle_tol, orthogonal=(False, False)):
+    # x1, x2 are the adapters' own stacks: converted here, chunk by chunk, so on CPU neither the
+    # converted stacks nor the kernel's temporaries ever exist at full stack size.
+    def point(a1, a2):
+        a1, a2 = _as_method_input(a1, orthogonal[0], method), _as_method_input(a2, orthogonal[1], method)
+        path = geodesic_path(a1, a2, angle_tol=angle_tol) if method == "geodesic" else None
+        return _pair_point(a1, a2, t, path, method=method, restore=restore, alpha=alpha, angle_tol=angle_tol)
+
+    batch, b = x1.shape[:-2], x1.shape[-1]
+    flat = lambda x: x.reshape((-1, b, b))  # noqa: E731
+    chunk = _chunk_size(int(np.prod(batch, dtype=np.int64)), b * b * x1.dtype.itemsize)
+    y, bad = _map_block_chunks(point, (flat(x1), flat(x2)), chunk)
+    return y.reshape(x1.shape), bad.reshape(batch)
+
+
+@functools.partial(jax.jit, static_argnames=("method", "restore", "angle_tol", "orthogonal"))
+def _sweep_kernel(x1, x2, ts, alpha, *, method, restore, angle_tol, orthogonal=(False, False)):
+    x1, x2 = _as_method_input(x1, orthogonal[0], method), _as_method_input(x2, orthogonal[1], method)
     # The t-independent decomposition (inverse Cayley of U1^T U2 and its eigh) is done once here.
     path = geodesic_path(x1, x2, angle_tol=angle_tol) if method == "geodesic" else None
     if method == "cayley":
@@ -272,23 +331,23 @@ def _check_weights(w, k: int, extrapolate: bool, tol: float) -> None:
         raise ValueError(f"weights must sum to 1 (tolerance {tol}), got sum {arr.sum()!r} for {arr.tolist()}")
 
 
-def _stack_inputs(adapters: Sequence[GSAdapter], key: str, which: str, method: str, dtype) -> list[Array]:
+def _stack_inputs(
+    adapters: Sequence[GSAdapter], key: str, which: str, method: str, dtype, *, convert: bool = True
+) -> list[Array]:
     """One stack (``key``, L or R) of every adapter, cast to ``dtype`` and in the form ``method`` needs.
 
     ``geodesic`` takes orthogonal blocks (``Cay`` of raw parameters), ``cayley`` raw parameters
     (``invCay`` of orthogonal blocks), as :func:`~orthofuse_jax.fusion.adapter.to_orthogonal` and
     :func:`~orthofuse_jax.fusion.adapter.to_cayley_params` do for a whole adapter. Converting one
     stack at a time keeps one stack's converted copy alive instead of whole converted adapters
-    (0.6 GB for two float32 SDXL adapters, issue 5).
+    (0.6 GB for two float32 SDXL adapters, issue 5). With ``convert=False`` only the cast is done:
+    the two-adapter kernels convert inside, chunk by chunk.
     """
-    want_orthogonal = method == "geodesic"
     out = []
     for a in adapters:
         x = getattr(a.stacks[key], which)
         x = x.astype(dtype) if x.dtype != dtype else x
-        if a.orthogonal != want_orthogonal:
-            x = cayley(x) if want_orthogonal else inverse_cayley(x)
-        out.append(x)
+        out.append(_as_method_input(x, a.orthogonal, method) if convert else x)
     return out
 
 
@@ -405,10 +464,17 @@ def merge(
     for key in adapters[0].stacks:
         out, per = {}, {}
         for which in ("L", "R"):
-            blocks = _stack_inputs(adapters, key, which, method, dtype)
+            blocks = _stack_inputs(adapters, key, which, method, dtype, convert=k != 2)
             if k == 2:
                 y, bad = _pair_kernel(
-                    blocks[0], blocks[1], t, alpha, method=method, restore=restore, angle_tol=angle_tol
+                    blocks[0],
+                    blocks[1],
+                    t,
+                    alpha,
+                    method=method,
+                    restore=restore,
+                    angle_tol=angle_tol,
+                    orthogonal=tuple(a.orthogonal for a in adapters),
                 )
             else:
                 y, bad, res, it = _mean_kernel(
@@ -478,7 +544,7 @@ def sweep(
     for key in adapter1.stacks:
         out, per = {}, {}
         for which in ("L", "R"):
-            x1, x2 = _stack_inputs([adapter1, adapter2], key, which, method, dtype)
+            x1, x2 = _stack_inputs([adapter1, adapter2], key, which, method, dtype, convert=False)
             out[which], per[which] = _sweep_kernel(
                 x1,
                 x2,
@@ -487,6 +553,7 @@ def sweep(
                 method=method,
                 restore=restore,
                 angle_tol=angle_tol,
+                orthogonal=(adapter1.orthogonal, adapter2.orthogonal),
             )
             del x1, x2
         stacks[key] = replace(adapter1.stacks[key], L=out["L"], R=out["R"])

@@ -489,3 +489,60 @@ def test_cayley_restored_equals_two_step_reference(dtype, tol):
     got = np.asarray(cayley_restored(s.astype(dtype), eta.astype(dtype)))
     assert got.dtype == dtype
     np.testing.assert_allclose(got, ref, atol=tol, rtol=0)
+
+
+# -- chunked CPU kernel (issue 5: peak memory) -------------------------------------------------
+
+
+@pytest.fixture
+def chunk_bytes(monkeypatch):
+    """Set the CPU chunk size of the two-adapter kernel; kernels are retraced before and after."""
+    module = sys.modules["orthofuse_jax.fusion.merge"]  # the package re-exports merge() under this name
+
+    def set_bytes(n):
+        monkeypatch.setattr(module, "_CPU_CHUNK_BYTES", n)
+        module._pair_kernel.clear_cache()  # the chunk size is fixed when the kernel is traced
+
+    yield set_bytes
+    monkeypatch.undo()
+    module._pair_kernel.clear_cache()
+
+
+def _prime_adapter(seed, dtype=np.float64):
+    """7 layers of one 3x3 block: 7 blocks per stack, so chunks of 2 or 5 leave a ragged remainder."""
+    rng = np.random.default_rng(seed)
+    layers = {f"l{i}": (raw_params(rng, (1,), 3, 0.3), raw_params(rng, (1,), 3, 0.3)) for i in range(7)}
+    return from_layers(layers, dtype=dtype)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="stacks are chunked on CPU only")
+@pytest.mark.parametrize(
+    "method,restore", [("geodesic", "cayley"), ("geodesic", "exact"), ("cayley", "cayley"), ("cayley", "none")]
+)
+@pytest.mark.parametrize("blocks_per_chunk", [2, 5])
+def test_chunked_merge_equals_whole_stack(chunk_bytes, method, restore, blocks_per_chunk):
+    """Merging a stack in chunks (divisible and ragged) gives the whole-stack result bit for bit."""
+    dtype = np.float32
+    pairs = [
+        (make_adapter(31, dtype=dtype), to_orthogonal(make_adapter(32, dtype=dtype))),
+        (_prime_adapter(33, dtype), _prime_adapter(34, dtype)),
+    ]
+    for a1, a2 in pairs:
+        whole = merge([a1, a2], t=0.3, method=method, restore=restore)
+        block_bytes = min(s.b for s in a1.stacks.values()) ** 2 * np.dtype(dtype).itemsize
+        chunk_bytes(blocks_per_chunk * block_bytes)
+        jaxpr = str(jax.make_jaxpr(lambda x, y: merge([x, y], t=0.3, method=method, restore=restore))(a1, a2))
+        assert "scan" in jaxpr  # the stacks really are chunked
+        chunked = merge([a1, a2], t=0.3, method=method, restore=restore)
+        chunk_bytes(2**30)
+        for key, s in whole.stacks.items():
+            np.testing.assert_array_equal(np.asarray(chunked.stacks[key].L), np.asarray(s.L))
+            np.testing.assert_array_equal(np.asarray(chunked.stacks[key].R), np.asarray(s.R))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="stacks are chunked on CPU only")
+def test_chunked_merge_error_names_layer(chunk_bytes):
+    chunk_bytes(1)  # one block per chunk: the pi block is in the second chunk
+    a1, a2 = _pi_pair()
+    with pytest.raises(MergeError, match=r"layer 'mid\.attn': merged R block 1"):
+        merge([a1, a2], t=0.5, method="geodesic")
