@@ -121,7 +121,7 @@ def main(argv=None):
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.pin_core is not None:
-        common.pin_to_core(args.pin_core)
+        common.pin_to_core(args.pin_core, torch_threads=False)
     if args.worker:
         res = worker(args)
         print(json.dumps(res))
