@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from ._types import Array, Block, Bool, Float
-from .spectral import DEFAULT_ANGLE_TOL, _decompose, _is_concrete, _polar_step, _raise_if_bad, _rotate, _sinc_ratio, rotation_angles
+from .spectral import DEFAULT_ANGLE_TOL, _decompose, _is_concrete, _polar_step, _raise_if_bad, _sinc_ratio, rotation_angles
 
 __all__ = [
     "GeodesicPath",
@@ -44,18 +44,20 @@ class GeodesicPath:
     real ``eigh``, done by :func:`geodesic_path`), every point is
 
         gamma(t) = U1 [V diag(cos(t theta)) V^T + S V diag(sin(t theta)/sigma) V^T],  theta = 2 arctan(sigma)
+                 = [A diag(cos(t theta)) + B diag(sin(t theta)/sigma)] V^T,  A = U1 V,  B = U1 S V
 
-    (``spectral.py``, formula (*)), i.e. matmuls only: a sweep over T values of t costs one
-    decomposition plus T evaluations (``jax.vmap`` over :meth:`at`).
+    (``spectral.py``, formula (*)). ``A`` and ``B`` are formed once, so a point costs one matmul
+    plus the two of a Newton-Schulz polar step: a sweep over T values of t costs one decomposition
+    plus T cheap evaluations (``jax.vmap`` over :meth:`at`).
 
     Attributes:
-      start: ``U1``; s: ``invCay(U1^T U2)``; v, sigma: eigenvectors and ``sqrt`` eigenvalues of
-      ``-S^2``; bad: ``[...]`` True where ``U1^T U2`` has an eigenvalue within ``angle_tol`` of -1
-      (or non-finite input); :meth:`at` returns NaN blocks there.
+      a: ``U1 V``; b: ``U1 S V`` with ``S = invCay(U1^T U2)``; v, sigma: eigenvectors and ``sqrt``
+      eigenvalues of ``-S^2``; bad: ``[...]`` True where ``U1^T U2`` has an eigenvalue within
+      ``angle_tol`` of -1 (or non-finite input); :meth:`at` returns NaN blocks there.
     """
 
-    start: Block
-    s: Block
+    a: Block
+    b: Block
     v: Block
     sigma: Float[Array, "*batch b"]
     bad: Bool[Array, "*batch"]
@@ -64,19 +66,25 @@ class GeodesicPath:
     def theta(self) -> Float[Array, "*batch b"]:
         return 2.0 * jnp.arctan(self.sigma)
 
+    @property
+    def start(self) -> Block:
+        """``U1 = A V^T``."""
+        return self.a @ jnp.swapaxes(self.v, -1, -2)
+
     def at(self, t) -> Block:
         """``gamma(t)`` for a scalar ``t`` (or an array broadcasting against the batch shape)."""
-        t = jnp.asarray(t, dtype=self.start.dtype)[..., None]
+        t = jnp.asarray(t, dtype=self.a.dtype)[..., None]
         phi = t * self.theta
-        w = _rotate(self.s, self.v, jnp.cos(phi), _sinc_ratio(phi, self.sigma, 2.0 * t))
-        y = self.start @ _polar_step(w)
-        return jnp.where(self.bad[..., None, None], jnp.nan, y)
+        r = _sinc_ratio(phi, self.sigma, 2.0 * t)
+        y = (self.a * jnp.cos(phi)[..., None, :] + self.b * r[..., None, :]) @ jnp.swapaxes(self.v, -1, -2)
+        # polar(U1 X) = U1 polar(X) for orthogonal U1: the step also absorbs U1's rounding.
+        return jnp.where(self.bad[..., None, None], jnp.nan, _polar_step(y))
 
 
 def geodesic_path(u1: Block, u2: Block, *, angle_tol: float = DEFAULT_ANGLE_TOL) -> GeodesicPath:
     """Decompose ``W = U1^T U2`` once (inverse Cayley + real ``eigh``) for evaluation at many t."""
     s, v, sigma, _, bad = _decompose(relative_rotation(u1, u2), angle_tol)
-    return GeodesicPath(start=u1, s=s, v=v, sigma=sigma, bad=bad)
+    return GeodesicPath(a=u1 @ v, b=(u1 @ s) @ v, v=v, sigma=sigma, bad=bad)
 
 
 def geodesic(u1: Block, u2: Block, t, *, angle_tol: float = DEFAULT_ANGLE_TOL) -> Block:
