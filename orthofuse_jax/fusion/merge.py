@@ -195,7 +195,7 @@ def _pair_point(x1, x2, t, path, *, method, restore, alpha, angle_tol):
 
 
 _CPU_CHUNK_BYTES = 1 * 2**20
-"""Target size of one input chunk of the two-adapter merge kernel on CPU (``_chunk_size``)."""
+"""Target size of one input chunk when ``merge`` runs a two-adapter stack in chunks (``_chunk_size``)."""
 
 
 def _as_method_input(x: Block, orthogonal: bool, method: str) -> Block:
@@ -205,57 +205,71 @@ def _as_method_input(x: Block, orthogonal: bool, method: str) -> Block:
     return cayley(x) if method == "geodesic" else inverse_cayley(x)
 
 
-def _chunk_size(n: int, block_bytes: int) -> int:
-    """Blocks per chunk for a stack of ``n`` blocks: all of them off CPU, about ``_CPU_CHUNK_BYTES`` on CPU.
-
-    The merge kernel holds several block-sized temporaries per input block (the Cayley and
-    inverse-Cayley solves, ``eigh``, the rotation): about 7 stacks' worth for a whole stack, 0.5 GB
-    for the 64x64 SDXL stack. In chunks of about 1 MB they are negligible (issue 5), and they stay
-    in cache: on CPU the batched LAPACK calls loop over the blocks anyway, so the merge gets
-    slightly faster. A divisor of ``n`` is preferred, so no chunk is ragged. Accelerators keep one
-    batched call per stack.
-    """
-    if jax.default_backend() != "cpu":
-        return n
-    target = max(1, _CPU_CHUNK_BYTES // max(block_bytes, 1))
-    if n <= target:
-        return n
-    divisor = max(d for d in range(1, target + 1) if n % d == 0)
-    return divisor if 4 * divisor >= target else target
-
-
-def _map_block_chunks(fn, xs: tuple[Array, ...], chunk: int):
-    """``fn(*xs)`` for a block-wise ``fn`` (``[c, b, b]`` inputs -> outputs with leading ``c``), in chunks.
-
-    ``lax.map`` over ``n // chunk`` chunks, then one call on the remainder, if any. Each block's
-    result does not depend on the other blocks of its chunk, so chunking does not change it.
-    """
-    n = xs[0].shape[0]
-    if chunk >= n:
-        return fn(*xs)
-    k, rest = divmod(n, chunk)
-    head = jax.lax.map(lambda part: fn(*part), tuple(x[: k * chunk].reshape((k, chunk) + x.shape[1:]) for x in xs))
-    head = jax.tree_util.tree_map(lambda y: y.reshape((k * chunk,) + y.shape[2:]), head)
-    if not rest:
-        return head
-    tail = fn(*(x[k * chunk :] for x in xs))
-    return jax.tree_util.tree_map(lambda h, t: jnp.concatenate([h, t]), head, tail)
+def _pair_blocks(x1, x2, t, alpha, *, method, restore, angle_tol, orthogonal):
+    x1, x2 = _as_method_input(x1, orthogonal[0], method), _as_method_input(x2, orthogonal[1], method)
+    path = geodesic_path(x1, x2, angle_tol=angle_tol) if method == "geodesic" else None
+    return _pair_point(x1, x2, t, path, method=method, restore=restore, alpha=alpha, angle_tol=angle_tol)
 
 
 @functools.partial(jax.jit, static_argnames=("method", "restore", "angle_tol", "orthogonal"))
 def _pair_kernel(x1, x2, t, alpha, *, method, restore, angle_tol, orthogonal=(False, False)):
-    # x1, x2 are the adapters' own stacks: converted here, chunk by chunk, so on CPU neither the
-    # converted stacks nor the kernel's temporaries ever exist at full stack size.
-    def point(a1, a2):
-        a1, a2 = _as_method_input(a1, orthogonal[0], method), _as_method_input(a2, orthogonal[1], method)
-        path = geodesic_path(a1, a2, angle_tol=angle_tol) if method == "geodesic" else None
-        return _pair_point(a1, a2, t, path, method=method, restore=restore, alpha=alpha, angle_tol=angle_tol)
+    # x1, x2 are the adapters' own stacks, converted here: no converted copy outlives the kernel.
+    return _pair_blocks(x1, x2, t, alpha, method=method, restore=restore, angle_tol=angle_tol, orthogonal=orthogonal)
 
-    batch, b = x1.shape[:-2], x1.shape[-1]
-    flat = lambda x: x.reshape((-1, b, b))  # noqa: E731
-    chunk = _chunk_size(int(np.prod(batch, dtype=np.int64)), b * b * x1.dtype.itemsize)
-    y, bad = _map_block_chunks(point, (flat(x1), flat(x2)), chunk)
-    return y.reshape(x1.shape), bad.reshape(batch)
+
+@functools.partial(
+    jax.jit, static_argnames=("chunk", "method", "restore", "angle_tol", "orthogonal"), donate_argnums=(0, 1)
+)
+def _pair_chunk_kernel(y, bad, x1, x2, start, t, alpha, *, chunk, method, restore, angle_tol, orthogonal):
+    """Blocks ``[start, start + chunk)`` of the flattened stacks, written into ``y, bad`` in place.
+
+    ``y`` and ``bad`` are buffers that :func:`_pair_chunked` created and donates, never the caller's.
+    """
+    b = x1.shape[-1]
+    part = lambda x: jax.lax.dynamic_slice_in_dim(x.reshape(-1, b, b), start, chunk)  # noqa: E731
+    yc, bc = _pair_blocks(
+        part(x1), part(x2), t, alpha, method=method, restore=restore, angle_tol=angle_tol, orthogonal=orthogonal
+    )
+    y = jax.lax.dynamic_update_slice_in_dim(y.reshape(-1, b, b), yc, start, 0).reshape(y.shape)
+    bad = jax.lax.dynamic_update_slice_in_dim(bad.reshape(-1), bc, start, 0).reshape(bad.shape)
+    return y, bad
+
+
+def _chunk_size(x: Array) -> int | None:
+    """Blocks per chunk for merging stack ``x`` in chunks, or None to merge it in one call.
+
+    The merge kernel holds several block-sized temporaries per input block (the Cayley and
+    inverse-Cayley solves, ``eigh``, the rotation): about 7 stacks' worth for a whole stack, 0.5 GB
+    for the 64x64 SDXL stack. In chunks of about 1 MB they are negligible (issue 5), and they stay
+    in cache: on CPU the batched LAPACK calls loop over the blocks anyway, so the merge even gets
+    faster. Only concrete CPU stacks are chunked, by a Python loop over one compiled chunk kernel:
+    an XLA while loop (``lax.map``) would cost a thread hand-off per operation per chunk, which on
+    a loaded CPU made it several times slower. Traced stacks and accelerators keep one call per
+    stack. A divisor of the block count is preferred, so no chunk overlaps the one before it.
+    """
+    if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer) or {d.platform for d in x.devices()} != {"cpu"}:
+        return None
+    n, b = int(np.prod(x.shape[:-2], dtype=np.int64)), x.shape[-1]
+    target = max(1, _CPU_CHUNK_BYTES // (b * b * x.dtype.itemsize))
+    if n <= target:
+        return None
+    divisor = max(d for d in range(1, target + 1) if n % d == 0)
+    return divisor if 4 * divisor >= target else target
+
+
+def _pair_chunked(x1, x2, t, alpha, chunk: int, **options) -> tuple[Block, Bool[Array, "*batch"]]:
+    """:func:`_pair_kernel` on concrete stacks, ``chunk`` blocks per call, into one output buffer.
+
+    The last chunk starts at ``n - chunk`` and may overlap the one before it; the overlapping blocks
+    are recomputed from the same inputs, with the same values (each block's result depends only
+    on that block).
+    """
+    n = int(np.prod(x1.shape[:-2], dtype=np.int64))
+    y, bad = jnp.zeros(x1.shape, x1.dtype), jnp.zeros(x1.shape[:-2], bool)
+    for i in range(-(-n // chunk)):
+        start = min(i * chunk, n - chunk)
+        y, bad = _pair_chunk_kernel(y, bad, x1, x2, start, t, alpha, chunk=chunk, **options)
+    return y, bad
 
 
 @functools.partial(jax.jit, static_argnames=("method", "restore", "angle_tol", "orthogonal"))
@@ -466,16 +480,14 @@ def merge(
         for which in ("L", "R"):
             blocks = _stack_inputs(adapters, key, which, method, dtype, convert=k != 2)
             if k == 2:
-                y, bad = _pair_kernel(
-                    blocks[0],
-                    blocks[1],
-                    t,
-                    alpha,
-                    method=method,
-                    restore=restore,
-                    angle_tol=angle_tol,
-                    orthogonal=tuple(a.orthogonal for a in adapters),
+                options = dict(
+                    method=method, restore=restore, angle_tol=angle_tol, orthogonal=tuple(a.orthogonal for a in adapters)
                 )
+                chunk = _chunk_size(blocks[0]) if _is_concrete(blocks, t, alpha) else None
+                if chunk is None:
+                    y, bad = _pair_kernel(blocks[0], blocks[1], t, alpha, **options)
+                else:
+                    y, bad = _pair_chunked(blocks[0], blocks[1], t, alpha, chunk, **options)
             else:
                 y, bad, res, it = _mean_kernel(
                     jnp.stack(blocks),
