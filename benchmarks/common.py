@@ -110,6 +110,24 @@ def to_adapter(stacks: Mapping[int, tuple[np.ndarray, np.ndarray]]):
     return GSAdapter(stacks=out, scales={}, orthogonal=False)
 
 
+def make_adapter_pair(inventory: Mapping[int, int] = SDXL_INVENTORY, *, nb: int = NB):
+    """Two raw ``GSAdapter``s, built one stack at a time and handed to JAX at once (low peak memory)."""
+    import gc
+
+    from orthofuse_jax.fusion.adapter import GSAdapter
+
+    inputs = []
+    for seed in (0, 1):
+        st = {}
+        for b, n in inventory.items():
+            part = make_stacks({b: n}, nb=nb, seed=seed * 1000 + b)
+            st.update(to_adapter(part).stacks)
+            del part
+        inputs.append(GSAdapter(stacks=st, scales={}, orthogonal=False))
+    gc.collect()
+    return inputs
+
+
 def adapter_stacks(adapter) -> dict[int, tuple[np.ndarray, np.ndarray]]:
     """``{b: (L, R)}`` numpy view of an adapter (leading axes kept)."""
     return {s.b: (np.asarray(s.L), np.asarray(s.R)) for s in adapter.stacks.values()}

@@ -117,22 +117,13 @@ def _vm_hwm() -> int | None:
 def worker_rss(which: str, t: float, sweep_points: int, inventory) -> dict:
     import jax
 
-    from orthofuse_jax.fusion.adapter import GSAdapter
 
     # ru_maxrss survives fork+exec on Linux (it starts at the parent's RSS), so the peak is read from
     # VmHWM after resetting it here.
     hwm_ok = _reset_peak()
     peak = lambda: _vm_hwm() if hwm_ok else common.peak_rss_bytes()  # noqa: E731
     # Build each stack and hand it to JAX immediately, so generation never holds two copies.
-    inputs = []
-    for seed in (0, 1):
-        st = {}
-        for b, n in inventory.items():
-            part = common.make_stacks({b: n}, seed=seed * 1000 + b)
-            st.update(common.to_adapter(part).stacks)
-            del part
-        inputs.append(GSAdapter(stacks=st, scales={}, orthogonal=False))
-    gc.collect()
+    inputs = common.make_adapter_pair(inventory)
     rss_inputs = common.rss_bytes()
     peak_build = peak()
     if which == "sweep":

@@ -32,21 +32,6 @@ OPTIONS = {
 }
 
 
-def _build_inputs(inventory):
-    from orthofuse_jax.fusion.adapter import GSAdapter
-
-    inputs = []
-    for seed in (0, 1):
-        st = {}
-        for b, n in inventory.items():
-            part = common.make_stacks({b: n}, seed=seed * 1000 + b)
-            st.update(common.to_adapter(part).stacks)
-            del part
-        inputs.append(GSAdapter(stacks=st, scales={}, orthogonal=False))
-    gc.collect()
-    return inputs
-
-
 def _trace_kernels(log):
     """Wrap merge's per-stack kernels so each call is finished and followed by an RSS line."""
     import importlib
@@ -76,7 +61,7 @@ def worker(args) -> dict:
     inventory = common.SDXL_INVENTORY if not args.inventory else common.parse_inventory(args.inventory)
     _reset_peak()
     base = common.rss_bytes()
-    inputs = _build_inputs(inventory)
+    inputs = common.make_adapter_pair(inventory)
     rss_inputs = common.rss_bytes()
     peak_build = _vm_hwm()
     method, restore = OPTIONS[args.which]
