@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from ..geometry import gs_apply, gs_dense
 from ..geometry._types import Array, Float
+from ..geometry._linalg import mm
 from .adapter import GSAdapter, check_compatible, to_orthogonal
 
 __all__ = ["MultipliedAdapter", "multiply", "LoraFactors", "lora_merge"]
@@ -61,7 +62,7 @@ class MultipliedAdapter:
         q = None
         for a in self.factors:
             qa = gs_dense(*self._blocks(a, name))
-            q = qa if q is None else qa @ q
+            q = qa if q is None else mm(qa, q)
         return q
 
     def scale(self, name: str, h: int | None = None) -> Array | None:
@@ -154,10 +155,10 @@ def lora_merge(
     r = min(int(rank), n_in, n_out)
 
     def m_times(d):  # M D, [out, r]
-        return sum(c[i] * (ups[i] @ (downs[i] @ d)) for i in range(len(loras)))
+        return sum(c[i] * (mm(ups[i], mm(downs[i], d))) for i in range(len(loras)))
 
     def mt_times(v):  # M^T V, [in, r]
-        return sum(c[i] * (downs[i].T @ (ups[i].T @ v)) for i in range(len(loras)))
+        return sum(c[i] * (mm(downs[i].T, mm(ups[i].T, v))) for i in range(len(loras)))
 
     d0, _ = jnp.linalg.qr(jax.random.normal(key, (n_in, r), dtype=dtype))
     v0 = jnp.zeros((n_out, r), dtype)
@@ -166,9 +167,9 @@ def lora_merge(
         d, v_prev, _, _ = state
         v, _ = jnp.linalg.qr(m_times(d))
         d, rq = jnp.linalg.qr(mt_times(v))
-        err = jnp.linalg.norm(v @ v.T - v_prev @ v_prev.T) / jnp.sqrt(2.0 * r)
+        err = jnp.linalg.norm(mm(v, v.T) - mm(v_prev, v_prev.T)) / jnp.sqrt(2.0 * r)
         return d, v, rq, err
 
     init = (d0, v0, jnp.eye(r, dtype=dtype), jnp.asarray(jnp.inf, dtype))
     d, v, rq, err = jax.lax.fori_loop(0, als_steps, step, init)
-    return LoraFactors(down=d.T, up=v @ rq.T, error=err)
+    return LoraFactors(down=d.T, up=mm(v, rq.T), error=err)

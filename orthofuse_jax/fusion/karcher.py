@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from ..geometry import DEFAULT_ANGLE_TOL, cayley, expm_skew, log_with_flag, skew
 from ..geometry._types import Array, Block, Bool, Float
+from ..geometry._linalg import mm
 
 __all__ = ["karcher_mean_blocks", "karcher_mean_blocks_with_flag", "cayley_mean_blocks"]
 
@@ -53,7 +54,7 @@ def karcher_mean_blocks_with_flag(
     wb = w.reshape((k,) + (1,) * (u.ndim - 1))
 
     def tangent(m):
-        x, bad = log_with_flag(jnp.swapaxes(m, -1, -2)[None] @ u, angle_tol=angle_tol)
+        x, bad = log_with_flag(mm(jnp.swapaxes(m, -1, -2)[None], u), angle_tol=angle_tol)
         bad = jnp.any(bad, axis=0)
         g = jnp.sum(wb * jnp.where(bad[None, ..., None, None], 0.0, x), axis=0)
         res = jnp.max(jnp.abs(g)) if g.size else jnp.zeros((), u.dtype)
@@ -68,7 +69,7 @@ def karcher_mean_blocks_with_flag(
 
     def body(state):
         m, g, _, it, bad = state
-        m = m @ expm_skew(g)
+        m = mm(m, expm_skew(g))
         g, res, bad_new = tangent(m)
         return m, g, res, it + 1, bad | bad_new
 

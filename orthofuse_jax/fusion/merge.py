@@ -49,6 +49,7 @@ import numpy as np
 from ..geometry import DEFAULT_ANGLE_TOL, cayley, geodesic, inverse_cayley, power, skew, spectral_map_with_flag
 from ..geometry._types import Array, Block, Bool, Float
 from ..geometry import geodesic_path
+from ..geometry._linalg import mm
 from .adapter import GSAdapter, LayerStack, check_compatible, to_orthogonal
 from .karcher import cayley_mean_blocks, karcher_mean_blocks_with_flag
 from .scales import SCALE_RULES, combine_scales
@@ -143,7 +144,7 @@ def cayley_restored(s: Block, eta) -> Block:
     """
     eta = _t_blocks(eta, s.dtype)
     eye = jnp.eye(s.shape[-1], dtype=s.dtype)
-    base = eye - s @ s
+    base = eye - mm(s, s)
     return jnp.linalg.solve(base - (2.0 * eta) * s, base + (2.0 * eta) * s)
 
 
@@ -584,7 +585,7 @@ def sweep(
 def orthogonality_error(u: Block) -> Float[Array, "*batch"]:
     """Per-block ``||U^T U - I||_max``."""
     eye = jnp.eye(u.shape[-1], dtype=u.dtype)
-    return jnp.max(jnp.abs(jnp.swapaxes(u, -1, -2) @ u - eye), axis=(-1, -2))
+    return jnp.max(jnp.abs(mm(jnp.swapaxes(u, -1, -2), u) - eye), axis=(-1, -2))
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..geometry import cayley, geodesic, geodesic_distance, power, rotation_angles
+from ..geometry._linalg import mm
 from .adapter import GSAdapter, to_orthogonal
 
 __all__ = ["sweep_statistics", "merge_curve", "ANGLE_BINS"]
@@ -69,7 +70,7 @@ def _distances(x1, x2, y, ref, ts):
     tcol = ts.reshape(-1, 1, 1, 1, 1)
     amb = jnp.sum((y - ((1 - tcol) * x1[None] + tcol * x2[None])) ** 2, axis=(1, 2, 3, 4))
     eye = jnp.eye(y.shape[-1], dtype=y.dtype)
-    orth = jnp.max(jnp.abs(jnp.swapaxes(y, -1, -2) @ y - eye), axis=(1, 2, 3, 4))
+    orth = jnp.max(jnp.abs(mm(jnp.swapaxes(y, -1, -2), y) - eye), axis=(1, 2, 3, 4))
     return mismatch, amb, orth
 
 

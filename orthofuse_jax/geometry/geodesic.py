@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from ._linalg import mm
 from ._types import Array, Block, Bool, Float
 from .spectral import DEFAULT_ANGLE_TOL, _decompose, _is_concrete, _polar_step, _raise_if_bad, _sinc_ratio, rotation_angles
 
@@ -32,7 +33,7 @@ __all__ = [
 
 def relative_rotation(u1: Block, u2: Block) -> Block:
     """``W = U1^T U2``, the rotation that carries ``U1`` to ``U2`` (``U2 = U1 W``)."""
-    return jnp.swapaxes(u1, -1, -2) @ u2
+    return mm(jnp.swapaxes(u1, -1, -2), u2)
 
 
 @jax.tree_util.register_dataclass
@@ -69,14 +70,14 @@ class GeodesicPath:
     @property
     def start(self) -> Block:
         """``U1 = A V^T``."""
-        return self.a @ jnp.swapaxes(self.v, -1, -2)
+        return mm(self.a, jnp.swapaxes(self.v, -1, -2))
 
     def at(self, t) -> Block:
         """``gamma(t)`` for a scalar ``t`` (or an array broadcasting against the batch shape)."""
         t = jnp.asarray(t, dtype=self.a.dtype)[..., None]
         phi = t * self.theta
         r = _sinc_ratio(phi, self.sigma, 2.0 * t)
-        y = (self.a * jnp.cos(phi)[..., None, :] + self.b * r[..., None, :]) @ jnp.swapaxes(self.v, -1, -2)
+        y = mm(self.a * jnp.cos(phi)[..., None, :] + self.b * r[..., None, :], jnp.swapaxes(self.v, -1, -2))
         # polar(U1 X) = U1 polar(X) for orthogonal U1: the step also absorbs U1's rounding.
         return jnp.where(self.bad[..., None, None], jnp.nan, _polar_step(y))
 
@@ -84,7 +85,7 @@ class GeodesicPath:
 def geodesic_path(u1: Block, u2: Block, *, angle_tol: float = DEFAULT_ANGLE_TOL) -> GeodesicPath:
     """Decompose ``W = U1^T U2`` once (inverse Cayley + real ``eigh``) for evaluation at many t."""
     s, v, sigma, _, bad = _decompose(relative_rotation(u1, u2), angle_tol)
-    return GeodesicPath(a=u1 @ v, b=(u1 @ s) @ v, v=v, sigma=sigma, bad=bad)
+    return GeodesicPath(a=mm(u1, v), b=mm(mm(u1, s), v), v=v, sigma=sigma, bad=bad)
 
 
 def geodesic(u1: Block, u2: Block, t, *, angle_tol: float = DEFAULT_ANGLE_TOL) -> Block:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from ._types import Array, Blocks, Float
+from ._linalg import einsum, mm
 from .shuffle import perfect_shuffle, perfect_unshuffle
 
 __all__ = ["block_diag", "gs_apply", "gs_apply_transpose", "gs_dense", "gs_shape"]
@@ -31,7 +32,7 @@ def _apply_blocks(blocks: Blocks, x: Float[Array, "*batch n"], transpose: bool) 
     nb, b = blocks.shape[-3], blocks.shape[-1]
     xb = x.reshape(*x.shape[:-1], nb, b)
     spec = "...ji,jai->...ja" if not transpose else "...ji,jia->...ja"
-    return jnp.einsum(spec, xb, blocks).reshape(x.shape)
+    return einsum(spec, xb, blocks).reshape(x.shape)
 
 
 def gs_apply(x: Float[Array, "*batch n"], L: Blocks, R: Blocks) -> Float[Array, "*batch n"]:
@@ -67,7 +68,7 @@ def block_diag(blocks: Blocks) -> Float[Array, "*batch n n"]:
     """Dense block-diagonal ``BD(B)`` of a stack ``[..., nb, b, b]`` (tests, small n)."""
     nb, b = blocks.shape[-3], blocks.shape[-1]
     eye = jnp.eye(nb, dtype=blocks.dtype)
-    full = jnp.einsum("...jrc,jk->...jrkc", blocks, eye)
+    full = einsum("...jrc,jk->...jrkc", blocks, eye)
     return full.reshape(*blocks.shape[:-3], nb * b, nb * b)
 
 
@@ -78,4 +79,4 @@ def gs_dense(L: Blocks, R: Blocks) -> Float[Array, "*batch n n"]:
     # P^T BD(L) P: unshuffle the rows (columns of the transpose), then right-multiply by P.
     m = jnp.swapaxes(perfect_unshuffle(jnp.swapaxes(bl, -1, -2), nb), -1, -2)
     m = perfect_unshuffle(m, nb)
-    return m @ block_diag(R)
+    return mm(m, block_diag(R))

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._linalg import mm
 from ._types import Array, Block, Bool, Float
 from .cayley import inverse_cayley
 
@@ -59,7 +60,7 @@ class NegativeEigenvalueError(ValueError):
 
 def _eigh_sq(s: Block) -> tuple[Array, Array]:
     """``lam, V`` with ``-S^2 = V diag(lam) V^T`` and ``lam >= 0`` (clamped)."""
-    m = jnp.swapaxes(s, -1, -2) @ s  # = -S^2 for skew S, symmetric PSD
+    m = mm(jnp.swapaxes(s, -1, -2), s)  # = -S^2 for skew S, symmetric PSD
     m = 0.5 * (m + jnp.swapaxes(m, -1, -2))
     lam, v = jnp.linalg.eigh(m)
     return jnp.maximum(lam, 0.0), v
@@ -74,7 +75,7 @@ def _sinc_ratio(phi: Array, sigma: Array, limit: Array) -> Array:
 def _rotate(s: Block, v: Array, cos_phi: Array, sin_over_sigma: Array) -> Block:
     """Evaluate (*): ``V diag(c) V^T + S V diag(r) V^T``."""
     vt = jnp.swapaxes(v, -1, -2)
-    return (v * cos_phi[..., None, :]) @ vt + s @ ((v * sin_over_sigma[..., None, :]) @ vt)
+    return mm(v * cos_phi[..., None, :], vt) + mm(s, mm(v * sin_over_sigma[..., None, :], vt))
 
 
 def _polar_step(y: Block) -> Block:
@@ -85,7 +86,7 @@ def _polar_step(y: Block) -> Block:
     (2 matmuls) without moving an orthogonal Y.
     """
     eye = jnp.eye(y.shape[-1], dtype=y.dtype)
-    return 0.5 * y @ (3.0 * eye - jnp.swapaxes(y, -1, -2) @ y)
+    return 0.5 * mm(y, 3.0 * eye - mm(jnp.swapaxes(y, -1, -2), y))
 
 
 def _finite_blocks(x: Array) -> Array:
@@ -157,7 +158,7 @@ def log_with_flag(u: Block, *, angle_tol: float = DEFAULT_ANGLE_TOL) -> tuple[Bl
     """
     s, v, sigma, theta, bad = _decompose(u, angle_tol)
     ratio = jnp.where(sigma > 0, theta / jnp.where(sigma > 0, sigma, 1.0), 2.0)
-    x = s @ ((v * ratio[..., None, :]) @ jnp.swapaxes(v, -1, -2))
+    x = mm(s, mm(v * ratio[..., None, :], jnp.swapaxes(v, -1, -2)))
     x = 0.5 * (x - jnp.swapaxes(x, -1, -2))
     return jnp.where(bad[..., None, None], jnp.nan, x), bad
 

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..fusion.adapter import GSAdapter, to_orthogonal
+from ..geometry._linalg import einsum
 from .layers import AttentionLayer, attention_layers, attention_layers_from_params
 
 __all__ = ["patch_unet_params", "unpatch_unet_params", "fold_plan"]
@@ -122,12 +123,12 @@ def _fold_one(K, L, R, s, inverse: bool):
     n, out = K.shape
     if not inverse:
         # (P K)[v*b+u] = K[u*nb+v]: K viewed as [u, v, o]; y_v = L_v^T (P K)_v, written as P^T y.
-        y = jnp.einsum("uvo,vuc->cvo", K.reshape(b, nb, out), L).reshape(nb, b, out)
-        z = jnp.einsum("jio,jia->jao", y, R)  # BD(R)^T
+        y = einsum("uvo,vuc->cvo", K.reshape(b, nb, out), L).reshape(nb, b, out)
+        z = einsum("jio,jia->jao", y, R)  # BD(R)^T
         return z.reshape(n, out) * s[None, :]
     z = (K / s[None, :]).reshape(nb, b, out)
-    y = jnp.einsum("jao,jia->jio", z, R).reshape(b, nb, out)  # BD(R); then P: [c, v] -> [v, c]
-    w = jnp.einsum("cvo,vuc->uvo", y, L)  # BD(L) on the shuffled rows, then P^T
+    y = einsum("jao,jia->jio", z, R).reshape(b, nb, out)  # BD(R); then P: [c, v] -> [v, c]
+    w = einsum("cvo,vuc->uvo", y, L)  # BD(L) on the shuffled rows, then P^T
     return w.reshape(n, out)
 
 
