@@ -58,3 +58,46 @@ def configure_cpu_threads() -> bool:
         return False
     os.environ[_ENV] = "1"
     return True
+
+
+_CACHE_ENV = "ORTHOFUSE_JAX_COMPILE_CACHE"
+
+
+def default_compile_cache_dir() -> str:
+    """``$XDG_CACHE_HOME/orthofuse-jax/jax`` (``~/.cache/orthofuse-jax/jax`` if unset)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "orthofuse-jax", "jax")
+
+
+def enable_compile_cache() -> str | None:
+    """Turn on JAX's persistent compilation cache for the command line; return its folder or None.
+
+    A merge compiles a few kernels per block size on every new process: 3 s on a CPU, and 14-94 s
+    for the full SDXL inventory on an H200 (benchmarks/RESULTS.md). With the cache a second
+    ``orthofuse-jax fuse`` loads them from disk instead. The folder is ``$ORTHOFUSE_JAX_COMPILE_CACHE``
+    if set (``off`` disables the cache), else :func:`default_compile_cache_dir`. A cache folder
+    the user already gave JAX (``JAX_COMPILATION_CACHE_DIR``) is left alone, and a folder that
+    cannot be created only costs the cache, never the command.
+    """
+    choice = os.environ.get(_CACHE_ENV, "")
+    if choice.lower() in ("off", "0", "false", "no"):
+        return None
+    import jax
+
+    current = jax.config.jax_compilation_cache_dir
+    if current:
+        return current
+    path = choice or default_compile_cache_dir()
+    try:
+        os.makedirs(path, exist_ok=True)
+        if not os.access(path, os.W_OK):
+            return None
+    except OSError:
+        return None
+    jax.config.update("jax_compilation_cache_dir", path)
+    # Our kernels compile in well under JAX's default 1 s threshold each, but there are many.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    if jax.config.jax_compilation_cache_max_size == -1:  # unbounded by default: keep the least recently used 1 GB
+        jax.config.update("jax_compilation_cache_max_size", 2**30)
+    return path

@@ -371,7 +371,10 @@ def _one_line(msg: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from ._runtime import enable_compile_cache
     from .fusion.io import AdapterFileError
+
+    enable_compile_cache()
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

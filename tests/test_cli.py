@@ -296,3 +296,37 @@ def test_demo_end_to_end(capsys, tmp_path):
     st = json.loads((d / "sweep" / "sweep.json").read_text())
     assert st["layers"] == 16 and len(st["ts"]) == 11
     assert "fused 16 layers (block sizes 20/40/64)" in stdout
+
+
+def _fuse_in_subprocess(pair, out, cache, xdg):
+    env = dict(os.environ, XDG_CACHE_HOME=str(xdg))
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    env.pop("ORTHOFUSE_JAX_COMPILE_CACHE", None)
+    if cache is not None:
+        env["ORTHOFUSE_JAX_COMPILE_CACHE"] = str(cache)
+    code = "import sys; from orthofuse_jax.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.run([sys.executable, "-c", code, "fuse", str(pair[0]), str(pair[1]), "-o", str(out)],
+                          env=env, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_compile_cache_is_filled_once_then_reused(pair, tmp_path):
+    from safetensors.numpy import load_file
+
+    xdg = tmp_path / "xdg"
+    cache = xdg / "orthofuse-jax" / "jax"  # the default folder
+    _fuse_in_subprocess(pair, tmp_path / "a.safetensors", None, xdg)
+    first = sorted(p.name for p in cache.iterdir())
+    assert first, "the first run wrote no compiled kernels into the cache"
+    _fuse_in_subprocess(pair, tmp_path / "b.safetensors", None, xdg)
+    assert sorted(p.name for p in cache.iterdir()) == first, "the second run compiled something again"
+    a, b = load_file(tmp_path / "a.safetensors"), load_file(tmp_path / "b.safetensors")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_compile_cache_folder_and_off(pair, tmp_path):
+    xdg = tmp_path / "xdg"
+    _fuse_in_subprocess(pair, tmp_path / "a.safetensors", "off", xdg)
+    assert not xdg.exists()
+    _fuse_in_subprocess(pair, tmp_path / "b.safetensors", tmp_path / "mine", xdg)
+    assert not xdg.exists() and any((tmp_path / "mine").iterdir())
