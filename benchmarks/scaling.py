@@ -1,6 +1,6 @@
 """Scaling of the merges: block size at a fixed parameter count, and number of layers.
 
-    python -m benchmarks.scaling [--reps 5] [--baseline-reps 5] [--part blocks|layers|both]
+    python -m benchmarks.scaling [--reps 5] [--baseline-reps 5] [--part blocks|layers|both] [--pin-core 0]
 
 * ``blocks``: b in {8, 16, 32, 64, 128} with nb = 32 and a fixed number of parameters per stack
   (``layers * nb * b^2 = 2^22`` floats, i.e. 2048 / 512 / 128 / 32 / 8 layers).
@@ -88,7 +88,11 @@ def main(argv=None) -> dict:
     p.add_argument("--fixed-floats", type=int, default=FIXED_FLOATS, help="floats per L (or R) stack in 'blocks'")
     p.add_argument("--no-baseline-full", action="store_true", help="skip the per-layer eig baseline")
     p.add_argument("--out", default="scaling")
+    p.add_argument("--pin-core", type=int, default=None,
+                   help="run ours and the baseline on this one CPU core with 1 torch thread (as merge_sdxl)")
     args = p.parse_args(argv)
+    if args.pin_core is not None:
+        common.pin_to_core(args.pin_core)
     res = {"machine": common.machine(), "args": vars(args), "blocks": {}, "layers": {}}
     full = not args.no_baseline_full
     if args.part in ("blocks", "both"):
