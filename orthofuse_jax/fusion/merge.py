@@ -236,7 +236,7 @@ def _pair_chunk_kernel(y, bad, x1, x2, start, t, alpha, *, chunk, method, restor
     return y, bad
 
 
-def _chunk_size(x: Array) -> int | None:
+def _chunk_size(x: Array, target_bytes: int = _CPU_CHUNK_BYTES) -> int | None:
     """Blocks per chunk for merging stack ``x`` in chunks, or None to merge it in one call.
 
     The merge kernel holds several block-sized temporaries per input block (the Cayley and
@@ -251,7 +251,7 @@ def _chunk_size(x: Array) -> int | None:
     if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer) or {d.platform for d in x.devices()} != {"cpu"}:
         return None
     n, b = int(np.prod(x.shape[:-2], dtype=np.int64)), x.shape[-1]
-    target = max(1, _CPU_CHUNK_BYTES // (b * b * x.dtype.itemsize))
+    target = max(1, target_bytes // (b * b * x.dtype.itemsize))
     if n <= target:
         return None
     divisor = max(d for d in range(1, target + 1) if n % d == 0)
@@ -273,8 +273,7 @@ def _pair_chunked(x1, x2, t, alpha, chunk: int, **options) -> tuple[Block, Bool[
     return y, bad
 
 
-@functools.partial(jax.jit, static_argnames=("method", "restore", "angle_tol", "orthogonal"))
-def _sweep_kernel(x1, x2, ts, alpha, *, method, restore, angle_tol, orthogonal=(False, False)):
+def _sweep_blocks(x1, x2, ts, alpha, *, method, restore, angle_tol, orthogonal):
     x1, x2 = _as_method_input(x1, orthogonal[0], method), _as_method_input(x2, orthogonal[1], method)
     # The t-independent decomposition (inverse Cayley of U1^T U2 and its eigh) is done once here.
     path = geodesic_path(x1, x2, angle_tol=angle_tol) if method == "geodesic" else None
@@ -282,6 +281,37 @@ def _sweep_kernel(x1, x2, ts, alpha, *, method, restore, angle_tol, orthogonal=(
         x1, x2 = skew(x1), skew(x2)
     point = functools.partial(_pair_point, method=method, restore=restore, angle_tol=angle_tol)
     return jax.vmap(lambda t: point(x1, x2, t, path, alpha=alpha))(ts)
+
+
+@functools.partial(jax.jit, static_argnames=("method", "restore", "angle_tol", "orthogonal"))
+def _sweep_kernel(x1, x2, ts, alpha, *, method, restore, angle_tol, orthogonal=(False, False)):
+    return _sweep_blocks(x1, x2, ts, alpha, method=method, restore=restore, angle_tol=angle_tol, orthogonal=orthogonal)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("chunk", "method", "restore", "angle_tol", "orthogonal"), donate_argnums=(0, 1)
+)
+def _sweep_chunk_kernel(y, bad, x1, x2, start, ts, alpha, *, chunk, method, restore, angle_tol, orthogonal):
+    """:func:`_pair_chunk_kernel` for a sweep: blocks ``[start, start + chunk)`` at every t."""
+    b, n_t = x1.shape[-1], ts.shape[0]
+    part = lambda x: jax.lax.dynamic_slice_in_dim(x.reshape(-1, b, b), start, chunk)  # noqa: E731
+    yc, bc = _sweep_blocks(
+        part(x1), part(x2), ts, alpha, method=method, restore=restore, angle_tol=angle_tol, orthogonal=orthogonal
+    )
+    y = jax.lax.dynamic_update_slice_in_dim(y.reshape(n_t, -1, b, b), yc, start, 1).reshape(y.shape)
+    bad = jax.lax.dynamic_update_slice_in_dim(bad.reshape(n_t, -1), bc, start, 1).reshape(bad.shape)
+    return y, bad
+
+
+def _sweep_chunked(x1, x2, ts, alpha, chunk: int, **options) -> tuple[Block, Bool[Array, "..."]]:
+    """:func:`_sweep_kernel` on concrete CPU stacks, ``chunk`` blocks at a time (as :func:`_pair_chunked`)."""
+    n = int(np.prod(x1.shape[:-2], dtype=np.int64))
+    n_t = ts.shape[0]
+    y, bad = jnp.zeros((n_t, *x1.shape), x1.dtype), jnp.zeros((n_t, *x1.shape[:-2]), bool)
+    for i in range(-(-n // chunk)):
+        start = min(i * chunk, n - chunk)
+        y, bad = _sweep_chunk_kernel(y, bad, x1, x2, start, ts, alpha, chunk=chunk, **options)
+    return y, bad
 
 
 @functools.partial(jax.jit, static_argnames=("method", "restore", "angle_tol", "tol", "max_iter"))
@@ -558,16 +588,15 @@ def sweep(
         out, per = {}, {}
         for which in ("L", "R"):
             x1, x2 = _stack_inputs([adapter1, adapter2], key, which, method, dtype, convert=False)
-            out[which], per[which] = _sweep_kernel(
-                x1,
-                x2,
-                ts,
-                alpha,
-                method=method,
-                restore=restore,
-                angle_tol=angle_tol,
-                orthogonal=(adapter1.orthogonal, adapter2.orthogonal),
-            )
+            options = dict(method=method, restore=restore, angle_tol=angle_tol,
+                           orthogonal=(adapter1.orthogonal, adapter2.orthogonal))
+            # CPU stacks in chunks, as in merge(), sized so that all t of a chunk stay in cache.
+            chunk = (_chunk_size(x1, max(1, _CPU_CHUNK_BYTES // max(1, ts.shape[0])))
+                     if _is_concrete(x1, x2, ts, alpha) else None)
+            if chunk is None:
+                out[which], per[which] = _sweep_kernel(x1, x2, ts, alpha, **options)
+            else:
+                out[which], per[which] = _sweep_chunked(x1, x2, ts, alpha, chunk, **options)
             del x1, x2
         stacks[key] = replace(adapter1.stacks[key], L=out["L"], R=out["R"])
         flags[key] = per

@@ -578,3 +578,59 @@ def test_chunked_merge_compiles_once(chunk_calls):
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert seen == [], f"recompiled on the second call: {seen}"
+
+
+@pytest.fixture
+def sweep_chunk_calls(monkeypatch):
+    """As ``chunk_calls``, for the sweep's chunk kernel."""
+    module = sys.modules["orthofuse_jax.fusion.merge"]
+    kernel, calls = module._sweep_chunk_kernel, []
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["chunk"])
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(module, "_sweep_chunk_kernel", counted)
+
+    def set_bytes(n):
+        monkeypatch.setattr(module, "_CPU_CHUNK_BYTES", n)
+        calls.clear()
+        return calls
+
+    return set_bytes
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="stacks are chunked on CPU only")
+@pytest.mark.parametrize(
+    "method,restore", [("geodesic", "cayley"), ("geodesic", "exact"), ("cayley", "cayley"), ("cayley", "none")]
+)
+@pytest.mark.parametrize("blocks_per_chunk", [2, 5])
+def test_chunked_sweep_equals_whole_stack(sweep_chunk_calls, method, restore, blocks_per_chunk):
+    """A sweep run in chunks of blocks (all t per chunk) gives the whole-stack sweep bit for bit,
+    and its t = ts[i] slice equals merge at that t to round-off."""
+    dtype = np.float32
+    ts = np.array([0.0, 0.35, 0.8], dtype)
+    for a1, a2 in [(make_adapter(35, dtype=dtype), to_orthogonal(make_adapter(36, dtype=dtype))),
+                   (_prime_adapter(37, dtype), _prime_adapter(38, dtype))]:
+        sweep_chunk_calls(2**40)
+        whole = sweep(a1, a2, ts, method=method, restore=restore)
+        block_bytes = min(s.b for s in a1.stacks.values()) ** 2 * np.dtype(dtype).itemsize
+        calls = sweep_chunk_calls(blocks_per_chunk * block_bytes * len(ts))
+        chunked = sweep(a1, a2, ts, method=method, restore=restore)
+        assert calls and max(calls) <= blocks_per_chunk  # really chunked, all t per chunk
+        for key, s in whole.stacks.items():
+            assert chunked.stacks[key].L.shape == s.L.shape == (len(ts), *a1.stacks[key].L.shape)
+            np.testing.assert_array_equal(np.asarray(chunked.stacks[key].L), np.asarray(s.L))
+            np.testing.assert_array_equal(np.asarray(chunked.stacks[key].R), np.asarray(s.R))
+        one = merge([a1, a2], t=float(ts[1]), method=method, restore=restore)
+        for key, s in one.stacks.items():
+            np.testing.assert_allclose(np.asarray(chunked.stacks[key].L[1]), np.asarray(s.L), atol=2e-6)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="stacks are chunked on CPU only")
+def test_chunked_sweep_error_names_layer_and_t(sweep_chunk_calls):
+    calls = sweep_chunk_calls(1)  # one block per chunk
+    a1, a2 = _pi_pair()
+    with pytest.raises(MergeError, match=r"mid\.attn.*t = 0\.5"):
+        sweep(a1, a2, np.array([0.5, 0.7]), method="geodesic")
+    assert calls
