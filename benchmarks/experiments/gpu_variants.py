@@ -1,14 +1,15 @@
-"""GPU: which eigh implementation and matmul precision for the full-SDXL merges (issue 5).
+"""GPU: which eigh implementation for the full-SDXL merges, and the primitives' costs (issue 5).
 
-    python -m benchmarks.experiments.gpu_variants [--out DIR] [--layers-check 4]
+    python -m benchmarks.experiments.gpu_variants [--out DIR] [--layers-check 4] [--no-baseline] [--no-primitives]
 
-On an accelerator, for every combination of ``eigh`` implementation (XLA's default QR/``syevd``
-vs batched Jacobi ``syevj``) and matmul precision (JAX's default, which may use TF32 for float32
-on NVIDIA GPUs, vs ``highest``), times ``jax.jit(merge)`` on the full SDXL inventory (exact,
-exact + exact restoration, fast, 16-point sweep; medians of 5 after a warm-up) and checks the
-first ``--layers-check`` layers of each block size against the reference algorithm run in float64
-on the CPU (``benchmarks/reference_torch.py``). Also times the primitives at the SDXL stack shapes.
-Writes ``gpu_variants.json`` into ``--out`` (default ``benchmarks/results``).
+On an accelerator: times the primitives at the SDXL stack shapes (matmul at default and HIGHEST
+precision, solve, eigh QR vs Jacobi), then, for each ``eigh`` implementation (batched Jacobi
+``syevj``, XLA's default QR/``syevd``), times ``jax.jit(merge)`` on the full SDXL inventory
+(exact, fast; for the first also exact restoration and the 16-point sweep; medians of 3 after
+the compiling call) and checks the first ``--layers-check`` layers of each block size against
+the reference algorithm run in float64 on the CPU (``benchmarks/reference_torch.py``).
+Variants are labelled ``precision=default`` for history: the library's products are
+``Precision.HIGHEST`` regardless. Writes ``gpu_variants.json`` into ``--out``.
 """
 
 from __future__ import annotations
