@@ -40,7 +40,7 @@ def _trace_kernels(log):
 
     m = importlib.import_module("orthofuse_jax.fusion.merge")  # the package re-exports merge() under that name
 
-    for name in ("_stack_inputs", "_pair_kernel", "_pair_chunked"):
+    for name in ("_stack_inputs", "_pair_kernel", "_run_chunked"):
         kernel = getattr(m, name)
 
         def traced(*args, _kernel=kernel, _name=name, **kwargs):

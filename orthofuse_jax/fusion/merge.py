@@ -218,25 +218,7 @@ def _pair_kernel(x1, x2, t, alpha, *, method, restore, angle_tol, orthogonal=(Fa
     return _pair_blocks(x1, x2, t, alpha, method=method, restore=restore, angle_tol=angle_tol, orthogonal=orthogonal)
 
 
-@functools.partial(
-    jax.jit, static_argnames=("chunk", "method", "restore", "angle_tol", "orthogonal"), donate_argnums=(0, 1)
-)
-def _pair_chunk_kernel(y, bad, x1, x2, start, t, alpha, *, chunk, method, restore, angle_tol, orthogonal):
-    """Blocks ``[start, start + chunk)`` of the flattened stacks, written into ``y, bad`` in place.
-
-    ``y`` and ``bad`` are buffers that :func:`_pair_chunked` created and donates, never the caller's.
-    """
-    b = x1.shape[-1]
-    part = lambda x: jax.lax.dynamic_slice_in_dim(x.reshape(-1, b, b), start, chunk)  # noqa: E731
-    yc, bc = _pair_blocks(
-        part(x1), part(x2), t, alpha, method=method, restore=restore, angle_tol=angle_tol, orthogonal=orthogonal
-    )
-    y = jax.lax.dynamic_update_slice_in_dim(y.reshape(-1, b, b), yc, start, 0).reshape(y.shape)
-    bad = jax.lax.dynamic_update_slice_in_dim(bad.reshape(-1), bc, start, 0).reshape(bad.shape)
-    return y, bad
-
-
-def _chunk_size(x: Array, target_bytes: int = _CPU_CHUNK_BYTES) -> int | None:
+def _chunk_size(x: Array, target_bytes: int | None = None) -> int | None:
     """Blocks per chunk for merging stack ``x`` in chunks, or None to merge it in one call.
 
     The merge kernel holds several block-sized temporaries per input block (the Cayley and
@@ -251,26 +233,11 @@ def _chunk_size(x: Array, target_bytes: int = _CPU_CHUNK_BYTES) -> int | None:
     if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer) or {d.platform for d in x.devices()} != {"cpu"}:
         return None
     n, b = int(np.prod(x.shape[:-2], dtype=np.int64)), x.shape[-1]
-    target = max(1, target_bytes // (b * b * x.dtype.itemsize))
+    target = max(1, (_CPU_CHUNK_BYTES if target_bytes is None else target_bytes) // (b * b * x.dtype.itemsize))
     if n <= target:
         return None
     divisor = max(d for d in range(1, target + 1) if n % d == 0)
     return divisor if 4 * divisor >= target else target
-
-
-def _pair_chunked(x1, x2, t, alpha, chunk: int, **options) -> tuple[Block, Bool[Array, "*batch"]]:
-    """:func:`_pair_kernel` on concrete stacks, ``chunk`` blocks per call, into one output buffer.
-
-    The last chunk starts at ``n - chunk`` and may overlap the one before it; the overlapping blocks
-    are recomputed from the same inputs, with the same values (each block's result depends only
-    on that block).
-    """
-    n = int(np.prod(x1.shape[:-2], dtype=np.int64))
-    y, bad = jnp.zeros(x1.shape, x1.dtype), jnp.zeros(x1.shape[:-2], bool)
-    for i in range(-(-n // chunk)):
-        start = min(i * chunk, n - chunk)
-        y, bad = _pair_chunk_kernel(y, bad, x1, x2, start, t, alpha, chunk=chunk, **options)
-    return y, bad
 
 
 def _sweep_blocks(x1, x2, ts, alpha, *, method, restore, angle_tol, orthogonal):
@@ -289,28 +256,40 @@ def _sweep_kernel(x1, x2, ts, alpha, *, method, restore, angle_tol, orthogonal=(
 
 
 @functools.partial(
-    jax.jit, static_argnames=("chunk", "method", "restore", "angle_tol", "orthogonal"), donate_argnums=(0, 1)
+    jax.jit, static_argnames=("chunk", "sweep", "method", "restore", "angle_tol", "orthogonal"), donate_argnums=(0, 1)
 )
-def _sweep_chunk_kernel(y, bad, x1, x2, start, ts, alpha, *, chunk, method, restore, angle_tol, orthogonal):
-    """:func:`_pair_chunk_kernel` for a sweep: blocks ``[start, start + chunk)`` at every t."""
-    b, n_t = x1.shape[-1], ts.shape[0]
+def _chunk_kernel(y, bad, x1, x2, start, t, alpha, *, chunk, sweep, method, restore, angle_tol, orthogonal):
+    """Blocks ``[start, start + chunk)`` of the flattened stacks, written into ``y, bad`` in place.
+
+    ``sweep=False``: one merge at ``t`` (:func:`_pair_blocks`); ``sweep=True``: every t of ``t``
+    (:func:`_sweep_blocks`), outputs with a leading t axis. ``y`` and ``bad`` are buffers that
+    :func:`_run_chunked` created and donates, never the caller's.
+    """
+    b, lead = x1.shape[-1], y.shape[: int(sweep)]
     part = lambda x: jax.lax.dynamic_slice_in_dim(x.reshape(-1, b, b), start, chunk)  # noqa: E731
-    yc, bc = _sweep_blocks(
-        part(x1), part(x2), ts, alpha, method=method, restore=restore, angle_tol=angle_tol, orthogonal=orthogonal
-    )
-    y = jax.lax.dynamic_update_slice_in_dim(y.reshape(n_t, -1, b, b), yc, start, 1).reshape(y.shape)
-    bad = jax.lax.dynamic_update_slice_in_dim(bad.reshape(n_t, -1), bc, start, 1).reshape(bad.shape)
+    blocks = _sweep_blocks if sweep else _pair_blocks
+    yc, bc = blocks(part(x1), part(x2), t, alpha, method=method, restore=restore, angle_tol=angle_tol,
+                    orthogonal=orthogonal)
+    axis = len(lead)
+    y = jax.lax.dynamic_update_slice_in_dim(y.reshape(*lead, -1, b, b), yc, start, axis).reshape(y.shape)
+    bad = jax.lax.dynamic_update_slice_in_dim(bad.reshape(*lead, -1), bc, start, axis).reshape(bad.shape)
     return y, bad
 
 
-def _sweep_chunked(x1, x2, ts, alpha, chunk: int, **options) -> tuple[Block, Bool[Array, "..."]]:
-    """:func:`_sweep_kernel` on concrete CPU stacks, ``chunk`` blocks at a time (as :func:`_pair_chunked`)."""
+def _run_chunked(x1, x2, t, alpha, chunk: int, *, sweep: bool = False, **options):
+    """:func:`_pair_kernel` (or :func:`_sweep_kernel`) on concrete stacks, ``chunk`` blocks per call,
+    into one output buffer.
+
+    The last chunk starts at ``n - chunk`` and may overlap the one before it; the overlapping blocks
+    are recomputed from the same inputs, with the same values (each block's result depends only
+    on that block).
+    """
     n = int(np.prod(x1.shape[:-2], dtype=np.int64))
-    n_t = ts.shape[0]
-    y, bad = jnp.zeros((n_t, *x1.shape), x1.dtype), jnp.zeros((n_t, *x1.shape[:-2]), bool)
+    lead = (t.shape[0],) if sweep else ()
+    y, bad = jnp.zeros((*lead, *x1.shape), x1.dtype), jnp.zeros((*lead, *x1.shape[:-2]), bool)
     for i in range(-(-n // chunk)):
         start = min(i * chunk, n - chunk)
-        y, bad = _sweep_chunk_kernel(y, bad, x1, x2, start, ts, alpha, chunk=chunk, **options)
+        y, bad = _chunk_kernel(y, bad, x1, x2, start, t, alpha, chunk=chunk, sweep=sweep, **options)
     return y, bad
 
 
@@ -518,7 +497,7 @@ def merge(
                 if chunk is None:
                     y, bad = _pair_kernel(blocks[0], blocks[1], t, alpha, **options)
                 else:
-                    y, bad = _pair_chunked(blocks[0], blocks[1], t, alpha, chunk, **options)
+                    y, bad = _run_chunked(blocks[0], blocks[1], t, alpha, chunk, **options)
             else:
                 y, bad, res, it = _mean_kernel(
                     jnp.stack(blocks),
@@ -596,7 +575,7 @@ def sweep(
             if chunk is None:
                 out[which], per[which] = _sweep_kernel(x1, x2, ts, alpha, **options)
             else:
-                out[which], per[which] = _sweep_chunked(x1, x2, ts, alpha, chunk, **options)
+                out[which], per[which] = _run_chunked(x1, x2, ts, alpha, chunk, sweep=True, **options)
             del x1, x2
         stacks[key] = replace(adapter1.stacks[key], L=out["L"], R=out["R"])
         flags[key] = per

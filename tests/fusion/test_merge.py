@@ -494,17 +494,17 @@ def test_cayley_restored_equals_two_step_reference(dtype, tol):
 # -- chunked CPU merge (issue 5: peak memory) -------------------------------------------------
 
 
-@pytest.fixture
-def chunk_calls(monkeypatch):
-    """Set the CPU chunk size of the two-adapter merge; yields a function that sets it and counts chunks."""
+def _counting_chunk_kernel(monkeypatch, sweep: bool):
+    """Set the CPU chunk size of merge (or sweep); returns a function that sets it and counts chunks."""
     module = sys.modules["orthofuse_jax.fusion.merge"]  # the package re-exports merge() under this name
-    kernel, calls = module._pair_chunk_kernel, []
+    kernel, calls = module._chunk_kernel, []
 
     def counted(*args, **kwargs):
-        calls.append(kwargs["chunk"])
+        if kwargs["sweep"] == sweep:
+            calls.append(kwargs["chunk"])
         return kernel(*args, **kwargs)
 
-    monkeypatch.setattr(module, "_pair_chunk_kernel", counted)
+    monkeypatch.setattr(module, "_chunk_kernel", counted)
 
     def set_bytes(n):
         monkeypatch.setattr(module, "_CPU_CHUNK_BYTES", n)
@@ -512,6 +512,11 @@ def chunk_calls(monkeypatch):
         return calls
 
     return set_bytes
+
+
+@pytest.fixture
+def chunk_calls(monkeypatch):
+    return _counting_chunk_kernel(monkeypatch, sweep=False)
 
 
 def _prime_adapter(seed, dtype=np.float64):
@@ -582,22 +587,7 @@ def test_chunked_merge_compiles_once(chunk_calls):
 
 @pytest.fixture
 def sweep_chunk_calls(monkeypatch):
-    """As ``chunk_calls``, for the sweep's chunk kernel."""
-    module = sys.modules["orthofuse_jax.fusion.merge"]
-    kernel, calls = module._sweep_chunk_kernel, []
-
-    def counted(*args, **kwargs):
-        calls.append(kwargs["chunk"])
-        return kernel(*args, **kwargs)
-
-    monkeypatch.setattr(module, "_sweep_chunk_kernel", counted)
-
-    def set_bytes(n):
-        monkeypatch.setattr(module, "_CPU_CHUNK_BYTES", n)
-        calls.clear()
-        return calls
-
-    return set_bytes
+    return _counting_chunk_kernel(monkeypatch, sweep=True)
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="stacks are chunked on CPU only")
