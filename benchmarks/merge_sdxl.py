@@ -244,9 +244,9 @@ def main(argv=None) -> dict:
                                   "angle_range": common.ANGLE_RANGE, "dtype": "float32", "t": t}}
 
     # ---- compile times (ahead of time; the jitted whole-merge wrappers)
-    comp = {}
+    comp, compiled = {}, {}
     for k, f in ours_jit.items():
-        comp[k] = common.compile_time(f, a1, a2, np.float32(t))
+        comp[k] = common.compile_time(f, a1, a2, np.float32(t), keep=compiled, key=k)
         print(f"# compile jit({k}): {common.fmt_s(comp[k]['total'])}", flush=True)
     # merge() itself runs per-stack jitted kernels; its first call = compile + run.
     first = {}
@@ -259,6 +259,7 @@ def main(argv=None) -> dict:
     common.block(sweep_fn(a1, a2, ts))
     first["sweep"] = time.perf_counter() - t0
     results["compile"] = {"jit_whole_merge": comp, "first_call_of_merge": first}
+    common.write_json(args.out, results)  # partial results survive a time limit
     print("# compile (jit whole merge, lower+compile): "
           + ", ".join(f"{k} {common.fmt_s(v['total'])}" for k, v in comp.items()), flush=True)
 
@@ -279,34 +280,55 @@ def main(argv=None) -> dict:
     }
     print(f"# parity fast  (ours cayley+cayley vs moft_merge_fast): max abs diff {parity['fast']:.3g} "
           f"(vs float32 baseline {parity['fast_vs_f32_baseline']:.3g})", flush=True)
-    if not args.skip_baseline_full:
+    def check(parity):
+        bad = {k: v for k, v in parity.items()
+               if k != "exact_layers_checked_per_size"
+               and not v <= (F32_SANITY_TOL if k.endswith("_f32_baseline") else PARITY_TOL)}
+        if bad:
+            common.write_json(args.out, results)
+            raise SystemExit(f"PARITY FAILURE (> {PARITY_TOL}): {bad}; stopped")
+
+    def baseline_full_first_call():
+        """The per-layer eig baseline (float32, on the device) once: its first call, and parity vs ours."""
         t0 = time.perf_counter()
         base_full = ref.moft_merge(c_layers, s_layers, t)
         sync()
-        base_full_first = time.perf_counter() - t0
-        print(f"# baseline full, first call: {common.fmt_s(base_full_first)}", flush=True)
+        first = time.perf_counter() - t0
+        print(f"# baseline full, first call: {common.fmt_s(first)}", flush=True)
         ours_exact = common.adapter_stacks(ours["exact"](a1, a2, t))
         parity["exact_vs_f32_baseline"] = common.max_abs_diff(ours_exact, _restack(base_full, c_np))
-        del base_full
-        if args.parity_layers:
-            k = args.parity_layers
-            sub = {b: (L[:k], R[:k]) for b, (L, R) in c_np.items()}
-            cpu64 = lambda st: _torch_inputs({b: (L[:k].astype(np.float64), R[:k].astype(np.float64))  # noqa: E731
-                                               for b, (L, R) in st.items()})[1]
-            base64 = _restack(ref.moft_merge(cpu64(c_np), cpu64(s_np), t), sub)
-            parity["exact"] = common.max_abs_diff({b: (L[:k], R[:k]) for b, (L, R) in ours_exact.items()}, base64)
-            parity["exact_layers_checked_per_size"] = k
-        else:
-            base64 = ref.moft_merge([(L.double(), R.double()) for L, R in c_layers],
-                                    [(L.double(), R.double()) for L, R in s_layers], t)
-            parity["exact"] = common.max_abs_diff(ours_exact, _restack(base64, c_np))
+        print(f"# parity exact vs float32 baseline: max abs diff {parity['exact_vs_f32_baseline']:.3g}", flush=True)
+        return first
+
+    base_full_first = None
+    if args.parity_layers and not args.skip_baseline_full:
+        # The float64 check runs on the CPU on K layers per size, before anything is timed; the
+        # device's float32 baseline (minutes on a GPU) runs after our timings, so a time limit
+        # that stops it still leaves our rows.
+        k = args.parity_layers
+        ours_exact = common.adapter_stacks(ours["exact"](a1, a2, t))
+        sub = {b: (L[:k], R[:k]) for b, (L, R) in c_np.items()}
+        cpu64 = lambda st: _torch_inputs({b: (L[:k].astype(np.float64), R[:k].astype(np.float64))  # noqa: E731
+                                           for b, (L, R) in st.items()})[1]
+        base64 = _restack(ref.moft_merge(cpu64(c_np), cpu64(s_np), t), sub)
+        parity["exact"] = common.max_abs_diff({b: (L[:k], R[:k]) for b, (L, R) in ours_exact.items()}, base64)
+        parity["exact_layers_checked_per_size"] = k
+        print(f"# parity exact (ours geodesic+cayley vs moft_merge, float64, {k} layers per size): "
+              f"max abs diff {parity['exact']:.3g}", flush=True)
+        del base64, ours_exact
+    elif not args.skip_baseline_full:
+        base_full_first = baseline_full_first_call()
+        ours_exact = common.adapter_stacks(ours["exact"](a1, a2, t))
+        base64 = ref.moft_merge([(L.double(), R.double()) for L, R in c_layers],
+                                [(L.double(), R.double()) for L, R in s_layers], t)
+        parity["exact"] = common.max_abs_diff(ours_exact, _restack(base64, c_np))
         print(f"# parity exact (ours geodesic+cayley vs moft_merge): max abs diff {parity['exact']:.3g} "
               f"(vs float32 baseline {parity['exact_vs_f32_baseline']:.3g})", flush=True)
         del base64, ours_exact
     # ours jit == ours eager
     if args.with_jit:
         parity["jit_vs_eager_exact"] = common.max_abs_diff(
-            common.adapter_stacks(ours_jit["exact"](a1, a2, np.float32(t))),
+            common.adapter_stacks(compiled["exact"](a1, a2, np.float32(t))),
             common.adapter_stacks(ours["exact"](a1, a2, t)))
     sw = sweep_fn(a1, a2, np.asarray([t], np.float32))
     parity["sweep_vs_merge_exact"] = common.max_abs_diff(
@@ -315,28 +337,30 @@ def main(argv=None) -> dict:
     del sw, base_fast, ours_fast
     results["parity"] = parity
     results["parity_tol"] = PARITY_TOL
-    bad = {k: v for k, v in parity.items()
-           if k != "exact_layers_checked_per_size" and not v <= (F32_SANITY_TOL if k.endswith("_f32_baseline") else PARITY_TOL)}
-    if bad:
-        common.write_json(args.out, results)
-        raise SystemExit(f"PARITY FAILURE (> {PARITY_TOL}): {bad}; nothing timed")
+    check(parity)
     gc.collect()
+    common.write_json(args.out, results)
 
     # ---- timings
     tm = {}
+
+    results["timings"] = tm
 
     def run(name, fn, reps):
         tm[name] = common.time_fn(fn, reps=reps)
         print(f"  {name:32s} median {common.fmt_s(tm[name]['median'])}  (cpu {common.fmt_s(tm[name]['cpu_median'])}, "
               f"load {tm[name]['load1_before']:.1f})", flush=True)
+        common.write_json(args.out, results)
 
     run("ours.fast", lambda: common.block(ours["fast"](a1, a2, t)), args.reps)
     run("ours.exact", lambda: common.block(ours["exact"](a1, a2, t)), args.reps)
     run("ours.exact_restore", lambda: common.block(ours["exact_restore"](a1, a2, t)), args.reps)
     tf = np.float32(t)
     if args.with_jit:
-        run("ours.jit.fast", lambda: common.block(ours_jit["fast"](a1, a2, tf)), args.reps)
-        run("ours.jit.exact", lambda: common.block(ours_jit["exact"](a1, a2, tf)), args.reps)
+        # the ahead-of-time executables of the compile step: nothing is compiled twice
+        run("ours.jit.fast", lambda: common.block(compiled["fast"](a1, a2, tf)), args.reps)
+        run("ours.jit.exact", lambda: common.block(compiled["exact"](a1, a2, tf)), args.reps)
+        run("ours.jit.exact_restore", lambda: common.block(compiled["exact_restore"](a1, a2, tf)), args.reps)
     run("ours.sweep", lambda: common.block(sweep_fn(a1, a2, ts)), args.reps)
     gc.collect()
     def baseline(fn):
@@ -349,7 +373,10 @@ def main(argv=None) -> dict:
 
     run("baseline.fast", baseline(lambda: ref.moft_merge_fast(c_pt, s_pt, t)), args.baseline_reps)
     if not args.skip_baseline_full:
-        # The parity call above was its warm-up (it runs 560 eig calls: minutes on some machines).
+        if base_full_first is None:  # --parity-layers: its first call and float32 parity come now
+            base_full_first = baseline_full_first_call()
+            check(parity)
+        # The parity call was its warm-up (it runs 560 eig calls: minutes on some machines).
         if args.baseline_full_reps == 0:
             tm["baseline.full"] = {"median": base_full_first, "min": base_full_first, "max": base_full_first,
                                    "cpu_median": None, "reps": 1, "warmup": 0, "times": [base_full_first],
@@ -431,7 +458,8 @@ def render_table(res: dict) -> str:
         ["exact: geodesic + curve_over_id", g("ours.exact"), cpu("ours.exact"), g("ours.jit.exact"),
          common.fmt_s(comp["exact"]["total"]), g("baseline.full"),
          f"{r['exact_speedup']:.2f}x" if r["exact_speedup"] else "-"],
-        ["exact: geodesic + exact restoration", g("ours.exact_restore"), cpu("ours.exact_restore"), "-",
+        ["exact: geodesic + exact restoration", g("ours.exact_restore"), cpu("ours.exact_restore"),
+         g("ours.jit.exact_restore"),
          common.fmt_s(comp["exact_restore"]["total"]), "-", "-"],
         [f"sweep: {res['args']['sweep_points']} t, geodesic + curve_over_id", g("ours.sweep"), cpu("ours.sweep"),
          "-", "-", "-", "-"],
