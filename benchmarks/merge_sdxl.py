@@ -168,8 +168,8 @@ def main(argv=None) -> dict:
     p.add_argument("--sweep-points", type=int, default=16)
     p.add_argument("--skip-rss", action="store_true")
     p.add_argument("--with-jit", action="store_true",
-                   help="also RUN jax.jit(merge) as one program (compile time is always reported); on this "
-                        "2-core CPU its execution hung (> 4 min for 8 layers) unless pinned to one core, see RESULTS.md")
+                   help="also time jax.jit(merge) as one program, using the executables whose compile time is "
+                        "always reported (on with --device cuda)")
     p.add_argument("--skip-baseline-full", action="store_true", help="debug only: no per-layer eig baseline")
     p.add_argument("--worker", choices=["rss"], help=argparse.SUPPRESS)
     p.add_argument("--which", default="exact", help=argparse.SUPPRESS)

@@ -155,10 +155,10 @@ def lora_merge(
     r = min(int(rank), n_in, n_out)
 
     def m_times(d):  # M D, [out, r]
-        return sum(c[i] * (mm(ups[i], mm(downs[i], d))) for i in range(len(loras)))
+        return sum(c[i] * mm(ups[i], mm(downs[i], d)) for i in range(len(loras)))
 
     def mt_times(v):  # M^T V, [in, r]
-        return sum(c[i] * (mm(downs[i].T, mm(ups[i].T, v))) for i in range(len(loras)))
+        return sum(c[i] * mm(downs[i].T, mm(ups[i].T, v)) for i in range(len(loras)))
 
     d0, _ = jnp.linalg.qr(jax.random.normal(key, (n_in, r), dtype=dtype))
     v0 = jnp.zeros((n_out, r), dtype)

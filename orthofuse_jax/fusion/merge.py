@@ -570,8 +570,8 @@ def sweep(
             options = dict(method=method, restore=restore, angle_tol=angle_tol,
                            orthogonal=(adapter1.orthogonal, adapter2.orthogonal))
             # CPU stacks in chunks, as in merge(), sized so that all t of a chunk stay in cache.
-            chunk = (_chunk_size(x1, max(1, _CPU_CHUNK_BYTES // max(1, ts.shape[0])))
-                     if _is_concrete(x1, x2, ts, alpha) else None)
+            chunk = (_chunk_size(x1, max(1, _CPU_CHUNK_BYTES // ts.shape[0]))
+                     if ts.shape[0] and _is_concrete(x1, x2, ts, alpha) else None)
             if chunk is None:
                 out[which], per[which] = _sweep_kernel(x1, x2, ts, alpha, **options)
             else:

@@ -624,3 +624,13 @@ def test_chunked_sweep_error_names_layer_and_t(sweep_chunk_calls):
     with pytest.raises(MergeError, match=r"mid\.attn.*t = 0\.5"):
         sweep(a1, a2, np.array([0.5, 0.7]), method="geodesic")
     assert calls
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="stacks are chunked on CPU only")
+def test_chunked_sweep_of_no_t(sweep_chunk_calls):
+    """An empty ``ts`` gives empty stacks, as without chunks (it once divided by zero in a reshape)."""
+    calls = sweep_chunk_calls(1)
+    a1, a2 = _prime_adapter(39, np.float32), _prime_adapter(40, np.float32)
+    out = sweep(a1, a2, np.zeros((0,), np.float32), restore="cayley")
+    assert {k: s.L.shape for k, s in out.stacks.items()} == {"nb1_b3": (0, 7, 1, 3, 3)}
+    assert calls == []
