@@ -196,7 +196,7 @@ def _pair_point(x1, x2, t, path, *, method, restore, alpha, angle_tol):
 
 
 _CPU_CHUNK_BYTES = 1 * 2**20
-"""Target size of one input chunk when ``merge`` runs a two-adapter stack in chunks (``_chunk_size``)."""
+"""Target size of one chunk's outputs (all t of a sweep) when ``merge``/``sweep`` run a CPU stack in chunks."""
 
 
 def _as_method_input(x: Block, orthogonal: bool, method: str) -> Block:
@@ -218,7 +218,7 @@ def _pair_kernel(x1, x2, t, alpha, *, method, restore, angle_tol, orthogonal=(Fa
     return _pair_blocks(x1, x2, t, alpha, method=method, restore=restore, angle_tol=angle_tol, orthogonal=orthogonal)
 
 
-def _chunk_size(x: Array, target_bytes: int | None = None) -> int | None:
+def _chunk_size(x: Array, target_bytes: int) -> int | None:
     """Blocks per chunk for merging stack ``x`` in chunks, or None to merge it in one call.
 
     The merge kernel holds several block-sized temporaries per input block (the Cayley and
@@ -233,7 +233,7 @@ def _chunk_size(x: Array, target_bytes: int | None = None) -> int | None:
     if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer) or {d.platform for d in x.devices()} != {"cpu"}:
         return None
     n, b = int(np.prod(x.shape[:-2], dtype=np.int64)), x.shape[-1]
-    target = max(1, (_CPU_CHUNK_BYTES if target_bytes is None else target_bytes) // (b * b * x.dtype.itemsize))
+    target = max(1, target_bytes // (b * b * x.dtype.itemsize))
     if n <= target:
         return None
     divisor = max(d for d in range(1, target + 1) if n % d == 0)
@@ -291,6 +291,18 @@ def _run_chunked(x1, x2, t, alpha, chunk: int, *, sweep: bool = False, **options
         start = min(i * chunk, n - chunk)
         y, bad = _chunk_kernel(y, bad, x1, x2, start, t, alpha, chunk=chunk, sweep=sweep, **options)
     return y, bad
+
+
+def _pair_or_sweep(x1, x2, t, alpha, *, sweep: bool, **options):
+    """Merge two stacks at ``t`` (``sweep=False``) or at every t of ``t``: one kernel call, or on
+    concrete CPU stacks a chunked loop (:func:`_chunk_size`) sized so that a chunk's outputs for all
+    t stay near ``_CPU_CHUNK_BYTES``."""
+    n_t = t.shape[0] if sweep else 1
+    chunk = (_chunk_size(x1, max(1, _CPU_CHUNK_BYTES // n_t))
+             if n_t and _is_concrete(x1, x2, t, alpha) else None)
+    if chunk is not None:
+        return _run_chunked(x1, x2, t, alpha, chunk, sweep=sweep, **options)
+    return (_sweep_kernel if sweep else _pair_kernel)(x1, x2, t, alpha, **options)
 
 
 @functools.partial(jax.jit, static_argnames=("method", "restore", "angle_tol", "tol", "max_iter"))
@@ -490,14 +502,10 @@ def merge(
         for which in ("L", "R"):
             blocks = _stack_inputs(adapters, key, which, method, dtype, convert=k != 2)
             if k == 2:
-                options = dict(
-                    method=method, restore=restore, angle_tol=angle_tol, orthogonal=tuple(a.orthogonal for a in adapters)
+                y, bad = _pair_or_sweep(
+                    blocks[0], blocks[1], t, alpha, sweep=False, method=method, restore=restore,
+                    angle_tol=angle_tol, orthogonal=tuple(a.orthogonal for a in adapters),
                 )
-                chunk = _chunk_size(blocks[0]) if _is_concrete(blocks, t, alpha) else None
-                if chunk is None:
-                    y, bad = _pair_kernel(blocks[0], blocks[1], t, alpha, **options)
-                else:
-                    y, bad = _run_chunked(blocks[0], blocks[1], t, alpha, chunk, **options)
             else:
                 y, bad, res, it = _mean_kernel(
                     jnp.stack(blocks),
@@ -567,15 +575,10 @@ def sweep(
         out, per = {}, {}
         for which in ("L", "R"):
             x1, x2 = _stack_inputs([adapter1, adapter2], key, which, method, dtype, convert=False)
-            options = dict(method=method, restore=restore, angle_tol=angle_tol,
-                           orthogonal=(adapter1.orthogonal, adapter2.orthogonal))
-            # CPU stacks in chunks, as in merge(), sized so that all t of a chunk stay in cache.
-            chunk = (_chunk_size(x1, max(1, _CPU_CHUNK_BYTES // ts.shape[0]))
-                     if ts.shape[0] and _is_concrete(x1, x2, ts, alpha) else None)
-            if chunk is None:
-                out[which], per[which] = _sweep_kernel(x1, x2, ts, alpha, **options)
-            else:
-                out[which], per[which] = _run_chunked(x1, x2, ts, alpha, chunk, sweep=True, **options)
+            out[which], per[which] = _pair_or_sweep(
+                x1, x2, ts, alpha, sweep=True, method=method, restore=restore, angle_tol=angle_tol,
+                orthogonal=(adapter1.orthogonal, adapter2.orthogonal),
+            )
             del x1, x2
         stacks[key] = replace(adapter1.stacks[key], L=out["L"], R=out["R"])
         flags[key] = per
