@@ -519,6 +519,15 @@ def chunk_calls(monkeypatch):
     return _counting_chunk_kernel(monkeypatch, sweep=False)
 
 
+def chunked_cases(test):
+    """CPU-only; method/restore pairs x chunks that divide the stack or overlap at its end."""
+    test = pytest.mark.parametrize("blocks_per_chunk", [2, 5])(test)
+    test = pytest.mark.parametrize(
+        "method,restore", [("geodesic", "cayley"), ("geodesic", "exact"), ("cayley", "cayley"), ("cayley", "none")]
+    )(test)
+    return pytest.mark.skipif(jax.default_backend() != "cpu", reason="stacks are chunked on CPU only")(test)
+
+
 def _prime_adapter(seed, dtype=np.float64):
     """7 layers of one 3x3 block: 7 blocks per stack, so chunks of 2 or 5 overlap at the end."""
     rng = np.random.default_rng(seed)
@@ -526,11 +535,7 @@ def _prime_adapter(seed, dtype=np.float64):
     return from_layers(layers, dtype=dtype)
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="stacks are chunked on CPU only")
-@pytest.mark.parametrize(
-    "method,restore", [("geodesic", "cayley"), ("geodesic", "exact"), ("cayley", "cayley"), ("cayley", "none")]
-)
-@pytest.mark.parametrize("blocks_per_chunk", [2, 5])
+@chunked_cases
 def test_chunked_merge_equals_whole_stack(chunk_calls, method, restore, blocks_per_chunk):
     """Merging a stack in chunks (divisible and overlapping) gives the whole-stack result bit for bit."""
     dtype = np.float32
@@ -590,11 +595,7 @@ def sweep_chunk_calls(monkeypatch):
     return _counting_chunk_kernel(monkeypatch, sweep=True)
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="stacks are chunked on CPU only")
-@pytest.mark.parametrize(
-    "method,restore", [("geodesic", "cayley"), ("geodesic", "exact"), ("cayley", "cayley"), ("cayley", "none")]
-)
-@pytest.mark.parametrize("blocks_per_chunk", [2, 5])
+@chunked_cases
 def test_chunked_sweep_equals_whole_stack(sweep_chunk_calls, method, restore, blocks_per_chunk):
     """A sweep run in chunks of blocks (all t per chunk) gives the whole-stack sweep bit for bit,
     and its t = ts[i] slice equals merge at that t to round-off."""
