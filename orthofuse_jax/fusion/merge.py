@@ -48,7 +48,7 @@ import numpy as np
 
 from ..geometry import DEFAULT_ANGLE_TOL, cayley, geodesic, inverse_cayley, power, skew, spectral_map_with_flag
 from ..geometry._types import Array, Block, Bool, Float
-from ..geometry import geodesic_path
+from ..geometry import geodesic_path, geodesic_path_cayley
 from ..geometry._linalg import mm
 from .adapter import GSAdapter, LayerStack, check_compatible, to_orthogonal
 from .karcher import cayley_mean_blocks, karcher_mean_blocks_with_flag
@@ -206,9 +206,21 @@ def _as_method_input(x: Block, orthogonal: bool, method: str) -> Block:
     return cayley(x) if method == "geodesic" else inverse_cayley(x)
 
 
-def _pair_blocks(x1, x2, t, alpha, *, method, restore, angle_tol, orthogonal):
+def _inputs_and_path(x1, x2, *, method, angle_tol, orthogonal):
+    """The two stacks in the form ``method`` needs, and for ``geodesic`` the t-independent path.
+
+    Two raw-parameter stacks take :func:`geodesic_path_cayley` (two solves fewer per block than
+    converting both and calling :func:`geodesic_path`); the converted ``x2`` is then unused.
+    """
+    if method == "geodesic" and not any(orthogonal):
+        return x1, x2, geodesic_path_cayley(x1, x2, angle_tol=angle_tol)
     x1, x2 = _as_method_input(x1, orthogonal[0], method), _as_method_input(x2, orthogonal[1], method)
     path = geodesic_path(x1, x2, angle_tol=angle_tol) if method == "geodesic" else None
+    return x1, x2, path
+
+
+def _pair_blocks(x1, x2, t, alpha, *, method, restore, angle_tol, orthogonal):
+    x1, x2, path = _inputs_and_path(x1, x2, method=method, angle_tol=angle_tol, orthogonal=orthogonal)
     return _pair_point(x1, x2, t, path, method=method, restore=restore, alpha=alpha, angle_tol=angle_tol)
 
 
@@ -241,9 +253,8 @@ def _chunk_size(x: Array, target_bytes: int) -> int | None:
 
 
 def _sweep_blocks(x1, x2, ts, alpha, *, method, restore, angle_tol, orthogonal):
-    x1, x2 = _as_method_input(x1, orthogonal[0], method), _as_method_input(x2, orthogonal[1], method)
     # The t-independent decomposition (inverse Cayley of U1^T U2 and its eigh) is done once here.
-    path = geodesic_path(x1, x2, angle_tol=angle_tol) if method == "geodesic" else None
+    x1, x2, path = _inputs_and_path(x1, x2, method=method, angle_tol=angle_tol, orthogonal=orthogonal)
     if method == "cayley":
         x1, x2 = skew(x1), skew(x2)
     point = functools.partial(_pair_point, method=method, restore=restore, angle_tol=angle_tol)

@@ -8,13 +8,14 @@ The products with one GS layer (``gs_apply``, ``gs_apply_transpose``, ``act``, `
 with ``jax.vmap`` (tests/geometry/test_jit_vmap.py checks vmap against a loop).
 """
 
-from .cayley import cayley, eye_like, inverse_cayley, skew
+from .cayley import cayley, eye_like, inverse_cayley, relative_cayley, skew
 from .geodesic import (
     GeodesicPath,
     curve_speed,
     geodesic,
     geodesic_distance,
     geodesic_path,
+    geodesic_path_cayley,
     geodesic_speed,
     relative_rotation,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "geodesic",
     "geodesic_distance",
     "geodesic_path",
+    "geodesic_path_cayley",
     "geodesic_speed",
     "group_dimension",
     "gs_apply",
@@ -71,6 +73,7 @@ __all__ = [
     "perfect_shuffle_matrix",
     "perfect_unshuffle",
     "power",
+    "relative_cayley",
     "relative_rotation",
     "rotation_angles",
     "sign_stabilizer_element",

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from ._linalg import mm
 from ._types import Block
 
-__all__ = ["skew", "cayley", "inverse_cayley", "eye_like"]
+__all__ = ["skew", "cayley", "inverse_cayley", "relative_cayley", "eye_like"]
 
 
 def eye_like(a: Block) -> Block:
@@ -59,3 +60,21 @@ def inverse_cayley(u: Block) -> Block:
     """
     eye = eye_like(u)
     return skew(jnp.linalg.solve(u + eye, u - eye))
+
+
+def relative_cayley(a1: Block, a2: Block) -> Block:
+    """``invCay(Cay(A1)^T Cay(A2))`` from raw Cayley parameters, with ONE solve instead of three.
+
+    With ``S1 = skew(A1)``, ``S2 = skew(A2)``, ``Cay(A1)^T = Cay(-S1)`` and
+    ``I + Cay(-S1) Cay(S2) = 2 (I + S1)^{-1} (I - S1 S2) (I - S2)^{-1}``, so
+
+        invCay(Cay(A1)^T Cay(A2)) = I - 2 (I + U)^{-1} = I - (I - S2) (I - S1 S2)^{-1} (I + S1).
+
+    ``I - S1 S2`` is singular exactly where ``Cay(A1)^T Cay(A2)`` has an eigenvalue -1, so this
+    solve is conditioned like the inverse Cayley map of the product it replaces (and the two
+    Cayley solves that formed the product are not needed). This is the skew parameter of the
+    geodesic between two raw-parameter blocks (:func:`~orthofuse_jax.geometry.geodesic_path_cayley`).
+    """
+    s1, s2 = jnp.broadcast_arrays(skew(a1), skew(a2))
+    eye = eye_like(s1)
+    return skew(eye - mm(eye - s2, jnp.linalg.solve(eye - mm(s1, s2), eye + s1)))

@@ -18,12 +18,14 @@ import jax.numpy as jnp
 
 from ._linalg import mm
 from ._types import Array, Block, Bool, Float
-from .spectral import DEFAULT_ANGLE_TOL, _decompose, _is_concrete, _polar_step, _raise_if_bad, _sinc_ratio, rotation_angles
+from .cayley import cayley, relative_cayley
+from .spectral import DEFAULT_ANGLE_TOL, _decompose, _decompose_skew, _is_concrete, _polar_step, _raise_if_bad, _sinc_ratio, rotation_angles
 
 __all__ = [
     "GeodesicPath",
     "geodesic",
     "geodesic_path",
+    "geodesic_path_cayley",
     "geodesic_distance",
     "curve_speed",
     "geodesic_speed",
@@ -85,6 +87,21 @@ class GeodesicPath:
 def geodesic_path(u1: Block, u2: Block, *, angle_tol: float = DEFAULT_ANGLE_TOL) -> GeodesicPath:
     """Decompose ``W = U1^T U2`` once (inverse Cayley + real ``eigh``) for evaluation at many t."""
     s, v, sigma, _, bad = _decompose(relative_rotation(u1, u2), angle_tol)
+    return _path(u1, s, v, sigma, bad)
+
+
+def geodesic_path_cayley(a1: Block, a2: Block, *, angle_tol: float = DEFAULT_ANGLE_TOL) -> GeodesicPath:
+    """:func:`geodesic_path` from ``Cay(A1)`` to ``Cay(A2)``, given the raw Cayley parameters.
+
+    Equal to ``geodesic_path(cayley(a1), cayley(a2))`` in exact arithmetic, with two solves
+    instead of four: ``Cay(A1)`` and the relative parameter ``invCay(Cay(A1)^T Cay(A2))`` in one
+    solve (:func:`~orthofuse_jax.geometry.relative_cayley`); ``Cay(A2)`` is never formed.
+    """
+    s, v, sigma, _, bad = _decompose_skew(relative_cayley(a1, a2), angle_tol)
+    return _path(cayley(a1), s, v, sigma, bad)
+
+
+def _path(u1: Block, s: Block, v: Block, sigma, bad) -> GeodesicPath:
     return GeodesicPath(a=mm(u1, v), b=mm(mm(u1, s), v), v=v, sigma=sigma, bad=bad)
 
 

@@ -99,7 +99,11 @@ def _angle_threshold(angle_tol: float) -> float:
 
 
 def _decompose(u: Block, angle_tol: float):
-    s = inverse_cayley(u)
+    return _decompose_skew(inverse_cayley(u), angle_tol)
+
+
+def _decompose_skew(s: Block, angle_tol: float):
+    """``S, V, sigma, theta, bad`` for the rotation ``Cay(S)`` with skew Cayley parameter ``S``."""
     lam, v = _eigh_sq(s)
     sigma = jnp.sqrt(lam)
     theta = 2.0 * jnp.arctan(sigma)

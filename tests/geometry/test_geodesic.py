@@ -136,3 +136,43 @@ def test_geodesic_raises_on_antipodal_blocks():
     u2[1, :2, :2] = [[np.cos(ang), -np.sin(ang)], [np.sin(ang), np.cos(ang)]]
     expected = np.where(good, 0.0, ang * np.sqrt(2))
     np.testing.assert_allclose(np.asarray(geo.geodesic_distance(u1, u2)), expected, rtol=1e-9, atol=1e-12)
+
+
+def _cay64(a: np.ndarray) -> np.ndarray:
+    """``(I - S)^{-1} (I + S)``, ``S = skew(A)``, in float64 numpy."""
+    s = 0.5 * (a - T(a))
+    eye = np.eye(a.shape[-1])
+    return np.linalg.solve(eye - s, eye + s)
+
+
+@jax.jit
+def _path_cayley_kernel(a1, a2, t):
+    path = geo.geodesic_path_cayley(a1, a2)
+    return geo.relative_cayley(a1, a2), path.at(t), path.bad
+
+
+@given(
+    case=rotation_stacks(max_angle=2.8, dtype=np.float64),
+    scale=st.floats(0.0, 1.5),
+    t=st.floats(-0.5, 1.5),
+    f32=st.booleans(),
+)
+def test_geodesic_path_cayley_matches_scipy(case, scale, t, f32):
+    # Raw parameters: A1 a random non-skew matrix (only its skew part counts), A2 = invCay of a
+    # rotation with angles up to 2.8. Reference: float64 Cayley maps, then U1 expm(t logm(U1^T U2)).
+    rng = case.rng(3)
+    a1 = scale * rng.standard_normal((case.nb, case.b, case.b))
+    u2 = _cay64(a1) @ case.rot  # relative rotation = the drawn one, angles <= 2.8
+    eye = np.eye(case.b)
+    a2 = np.linalg.solve(u2 + eye, u2 - eye)
+    sym = rng.standard_normal(a2.shape)
+    a2 = a2 + scale * (sym + T(sym))  # a symmetric part, which Cay ignores
+    u1 = _cay64(a1)
+    rel_ref = np.linalg.solve(T(u1) @ u2 + eye, T(u1) @ u2 - eye)
+    want = u1 @ expm64(t * logm64(T(u1) @ u2))
+    dt = np.float32 if f32 else np.float64
+    rel, got, bad = (np.asarray(x) for x in _path_cayley_kernel(a1.astype(dt), a2.astype(dt), dt(t)))
+    assert got.dtype == dt and not bad.any()
+    # the relative parameter grows like tan(theta / 2) <= 6.3; its error like its square
+    np.testing.assert_allclose(rel, rel_ref, rtol=0, atol=2e-4 if f32 else 1e-11)
+    np.testing.assert_allclose(got, want, rtol=0, atol=5e-5 if f32 else 1e-11)

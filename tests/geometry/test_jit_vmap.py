@@ -69,6 +69,10 @@ TABLE = {
         lambda u1, u2, t: geo.geodesic_path(u1, u2).at(t),
         lambda r: (_rot(r), _rot(r), np.asarray(r.uniform(-0.5, 1.5))),
     ),
+    "geodesic_path_cayley": (
+        lambda a1, a2, t: geo.geodesic_path_cayley(a1, a2).at(t),
+        lambda r: (r.standard_normal((NB, B, B)), r.standard_normal((NB, B, B)), np.asarray(r.uniform(-0.5, 1.5))),
+    ),
     "geodesic_distance": (geo.geodesic_distance, lambda r: (_rot(r), _rot(r))),
     "geodesic_speed": (geo.geodesic_speed, lambda r: (_rot(r), _rot(r), np.asarray(r.uniform(0, 1)))),
     "gs_apply": (geo.gs_apply, lambda r: (r.standard_normal((2, N)), _rot(r), _rot(r))),
@@ -83,6 +87,7 @@ TABLE = {
     "perfect_shuffle": (lambda z: geo.perfect_shuffle(z, NB), lambda r: (r.standard_normal((2, N)),)),
     "perfect_unshuffle": (lambda z: geo.perfect_unshuffle(z, NB), lambda r: (r.standard_normal((2, N)),)),
     "power": (geo.power, lambda r: (_rot(r, 3.0), np.asarray(r.uniform(-1, 2)))),
+    "relative_cayley": (geo.relative_cayley, lambda r: (r.standard_normal((NB, B, B)), 0.5 * r.standard_normal((NB, B, B)))),
     "relative_rotation": (geo.relative_rotation, lambda r: (_rot(r), _rot(r))),
     "rotation_angles": (geo.rotation_angles, lambda r: (_rot(r),)),
     "sign_stabilizer_element": (geo.sign_stabilizer_element, lambda r: (_signs(r),)),
