@@ -12,6 +12,9 @@ Rows (medians of ``--reps`` runs after one warm-up run; compile time separately)
 * ``exact``  ours ``merge(method="geodesic", restore="cayley")`` vs baseline preset ``moft_merge``
   (per-layer ``torch.linalg.eig`` loop, 560 sequential calls)
 * ``exact (restore=exact)`` ours with the exact spectral restoration ``exp(f log Y)``
+* ``exact, algorithm="eigh"`` ours with the spectral (``eigh``) geodesic instead of the default
+  product-only log/exp (``merge(..., algorithm="matmul")`` is what ``auto`` picks for float32);
+  on ``--device cuda`` only with ``--eigh-row``
 * ``sweep``  ours ``sweep(..., 16 points, method="geodesic", restore="cayley")`` (vmapped over t)
 
 Before anything is timed the outputs of ours and the baseline are compared (max abs difference over
@@ -46,11 +49,11 @@ GPU_TARGETS = {"exact_max_s": 0.050, "fast_max_s": 0.010}
 """Issue 5's absolute targets on a GPU (full SDXL inventory)."""
 
 
-def _ours(method: str, restore: str):
+def _ours(method: str, restore: str, algorithm: str = "auto"):
     from orthofuse_jax.fusion.merge import merge
 
     def run(a1, a2, t):
-        return merge([a1, a2], t=t, method=method, restore=restore)
+        return merge([a1, a2], t=t, method=method, restore=restore, algorithm=algorithm)
 
     return run
 
@@ -167,6 +170,8 @@ def main(argv=None) -> dict:
     p.add_argument("--t", type=float, default=0.6)
     p.add_argument("--sweep-points", type=int, default=16)
     p.add_argument("--skip-rss", action="store_true")
+    p.add_argument("--eigh-row", action="store_true",
+                   help="also time the exact merge with algorithm='eigh' (always on for --device cpu)")
     p.add_argument("--with-jit", action="store_true",
                    help="also time jax.jit(merge) as one program, using the executables whose compile time is "
                         "always reported (on with --device cuda)")
@@ -235,6 +240,8 @@ def main(argv=None) -> dict:
         "exact": _ours("geodesic", "cayley"),
         "exact_restore": _ours("geodesic", "exact"),
     }
+    if args.device == "cpu" or args.eigh_row:
+        ours["exact_eigh"] = _ours("geodesic", "cayley", "eigh")
     ours_jit = {k: _ours_jit(*mr) for k, mr in
                 {"fast": ("cayley", "cayley"), "exact": ("geodesic", "cayley"), "exact_restore": ("geodesic", "exact")}.items()}
     sweep_fn = _ours_sweep("geodesic", "cayley")
@@ -335,6 +342,9 @@ def main(argv=None) -> dict:
         {s.b: (np.asarray(s.L[0]), np.asarray(s.R[0])) for s in sw.stacks.values()},
         common.adapter_stacks(ours["exact"](a1, a2, t)))
     del sw, base_fast, ours_fast
+    if "exact_eigh" in ours:  # the two geodesic algorithms agree (both were checked in the tests)
+        parity["exact_eigh_vs_exact"] = common.max_abs_diff(common.adapter_stacks(ours["exact_eigh"](a1, a2, t)),
+                                                            common.adapter_stacks(ours["exact"](a1, a2, t)))
     results["parity"] = parity
     results["parity_tol"] = PARITY_TOL
     check(parity)
@@ -355,6 +365,8 @@ def main(argv=None) -> dict:
     run("ours.fast", lambda: common.block(ours["fast"](a1, a2, t)), args.reps)
     run("ours.exact", lambda: common.block(ours["exact"](a1, a2, t)), args.reps)
     run("ours.exact_restore", lambda: common.block(ours["exact_restore"](a1, a2, t)), args.reps)
+    if "exact_eigh" in ours:
+        run("ours.exact_eigh", lambda: common.block(ours["exact_eigh"](a1, a2, t)), args.reps)
     tf = np.float32(t)
     if args.with_jit:
         # the ahead-of-time executables of the compile step: nothing is compiled twice
@@ -413,6 +425,7 @@ def main(argv=None) -> dict:
         "fast_speedup": med("baseline.fast") / med("ours.fast"),
         "exact_speedup": (med("baseline.full") / med("ours.exact")) if "baseline.full" in tm else None,
         "exact_over_fast": med("ours.exact") / med("ours.fast"),
+        "exact_eigh_over_exact": (med("ours.exact_eigh") / med("ours.exact")) if "ours.exact_eigh" in tm else None,
         "exact_restore_over_fast": med("ours.exact_restore") / med("ours.fast"),
         "sweep_over_single": med("ours.sweep") / med("ours.exact"),
         "exact_peak_rss_gb": (max(rss["exact"]["peak_first_call"], rss["exact"]["peak_second_call"] or 0) / 1e9)
@@ -458,6 +471,10 @@ def render_table(res: dict) -> str:
         ["exact: geodesic + curve_over_id", g("ours.exact"), cpu("ours.exact"), g("ours.jit.exact"),
          common.fmt_s(comp["exact"]["total"]), g("baseline.full"),
          f"{r['exact_speedup']:.2f}x" if r["exact_speedup"] else "-"],
+        ["exact, algorithm=\"eigh\"", g("ours.exact_eigh"), cpu("ours.exact_eigh"), "-", "-",
+         g("baseline.full"),
+         f"{tm['baseline.full']['median'] / tm['ours.exact_eigh']['median']:.2f}x"
+         if "ours.exact_eigh" in tm and "baseline.full" in tm else "-"],
         ["exact: geodesic + exact restoration", g("ours.exact_restore"), cpu("ours.exact_restore"),
          g("ours.jit.exact_restore"),
          common.fmt_s(comp["exact_restore"]["total"]), "-", "-"],

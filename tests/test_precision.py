@@ -57,6 +57,9 @@ GEOMETRY = {
     "power": lambda u1, u2: geo.power(u1, 0.7),
     "spectral_map": lambda u1, u2: geo.spectral_map(u1, lambda th: 1.5 * th),
     "expm_skew": lambda u1, u2: geo.expm_skew(u1),
+    "expm_skew_taylor": lambda u1, u2: geo.expm_skew_taylor(u1),
+    "log matmul": lambda u1, u2: geo.log(u1, algorithm="matmul"),
+    "geodesic matmul": lambda u1, u2: geo.geodesic(u1, u2, 0.3, algorithm="matmul"),
     "rotation_angles": lambda u1, u2: geo.rotation_angles(u1),
     "cayley": lambda u1, u2: geo.cayley(u1),
     "inverse_cayley": lambda u1, u2: geo.inverse_cayley(u1),
@@ -83,8 +86,11 @@ def _adapter(seed):
 @pytest.mark.parametrize("restore", ["none", "cayley", "exact"])
 def test_merges_are_highest_precision(method, restore):
     a1, a2, a3 = _adapter(0), _adapter(1), _adapter(2)
-    _assert_highest(lambda x, y, t: merge([x, y], t=t, method=method, restore=restore), a1, a2, 0.4)
-    _assert_highest(lambda x, y, ts: sweep(x, y, ts, method=method, restore=restore), a1, a2, jnp.linspace(0, 1, 3))
+    for algorithm in ("eigh", "matmul"):
+        _assert_highest(lambda x, y, t: merge([x, y], t=t, method=method, restore=restore, algorithm=algorithm),
+                        a1, a2, 0.4)
+        _assert_highest(lambda x, y, ts: sweep(x, y, ts, method=method, restore=restore, algorithm=algorithm),
+                        a1, a2, jnp.linspace(0, 1, 3))
     # three adapters: Karcher mean (geodesic) or Cayley-space mean
     _assert_highest(lambda w: merge([a1, a2, a3], w, method=method, restore=restore), jnp.asarray([0.2, 0.3, 0.5]))
 

@@ -46,10 +46,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..geometry import DEFAULT_ANGLE_TOL, cayley, geodesic, inverse_cayley, power, skew, spectral_map_with_flag
-from ..geometry._types import Array, Block, Bool, Float
-from ..geometry import geodesic_path, geodesic_path_cayley
+from ..geometry import (
+    DEFAULT_ANGLE_TOL,
+    cayley,
+    expm_skew_taylor,
+    geodesic,
+    geodesic_path,
+    geodesic_path_cayley,
+    inverse_cayley,
+    log_with_flag,
+    power,
+    skew,
+    spectral_map_with_flag,
+)
 from ..geometry._linalg import mm
+from ..geometry._types import Array, Block, Bool, Float
+from ..geometry.geodesic import _log_path
+from ..geometry.spectral import _polar_step
 from .adapter import GSAdapter, LayerStack, check_compatible, to_orthogonal
 from .karcher import cayley_mean_blocks, karcher_mean_blocks_with_flag
 from .scales import SCALE_RULES, combine_scales
@@ -57,6 +70,7 @@ from .scales import SCALE_RULES, combine_scales
 __all__ = [
     "METHODS",
     "RESTORES",
+    "ALGORITHMS",
     "MergeError",
     "MergeReport",
     "geodesic_blocks",
@@ -73,6 +87,7 @@ __all__ = [
 
 METHODS = ("geodesic", "cayley")
 RESTORES = ("none", "cayley", "exact")
+ALGORITHMS = ("auto", "eigh", "matmul")
 
 
 class MergeError(ValueError):
@@ -171,17 +186,23 @@ def _not_finite(y: Array) -> Array:
     return ~jnp.all(jnp.isfinite(y), axis=(-1, -2))
 
 
-def _restore_with_flag(y: Block, f, restore: str, angle_tol: float) -> tuple[Block, Bool[Array, "*batch"]]:
+def _restore_with_flag(
+    y: Block, f, restore: str, angle_tol: float, algorithm: str = "eigh"
+) -> tuple[Block, Bool[Array, "*batch"]]:
     if restore == "none":
         return y, _not_finite(y)
     if restore == "cayley":
         y = cayley((0.5 * f) * y)
         return y, _not_finite(y)
-    y, bad = spectral_map_with_flag(y, lambda th: f * th, angle_tol=angle_tol)
+    if algorithm == "matmul":  # exp(f log Y) with products only (eigh fallback inside the log)
+        x, bad = log_with_flag(y, angle_tol=angle_tol, algorithm="matmul")
+        y = _polar_step(expm_skew_taylor(jnp.asarray(f, y.dtype)[..., None, None] * x))
+    else:
+        y, bad = spectral_map_with_flag(y, lambda th: f * th, angle_tol=angle_tol)
     return y, bad | _not_finite(y)
 
 
-def _pair_point(x1, x2, t, path, *, method, restore, alpha, angle_tol):
+def _pair_point(x1, x2, t, path, *, method, restore, alpha, angle_tol, algorithm):
     if method == "cayley" and restore == "cayley":
         tb = _t_blocks(t, x1.dtype)
         y = cayley_restored((1.0 - tb) * skew(x1) + tb * skew(x2), 0.5 * restoration_factor(t, alpha))
@@ -191,7 +212,7 @@ def _pair_point(x1, x2, t, path, *, method, restore, alpha, angle_tol):
     else:
         y = cayley_space_blocks(x1, x2, t)
         bad = _not_finite(y)
-    y, bad2 = _restore_with_flag(y, restoration_factor(t, alpha), restore, angle_tol)
+    y, bad2 = _restore_with_flag(y, restoration_factor(t, alpha), restore, angle_tol, algorithm)
     return y, bad | bad2
 
 
@@ -206,12 +227,17 @@ def _as_method_input(x: Block, orthogonal: bool, method: str) -> Block:
     return cayley(x) if method == "geodesic" else inverse_cayley(x)
 
 
-def _inputs_and_path(x1, x2, *, method, angle_tol, orthogonal):
+def _inputs_and_path(x1, x2, *, method, angle_tol, orthogonal, algorithm):
     """The two stacks in the form ``method`` needs, and for ``geodesic`` the t-independent path.
 
-    Two raw-parameter stacks take :func:`geodesic_path_cayley` (two solves fewer per block than
-    converting both and calling :func:`geodesic_path`); the converted ``x2`` is then unused.
+    ``algorithm="matmul"``: ``U1 expm(t log(U1^T U2))`` with the product-only log and exp
+    (:func:`~orthofuse_jax.geometry.geodesic_with_flag`). ``"eigh"``: the spectral
+    :class:`GeodesicPath`; two raw-parameter stacks take :func:`geodesic_path_cayley` (two solves
+    fewer per block than converting both); the converted ``x2`` is then unused.
     """
+    if method == "geodesic" and algorithm == "matmul":
+        x1, x2 = _as_method_input(x1, orthogonal[0], method), _as_method_input(x2, orthogonal[1], method)
+        return x1, x2, _log_path(x1, x2, angle_tol=angle_tol, algorithm="matmul")
     if method == "geodesic" and not any(orthogonal):
         return x1, x2, geodesic_path_cayley(x1, x2, angle_tol=angle_tol)
     x1, x2 = _as_method_input(x1, orthogonal[0], method), _as_method_input(x2, orthogonal[1], method)
@@ -219,15 +245,21 @@ def _inputs_and_path(x1, x2, *, method, angle_tol, orthogonal):
     return x1, x2, path
 
 
-def _pair_blocks(x1, x2, t, alpha, *, method, restore, angle_tol, orthogonal):
-    x1, x2, path = _inputs_and_path(x1, x2, method=method, angle_tol=angle_tol, orthogonal=orthogonal)
-    return _pair_point(x1, x2, t, path, method=method, restore=restore, alpha=alpha, angle_tol=angle_tol)
+def _pair_blocks(x1, x2, t, alpha, *, method, restore, angle_tol, orthogonal, algorithm):
+    x1, x2, path = _inputs_and_path(x1, x2, method=method, angle_tol=angle_tol, orthogonal=orthogonal,
+                                    algorithm=algorithm)
+    return _pair_point(x1, x2, t, path, method=method, restore=restore, alpha=alpha, angle_tol=angle_tol,
+                       algorithm=algorithm)
 
 
-@functools.partial(jax.jit, static_argnames=("method", "restore", "angle_tol", "orthogonal"))
-def _pair_kernel(x1, x2, t, alpha, *, method, restore, angle_tol, orthogonal=(False, False)):
+_STATIC = ("method", "restore", "angle_tol", "orthogonal", "algorithm")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _pair_kernel(x1, x2, t, alpha, *, method, restore, angle_tol, orthogonal=(False, False), algorithm="eigh"):
     # x1, x2 are the adapters' own stacks, converted here: no converted copy outlives the kernel.
-    return _pair_blocks(x1, x2, t, alpha, method=method, restore=restore, angle_tol=angle_tol, orthogonal=orthogonal)
+    return _pair_blocks(x1, x2, t, alpha, method=method, restore=restore, angle_tol=angle_tol, orthogonal=orthogonal,
+                        algorithm=algorithm)
 
 
 def _chunk_size(x: Array, target_bytes: int) -> int | None:
@@ -252,24 +284,26 @@ def _chunk_size(x: Array, target_bytes: int) -> int | None:
     return divisor if 4 * divisor >= target else target
 
 
-def _sweep_blocks(x1, x2, ts, alpha, *, method, restore, angle_tol, orthogonal):
-    # The t-independent decomposition (inverse Cayley of U1^T U2 and its eigh) is done once here.
-    x1, x2, path = _inputs_and_path(x1, x2, method=method, angle_tol=angle_tol, orthogonal=orthogonal)
+def _sweep_blocks(x1, x2, ts, alpha, *, method, restore, angle_tol, orthogonal, algorithm):
+    # The t-independent decomposition (inverse Cayley of U1^T U2 and its eigh, or the log) is done once here.
+    x1, x2, path = _inputs_and_path(x1, x2, method=method, angle_tol=angle_tol, orthogonal=orthogonal,
+                                    algorithm=algorithm)
     if method == "cayley":
         x1, x2 = skew(x1), skew(x2)
-    point = functools.partial(_pair_point, method=method, restore=restore, angle_tol=angle_tol)
+    point = functools.partial(_pair_point, method=method, restore=restore, angle_tol=angle_tol, algorithm=algorithm)
     return jax.vmap(lambda t: point(x1, x2, t, path, alpha=alpha))(ts)
 
 
-@functools.partial(jax.jit, static_argnames=("method", "restore", "angle_tol", "orthogonal"))
-def _sweep_kernel(x1, x2, ts, alpha, *, method, restore, angle_tol, orthogonal=(False, False)):
-    return _sweep_blocks(x1, x2, ts, alpha, method=method, restore=restore, angle_tol=angle_tol, orthogonal=orthogonal)
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _sweep_kernel(x1, x2, ts, alpha, *, method, restore, angle_tol, orthogonal=(False, False), algorithm="eigh"):
+    return _sweep_blocks(x1, x2, ts, alpha, method=method, restore=restore, angle_tol=angle_tol, orthogonal=orthogonal,
+                         algorithm=algorithm)
 
 
 @functools.partial(
-    jax.jit, static_argnames=("chunk", "sweep", "method", "restore", "angle_tol", "orthogonal"), donate_argnums=(0, 1)
+    jax.jit, static_argnames=("chunk", "sweep", *_STATIC), donate_argnums=(0, 1)
 )
-def _chunk_kernel(y, bad, x1, x2, start, t, alpha, *, chunk, sweep, method, restore, angle_tol, orthogonal):
+def _chunk_kernel(y, bad, x1, x2, start, t, alpha, *, chunk, sweep, method, restore, angle_tol, orthogonal, algorithm):
     """Blocks ``[start, start + chunk)`` of the flattened stacks, written into ``y, bad`` in place.
 
     ``sweep=False``: one merge at ``t`` (:func:`_pair_blocks`); ``sweep=True``: every t of ``t``
@@ -280,7 +314,7 @@ def _chunk_kernel(y, bad, x1, x2, start, t, alpha, *, chunk, sweep, method, rest
     part = lambda x: jax.lax.dynamic_slice_in_dim(x.reshape(-1, b, b), start, chunk)  # noqa: E731
     blocks = _sweep_blocks if sweep else _pair_blocks
     yc, bc = blocks(part(x1), part(x2), t, alpha, method=method, restore=restore, angle_tol=angle_tol,
-                    orthogonal=orthogonal)
+                    orthogonal=orthogonal, algorithm=algorithm)
     axis = len(lead)
     y = jax.lax.dynamic_update_slice_in_dim(y.reshape(*lead, -1, b, b), yc, start, axis).reshape(y.shape)
     bad = jax.lax.dynamic_update_slice_in_dim(bad.reshape(*lead, -1), bc, start, axis).reshape(bad.shape)
@@ -341,6 +375,22 @@ def _mean_kernel(xs, w, alpha, *, method, restore, angle_tol, tol, max_iter):
 def _is_concrete(*trees) -> bool:
     leaves = jax.tree_util.tree_leaves(trees)
     return not any(isinstance(x, jax.core.Tracer) for x in leaves)
+
+
+def _resolve_algorithm(algorithm: str, *, sweep: bool, dtype) -> str:
+    """``"auto"``: products only (``"matmul"``) for one t in float32, else the spectral path (``"eigh"``).
+
+    One merge: the product-only log and exp replace the batched ``eigh`` that dominates the exact
+    merge on GPUs, and are also faster on CPU (benchmarks/RESULTS.md). Their polynomial is exact
+    to float32 round-off but only to ~1e-8, so float64 keeps ``eigh``. A sweep decomposes once
+    and then pays per t: 3 products per point on the ``eigh`` path against about 11 (the
+    exponential) on the product path.
+    """
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    if algorithm == "auto":
+        return "eigh" if sweep or jnp.finfo(dtype).bits > 32 else "matmul"
+    return algorithm
 
 
 def _check_options(method, restore, scales) -> None:
@@ -434,6 +484,7 @@ def merge(
     scales: str = "concept",
     extrapolate: bool = False,
     angle_tol: float = DEFAULT_ANGLE_TOL,
+    algorithm: str = "auto",
     weight_tol: float = 1e-6,
     karcher_tol: float = 1e-6,
     karcher_max_iter: int = 50,
@@ -468,6 +519,11 @@ def merge(
       scales: ``"concept"``, ``"geometric"`` or ``"linear"`` (:mod:`orthofuse_jax.fusion.scales`).
       extrapolate: allow t outside [0, 1] (and negative weights).
       angle_tol: how close to pi a rotation angle may come before the log counts as undefined.
+      algorithm: how the two-adapter geodesic and the exact restoration take logs and
+        exponentials: ``"matmul"`` (products only; ``eigh`` only for a stack with a rotation
+        angle above 2.4 rad), ``"eigh"`` (the spectral formula) or ``"auto"`` (``"matmul"`` for
+        float32, ``"eigh"`` for float64: the polynomial is exact to float32 round-off, ~1e-8).
+        ``"matmul"`` is faster, most of all on GPUs.
       weight_tol: tolerance of the ``sum(weights) == 1`` check.
       karcher_tol, karcher_max_iter: stopping rule of the Karcher iteration (N >= 3 geodesic);
         a warning is issued on concrete input when it stops without reaching the tolerance.
@@ -481,6 +537,7 @@ def merge(
     """
     _check_options(method, restore, scales)
     adapters = list(adapters)
+    algorithm = _resolve_algorithm(algorithm, sweep=False, dtype=adapters[0].dtype if adapters else jnp.float32)
     k = len(adapters)
     if k == 0:
         raise ValueError("merge needs at least one adapter")
@@ -515,7 +572,7 @@ def merge(
             if k == 2:
                 y, bad = _pair_or_sweep(
                     blocks[0], blocks[1], t, alpha, sweep=False, method=method, restore=restore,
-                    angle_tol=angle_tol, orthogonal=tuple(a.orthogonal for a in adapters),
+                    angle_tol=angle_tol, orthogonal=tuple(a.orthogonal for a in adapters), algorithm=algorithm,
                 )
             else:
                 y, bad, res, it = _mean_kernel(
@@ -559,6 +616,7 @@ def sweep(
     scales: str = "concept",
     extrapolate: bool = False,
     angle_tol: float = DEFAULT_ANGLE_TOL,
+    algorithm: str = "auto",
 ) -> GSAdapter:
     """Merge two adapters at every ``t`` in ``ts`` in one vmapped call per stack.
 
@@ -566,7 +624,9 @@ def sweep(
     but the t-independent work -- for ``geodesic`` the inverse Cayley of ``U1^T U2`` and its
     ``eigh`` (:func:`orthofuse_jax.geometry.geodesic_path`) -- is done once per sweep; each t
     then costs a few matmuls (plus, for ``restore="exact"``, the decomposition of the merged block,
-    which depends on t).
+    which depends on t). ``algorithm`` as in :func:`merge`, but ``"auto"`` is ``"eigh"`` here:
+    after the one decomposition a point costs 3 products, against about 11 for the exponential
+    of the ``"matmul"`` path.
 
     Returns:
       A :class:`GSAdapter` (``orthogonal=True``) whose stacks are ``[T, layers, nb, b, b]`` and
@@ -575,6 +635,7 @@ def sweep(
       As :func:`merge`; the :class:`MergeError` message also gives the offending t.
     """
     _check_options(method, restore, scales)
+    algorithm = _resolve_algorithm(algorithm, sweep=True, dtype=adapter1.dtype)
     check_compatible([adapter1, adapter2])
     _check_t(ts, extrapolate, "ts")
     dtype = adapter1.dtype
@@ -588,7 +649,7 @@ def sweep(
             x1, x2 = _stack_inputs([adapter1, adapter2], key, which, method, dtype, convert=False)
             out[which], per[which] = _pair_or_sweep(
                 x1, x2, ts, alpha, sweep=True, method=method, restore=restore, angle_tol=angle_tol,
-                orthogonal=(adapter1.orthogonal, adapter2.orthogonal),
+                orthogonal=(adapter1.orthogonal, adapter2.orthogonal), algorithm=algorithm,
             )
             del x1, x2
         stacks[key] = replace(adapter1.stacks[key], L=out["L"], R=out["R"])

@@ -17,8 +17,10 @@ from .geodesic import (
     geodesic_path,
     geodesic_path_cayley,
     geodesic_speed,
+    geodesic_with_flag,
     relative_rotation,
 )
+from .polynomial import LOG_POLYNOMIAL_MAX_ANGLE, expm_skew_taylor, log_polynomial
 from .group import (
     act,
     group_dimension,
@@ -33,6 +35,7 @@ from .gs import block_diag, gs_apply, gs_apply_transpose, gs_dense, gs_shape
 from .shuffle import perfect_shuffle, perfect_shuffle_indices, perfect_shuffle_matrix, perfect_unshuffle
 from .spectral import (
     DEFAULT_ANGLE_TOL,
+    LOG_ALGORITHMS,
     NegativeEigenvalueError,
     expm_skew,
     log,
@@ -46,18 +49,22 @@ from .spectral import (
 __all__ = [
     "DEFAULT_ANGLE_TOL",
     "GeodesicPath",
+    "LOG_ALGORITHMS",
+    "LOG_POLYNOMIAL_MAX_ANGLE",
     "NegativeEigenvalueError",
     "act",
     "block_diag",
     "cayley",
     "curve_speed",
     "expm_skew",
+    "expm_skew_taylor",
     "eye_like",
     "geodesic",
     "geodesic_distance",
     "geodesic_path",
     "geodesic_path_cayley",
     "geodesic_speed",
+    "geodesic_with_flag",
     "group_dimension",
     "gs_apply",
     "gs_apply_transpose",
@@ -65,6 +72,7 @@ __all__ = [
     "gs_shape",
     "inverse_cayley",
     "log",
+    "log_polynomial",
     "log_with_flag",
     "orbit_dimension",
     "orbit_map",

@@ -19,12 +19,14 @@ import jax.numpy as jnp
 from ._linalg import mm
 from ._types import Array, Block, Bool, Float
 from .cayley import cayley, relative_cayley
-from .spectral import DEFAULT_ANGLE_TOL, _decompose, _decompose_skew, _is_concrete, _polar_step, _raise_if_bad, _sinc_ratio, rotation_angles
+from .polynomial import expm_skew_taylor
+from .spectral import DEFAULT_ANGLE_TOL, _decompose, _decompose_skew, _is_concrete, _polar_step, _raise_if_bad, _sinc_ratio, log_with_flag, rotation_angles
 
 __all__ = [
     "GeodesicPath",
     "geodesic",
     "geodesic_path",
+    "geodesic_with_flag",
     "geodesic_path_cayley",
     "geodesic_distance",
     "curve_speed",
@@ -105,7 +107,7 @@ def _path(u1: Block, s: Block, v: Block, sigma, bad) -> GeodesicPath:
     return GeodesicPath(a=mm(u1, v), b=mm(mm(u1, s), v), v=v, sigma=sigma, bad=bad)
 
 
-def geodesic(u1: Block, u2: Block, t, *, angle_tol: float = DEFAULT_ANGLE_TOL) -> Block:
+def geodesic(u1: Block, u2: Block, t, *, angle_tol: float = DEFAULT_ANGLE_TOL, algorithm: str = "eigh") -> Block:
     """Point ``gamma(t) = U1 (U1^T U2)^t`` of the geodesic from ``U1`` (t=0) to ``U2`` (t=1).
 
     Args:
@@ -113,12 +115,53 @@ def geodesic(u1: Block, u2: Block, t, *, angle_tol: float = DEFAULT_ANGLE_TOL) -
         eigenvalue -1 (raises on concrete input, NaN blocks under ``jit``).
       t: scalar or array broadcasting against ``u1.shape[:-2]``; values outside [0, 1]
         extrapolate along the same geodesic.
+      algorithm: ``"eigh"`` (:func:`geodesic_path`, the spectral formula) or ``"matmul"``:
+        ``U1 expm(t log(U1^T U2))`` with products only (:func:`geodesic_with_flag`), faster on
+        GPUs. Equal to float32 round-off.
     """
-    path = geodesic_path(u1, u2, angle_tol=angle_tol)
     t = jnp.asarray(t, dtype=u1.dtype)
+    if algorithm == "eigh":
+        path = geodesic_path(u1, u2, angle_tol=angle_tol)
+        y, bad = path.at(t), path.bad
+    else:
+        y, bad = geodesic_with_flag(u1, u2, t, angle_tol=angle_tol, algorithm=algorithm)
     if _is_concrete(u1, u2, t):
-        _raise_if_bad(path.bad, "geodesic")
-    return path.at(t)
+        _raise_if_bad(bad, "geodesic")
+    return y
+
+
+def geodesic_with_flag(
+    u1: Block, u2: Block, t, *, angle_tol: float = DEFAULT_ANGLE_TOL, algorithm: str = "matmul"
+) -> tuple[Block, Bool[Array, "*batch"]]:
+    """``(gamma(t), bad)`` as ``U1 expm(t log(U1^T U2))``; ``bad`` as in :class:`GeodesicPath`.
+
+    The logarithm is :func:`~orthofuse_jax.geometry.log_with_flag` (``algorithm``), the
+    exponential :func:`~orthofuse_jax.geometry.expm_skew_taylor`, then one Newton-Schulz polar
+    step. With ``algorithm="matmul"`` this uses products only whenever every relative rotation
+    angle is below about 2.4 rad (else ``eigh`` for the log, by ``jax.lax.cond``). For many t of
+    one pair, :func:`geodesic_path` is cheaper per point.
+    """
+    path = _log_path(u1, u2, angle_tol=angle_tol, algorithm=algorithm)
+    return path.at(t), path.bad
+
+
+@dataclass(frozen=True)
+class _LogPath:
+    """``gamma(t) = U1 expm(t X)``, ``X = log(U1^T U2)``: the product-only geodesic (internal)."""
+
+    start: Block
+    log: Block
+    bad: Bool[Array, "*batch"]
+
+    def at(self, t) -> Block:
+        t = jnp.asarray(t, dtype=self.start.dtype)[..., None, None]
+        y = _polar_step(mm(self.start, expm_skew_taylor(t * self.log)))
+        return jnp.where(self.bad[..., None, None], jnp.nan, y)
+
+
+def _log_path(u1: Block, u2: Block, *, angle_tol: float, algorithm: str) -> _LogPath:
+    x, bad = log_with_flag(relative_rotation(u1, u2), angle_tol=angle_tol, algorithm=algorithm)
+    return _LogPath(start=u1, log=x, bad=bad)
 
 
 def geodesic_distance(u1: Block, u2: Block) -> Float[Array, "*batch"]:

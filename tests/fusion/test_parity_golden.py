@@ -59,6 +59,22 @@ def test_merge_matches_reference(case, tag, dtype):
         np.testing.assert_allclose(np.asarray(y), DATA[f"c{case}_{tag}_y_{i}"], rtol=0, atol=tol, err_msg=f"y, t={t}")
 
 
+@pytest.mark.parametrize("algorithm", ["eigh", "matmul"])
+@pytest.mark.parametrize("tag", ["geo", "georst"])
+def test_geodesic_merge_algorithms_match_reference(tag, algorithm):
+    """Both ways of taking the geodesic (merge() uses "matmul" by default) against the golden file."""
+    method, restore = TAGS[tag]
+    for case in CASES:
+        for dtype in (np.float64, np.float32):
+            concept, style = _adapters(case, dtype)
+            for i, t in enumerate(TS):
+                s = _only(merge([concept, style], t=t, method=method, restore=restore, algorithm=algorithm))
+                np.testing.assert_allclose(np.asarray(s.L[0]), DATA[f"c{case}_{tag}_L_{i}"], rtol=0, atol=TOL[dtype],
+                                           err_msg=f"case {case}, {dtype.__name__}, t={t}")
+                np.testing.assert_allclose(np.asarray(s.R[0]), DATA[f"c{case}_{tag}_R_{i}"], rtol=0, atol=TOL[dtype],
+                                           err_msg=f"case {case}, {dtype.__name__}, t={t}")
+
+
 @pytest.mark.parametrize("tag", list(TAGS))
 def test_sweep_matches_reference(tag):
     case = len(CASES) - 1  # the SDXL-like (640, 32) case

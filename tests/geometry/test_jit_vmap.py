@@ -32,6 +32,8 @@ SKIPPED = {
     "perfect_shuffle_matrix",
     # not functions (GeodesicPath is covered through geodesic_path)
     "DEFAULT_ANGLE_TOL",
+    "LOG_ALGORITHMS",
+    "LOG_POLYNOMIAL_MAX_ANGLE",
     "GeodesicPath",
     "NegativeEigenvalueError",
 }
@@ -63,6 +65,7 @@ TABLE = {
         lambda r: (_rot(r), _rot(r), np.asarray(r.uniform(0, 1))),
     ),
     "expm_skew": (geo.expm_skew, lambda r: (_skew(r, 5.0),)),
+    "expm_skew_taylor": (geo.expm_skew_taylor, lambda r: (_skew(r, 5.0),)),
     "eye_like": (lambda a: geo.eye_like(a) + 0.0 * a, lambda r: (r.standard_normal((NB, B, B)),)),
     "geodesic": (geo.geodesic, lambda r: (_rot(r), _rot(r), np.asarray(r.uniform(-0.5, 1.5)))),
     "geodesic_path": (
@@ -73,7 +76,9 @@ TABLE = {
         lambda a1, a2, t: geo.geodesic_path_cayley(a1, a2).at(t),
         lambda r: (r.standard_normal((NB, B, B)), r.standard_normal((NB, B, B)), np.asarray(r.uniform(-0.5, 1.5))),
     ),
-    "geodesic_distance": (geo.geodesic_distance, lambda r: (_rot(r), _rot(r))),
+    "geodesic_with_flag": (geo.geodesic_with_flag, lambda r: (_rot(r, 1.0), _rot(r, 1.0), np.asarray(r.uniform(-0.5, 1.5)))),
+    # relative angles below 2 rad: near pi the float32 distance is ill-conditioned (tan(theta/2))
+    "geodesic_distance": (geo.geodesic_distance, lambda r: (_rot(r, 1.0), _rot(r, 1.0))),
     "geodesic_speed": (geo.geodesic_speed, lambda r: (_rot(r), _rot(r), np.asarray(r.uniform(0, 1)))),
     "gs_apply": (geo.gs_apply, lambda r: (r.standard_normal((2, N)), _rot(r), _rot(r))),
     "gs_apply_transpose": (geo.gs_apply_transpose, lambda r: (r.standard_normal((2, N)), _rot(r), _rot(r))),
@@ -83,6 +88,7 @@ TABLE = {
     "inverse_cayley": (geo.inverse_cayley, lambda r: (_rot(r),)),
     "log": (geo.log, lambda r: (_rot(r, 3.0),)),
     "log_with_flag": (geo.log_with_flag, lambda r: (_rot(r, 3.0),)),
+    "log_polynomial": (geo.log_polynomial, lambda r: (_rot(r, 2.0),)),
     "orbit_map": (geo.orbit_map, lambda r: (_rot(r), _rot(r))),
     "perfect_shuffle": (lambda z: geo.perfect_shuffle(z, NB), lambda r: (r.standard_normal((2, N)),)),
     "perfect_unshuffle": (lambda z: geo.perfect_unshuffle(z, NB), lambda r: (r.standard_normal((2, N)),)),

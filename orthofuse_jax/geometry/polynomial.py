@@ -1,0 +1,134 @@
+"""Logarithm and exponential of rotations with matrix products only (no ``eigh``, no solve).
+
+On a GPU a batched ``eigh`` of many small blocks costs 1-3 us per block, ten times a product
+(benchmarks/RESULTS.md, GPU), and it is most of the exact merge. For rotations whose angles are
+not too close to pi both maps have short, well-conditioned polynomial forms:
+
+* **log.** For orthogonal ``U`` the parts ``P = (U + U^T) / 2 = cos(Theta)`` and
+  ``K = (U - U^T) / 2 = J sin(Theta)`` commute, and
+
+      log U = K h(P),    h(c) = arccos(c) / sqrt(1 - c^2)  (= theta / sin theta, h(1) = 1),
+
+  where ``h`` is analytic except at ``c = -1`` (a rotation by pi). On the angles
+  ``theta <= LOG_POLYNOMIAL_MAX_ANGLE`` (2.4 rad, ``c >= cos 2.4``) a degree-23 interpolant of
+  ``h`` in ``y = (c - c0) / h0`` (spectrum mapped to [-1, 1]) is exact to ~1e-8, and its monomial
+  coefficients sum to about 10, so Paterson-Stockmeyer evaluation in float32 loses nothing.
+  Whether every eigenvalue of ``Y`` lies in the fitted interval is *checked*, not assumed:
+  ``||T_16(Y)||_F^2 <= b`` (Chebyshev, two more products) bounds every eigenvalue to within
+  ~0.013 of [-1, 1], and the fit covers [-1.02, 1]. Blocks that fail are reported, never
+  silently wrong; :func:`~orthofuse_jax.geometry.log_with_flag` with ``algorithm="matmul"``
+  then falls back to ``eigh`` for the stack (``jax.lax.cond``).
+
+* **exp of a skew matrix** by scaling and squaring: Taylor of degree 10 on ``X / 2^s`` with
+  ``||X / 2^s|| <= 1/2`` per block, then ``s`` squarings (``s`` from the bound
+  ``||X||_2 <= (||X^2||_F / sqrt 2)^(1/2)``; 3 for angles up to 4 rad).
+
+About 11 products for the logarithm and 8 for the exponential; both are accurate to float32
+round-off (tests/geometry/test_polynomial.py compares them with scipy in float64).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._linalg import mm
+from ._types import Array, Block, Bool
+
+__all__ = ["LOG_POLYNOMIAL_MAX_ANGLE", "log_polynomial", "expm_skew_taylor"]
+
+LOG_POLYNOMIAL_MAX_ANGLE = 2.4
+"""Largest rotation angle (radians) that :func:`log_polynomial` accepts (a few 0.01 more pass)."""
+
+_DEGREE = 23
+_MARGIN = 0.02  # the fit covers y in [-1 - _MARGIN, 1]; the T_16 check admits at most ~0.013
+_TAYLOR = 10
+_TAYLOR_RADIUS = 0.5  # Taylor error (1/2)^11 / 11! ~ 1e-11 relative
+
+
+def _log_coefficients() -> tuple[tuple[float, ...], float, float]:
+    """Monomial coefficients in y of the interpolant of arccos(c)/sin(arccos(c)), ``c = c0 + h0 y``.
+
+    Computed once in float64 at import (Chebyshev points of the first kind on [-1.02, 1]).
+    """
+    c_lo = np.cos(LOG_POLYNOMIAL_MAX_ANGLE)
+    c0, h0 = (c_lo + 1.0) / 2.0, (1.0 - c_lo) / 2.0
+    n = _DEGREE + 1
+    x = np.cos(np.pi * (np.arange(n) + 0.5) / n)
+    y = -1.0 - _MARGIN + (2.0 + _MARGIN) * (x + 1.0) / 2.0
+    phi = np.arccos(c0 + h0 * y)
+    a = np.linalg.solve(np.vander(y, n, increasing=True), phi / np.sin(phi))
+    return tuple(float(v) for v in a), float(c0), float(h0)
+
+
+_LOG_A, _C0, _H0 = _log_coefficients()
+
+
+def _paterson_stockmeyer(coef, baby: list[Array], giant: Array) -> Array:
+    """``sum_k coef[k] y^k`` from ``baby = [I, y, ..., y^(m-1)]`` and ``giant = y^m`` (Horner in y^m)."""
+    m, d = len(baby), len(coef) - 1
+    out = None
+    for j in reversed(range(d // m + 1)):
+        part = sum(coef[j * m + i] * baby[i] for i in range(m) if j * m + i <= d)
+        out = part if out is None else mm(out, giant) + part
+    return out
+
+
+def log_polynomial(u: Block) -> tuple[Block, Bool[Array, "*batch"]]:
+    """Principal logarithm of orthogonal blocks by products only, and where it is valid.
+
+    Args:
+      u: orthogonal blocks ``[..., b, b]`` (float32 or float64).
+    Returns:
+      ``(X, ok)``: skew blocks ``X`` with ``expm(X) = U`` wherever ``ok``; ``ok[...]`` is False
+      for blocks with a rotation angle above about :data:`LOG_POLYNOMIAL_MAX_ANGLE` (or
+      non-finite input), and those blocks of ``X`` are NaN. Accuracy where ``ok``: float32
+      round-off (about 3e-7 at b = 40), ~1e-8 in float64 (the interpolation error).
+    """
+    b = u.shape[-1]
+    eye = jnp.eye(b, dtype=u.dtype)
+    ut = jnp.swapaxes(u, -1, -2)
+    k = 0.5 * (u - ut)
+    y = (0.5 * (u + ut) - _C0 * eye) / _H0
+    y2 = mm(y, y)
+    y3 = mm(y2, y)
+    y4 = mm(y2, y2)
+    h = _paterson_stockmeyer(_LOG_A, [jnp.broadcast_to(eye, y.shape), y, y2, y3], y4)
+    # Every eigenvalue of Y in [-1 - 0.013, 1] iff (up to that margin) ||T_16(Y)||_F^2 <= b:
+    # |T_16| <= 1 on [-1, 1] and grows like cosh(16 acosh|y|) outside.
+    t4 = 8.0 * y4 - 8.0 * y2 + eye
+    t8 = 2.0 * mm(t4, t4) - eye
+    t16 = 2.0 * mm(t8, t8) - eye
+    ok = jnp.sum(t16 * t16, axis=(-1, -2)) <= b * (1.0 + 1e-3)
+    ok &= jnp.all(jnp.isfinite(u), axis=(-1, -2))
+    x = mm(k, h)
+    x = 0.5 * (x - jnp.swapaxes(x, -1, -2))
+    return jnp.where(ok[..., None, None], x, jnp.nan), ok
+
+
+def expm_skew_taylor(a: Block) -> Block:
+    """``expm(skew(A))`` by Taylor series and squaring, products only (per-block scaling).
+
+    Accurate to float32 round-off times the number of squarings (3 for rotation angles up to 4
+    rad: about 3e-7 at b = 40). Use :func:`~orthofuse_jax.geometry.expm_skew` (``eigh``) for very
+    large angles, where the squarings would grow.
+    """
+    x = 0.5 * (a - jnp.swapaxes(a, -1, -2))
+    eye = jnp.broadcast_to(jnp.eye(x.shape[-1], dtype=x.dtype), x.shape)
+    x2 = mm(x, x)
+    # ||X||_2^2 = ||X^2||_2 <= ||X^2||_F / sqrt(2) (X^2 is symmetric with paired eigenvalues)
+    bound = jnp.sqrt(jnp.sqrt(jnp.sum(x2 * x2, axis=(-1, -2)) / 2.0))
+    s = jnp.maximum(jnp.ceil(jnp.log2(bound / _TAYLOR_RADIUS)), 0.0)
+    s = jnp.where(jnp.isfinite(s), s, 0.0)
+    scale = jnp.exp2(-s)[..., None, None]  # a power of two: the scaling itself is exact
+    x, x2 = x * scale, x2 * (scale * scale)
+    x3 = mm(x2, x)
+    fact = np.cumprod([1.0, *range(1, _TAYLOR + 1)])
+    e = _paterson_stockmeyer(tuple(float(1.0 / f) for f in fact), [eye, x, x2], x3)
+    steps = s.astype(jnp.int32)
+
+    def square(i, e):
+        return jnp.where((i < steps)[..., None, None], mm(e, e), e)
+
+    return jax.lax.fori_loop(0, jnp.max(steps, initial=0), square, e)
