@@ -170,6 +170,8 @@ def main(argv=None) -> dict:
     p.add_argument("--t", type=float, default=0.6)
     p.add_argument("--sweep-points", type=int, default=16)
     p.add_argument("--skip-rss", action="store_true")
+    p.add_argument("--skip-sweep", action="store_true", help="no sweep row (its first call compiles for minutes on a GPU)")
+    p.add_argument("--no-jit", action="store_true", help="with --device cuda: no jit(merge) rows (minutes of compiling)")
     p.add_argument("--eigh-row", action="store_true",
                    help="also time the exact merge with algorithm='eigh' (always on for --device cpu)")
     p.add_argument("--with-jit", action="store_true",
@@ -199,7 +201,7 @@ def main(argv=None) -> dict:
         common.RESULTS_DIR = __import__("pathlib").Path(args.results_dir)
     cuda = args.device == "cuda"
     if cuda:
-        args.with_jit, args.skip_rss = True, True
+        args.with_jit, args.skip_rss = not args.no_jit, True
     inventory = common.SDXL_INVENTORY if not args.inventory else common.parse_inventory(args.inventory)
     if args.pin_core is not None:
         # The RSS worker runs only our merge: importing torch there would add its 0.2 GB to the peak.
@@ -269,9 +271,10 @@ def main(argv=None) -> dict:
         common.block(f(a1, a2, t))
         first[k] = time.perf_counter() - t0
         print(f"# first call of merge() {k}: {common.fmt_s(first[k])}", flush=True)
-    t0 = time.perf_counter()
-    common.block(sweep_fn(a1, a2, ts))
-    first["sweep"] = time.perf_counter() - t0
+    if not args.skip_sweep:
+        t0 = time.perf_counter()
+        common.block(sweep_fn(a1, a2, ts))
+        first["sweep"] = time.perf_counter() - t0
     results["compile"] = {"jit_whole_merge": comp, "first_call_of_merge": first}
     common.write_json(args.out, results)  # partial results survive a time limit
     if comp:
@@ -316,7 +319,7 @@ def main(argv=None) -> dict:
         return first
 
     base_full_first = None
-    if args.parity_layers and not args.skip_baseline_full:
+    if args.parity_layers:
         # The float64 check runs on the CPU on K layers per size, before anything is timed; the
         # device's float32 baseline (minutes on a GPU) runs after our timings, so a time limit
         # that stops it still leaves our rows.
@@ -345,7 +348,7 @@ def main(argv=None) -> dict:
         parity["jit_vs_eager_exact"] = common.max_abs_diff(
             common.adapter_stacks(compiled["exact"](a1, a2, np.float32(t))),
             common.adapter_stacks(ours["exact"](a1, a2, t)))
-    if not cuda:  # (on a GPU one more sweep shape would cost another compile of minutes)
+    if not cuda and not args.skip_sweep:  # (on a GPU one more sweep shape would cost another compile of minutes)
         sw = sweep_fn(a1, a2, np.asarray([t], np.float32))
         parity["sweep_vs_merge_exact"] = common.max_abs_diff(
             {s.b: (np.asarray(s.L[0]), np.asarray(s.R[0])) for s in sw.stacks.values()},
@@ -378,8 +381,9 @@ def main(argv=None) -> dict:
     if "exact_eigh" in ours:
         run("ours.exact_eigh", lambda: common.block(ours["exact_eigh"](a1, a2, t)), args.reps)
     tf = np.float32(t)
-    run("ours.sweep", lambda: common.block(sweep_fn(a1, a2, ts)), args.reps)
-    if cuda:
+    if not args.skip_sweep:
+        run("ours.sweep", lambda: common.block(sweep_fn(a1, a2, ts)), args.reps)
+    if cuda and args.with_jit:
         compile_jit()
         parity["jit_vs_eager_exact"] = common.max_abs_diff(
             common.adapter_stacks(compiled["exact"](a1, a2, np.float32(t))),
@@ -443,7 +447,7 @@ def main(argv=None) -> dict:
         "exact_over_fast": med("ours.exact") / med("ours.fast"),
         "exact_eigh_over_exact": (med("ours.exact_eigh") / med("ours.exact")) if "ours.exact_eigh" in tm else None,
         "exact_restore_over_fast": med("ours.exact_restore") / med("ours.fast"),
-        "sweep_over_single": med("ours.sweep") / med("ours.exact"),
+        "sweep_over_single": (med("ours.sweep") / med("ours.exact")) if "ours.sweep" in tm else None,
         "exact_peak_rss_gb": (max(rss["exact"]["peak_first_call"], rss["exact"]["peak_second_call"] or 0) / 1e9)
         if rss else None,
     }
@@ -452,7 +456,8 @@ def main(argv=None) -> dict:
         "fast_speedup>=5": r["fast_speedup"] >= TARGETS["fast_speedup_min"],
         "exact_speedup>=10": None if r["exact_speedup"] is None else r["exact_speedup"] >= TARGETS["exact_speedup_min"],
         "exact<=2x_fast": r["exact_over_fast"] <= TARGETS["exact_over_fast_max"],
-        "sweep16<=4x_single": r["sweep_over_single"] <= TARGETS["sweep16_over_single_max"],
+        "sweep16<=4x_single": None if r["sweep_over_single"] is None
+        else r["sweep_over_single"] <= TARGETS["sweep16_over_single_max"],
         "exact_peak_rss<=2.5GB": None if r["exact_peak_rss_gb"] is None
         else r["exact_peak_rss_gb"] <= TARGETS["exact_peak_rss_gb_max"],
     }
@@ -481,11 +486,12 @@ def render_table(res: dict) -> str:
     tm, r, comp = res["timings"], res["ratios"], res["compile"]["jit_whole_merge"]
     g = lambda k: common.fmt_s(tm[k]["median"]) if k in tm else "-"  # noqa: E731
     cpu = lambda k: common.fmt_s(tm[k]["cpu_median"]) if k in tm else "-"  # noqa: E731
+    ct = lambda k: common.fmt_s(comp[k]["total"]) if k in comp else "-"  # noqa: E731
     rows = [
         ["fast: Cayley space + curve_over_id", g("ours.fast"), cpu("ours.fast"), g("ours.jit.fast"),
-         common.fmt_s(comp["fast"]["total"]), g("baseline.fast"), f"{r['fast_speedup']:.2f}x"],
+         ct("fast"), g("baseline.fast"), f"{r['fast_speedup']:.2f}x"],
         ["exact: geodesic + curve_over_id", g("ours.exact"), cpu("ours.exact"), g("ours.jit.exact"),
-         common.fmt_s(comp["exact"]["total"]), g("baseline.full"),
+         ct("exact"), g("baseline.full"),
          f"{r['exact_speedup']:.2f}x" if r["exact_speedup"] else "-"],
         ["exact, algorithm=\"eigh\"", g("ours.exact_eigh"), cpu("ours.exact_eigh"), "-", "-",
          g("baseline.full"),
@@ -493,7 +499,7 @@ def render_table(res: dict) -> str:
          if "ours.exact_eigh" in tm and "baseline.full" in tm else "-"],
         ["exact: geodesic + exact restoration", g("ours.exact_restore"), cpu("ours.exact_restore"),
          g("ours.jit.exact_restore"),
-         common.fmt_s(comp["exact_restore"]["total"]), "-", "-"],
+         ct("exact_restore"), "-", "-"],
         [f"sweep: {res['args']['sweep_points']} t, geodesic + curve_over_id", g("ours.sweep"), cpu("ours.sweep"),
          "-", "-", "-", "-"],
     ]
@@ -508,7 +514,8 @@ def render_table(res: dict) -> str:
         ["exact: baseline / ours >= 10", f"{r['exact_speedup']:.2f}" if r["exact_speedup"] else "-",
          met["exact_speedup>=10"]],
         ["exact / fast (ours) <= 2", f"{r['exact_over_fast']:.2f}", met["exact<=2x_fast"]],
-        ["sweep 16 t / single t <= 4", f"{r['sweep_over_single']:.2f}", met["sweep16<=4x_single"]],
+        ["sweep 16 t / single t <= 4", f"{r['sweep_over_single']:.2f}" if r["sweep_over_single"] else "-",
+         met["sweep16<=4x_single"]],
     ]
     if "exact_peak_rss<=2.5GB" in met:
         trows.append(["peak RSS exact merge <= 2.5 GB", f"{rss:.2f} GB" if rss else "-", met["exact_peak_rss<=2.5GB"]])

@@ -71,6 +71,27 @@ def test_second_merge_with_same_shapes_does_not_recompile(method, restore):
     assert second == [], f"recompiled on the second call: {second}"
 
 
+def test_declined_blocks_compile_their_eigh_kernel_once():
+    """algorithm="matmul" (the float32 default) hands blocks beyond 2.4 rad to an eigh kernel; the
+    first call that meets one compiles it, and later calls with the same shapes compile nothing."""
+    from orthofuse_jax.geometry import cayley, log_polynomial
+
+    def declined(x, y):
+        return [int((~log_polynomial(jnp.swapaxes(cayley(getattr(x.stacks[k], w)), -1, -2)
+                                     @ cayley(getattr(y.stacks[k], w)))[1]).sum())
+                for k in x.stacks for w in "LR"]
+
+    a1, a2, b1, b2 = (_adapter(s, angle=1.0) for s in (0, 1, 4, 5))
+    assert all(sum(d[i:i + 2]) for d in [declined(a1, a2)] for i in (0, 2))  # every stack shape declines
+    assert sum(declined(b1, b2)) > 0
+    with count_compiles() as first:
+        jax.block_until_ready(merge([a1, a2], t=0.6, restore="cayley"))
+    assert first
+    with count_compiles() as second:
+        jax.block_until_ready(merge([b1, b2], t=0.3, restore="cayley"))
+    assert second == [], f"recompiled on the second call: {second}"
+
+
 def test_sweep_second_call_does_not_recompile():
     a1, a2, b1, b2 = (_adapter(s) for s in range(4))
     ts = np.linspace(0, 1, 5, dtype=np.float32)

@@ -49,19 +49,18 @@ import numpy as np
 from ..geometry import (
     DEFAULT_ANGLE_TOL,
     cayley,
-    expm_skew_taylor,
     geodesic,
     geodesic_path,
     geodesic_path_cayley,
     inverse_cayley,
-    log_with_flag,
     power,
     skew,
     spectral_map_with_flag,
 )
 from ..geometry._linalg import mm
 from ..geometry._types import Array, Block, Bool, Float
-from ..geometry.geodesic import _log_path
+from ..geometry.geodesic import relative_rotation
+from ..geometry.polynomial import _expm_taylor_with_ok, log_polynomial
 from ..geometry.spectral import _polar_step
 from .adapter import GSAdapter, LayerStack, check_compatible, to_orthogonal
 from .karcher import cayley_mean_blocks, karcher_mean_blocks_with_flag
@@ -186,34 +185,58 @@ def _not_finite(y: Array) -> Array:
     return ~jnp.all(jnp.isfinite(y), axis=(-1, -2))
 
 
-def _restore_with_flag(
-    y: Block, f, restore: str, angle_tol: float, algorithm: str = "eigh"
-) -> tuple[Block, Bool[Array, "*batch"]]:
+def _restore_with_flag(y: Block, f, restore: str, angle_tol: float, algorithm: str = "eigh"):
+    """``(Y', bad, ok)``: the restoration of ``Y``; ``ok`` False where the product-only path
+    (``algorithm="matmul"``, restore ``exact``) declined a block and ``eigh`` must redo it."""
+    ok = jnp.ones(y.shape[:-2], bool)
     if restore == "none":
-        return y, _not_finite(y)
+        return y, _not_finite(y), ok
     if restore == "cayley":
         y = cayley((0.5 * f) * y)
-        return y, _not_finite(y)
-    if algorithm == "matmul":  # exp(f log Y) with products only (eigh fallback inside the log)
-        x, bad = log_with_flag(y, angle_tol=angle_tol, algorithm="matmul")
-        y = _polar_step(expm_skew_taylor(jnp.asarray(f, y.dtype)[..., None, None] * x))
-    else:
-        y, bad = spectral_map_with_flag(y, lambda th: f * th, angle_tol=angle_tol)
-    return y, bad | _not_finite(y)
+        return y, _not_finite(y), ok
+    if algorithm == "matmul":  # exp(f log Y) with products only
+        x, ok = log_polynomial(y)
+        e, ok_e = _expm_taylor_with_ok(jnp.asarray(f, y.dtype)[..., None, None] * x, _MATMUL_SQUARINGS)
+        y, ok = _polar_step(e), ok & ok_e
+        return y, _not_finite(y) & ok, ok
+    y, bad = spectral_map_with_flag(y, lambda th: f * th, angle_tol=angle_tol)
+    return y, bad | _not_finite(y), ok
+
+
+_MATMUL_SQUARINGS = 4
+"""Squarings of the product-only exponential: exact for ``||X||_2 <= 8`` (t and f up to about 2.5
+at the largest accepted angles); blocks beyond go to ``eigh``."""
+
+
+@dataclass(frozen=True)
+class _MatmulPath:
+    """``gamma(t) = U1 expm(t X)``, ``X = log(U1^T U2)`` by :func:`log_polynomial`; ``ok`` where it applies."""
+
+    start: Block
+    log: Block
+    ok: Bool[Array, "*batch"]
+
+    def at(self, t):
+        e, ok = _expm_taylor_with_ok(_t_blocks(t, self.log.dtype) * self.log, _MATMUL_SQUARINGS)
+        return _polar_step(mm(self.start, e)), self.ok & ok
 
 
 def _pair_point(x1, x2, t, path, *, method, restore, alpha, angle_tol, algorithm):
+    """``(Y, bad, ok)`` at one t; ``ok`` (product-only path applies) is all True for ``eigh``."""
     if method == "cayley" and restore == "cayley":
         tb = _t_blocks(t, x1.dtype)
         y = cayley_restored((1.0 - tb) * skew(x1) + tb * skew(x2), 0.5 * restoration_factor(t, alpha))
-        return y, _not_finite(y)
-    if method == "geodesic":
-        y, bad = path.at(t), path.bad
+        return y, _not_finite(y), jnp.ones(y.shape[:-2], bool)
+    if method == "geodesic" and algorithm == "matmul":
+        y, ok = path.at(t)
+        bad = _not_finite(y) & ok
+    elif method == "geodesic":
+        y, bad, ok = path.at(t), path.bad, True
     else:
-        y = cayley_space_blocks(x1, x2, t)
+        y, ok = cayley_space_blocks(x1, x2, t), True
         bad = _not_finite(y)
-    y, bad2 = _restore_with_flag(y, restoration_factor(t, alpha), restore, angle_tol, algorithm)
-    return y, bad | bad2
+    y, bad2, ok2 = _restore_with_flag(y, restoration_factor(t, alpha), restore, angle_tol, algorithm)
+    return y, bad | bad2, ok & ok2
 
 
 _CPU_CHUNK_BYTES = 1 * 2**20
@@ -231,13 +254,14 @@ def _inputs_and_path(x1, x2, *, method, angle_tol, orthogonal, algorithm):
     """The two stacks in the form ``method`` needs, and for ``geodesic`` the t-independent path.
 
     ``algorithm="matmul"``: ``U1 expm(t log(U1^T U2))`` with the product-only log and exp
-    (:func:`~orthofuse_jax.geometry.geodesic_with_flag`). ``"eigh"``: the spectral
-    :class:`GeodesicPath`; two raw-parameter stacks take :func:`geodesic_path_cayley` (two solves
-    fewer per block than converting both); the converted ``x2`` is then unused.
+    (:class:`_MatmulPath`). ``"eigh"``: the spectral :class:`GeodesicPath`; two raw-parameter
+    stacks take :func:`geodesic_path_cayley` (two solves fewer per block than converting both);
+    the converted ``x2`` is then unused.
     """
     if method == "geodesic" and algorithm == "matmul":
         x1, x2 = _as_method_input(x1, orthogonal[0], method), _as_method_input(x2, orthogonal[1], method)
-        return x1, x2, _log_path(x1, x2, angle_tol=angle_tol, algorithm="matmul")
+        x, ok = log_polynomial(relative_rotation(x1, x2))
+        return x1, x2, _MatmulPath(start=x1, log=x, ok=ok)
     if method == "geodesic" and not any(orthogonal):
         return x1, x2, geodesic_path_cayley(x1, x2, angle_tol=angle_tol)
     x1, x2 = _as_method_input(x1, orthogonal[0], method), _as_method_input(x2, orthogonal[1], method)
@@ -252,14 +276,55 @@ def _pair_blocks(x1, x2, t, alpha, *, method, restore, angle_tol, orthogonal, al
                        algorithm=algorithm)
 
 
-_STATIC = ("method", "restore", "angle_tol", "orthogonal", "algorithm")
+def _sweep_blocks(x1, x2, ts, alpha, *, method, restore, angle_tol, orthogonal, algorithm):
+    # The t-independent decomposition (inverse Cayley of U1^T U2 and its eigh, or the log) is done once here.
+    x1, x2, path = _inputs_and_path(x1, x2, method=method, angle_tol=angle_tol, orthogonal=orthogonal,
+                                    algorithm=algorithm)
+    if method == "cayley":
+        x1, x2 = skew(x1), skew(x2)
+    point = functools.partial(_pair_point, method=method, restore=restore, angle_tol=angle_tol, algorithm=algorithm)
+    y, bad, ok = jax.vmap(lambda t: point(x1, x2, t, path, alpha=alpha))(ts)
+    return y, bad, jnp.broadcast_to(ok, bad.shape)
+
+
+def _blocks_with_fallback(x1, x2, t, alpha, *, sweep, fallback, **options):
+    """``(Y, bad, ok)`` of :func:`_pair_blocks` / :func:`_sweep_blocks`.
+
+    With ``algorithm="matmul"`` some blocks may be declined (``ok`` False: a rotation angle above
+    2.4 rad, or a t / restoration factor too large for the squarings). ``fallback="cond"`` redoes
+    them here with ``eigh`` (``jax.lax.cond``: only when there are any; on a GPU the branch costs a
+    host round trip). ``fallback="host"`` returns them for :func:`_fill_declined` (eager merges:
+    no round trip per stack).
+    """
+    blocks = _sweep_blocks if sweep else _pair_blocks
+    y, bad, ok = blocks(x1, x2, t, alpha, **options)
+    if options["algorithm"] != "matmul" or fallback == "host":
+        return y, bad, ok
+
+    def redo():
+        ye, be, _ = blocks(x1, x2, t, alpha, **{**options, "algorithm": "eigh"})
+        return jnp.where(ok[..., None, None], y, ye), jnp.where(ok, bad, be)
+
+    y, bad = jax.lax.cond(jnp.all(ok), lambda: (y, bad), redo)
+    return y, bad, jnp.ones_like(ok)
+
+
+_STATIC = ("method", "restore", "angle_tol", "orthogonal", "algorithm", "fallback")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _pair_kernel(x1, x2, t, alpha, *, method, restore, angle_tol, orthogonal=(False, False), algorithm="eigh"):
+def _pair_kernel(x1, x2, t, alpha, *, method, restore, angle_tol, orthogonal=(False, False), algorithm="eigh",
+                 fallback="cond"):
     # x1, x2 are the adapters' own stacks, converted here: no converted copy outlives the kernel.
-    return _pair_blocks(x1, x2, t, alpha, method=method, restore=restore, angle_tol=angle_tol, orthogonal=orthogonal,
-                        algorithm=algorithm)
+    return _blocks_with_fallback(x1, x2, t, alpha, sweep=False, method=method, restore=restore, angle_tol=angle_tol,
+                                 orthogonal=orthogonal, algorithm=algorithm, fallback=fallback)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _sweep_kernel(x1, x2, ts, alpha, *, method, restore, angle_tol, orthogonal=(False, False), algorithm="eigh",
+                  fallback="cond"):
+    return _blocks_with_fallback(x1, x2, ts, alpha, sweep=True, method=method, restore=restore, angle_tol=angle_tol,
+                                 orthogonal=orthogonal, algorithm=algorithm, fallback=fallback)
 
 
 def _chunk_size(x: Array, target_bytes: int) -> int | None:
@@ -284,41 +349,23 @@ def _chunk_size(x: Array, target_bytes: int) -> int | None:
     return divisor if 4 * divisor >= target else target
 
 
-def _sweep_blocks(x1, x2, ts, alpha, *, method, restore, angle_tol, orthogonal, algorithm):
-    # The t-independent decomposition (inverse Cayley of U1^T U2 and its eigh, or the log) is done once here.
-    x1, x2, path = _inputs_and_path(x1, x2, method=method, angle_tol=angle_tol, orthogonal=orthogonal,
-                                    algorithm=algorithm)
-    if method == "cayley":
-        x1, x2 = skew(x1), skew(x2)
-    point = functools.partial(_pair_point, method=method, restore=restore, angle_tol=angle_tol, algorithm=algorithm)
-    return jax.vmap(lambda t: point(x1, x2, t, path, alpha=alpha))(ts)
-
-
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def _sweep_kernel(x1, x2, ts, alpha, *, method, restore, angle_tol, orthogonal=(False, False), algorithm="eigh"):
-    return _sweep_blocks(x1, x2, ts, alpha, method=method, restore=restore, angle_tol=angle_tol, orthogonal=orthogonal,
-                         algorithm=algorithm)
-
-
 @functools.partial(
-    jax.jit, static_argnames=("chunk", "sweep", *_STATIC), donate_argnums=(0, 1)
+    jax.jit, static_argnames=("chunk", "sweep", *_STATIC), donate_argnums=(0, 1, 2)
 )
-def _chunk_kernel(y, bad, x1, x2, start, t, alpha, *, chunk, sweep, method, restore, angle_tol, orthogonal, algorithm):
-    """Blocks ``[start, start + chunk)`` of the flattened stacks, written into ``y, bad`` in place.
+def _chunk_kernel(y, bad, ok, x1, x2, start, t, alpha, *, chunk, sweep, **options):
+    """Blocks ``[start, start + chunk)`` of the flattened stacks, written into ``y, bad, ok`` in place.
 
     ``sweep=False``: one merge at ``t`` (:func:`_pair_blocks`); ``sweep=True``: every t of ``t``
-    (:func:`_sweep_blocks`), outputs with a leading t axis. ``y`` and ``bad`` are buffers that
-    :func:`_run_chunked` created and donates, never the caller's.
+    (:func:`_sweep_blocks`), outputs with a leading t axis. ``y``, ``bad`` and ``ok`` are buffers
+    that :func:`_run_chunked` created and donates, never the caller's.
     """
     b, lead = x1.shape[-1], y.shape[: int(sweep)]
     part = lambda x: jax.lax.dynamic_slice_in_dim(x.reshape(-1, b, b), start, chunk)  # noqa: E731
-    blocks = _sweep_blocks if sweep else _pair_blocks
-    yc, bc = blocks(part(x1), part(x2), t, alpha, method=method, restore=restore, angle_tol=angle_tol,
-                    orthogonal=orthogonal, algorithm=algorithm)
+    yc, bc, oc = _blocks_with_fallback(part(x1), part(x2), t, alpha, sweep=sweep, **options)
     axis = len(lead)
     y = jax.lax.dynamic_update_slice_in_dim(y.reshape(*lead, -1, b, b), yc, start, axis).reshape(y.shape)
-    bad = jax.lax.dynamic_update_slice_in_dim(bad.reshape(*lead, -1), bc, start, axis).reshape(bad.shape)
-    return y, bad
+    flat = lambda f, fc: jax.lax.dynamic_update_slice_in_dim(f.reshape(*lead, -1), fc, start, axis).reshape(f.shape)  # noqa: E731
+    return y, flat(bad, bc), flat(ok, oc)
 
 
 def _run_chunked(x1, x2, t, alpha, chunk: int, *, sweep: bool = False, **options):
@@ -332,22 +379,39 @@ def _run_chunked(x1, x2, t, alpha, chunk: int, *, sweep: bool = False, **options
     n = int(np.prod(x1.shape[:-2], dtype=np.int64))
     lead = (t.shape[0],) if sweep else ()
     y, bad = jnp.zeros((*lead, *x1.shape), x1.dtype), jnp.zeros((*lead, *x1.shape[:-2]), bool)
+    ok = jnp.zeros((*lead, *x1.shape[:-2]), bool)
     for i in range(-(-n // chunk)):
         start = min(i * chunk, n - chunk)
-        y, bad = _chunk_kernel(y, bad, x1, x2, start, t, alpha, chunk=chunk, sweep=sweep, **options)
-    return y, bad
+        y, bad, ok = _chunk_kernel(y, bad, ok, x1, x2, start, t, alpha, chunk=chunk, sweep=sweep, **options)
+    return y, bad, ok
 
 
 def _pair_or_sweep(x1, x2, t, alpha, *, sweep: bool, **options):
-    """Merge two stacks at ``t`` (``sweep=False``) or at every t of ``t``: one kernel call, or on
-    concrete CPU stacks a chunked loop (:func:`_chunk_size`) sized so that a chunk's outputs for all
-    t stay near ``_CPU_CHUNK_BYTES``."""
+    """``(Y, bad, ok)``: merge two stacks at ``t`` (``sweep=False``) or at every t of ``t``: one
+    kernel call, or on concrete CPU stacks a chunked loop (:func:`_chunk_size`) sized so that a
+    chunk's outputs for all t stay near ``_CPU_CHUNK_BYTES``.
+
+    Concrete stacks leave blocks the product-only path declined to the caller
+    (:func:`_fill_declined`); traced ones redo them inside the kernel (``jax.lax.cond``).
+    """
+    concrete = _is_concrete(x1, x2, t, alpha)
+    options = {**options, "fallback": "host" if concrete else "cond"}
     n_t = t.shape[0] if sweep else 1
-    chunk = (_chunk_size(x1, max(1, _CPU_CHUNK_BYTES // n_t))
-             if n_t and _is_concrete(x1, x2, t, alpha) else None)
+    chunk = _chunk_size(x1, max(1, _CPU_CHUNK_BYTES // n_t)) if n_t and concrete else None
     if chunk is not None:
         return _run_chunked(x1, x2, t, alpha, chunk, sweep=sweep, **options)
     return (_sweep_kernel if sweep else _pair_kernel)(x1, x2, t, alpha, **options)
+
+
+def _fill_declined(y, bad, ok, redo):
+    """Blocks the product-only path declined (``ok`` False, concrete) from ``redo()``, the same
+    merge with ``algorithm="eigh"``; called after every stack was dispatched, so on a GPU the one
+    host round trip per stack does not stall the queue."""
+    if ok is None or isinstance(ok, jax.core.Tracer) or bool(np.all(np.asarray(ok))):
+        return y, bad
+    ye, be, _ = redo()
+    keep = jnp.asarray(ok)
+    return jnp.where(keep[..., None, None], y, ye), jnp.where(keep, bad, be)
 
 
 @functools.partial(jax.jit, static_argnames=("method", "restore", "angle_tol", "tol", "max_iter"))
@@ -364,7 +428,7 @@ def _mean_kernel(xs, w, alpha, *, method, restore, angle_tol, tol, max_iter):
         y = cayley_mean_blocks(xs, w)
         bad = _not_finite(y)
         res, it = no_iterations
-    y, bad2 = _restore_with_flag(y, f, restore, angle_tol)
+    y, bad2, _ = _restore_with_flag(y, f, restore, angle_tol)  # eigh: every block ok
     return y, bad | bad2, res, it
 
 
@@ -448,6 +512,24 @@ def _stack_inputs(
     return out
 
 
+def _merge_two(adapters, t, alpha, *, sweep: bool, dtype, method: str, **options) -> dict:
+    """``{(stack key, "L"/"R"): (Y, bad)}`` of a two-adapter merge (or sweep), stack by stack.
+
+    Every stack is dispatched first; then blocks the product-only path declined are redone with
+    ``eigh`` (:func:`_fill_declined`), so an eager merge on a GPU waits for the device once per
+    stack at the end instead of stalling between stacks.
+    """
+    orthogonal = tuple(a.orthogonal for a in adapters)
+
+    def run(key, which, **extra):
+        x1, x2 = _stack_inputs(adapters, key, which, method, dtype, convert=False)
+        return _pair_or_sweep(x1, x2, t, alpha, sweep=sweep, method=method, orthogonal=orthogonal,
+                              **{**options, **extra})
+
+    out = {(key, which): run(key, which) for key in adapters[0].stacks for which in ("L", "R")}
+    return {kw: _fill_declined(*res, functools.partial(run, *kw, algorithm="eigh")) for kw, res in out.items()}
+
+
 _WHY = {
     "geodesic": "the relative rotation U1^T U2 (or, for N adapters, M^T U_i in the Karcher iteration) "
     "has an eigenvalue at -1, where the real principal logarithm is undefined",
@@ -523,7 +605,10 @@ def merge(
         exponentials: ``"matmul"`` (products only; ``eigh`` only for a stack with a rotation
         angle above 2.4 rad), ``"eigh"`` (the spectral formula) or ``"auto"`` (``"matmul"`` for
         float32, ``"eigh"`` for float64: the polynomial is exact to float32 round-off, ~1e-8).
-        ``"matmul"`` is faster, most of all on GPUs.
+        ``"matmul"`` is faster, most of all on GPUs (no batched ``eigh``, no host round trip in
+        an eager merge). Declined blocks are redone with ``eigh`` after every stack was
+        dispatched (under ``jit``: inside the program, by ``jax.lax.cond``); the first call that
+        meets one compiles that ``eigh`` kernel for the stack's shape, once.
       weight_tol: tolerance of the ``sum(weights) == 1`` check.
       karcher_tol, karcher_max_iter: stopping rule of the Karcher iteration (N >= 3 geodesic);
         a warning is issued on concrete input when it stops without reaching the tolerance.
@@ -565,16 +650,16 @@ def merge(
             t = w[1]  # the two-adapter Karcher mean / Cayley mean is the path point at t = w[1]
     stacks, flags = {}, {}
     info = []
+    if k == 2:
+        two = _merge_two(adapters, t, alpha, sweep=False, dtype=dtype, method=method, restore=restore,
+                         angle_tol=angle_tol, algorithm=algorithm)
     for key in adapters[0].stacks:
         out, per = {}, {}
         for which in ("L", "R"):
-            blocks = _stack_inputs(adapters, key, which, method, dtype, convert=k != 2)
             if k == 2:
-                y, bad = _pair_or_sweep(
-                    blocks[0], blocks[1], t, alpha, sweep=False, method=method, restore=restore,
-                    angle_tol=angle_tol, orthogonal=tuple(a.orthogonal for a in adapters), algorithm=algorithm,
-                )
+                y, bad = two.pop((key, which))
             else:
+                blocks = _stack_inputs(adapters, key, which, method, dtype)
                 y, bad, res, it = _mean_kernel(
                     jnp.stack(blocks),
                     w,
@@ -587,7 +672,7 @@ def merge(
                 )
                 if method == "geodesic":
                     info.append((key, which, res, it))
-            del blocks  # before the next stack is converted
+                del blocks  # before the next stack is converted
             out[which], per[which] = y, bad
         stacks[key] = replace(adapters[0].stacks[key], L=out["L"], R=out["R"])
         flags[key] = per
@@ -643,15 +728,12 @@ def sweep(
     if ts.ndim != 1:
         raise ValueError(f"ts must be a 1-D array of t values, got shape {ts.shape}")
     stacks, flags = {}, {}
+    two = _merge_two([adapter1, adapter2], ts, alpha, sweep=True, dtype=dtype, method=method, restore=restore,
+                     angle_tol=angle_tol, algorithm=algorithm)
     for key in adapter1.stacks:
         out, per = {}, {}
         for which in ("L", "R"):
-            x1, x2 = _stack_inputs([adapter1, adapter2], key, which, method, dtype, convert=False)
-            out[which], per[which] = _pair_or_sweep(
-                x1, x2, ts, alpha, sweep=True, method=method, restore=restore, angle_tol=angle_tol,
-                orthogonal=(adapter1.orthogonal, adapter2.orthogonal), algorithm=algorithm,
-            )
-            del x1, x2
+            out[which], per[which] = two.pop((key, which))
         stacks[key] = replace(adapter1.stacks[key], L=out["L"], R=out["R"])
         flags[key] = per
     if _is_concrete(adapter1, adapter2, ts):

@@ -29,7 +29,6 @@ round-off (tests/geometry/test_polynomial.py compares them with scipy in float64
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -107,28 +106,32 @@ def log_polynomial(u: Block) -> tuple[Block, Bool[Array, "*batch"]]:
     return jnp.where(ok[..., None, None], x, jnp.nan), ok
 
 
-def expm_skew_taylor(a: Block) -> Block:
+def expm_skew_taylor(a: Block, *, max_squarings: int = 8) -> Block:
     """``expm(skew(A))`` by Taylor series and squaring, products only (per-block scaling).
 
     Accurate to float32 round-off times the number of squarings (3 for rotation angles up to 4
-    rad: about 3e-7 at b = 40). Use :func:`~orthofuse_jax.geometry.expm_skew` (``eigh``) for very
-    large angles, where the squarings would grow.
+    rad: about 3e-7 at b = 40) for ``||skew(A)||_2 <= 2^max_squarings / 2`` (128 rad by default;
+    the loop is unrolled, so no host round trip on a GPU). Use
+    :func:`~orthofuse_jax.geometry.expm_skew` (``eigh``) beyond.
     """
+    return _expm_taylor_with_ok(a, max_squarings)[0]
+
+
+def _expm_taylor_with_ok(a: Block, max_squarings: int) -> tuple[Block, Bool[Array, "*batch"]]:
+    """:func:`expm_skew_taylor` and, per block, whether its norm bound is within reach of the squarings."""
     x = 0.5 * (a - jnp.swapaxes(a, -1, -2))
     eye = jnp.broadcast_to(jnp.eye(x.shape[-1], dtype=x.dtype), x.shape)
     x2 = mm(x, x)
     # ||X||_2^2 = ||X^2||_2 <= ||X^2||_F / sqrt(2) (X^2 is symmetric with paired eigenvalues)
     bound = jnp.sqrt(jnp.sqrt(jnp.sum(x2 * x2, axis=(-1, -2)) / 2.0))
-    s = jnp.maximum(jnp.ceil(jnp.log2(bound / _TAYLOR_RADIUS)), 0.0)
-    s = jnp.where(jnp.isfinite(s), s, 0.0)
+    need = jnp.maximum(jnp.ceil(jnp.log2(bound / _TAYLOR_RADIUS)), 0.0)
+    ok = need <= max_squarings  # False for NaN too
+    s = jnp.where(ok, need, float(max_squarings))
     scale = jnp.exp2(-s)[..., None, None]  # a power of two: the scaling itself is exact
     x, x2 = x * scale, x2 * (scale * scale)
     x3 = mm(x2, x)
     fact = np.cumprod([1.0, *range(1, _TAYLOR + 1)])
     e = _paterson_stockmeyer(tuple(float(1.0 / f) for f in fact), [eye, x, x2], x3)
-    steps = s.astype(jnp.int32)
-
-    def square(i, e):
-        return jnp.where((i < steps)[..., None, None], mm(e, e), e)
-
-    return jax.lax.fori_loop(0, jnp.max(steps, initial=0), square, e)
+    for i in range(max_squarings):  # unrolled: a data-dependent loop would sync with the host on a GPU
+        e = jnp.where((i < s)[..., None, None], mm(e, e), e)
+    return e, ok

@@ -32,7 +32,7 @@ from orthofuse_jax.fusion import (
     to_layers,
     to_orthogonal,
 )
-from orthofuse_jax.geometry import NegativeEigenvalueError, gs_dense
+from orthofuse_jax.geometry import NegativeEigenvalueError, gs_dense, log_polynomial
 
 # -- float64 numpy/scipy references ---------------------------------------------------------
 
@@ -590,7 +590,9 @@ def test_chunked_merge_error_names_layer(chunk_calls):
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="stacks are chunked on CPU only")
 def test_chunked_merge_compiles_once(chunk_calls):
-    """The chunk start is an argument, not a static: a chunked stack costs one compilation, reused."""
+    """The chunk start is an argument, not a static: a chunked stack costs one compilation, reused.
+    (``eigh``: with ``matmul`` the second pair's one block beyond 2.4 rad would compile the eigh
+    fallback kernel, a data-dependent compilation tested in test_no_recompile.py.)"""
     seen = []
 
     def listener(event, duration, **kwargs):
@@ -602,10 +604,10 @@ def test_chunked_merge_compiles_once(chunk_calls):
     jax.clear_caches()  # earlier tests may have compiled the same chunk kernel
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
-        jax.block_until_ready(merge([a1, a2], t=0.3, restore="cayley"))
+        jax.block_until_ready(merge([a1, a2], t=0.3, restore="cayley", algorithm="eigh"))
         assert calls == [5] * 4 and seen  # L and R, 2 chunks each; the first call compiles
         seen.clear()
-        jax.block_until_ready(merge([b1, b2], t=0.7, restore="cayley"))
+        jax.block_until_ready(merge([b1, b2], t=0.7, restore="cayley", algorithm="eigh"))
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert seen == [], f"recompiled on the second call: {seen}"
@@ -656,3 +658,43 @@ def test_chunked_sweep_of_no_t(sweep_chunk_calls):
     out = sweep(a1, a2, np.zeros((0,), np.float32), restore="cayley")
     assert {k: s.L.shape for k, s in out.stacks.items()} == {"nb1_b3": (0, 7, 1, 3, 3)}
     assert calls == []
+
+
+# -- algorithm="matmul": blocks the product-only path declines are redone with eigh -----------
+
+
+def _wide_pair(dtype=np.float32):
+    """Two adapters whose relative rotation is 2.9 rad in block 0 of layer blk0 of each stack
+    (beyond the product-only log's 2.4 rad) and 1.5 rad in every other block."""
+    rng = np.random.default_rng(40)
+    a1, a2 = make_adapter(41, dtype=np.float64), {}
+    for name, (L, R) in blocks(a1).items():
+        out = []
+        for x in (L, R):
+            nb, b = x.shape[0], x.shape[-1]
+            u1 = np.stack([np_cayley(x[i]) for i in range(nb)])
+            gens = [raw_params(rng, (), b, 1.0) for _ in range(nb)]
+            angle = [2.9 if i == 0 and name.startswith("blk0") else 1.5 for i in range(nb)]
+            out.append(u1 @ np.stack([scipy.linalg.expm(g * a / np.linalg.norm(g, 2)) for g, a in zip(gens, angle)]))
+        a2[name] = tuple(out)
+    return from_layers(blocks(a1), dtype=dtype), from_layers(a2, orthogonal=True, dtype=dtype)
+
+
+@pytest.mark.parametrize("restore", ["cayley", "exact"])
+def test_matmul_merge_redoes_declined_blocks_with_eigh(restore):
+    a1, a2 = _wide_pair()
+    u1, u2 = to_orthogonal(a1), a2
+    declined = [~np.asarray(log_polynomial(jnp.swapaxes(s.L, -1, -2) @ u2.stacks[k].L)[1])
+                for k, s in u1.stacks.items()]
+    assert sum(int(d.sum()) for d in declined) == 2  # one block per stack of L: the 2.9 rad ones
+    want = blocks(merge([a1, a2], t=0.6, restore=restore, algorithm="eigh"))
+    for got in (merge([a1, a2], t=0.6, restore=restore, algorithm="matmul"),  # eager: after dispatch
+                jax.jit(lambda x, y: merge([x, y], t=0.6, restore=restore, algorithm="matmul"))(a1, a2)):  # cond
+        for name, (L, R) in blocks(got).items():
+            np.testing.assert_allclose(L, want[name][0], rtol=0, atol=2e-5, err_msg=name)
+            np.testing.assert_allclose(R, want[name][1], rtol=0, atol=2e-5, err_msg=name)
+    # t far outside [0, 1]: the exponential's squarings do not reach, eigh takes over
+    far = merge([a1, a2], t=3.5, extrapolate=True, algorithm="matmul")
+    ref = merge([a1, a2], t=3.5, extrapolate=True, algorithm="eigh")
+    for name, (L, R) in blocks(far).items():
+        np.testing.assert_allclose(L, blocks(ref)[name][0], rtol=0, atol=5e-5, err_msg=name)
