@@ -97,6 +97,23 @@ def test_fuse_default_preset_matches_scipy(capsys, pair, tmp_path):
             np.testing.assert_allclose(_cay(got[key][j].astype(np.float64)), y, atol=5e-6)
 
 
+def test_fuse_algorithms_agree(capsys, pair, tmp_path):
+    from orthofuse_jax.fusion.io import read_tensors
+
+    outs = {}
+    for algorithm in ("eigh", "matmul"):
+        outs[algorithm] = tmp_path / f"{algorithm}.safetensors"
+        rc, _, err = run(capsys, "fuse", *pair, "-o", outs[algorithm], "--restore", "exact", "--algorithm", algorithm)
+        assert rc == 0, err
+    (a, _), (b, _) = read_tensors(outs["eigh"]), read_tensors(outs["matmul"])
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=0, atol=2e-5, err_msg=key)
+    with pytest.raises(SystemExit) as exc:  # argparse rejects the choice
+        run(capsys, "fuse", *pair, "-o", tmp_path / "x.safetensors", "--algorithm", "qr")
+    assert exc.value.code == 2 and "--algorithm" in capsys.readouterr().err
+
+
 def test_fuse_cayley_exact_and_extrapolate(capsys, pair, tmp_path):
     out = tmp_path / "f.safetensors"
     rc, stdout, err = run(capsys, "fuse", *pair, "-o", out, "--method", "cayley", "--restore", "exact", "--t", "1.2",
