@@ -230,7 +230,7 @@ def cmd_demo(args) -> int:
     concept, style = write_demo_pair(out, full_sdxl=args.full_sdxl)
     print(f"wrote demo adapters ({'full SDXL, 560' if args.full_sdxl else 'SDXL-shaped, 16'} layers): {concept}, {style}")
     common = dict(concept=concept, style=style, method="geodesic", restore="cayley", alpha=2.0,
-                  scales="concept", extrapolate=False, float64=False)
+                  scales="concept", extrapolate=False, float64=False, algorithm="auto")
     fuse_args = argparse.Namespace(t=0.6, output=out / "fused.safetensors", **common)
     print(f"$ {PROG} fuse {concept} {style} -o {fuse_args.output} --t 0.6")
     cmd_fuse(fuse_args, quiet=True)
