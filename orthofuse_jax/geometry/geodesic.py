@@ -138,30 +138,14 @@ def geodesic_with_flag(
     The logarithm is :func:`~orthofuse_jax.geometry.log_with_flag` (``algorithm``), the
     exponential :func:`~orthofuse_jax.geometry.expm_skew_taylor`, then one Newton-Schulz polar
     step. With ``algorithm="matmul"`` this uses products only whenever every relative rotation
-    angle is below about 2.4 rad (else ``eigh`` for the log, by ``jax.lax.cond``). For many t of
-    one pair, :func:`geodesic_path` is cheaper per point.
+    angle is below about 2.4 rad (else ``eigh`` for the log, by ``jax.lax.cond``); the
+    exponential is exact for ``|t| theta <= 128`` (its 8 squarings). For many t of one pair,
+    :func:`geodesic_path` is cheaper per point.
     """
-    path = _log_path(u1, u2, angle_tol=angle_tol, algorithm=algorithm)
-    return path.at(t), path.bad
-
-
-@dataclass(frozen=True)
-class _LogPath:
-    """``gamma(t) = U1 expm(t X)``, ``X = log(U1^T U2)``: the product-only geodesic (internal)."""
-
-    start: Block
-    log: Block
-    bad: Bool[Array, "*batch"]
-
-    def at(self, t) -> Block:
-        t = jnp.asarray(t, dtype=self.start.dtype)[..., None, None]
-        y = _polar_step(mm(self.start, expm_skew_taylor(t * self.log)))
-        return jnp.where(self.bad[..., None, None], jnp.nan, y)
-
-
-def _log_path(u1: Block, u2: Block, *, angle_tol: float, algorithm: str) -> _LogPath:
     x, bad = log_with_flag(relative_rotation(u1, u2), angle_tol=angle_tol, algorithm=algorithm)
-    return _LogPath(start=u1, log=x, bad=bad)
+    t = jnp.asarray(t, dtype=u1.dtype)[..., None, None]
+    y = _polar_step(mm(u1, expm_skew_taylor(t * x)))
+    return jnp.where(bad[..., None, None], jnp.nan, y), bad
 
 
 def geodesic_distance(u1: Block, u2: Block) -> Float[Array, "*batch"]:
