@@ -698,3 +698,15 @@ def test_matmul_merge_redoes_declined_blocks_with_eigh(restore):
     ref = merge([a1, a2], t=3.5, extrapolate=True, algorithm="eigh")
     for name, (L, R) in blocks(far).items():
         np.testing.assert_allclose(L, blocks(ref)[name][0], rtol=0, atol=5e-5, err_msg=name)
+
+
+def test_matmul_sweep_equals_eigh_sweep_with_declined_blocks():
+    """sweep(algorithm="matmul") with per-t declines redone by eigh, eager and under jit."""
+    a1, a2 = _wide_pair()
+    ts = jnp.asarray([0.0, 0.3, 0.8, 1.0], jnp.float32)
+    want = sweep(a1, a2, ts, restore="exact", algorithm="eigh")
+    for got in (sweep(a1, a2, ts, restore="exact", algorithm="matmul"),
+                jax.jit(lambda x, y, t: sweep(x, y, t, restore="exact", algorithm="matmul"))(a1, a2, ts)):
+        for key, s in want.stacks.items():
+            np.testing.assert_allclose(np.asarray(got.stacks[key].L), np.asarray(s.L), rtol=0, atol=3e-5, err_msg=key)
+            np.testing.assert_allclose(np.asarray(got.stacks[key].R), np.asarray(s.R), rtol=0, atol=3e-5, err_msg=key)
