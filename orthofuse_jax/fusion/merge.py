@@ -54,12 +54,12 @@ from ..geometry import (
     geodesic_path_cayley,
     inverse_cayley,
     power,
+    relative_rotation,
     skew,
     spectral_map_with_flag,
 )
 from ..geometry._linalg import mm
 from ..geometry._types import Array, Block, Bool, Float
-from ..geometry.geodesic import relative_rotation
 from ..geometry.polynomial import _expm_taylor_with_ok, log_polynomial
 from ..geometry.spectral import _polar_step
 from .adapter import GSAdapter, LayerStack, check_compatible, to_orthogonal
@@ -407,7 +407,7 @@ def _fill_declined(y, bad, ok, redo):
     """Blocks the product-only path declined (``ok`` False, concrete) from ``redo()``, the same
     merge with ``algorithm="eigh"``; called after every stack was dispatched, so on a GPU the one
     host round trip per stack does not stall the queue."""
-    if ok is None or isinstance(ok, jax.core.Tracer) or bool(np.all(np.asarray(ok))):
+    if isinstance(ok, jax.core.Tracer) or bool(np.all(np.asarray(ok))):  # traced: redone in the kernel
         return y, bad
     ye, be, _ = redo()
     keep = jnp.asarray(ok)
