@@ -196,7 +196,14 @@ def main(argv=None) -> dict:
     p.add_argument("--parity-layers", type=int, default=None,
                    help="check the exact merge against the float64 baseline (run on the CPU) on only the first "
                         "K layers of each block size; the float32 baseline is still compared on all")
+    p.add_argument("--triton-gemm", action="store_true",
+                   help="with --device cuda: keep XLA's default autotuned Triton products instead of cuBLAS (what "
+                        "the command line picks, orthofuse_jax._runtime.prefer_cublas_gemm): minutes more compiling")
     args = p.parse_args(argv)
+    if args.device == "cuda" and not args.triton_gemm:
+        from orthofuse_jax._runtime import prefer_cublas_gemm
+
+        prefer_cublas_gemm()
     if args.results_dir:
         common.RESULTS_DIR = __import__("pathlib").Path(args.results_dir)
     cuda = args.device == "cuda"
@@ -220,6 +227,7 @@ def main(argv=None) -> dict:
     t = args.t
     info = common.machine()
     info["device"] = args.device
+    info["xla_flags"] = __import__("os").environ.get("XLA_FLAGS", "")
     info["device_kind"] = jax.devices()[0].device_kind
     if cuda:
         if jax.default_backend() != "gpu" or not torch.cuda.is_available():

@@ -378,9 +378,10 @@ def _one_line(msg: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from ._runtime import enable_compile_cache
+    from ._runtime import enable_compile_cache, prefer_cublas_gemm
     from .fusion.io import AdapterFileError
 
+    prefer_cublas_gemm()
     enable_compile_cache()
 
     with warnings.catch_warnings(record=True) as caught:

@@ -347,3 +347,51 @@ def test_compile_cache_folder_and_off(pair, tmp_path):
     assert not xdg.exists()
     _fuse_in_subprocess(pair, tmp_path / "b.safetensors", tmp_path / "mine", xdg)
     assert not xdg.exists() and any((tmp_path / "mine").iterdir())
+
+
+def _runtime_in_subprocess(code: str, **env_updates) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "ORTHOFUSE_JAX_KEEP_XLA_FLAGS")}
+    env.update(env_updates)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+_PREFER = ("import os; from orthofuse_jax._runtime import prefer_cublas_gemm; "
+           "print(prefer_cublas_gemm(), repr(os.environ.get('XLA_FLAGS')))")
+
+
+def test_prefer_cublas_gemm_adds_the_flag_once_and_respects_the_user():
+    assert _runtime_in_subprocess(_PREFER) == "True '--xla_gpu_enable_triton_gemm=false'"
+    # other flags are kept, the user's own triton choice wins, and the opt-out leaves XLA_FLAGS alone
+    assert _runtime_in_subprocess(_PREFER, XLA_FLAGS="--xla_dump_to=/tmp/x") == (
+        "True '--xla_dump_to=/tmp/x --xla_gpu_enable_triton_gemm=false'")
+    assert _runtime_in_subprocess(_PREFER, XLA_FLAGS="--xla_gpu_enable_triton_gemm=true") == (
+        "False '--xla_gpu_enable_triton_gemm=true'")
+    assert _runtime_in_subprocess(_PREFER, ORTHOFUSE_JAX_KEEP_XLA_FLAGS="1") == "False None"
+    # once a backend runs, XLA has read its flags: nothing is changed
+    late = ("import os, jax; jax.numpy.zeros(1).block_until_ready(); "
+            "from orthofuse_jax._runtime import prefer_cublas_gemm; "
+            "print(prefer_cublas_gemm(), repr(os.environ.get('XLA_FLAGS')))")
+    assert _runtime_in_subprocess(late) == "False None"
+
+
+def test_cli_asks_for_cublas_gemm_before_it_runs_a_command(pair, tmp_path, monkeypatch):
+    from orthofuse_jax import _runtime
+
+    order = []
+    monkeypatch.setattr(_runtime, "prefer_cublas_gemm", lambda: order.append("gemm flag"))
+    monkeypatch.setattr(_runtime, "enable_compile_cache", lambda: order.append("cache"))
+    real = build_parser
+
+    def parser_with_spy():
+        parser = real()
+        fuse = parser._subparsers._group_actions[0].choices["fuse"]
+        func = fuse.get_default("func")
+        fuse.set_defaults(func=lambda args: order.append("command") or func(args))
+        return parser
+
+    monkeypatch.setattr("orthofuse_jax.cli.build_parser", parser_with_spy)
+    assert main(["fuse", str(pair[0]), str(pair[1]), "-o", str(tmp_path / "o.safetensors")]) == 0
+    assert order == ["gemm flag", "cache", "command"]
