@@ -8,7 +8,9 @@ Subpackages (arrows point one way): ``cli -> models -> fusion -> geometry``.
 """
 
 from ._runtime import configure_cpu_threads as _configure_cpu_threads
+from ._runtime import prefer_cublas_gemm
 
 _configure_cpu_threads()
 
 __version__ = "0.1.0"
+__all__ = ["prefer_cublas_gemm"]

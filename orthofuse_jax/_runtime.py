@@ -116,10 +116,12 @@ def prefer_cublas_gemm() -> bool:
     fast merge 10.0 ms; turning autotuning off instead, ``--xla_gpu_autotune_level=0``, also
     compiled in 22 s but ran 27% slower; benchmarks/RESULTS.md).
 
-    The command line calls this before JAX starts; a library user can call it first thing, or set
-    the flag in ``XLA_FLAGS`` themselves. The flag is added to ``XLA_FLAGS`` unless that already
-    names ``triton_gemm``, ``ORTHOFUSE_JAX_KEEP_XLA_FLAGS`` is set, or a JAX backend is already
-    running (XLA reads the variable once). CPU-only runs ignore the flag.
+    The command line calls this before JAX starts; a library user can call
+    ``orthofuse_jax.prefer_cublas_gemm()`` first thing, or set the flag in ``XLA_FLAGS``
+    themselves. The flag is added to ``XLA_FLAGS`` unless that already names ``triton_gemm``
+    or ``ORTHOFUSE_JAX_KEEP_XLA_FLAGS`` is set. Once a JAX backend runs, XLA has read its flags:
+    nothing changes, with a :class:`RuntimeWarning` if that backend is a GPU. CPU-only runs
+    ignore the flag.
     """
     if os.environ.get(_KEEP_FLAGS_ENV):
         return False
@@ -129,9 +131,20 @@ def prefer_cublas_gemm() -> bool:
     try:
         from jax._src import xla_bridge
 
-        if xla_bridge.backends_are_initialized():
-            return False
+        started = xla_bridge.backends_are_initialized()
     except Exception:  # pragma: no cover - private API moved; setting the variable is still right
-        pass
+        started = False
+    if started:
+        import jax
+
+        if jax.default_backend() == "gpu":
+            warnings.warn(
+                "prefer_cublas_gemm() was called after JAX's GPU backend started, so XLA keeps "
+                f"autotuning Triton products (slow first compiles); call it before any JAX "
+                f"computation or export XLA_FLAGS={_TRITON_FLAG}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return False
     os.environ["XLA_FLAGS"] = f"{flags} {_TRITON_FLAG}".strip()
     return True

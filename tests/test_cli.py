@@ -358,7 +358,7 @@ def _runtime_in_subprocess(code: str, **env_updates) -> str:
     return proc.stdout.strip()
 
 
-_PREFER = ("import os; from orthofuse_jax._runtime import prefer_cublas_gemm; "
+_PREFER = ("import os; from orthofuse_jax import prefer_cublas_gemm; "
            "print(prefer_cublas_gemm(), repr(os.environ.get('XLA_FLAGS')))")
 
 
@@ -372,7 +372,7 @@ def test_prefer_cublas_gemm_adds_the_flag_once_and_respects_the_user():
     assert _runtime_in_subprocess(_PREFER, ORTHOFUSE_JAX_KEEP_XLA_FLAGS="1") == "False None"
     # once a backend runs, XLA has read its flags: nothing is changed
     late = ("import os, jax; jax.numpy.zeros(1).block_until_ready(); "
-            "from orthofuse_jax._runtime import prefer_cublas_gemm; "
+            "from orthofuse_jax import prefer_cublas_gemm; "
             "print(prefer_cublas_gemm(), repr(os.environ.get('XLA_FLAGS')))")
     assert _runtime_in_subprocess(late) == "False None"
 
@@ -395,3 +395,19 @@ def test_cli_asks_for_cublas_gemm_before_it_runs_a_command(pair, tmp_path, monke
     monkeypatch.setattr("orthofuse_jax.cli.build_parser", parser_with_spy)
     assert main(["fuse", str(pair[0]), str(pair[1]), "-o", str(tmp_path / "o.safetensors")]) == 0
     assert order == ["gemm flag", "cache", "command"]
+
+
+def test_prefer_cublas_gemm_too_late_warns_only_on_a_gpu(monkeypatch, recwarn):
+    import jax
+
+    import orthofuse_jax
+
+    jax.numpy.zeros(1).block_until_ready()  # the backend runs: XLA has read its flags
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.delenv("ORTHOFUSE_JAX_KEEP_XLA_FLAGS", raising=False)
+    assert orthofuse_jax.prefer_cublas_gemm() is False and "XLA_FLAGS" not in os.environ
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    with pytest.warns(RuntimeWarning, match="after JAX's GPU backend started.*xla_gpu_enable_triton_gemm=false"):
+        assert orthofuse_jax.prefer_cublas_gemm() is False
+    assert "XLA_FLAGS" not in os.environ
