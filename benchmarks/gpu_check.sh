@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Issue 5's GPU table in ONE device call: about 6-8 minutes on an H100/H200; a session has 15.
+# Issue 5's GPU table in ONE device call: about 4-5 minutes on an H100 (session 5, with the cuBLAS
+# products that merge_sdxl --device cuda now asks for; merge_sdxl --triton-gemm keeps XLA's default,
+# about 2 more minutes of compiling); a session has 15.
 #
 #   device tool:  run(command="bash benchmarks/gpu_check.sh", timeout_s=480)
 #
@@ -10,7 +12,7 @@
 # compiled and run: fast, exact with the default product-only geodesic, exact restoration, and with
 # --eigh-row the exact merge with algorithm="eigh"), parity (fast on all blocks; exact vs float64 on
 # 8 layers per size, on the CPU), our eager timings and the 16-point sweep (medians of 5), then the
-# ahead-of-time compile of jit(merge) (minutes on a GPU; its executables give the jit rows), the
+# ahead-of-time compile of jit(merge) (about 50 s in all; its executables give the jit rows), the
 # baseline fast preset, and last the reference's per-layer eig loop once (more than 80 s on the
 # GPU), whose first call is its one measurement.
 set -u
