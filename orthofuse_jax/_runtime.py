@@ -116,7 +116,7 @@ def prefer_cublas_gemm() -> bool:
     fast merge 10.0 ms; turning autotuning off instead, ``--xla_gpu_autotune_level=0``, also
     compiled in 22 s but ran 27% slower; benchmarks/RESULTS.md).
 
-    The command line calls this before JAX starts; a library user can call
+    The merge commands of the CLI call this before JAX starts; a library user can call
     ``orthofuse_jax.prefer_cublas_gemm()`` first thing, or set the flag in ``XLA_FLAGS``
     themselves. The flag is added to ``XLA_FLAGS`` unless that already names ``triton_gemm``
     or ``ORTHOFUSE_JAX_KEEP_XLA_FLAGS`` is set. Once a JAX backend runs, XLA has read its flags:

@@ -328,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, required=True, help="output .safetensors (never an input)")
     p.add_argument("--t", type=float, default=0.6, help="position on the merge path (default 0.6)")
     _add_merge_options(p)
-    p.set_defaults(func=cmd_fuse)
+    p.set_defaults(func=cmd_fuse, cublas_gemm=True)
 
     p = sub.add_parser("sweep", help="merge at many t in one vmapped call; write sweep.json and PNG plots",
                        description="Sweep t, write DIR/sweep.json (per-t statistics) and PNGs: eigen-angle "
@@ -338,14 +338,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ts", default="0:1:11", help="start:stop:count or comma list (default 0:1:11)")
     p.add_argument("--plot", type=Path, required=True, metavar="DIR", help="output directory")
     _add_merge_options(p)
-    p.set_defaults(func=cmd_sweep)
+    p.set_defaults(func=cmd_sweep, cublas_gemm=True)
 
     p = sub.add_parser("demo", help="write a built-in concept/style pair, then fuse and sweep it",
                        description="Writes concept.safetensors and style.safetensors (deterministic, SDXL-shaped), "
                                    "fused.safetensors (t=0.6, geodesic + curve_over_id) and sweep/ (JSON + PNGs).")
     p.add_argument("--out", type=Path, default=None, help="output directory (default: a new temporary directory)")
     p.add_argument("--full-sdxl", action="store_true", help="all 560 SDXL layers instead of 16")
-    p.set_defaults(func=cmd_demo)
+    p.set_defaults(func=cmd_demo, cublas_gemm=True)
 
     p = sub.add_parser("inspect", help="layers, block shapes, rotation angles and problems of an adapter file")
     p.add_argument("file", type=Path)
@@ -381,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     from ._runtime import enable_compile_cache, prefer_cublas_gemm
     from .fusion.io import AdapterFileError
 
-    prefer_cublas_gemm()
+    if getattr(args, "cublas_gemm", False):  # the merges: many small products (see prefer_cublas_gemm)
+        prefer_cublas_gemm()
     enable_compile_cache()
 
     with warnings.catch_warnings(record=True) as caught:

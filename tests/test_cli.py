@@ -395,6 +395,10 @@ def test_cli_asks_for_cublas_gemm_before_it_runs_a_command(pair, tmp_path, monke
     monkeypatch.setattr("orthofuse_jax.cli.build_parser", parser_with_spy)
     assert main(["fuse", str(pair[0]), str(pair[1]), "-o", str(tmp_path / "o.safetensors")]) == 0
     assert order == ["gemm flag", "cache", "command"]
+    # only the merge commands ask for it (it was measured on merges, not on the UNet commands)
+    order.clear()
+    assert main(["inspect", str(pair[0])]) == 0
+    assert order == ["cache"]
 
 
 def test_prefer_cublas_gemm_too_late_warns_only_on_a_gpu(monkeypatch, recwarn):
