@@ -58,7 +58,7 @@ from ..geometry import (
     skew,
     spectral_map_with_flag,
 )
-from ..geometry._linalg import mm
+from ..geometry._linalg import mm, solve_pd
 from ..geometry._types import Array, Block, Bool, Float
 from ..geometry.polynomial import _expm_taylor_with_ok, log_polynomial
 from ..geometry.spectral import _polar_step
@@ -159,7 +159,7 @@ def cayley_restored(s: Block, eta) -> Block:
     eta = _t_blocks(eta, s.dtype)
     eye = jnp.eye(s.shape[-1], dtype=s.dtype)
     base = eye - mm(s, s)
-    return jnp.linalg.solve(base - (2.0 * eta) * s, base + (2.0 * eta) * s)
+    return solve_pd(base - (2.0 * eta) * s, base + (2.0 * eta) * s)
 
 
 def restoration_factor(t, alpha=2.0):

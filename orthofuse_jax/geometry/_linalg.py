@@ -22,3 +22,34 @@ mm = functools.partial(jnp.matmul, precision=HIGHEST)
 
 einsum = functools.partial(jnp.einsum, precision=HIGHEST)
 """``jnp.einsum`` at full precision."""
+
+
+def solve_pd(a, b):
+    """``a^{-1} b`` for ``a [..., n, n]`` whose symmetric part is positive definite, ``b [..., n, m]``.
+
+    Every matrix the Cayley maps solve against is of this kind (``I - S`` has symmetric part
+    ``I``), and for them Gaussian elimination needs no pivoting. On the CPU this uses the
+    package's compiled kernel (``orthofuse_jax/_native/solve.cc``: 5-6x faster than jaxlib's
+    LAPACK ``getrf`` + ``trsm`` at the merges' block sizes, benchmarks/RESULTS.md) when it was
+    built; on other backends, for other dtypes, without the kernel or with
+    ``ORTHOFUSE_JAX_NATIVE=0`` it is ``jnp.linalg.solve``. Differentiable (forward and reverse)
+    through ``lax.custom_linear_solve``, and safe under ``jit`` and ``vmap``.
+    """
+    from .. import _native
+
+    target = _native.solve_target(a.dtype)
+    if target is None or b.dtype != a.dtype or b.ndim != a.ndim:
+        return jnp.linalg.solve(a, b)
+    batch = jnp.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    a = jnp.broadcast_to(a, batch + a.shape[-2:])
+    b = jnp.broadcast_to(b, batch + b.shape[-2:])
+
+    def native(a, b):
+        call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(b.shape, b.dtype), vmap_method="broadcast_all")
+        fixed = jax.lax.stop_gradient(a)
+        return jax.lax.custom_linear_solve(
+            lambda x: mm(a, x), b,
+            solve=lambda _, x: call(fixed, x),
+            transpose_solve=lambda _, x: call(jnp.swapaxes(fixed, -1, -2), x))
+
+    return jax.lax.platform_dependent(a, b, cpu=native, default=jnp.linalg.solve)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from ._linalg import mm
+from ._linalg import mm, solve_pd
 from ._types import Block
 
 __all__ = ["skew", "cayley", "inverse_cayley", "relative_cayley", "eye_like"]
@@ -48,7 +48,7 @@ def cayley(a: Block) -> Block:
     """
     s = skew(a)
     eye = eye_like(s)
-    return jnp.linalg.solve(eye - s, jnp.broadcast_to(eye + s, s.shape))
+    return solve_pd(eye - s, jnp.broadcast_to(eye + s, s.shape))  # symmetric part of I - S: I
 
 
 def inverse_cayley(u: Block) -> Block:

@@ -1,0 +1,27 @@
+"""Build step for the optional compiled CPU kernel (everything else is in pyproject.toml).
+
+``orthofuse_jax/_native/solve.cc`` is an XLA FFI custom call (batched solves without pivoting for
+the Cayley maps). It needs a C++17 compiler; the XLA FFI headers are vendored under
+``orthofuse_jax/_native/include``, so no jaxlib is needed at build time. The extension is
+optional: if it does not compile, the install goes on and the package uses jaxlib's LAPACK solve.
+"""
+
+import os
+
+from setuptools import Extension, setup
+
+here = os.path.dirname(os.path.abspath(__file__))
+include = os.path.join(here, "orthofuse_jax", "_native", "include")
+
+setup(
+    ext_modules=[
+        Extension(
+            "orthofuse_jax._native._solve",
+            sources=["orthofuse_jax/_native/solve.cc"],
+            language="c++",
+            # -isystem: the vendored XLA headers' own warnings are not ours
+            extra_compile_args=["-std=c++17", "-O3", "-isystem", include],
+            optional=True,
+        )
+    ]
+)
