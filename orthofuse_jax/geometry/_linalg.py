@@ -24,6 +24,11 @@ einsum = functools.partial(jnp.einsum, precision=HIGHEST)
 """``jnp.einsum`` at full precision."""
 
 
+NATIVE_MAX_BLOCK = 160
+"""Largest block size ``solve_pd`` gives the compiled kernel. Above it LAPACK's blocked solve wins
+(one core: native 9.3 vs 16.7 ms at b = 128, equal at 192, 91 vs 30 ms at 384)."""
+
+
 def solve_pd(a, b):
     """``a^{-1} b`` for ``a [..., n, n]`` whose symmetric part is positive definite, ``b [..., n, m]``.
 
@@ -31,14 +36,14 @@ def solve_pd(a, b):
     ``I``), and for them Gaussian elimination needs no pivoting. On the CPU this uses the
     package's compiled kernel (``orthofuse_jax/_native/solve.cc``: 5-6x faster than jaxlib's
     LAPACK ``getrf`` + ``trsm`` at the merges' block sizes, benchmarks/RESULTS.md) when it was
-    built; on other backends, for other dtypes, without the kernel or with
-    ``ORTHOFUSE_JAX_NATIVE=0`` it is ``jnp.linalg.solve``. Differentiable (forward and reverse)
+    built; on other backends, for other dtypes, for blocks larger than :data:`NATIVE_MAX_BLOCK`,
+    without the kernel or with ``ORTHOFUSE_JAX_NATIVE=0`` it is ``jnp.linalg.solve``. Differentiable (forward and reverse)
     through ``lax.custom_linear_solve``, and safe under ``jit`` and ``vmap``.
     """
     from .. import _native
 
     target = _native.solve_target(a.dtype)
-    if target is None or b.dtype != a.dtype or b.ndim != a.ndim:
+    if target is None or b.dtype != a.dtype or b.ndim != a.ndim or a.shape[-1] > NATIVE_MAX_BLOCK:
         return jnp.linalg.solve(a, b)
     batch = jnp.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     a = jnp.broadcast_to(a, batch + a.shape[-2:])

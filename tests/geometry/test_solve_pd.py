@@ -92,3 +92,13 @@ def test_switch_off_falls_back_to_lapack(monkeypatch):
         text = jax.jit(solve_pd).lower(a.astype(np.float32), b.astype(np.float32)).as_text()
         assert "orthofuse_solve_f32" in text
     np.testing.assert_allclose(np.asarray(solve_pd(a, b)), np.linalg.solve(a, b), atol=1e-12)
+
+
+def test_large_blocks_take_lapack():
+    from orthofuse_jax.geometry._linalg import NATIVE_MAX_BLOCK
+
+    for n, native in ((NATIVE_MAX_BLOCK, True), (NATIVE_MAX_BLOCK + 1, False)):
+        a, b = _pd_system(np.random.default_rng(n), (2,), n, 3, 1.0)
+        text = jax.jit(solve_pd).lower(a, b).as_text()
+        assert ("orthofuse_solve_f64" in text) == (native and _native.library_path() is not None)
+        np.testing.assert_allclose(np.asarray(solve_pd(a, b)), np.linalg.solve(a, b), atol=1e-11)
