@@ -10,7 +10,7 @@
 // interleaved buffer t[n][n + m][LANES], so that the blocks are the SIMD lanes, and reduced by
 // Gauss-Jordan elimination in panels of PANEL pivot rows (each other row takes one rank-PANEL
 // update per panel, so it passes through the cache n / PANEL times). On one Xeon core this is
-// 5-6x faster than jnp.linalg.solve at the SDXL stack shapes (benchmarks/RESULTS.md).
+// 3.5-5x faster than jnp.linalg.solve at the SDXL stack shapes (benchmarks/RESULTS.md).
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
