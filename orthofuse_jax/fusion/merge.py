@@ -246,6 +246,11 @@ _CPU_MERGE_CHUNK_BYTES = 2**19
 """The same for ``merge``. With the compiled solve, 0.5 MB was 8-9% faster than 1 MB for the exact
 merges and equal for the fast one (140 SDXL layers, one core; 0.25 MB: fast 10% slower)."""
 
+_CPU_MIN_CHUNK_BLOCKS = 16
+"""A merge chunk holds at least this many blocks: the compiled solve works on 16 float32 blocks at
+a time, and a chunk of 8 blocks of 128x128 (0.5 MB) wasted half of that work. A sweep's chunks are
+filled along its t axis instead."""
+
 
 def _as_method_input(x: Block, orthogonal: bool, method: str) -> Block:
     """``Cay(x)`` / ``invCay(x)`` when ``method`` needs the other form (``_stack_inputs``)."""
@@ -331,7 +336,7 @@ def _sweep_kernel(x1, x2, ts, alpha, *, method, restore, angle_tol, orthogonal=(
                                  orthogonal=orthogonal, algorithm=algorithm, fallback=fallback)
 
 
-def _chunk_size(x: Array, target_bytes: int) -> int | None:
+def _chunk_size(x: Array, target_bytes: int, min_blocks: int = 1) -> int | None:
     """Blocks per chunk for merging stack ``x`` in chunks, or None to merge it in one call.
 
     The merge kernel holds several block-sized temporaries per input block (the Cayley and
@@ -342,11 +347,12 @@ def _chunk_size(x: Array, target_bytes: int) -> int | None:
     an XLA while loop (``lax.map``) would cost a thread hand-off per operation per chunk, which on
     a loaded CPU made it several times slower. Traced stacks and accelerators keep one call per
     stack. A divisor of the block count is preferred, so no chunk overlaps the one before it.
+    A chunk holds at least ``min_blocks`` blocks.
     """
     if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer) or {d.platform for d in x.devices()} != {"cpu"}:
         return None
     n, b = int(np.prod(x.shape[:-2], dtype=np.int64)), x.shape[-1]
-    target = max(1, target_bytes // (b * b * x.dtype.itemsize))
+    target = max(min_blocks, target_bytes // (b * b * x.dtype.itemsize))
     if n <= target:
         return None
     divisor = max(d for d in range(1, target + 1) if n % d == 0)
@@ -402,7 +408,8 @@ def _pair_or_sweep(x1, x2, t, alpha, *, sweep: bool, **options):
     options = {**options, "fallback": "host" if concrete else "cond"}
     n_t = t.shape[0] if sweep else 1
     budget = _CPU_CHUNK_BYTES // n_t if sweep and n_t else _CPU_MERGE_CHUNK_BYTES
-    chunk = _chunk_size(x1, max(1, budget)) if n_t and concrete else None
+    min_blocks = 1 if sweep else _CPU_MIN_CHUNK_BLOCKS
+    chunk = _chunk_size(x1, max(1, budget), min_blocks) if n_t and concrete else None
     if chunk is not None:
         return _run_chunked(x1, x2, t, alpha, chunk, sweep=sweep, **options)
     return (_sweep_kernel if sweep else _pair_kernel)(x1, x2, t, alpha, **options)

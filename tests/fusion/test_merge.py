@@ -520,6 +520,7 @@ def _counting_chunk_kernel(monkeypatch, sweep: bool):
     def set_bytes(n):
         monkeypatch.setattr(module, "_CPU_CHUNK_BYTES", n)
         monkeypatch.setattr(module, "_CPU_MERGE_CHUNK_BYTES", n)
+        monkeypatch.setattr(module, "_CPU_MIN_CHUNK_BLOCKS", 1)
         calls.clear()
         return calls
 
