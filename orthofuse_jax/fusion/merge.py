@@ -341,7 +341,7 @@ def _chunk_size(x: Array, target_bytes: int, min_blocks: int = 1) -> int | None:
 
     The merge kernel holds several block-sized temporaries per input block (the Cayley and
     inverse-Cayley solves, ``eigh``, the rotation): about 7 stacks' worth for a whole stack, 0.5 GB
-    for the 64x64 SDXL stack. In chunks of about 1 MB they are negligible (issue 5), and they stay
+    for the 64x64 SDXL stack. In chunks of 0.5-1 MB they are negligible (issue 5), and they stay
     in cache: on CPU the batched LAPACK calls loop over the blocks anyway, so the merge even gets
     faster. Only concrete CPU stacks are chunked, by a Python loop over one compiled chunk kernel:
     an XLA while loop (``lax.map``) would cost a thread hand-off per operation per chunk, which on
