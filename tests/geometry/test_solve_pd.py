@@ -102,3 +102,13 @@ def test_large_blocks_take_lapack():
         text = jax.jit(solve_pd).lower(a, b).as_text()
         assert ("orthofuse_solve_f64" in text) == (native and _native.library_path() is not None)
         np.testing.assert_allclose(np.asarray(solve_pd(a, b)), np.linalg.solve(a, b), atol=1e-11)
+
+
+def test_gpu_lowering_never_calls_the_cpu_kernel():
+    """Lowered for CUDA (no GPU needed), only jnp.linalg.solve's cuSOLVER path is in the program."""
+    a, b = _pd_system(np.random.default_rng(3), (3,), 8, 8, 1.0)
+    traced = jax.jit(solve_pd).trace(a.astype(np.float32), b.astype(np.float32))
+    cuda = traced.lower(lowering_platforms=("cuda",)).as_text()
+    assert "orthofuse_solve" not in cuda and ("cusolver" in cuda or "cublas" in cuda)
+    if _native.library_path() is not None:
+        assert "orthofuse_solve_f32" in traced.lower(lowering_platforms=("cpu",)).as_text()
