@@ -1,4 +1,5 @@
-// Batched solves A X = B without pivoting, for the CPU (an XLA FFI custom call; see solve.py).
+// Batched solves A X = B without pivoting, for the CPU (an XLA FFI custom call; the Python side is
+// orthofuse_jax/_native/__init__.py and geometry/_linalg.py: solve_pd).
 //
 // Only for matrices whose symmetric part is positive definite -- every matrix the Cayley maps
 // solve against: I - S (symmetric part I), I - S^2 - 2 eta S (symmetric part I + S^T S). For
@@ -6,12 +7,13 @@
 // the symmetric part (here >= 1).
 //
 // Why: jaxlib's CPU solve is one LAPACK getrf + two trsm per block, and OpenBLAS's trsm kernel
-// is slow for the merges' 20x20 to 64x64 blocks. Here LANES blocks at a time are copied into an
-// interleaved buffer t[n][n + m][LANES], so that the blocks are the SIMD lanes, and reduced by
-// Gauss-Jordan elimination in panels of PANEL pivot rows (each other row takes one rank-PANEL
-// update per panel, so it passes through the cache n / PANEL times). On one Xeon core this is
-// 3.5-5x faster than jnp.linalg.solve at the SDXL stack shapes (benchmarks/RESULTS.md).
-#include <algorithm>
+// is slow for the merges' 20x20 to 64x64 blocks. Here kLanes = 8 blocks at a time are copied into
+// an interleaved buffer t[n][n + m][8] of doubles, so that the blocks are the SIMD lanes, and
+// reduced by Gauss-Jordan elimination in panels of kPanel pivot rows (each other row takes one
+// rank-kPanel update per panel, so it passes through the cache n / kPanel times). float32 input
+// is eliminated in double and rounded once at the end: 3e-8 from float64 for 64x64 Cayley
+// blocks, where an all-float32 elimination (and LAPACK's float32 solve, 3.4e-7) lose more.
+#include <algorithm>#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <vector>
@@ -24,16 +26,19 @@ namespace {
 
 constexpr int64_t kPanel = 4;
 
-template <typename T, int64_t LANES>
+// TIn: the buffers' type; T: the type the elimination runs in (double for float32 input too: the
+// result is then float32-rounded once, about 3e-8 from float64 instead of 1e-6 for an all-float32
+// elimination of 64x64 blocks, at about twice the kernel time).
+template <typename TIn, typename T, int64_t LANES>
 #if defined(__GNUC__)
 __attribute__((always_inline))
 #endif
-inline void SolveGroups(const T* a, const T* b, T* x, int64_t batch, int64_t n, int64_t m, T* t) {
+inline void SolveGroups(const TIn* a, const TIn* b, TIn* x, int64_t batch, int64_t n, int64_t m, T* t) {
   const int64_t w = n + m;
   for (int64_t g = 0; g < batch; g += LANES) {
     const int64_t lanes = std::min<int64_t>(LANES, batch - g);
-    const T* as[LANES];
-    const T* bs[LANES];
+    const TIn* as[LANES];
+    const TIn* bs[LANES];
     for (int64_t l = 0; l < LANES; ++l) {
       const int64_t src = g + (l < lanes ? l : 0);  // idle lanes repeat the first block
       as[l] = a + src * n * n;
@@ -42,8 +47,8 @@ inline void SolveGroups(const T* a, const T* b, T* x, int64_t batch, int64_t n, 
     for (int64_t i = 0; i < n; ++i) {
       T* ti = t + i * w * LANES;
       for (int64_t l = 0; l < LANES; ++l) {
-        const T* ar = as[l] + i * n;
-        const T* br = bs[l] + i * m;
+        const TIn* ar = as[l] + i * n;
+        const TIn* br = bs[l] + i * m;
         for (int64_t j = 0; j < n; ++j) ti[j * LANES + l] = ar[j];
         for (int64_t j = 0; j < m; ++j) ti[(n + j) * LANES + l] = br[j];
       }
@@ -97,8 +102,8 @@ inline void SolveGroups(const T* a, const T* b, T* x, int64_t batch, int64_t n, 
     for (int64_t i = 0; i < n; ++i) {
       const T* ti = t + (i * w + n) * LANES;
       for (int64_t l = 0; l < lanes; ++l) {
-        T* xr = x + (g + l) * n * m + i * m;
-        for (int64_t j = 0; j < m; ++j) xr[j] = ti[j * LANES + l];
+        TIn* xr = x + (g + l) * n * m + i * m;
+        for (int64_t j = 0; j < m; ++j) xr[j] = static_cast<TIn>(ti[j * LANES + l]);
       }
     }
   }
@@ -111,19 +116,21 @@ inline void SolveGroups(const T* a, const T* b, T* x, int64_t batch, int64_t n, 
 #define ORTHOFUSE_CLONES
 #endif
 
+constexpr int64_t kLanes = 8;  // 8 doubles: one AVX-512 register
+
 ORTHOFUSE_CLONES void SolveF32(const float* a, const float* b, float* x, int64_t batch, int64_t n,
-                               int64_t m, float* t) {
-  SolveGroups<float, 16>(a, b, x, batch, n, m, t);
+                               int64_t m, double* t) {
+  SolveGroups<float, double, kLanes>(a, b, x, batch, n, m, t);
 }
 
 ORTHOFUSE_CLONES void SolveF64(const double* a, const double* b, double* x, int64_t batch, int64_t n,
                                int64_t m, double* t) {
-  SolveGroups<double, 8>(a, b, x, batch, n, m, t);
+  SolveGroups<double, double, kLanes>(a, b, x, batch, n, m, t);
 }
 
-template <ffi::DataType DT, typename T, int64_t LANES>
+template <ffi::DataType DT, typename TIn>
 ffi::Error Solve(ffi::Buffer<DT> a, ffi::Buffer<DT> b, ffi::ResultBuffer<DT> x,
-                 void (*kernel)(const T*, const T*, T*, int64_t, int64_t, int64_t, T*)) {
+                 void (*kernel)(const TIn*, const TIn*, TIn*, int64_t, int64_t, int64_t, double*)) {
   auto ad = a.dimensions();
   auto bd = b.dimensions();
   const size_t rank = ad.size();
@@ -138,18 +145,18 @@ ffi::Error Solve(ffi::Buffer<DT> a, ffi::Buffer<DT> b, ffi::ResultBuffer<DT> x,
     batch *= ad[i];
   }
   if (batch == 0 || n == 0 || m == 0) return ffi::Error::Success();
-  thread_local std::vector<T> work;
-  work.resize(static_cast<size_t>(n * (n + m) * LANES));
+  thread_local std::vector<double> work;
+  work.resize(static_cast<size_t>(n * (n + m) * kLanes));
   kernel(a.typed_data(), b.typed_data(), x->typed_data(), batch, n, m, work.data());
   return ffi::Error::Success();
 }
 
 ffi::Error SolveF32Impl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> x) {
-  return Solve<ffi::F32, float, 16>(a, b, x, SolveF32);
+  return Solve<ffi::F32, float>(a, b, x, SolveF32);
 }
 
 ffi::Error SolveF64Impl(ffi::Buffer<ffi::F64> a, ffi::Buffer<ffi::F64> b, ffi::ResultBuffer<ffi::F64> x) {
-  return Solve<ffi::F64, double, 8>(a, b, x, SolveF64);
+  return Solve<ffi::F64, double>(a, b, x, SolveF64);
 }
 
 }  // namespace

@@ -247,9 +247,9 @@ _CPU_MERGE_CHUNK_BYTES = 2**19
 merges and equal for the fast one (140 SDXL layers, one core; 0.25 MB: fast 10% slower)."""
 
 _CPU_MIN_CHUNK_BLOCKS = 16
-"""A merge chunk holds at least this many blocks: the compiled solve works on 16 float32 blocks at
-a time, and a chunk of 8 blocks of 128x128 (0.5 MB) wasted half of that work. A sweep's chunks are
-filled along its t axis instead."""
+"""A merge chunk holds at least this many blocks, so that the compiled solve's SIMD lanes (8 blocks
+at a time) are filled: 0.5 MB of 128x128 blocks is only 8, and with the kernel's first version
+(16 lanes) that wasted half its work. A sweep's chunks are filled along its t axis instead."""
 
 
 def _as_method_input(x: Block, orthogonal: bool, method: str) -> Block:

@@ -1,7 +1,7 @@
 """``solve_pd``: the compiled no-pivot CPU solve (``orthofuse_jax/_native/solve.cc``) behind the Cayley maps.
 
 Checked against float64 numpy (never against itself), in float32 and float64, over block sizes
-1-70 and batch sizes that are not multiples of the kernel's 16 (float32) / 8 (float64) lanes, under
+1-70 and batch sizes that are not multiples of the kernel's 8 lanes, under
 ``jit`` and ``vmap``, with forward and reverse derivatives equal to ``jnp.linalg.solve``'s. The
 kernel must have been built in CI (a C++ compiler is part of the CI image).
 """
