@@ -36,8 +36,9 @@ def solve_pd(a, b):
     ``I``), and for them Gaussian elimination needs no pivoting. On the CPU this uses the
     package's compiled kernel (``orthofuse_jax/_native/solve.cc``: 2-3x faster than jaxlib's
     LAPACK ``getrf`` + ``trsm`` at the merges' block sizes and, eliminating in double, 10x more
-    accurate in float32; benchmarks/RESULTS.md) when it was built. It is ``jnp.linalg.solve`` on other backends, for other dtypes, for blocks larger than
-    :data:`NATIVE_MAX_BLOCK`, without the kernel, or with ``ORTHOFUSE_JAX_NATIVE=0``.
+    accurate in float32; benchmarks/RESULTS.md) when it was built. It is ``jnp.linalg.solve`` on
+    other backends, for other dtypes, for blocks larger than :data:`NATIVE_MAX_BLOCK`, without the
+    kernel, or with ``ORTHOFUSE_JAX_NATIVE=0``.
     Differentiable (forward and reverse) through ``lax.custom_linear_solve``, and safe under
     ``jit`` and ``vmap``.
     """
