@@ -28,6 +28,7 @@ import argparse
 import functools
 import gc
 import json
+import os
 import sys
 import time
 
@@ -227,7 +228,7 @@ def main(argv=None) -> dict:
     t = args.t
     info = common.machine()
     info["device"] = args.device
-    info["xla_flags"] = __import__("os").environ.get("XLA_FLAGS", "")
+    info["xla_flags"] = os.environ.get("XLA_FLAGS", "")
     info["device_kind"] = jax.devices()[0].device_kind
     if cuda:
         if jax.default_backend() != "gpu" or not torch.cuda.is_available():

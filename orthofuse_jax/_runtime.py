@@ -35,19 +35,23 @@ def _cpu_backend() -> bool:
         return False
 
 
+def _backends_started() -> bool:
+    """Whether a JAX backend runs already (XLA has then read ``XLA_FLAGS`` and ``PJRT_NPROC``)."""
+    try:
+        from jax._src import xla_bridge
+
+        return xla_bridge.backends_are_initialized()
+    except Exception:  # pragma: no cover - private API moved; setting the variables is still right
+        return False
+
+
 def configure_cpu_threads() -> bool:
     """Set ``PJRT_NPROC=1`` if it is still possible and wanted; return True if it is in effect."""
     if os.environ.get(_OPT_OUT):
         return False
     if _ENV in os.environ:
         return os.environ[_ENV] == "1"
-    try:
-        from jax._src import xla_bridge
-
-        started = xla_bridge.backends_are_initialized()
-    except Exception:  # pragma: no cover - private API moved; setting the variable is still right
-        started = False
-    if started and _cpu_backend():
+    if _backends_started() and _cpu_backend():
         warnings.warn(
             "orthofuse_jax was imported after JAX's CPU backend started, so jaxlib 0.10.2's batched "
             "LAPACK kernels may deadlock on CPU; set PJRT_NPROC=1 before starting Python (or import "
@@ -128,13 +132,7 @@ def prefer_cublas_gemm() -> bool:
     flags = os.environ.get("XLA_FLAGS", "")
     if "triton_gemm" in flags:
         return _TRITON_FLAG in flags.split()
-    try:
-        from jax._src import xla_bridge
-
-        started = xla_bridge.backends_are_initialized()
-    except Exception:  # pragma: no cover - private API moved; setting the variable is still right
-        started = False
-    if started:
+    if _backends_started():
         import jax
 
         if jax.default_backend() == "gpu":

@@ -13,7 +13,6 @@ same algorithm; git history has it.
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 
@@ -23,13 +22,7 @@ STACKS = [(1920, 20), (11520, 40), (4480, 64)]
 
 
 def _median_ms(fn, reps: int) -> float:
-    fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(ts))
+    return 1e3 * common.time_fn(fn, reps=reps)["median"]
 
 
 def main(argv=None):
