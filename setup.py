@@ -20,7 +20,7 @@ setup(
             sources=["orthofuse_jax/_native/solve.cc"],
             language="c++",
             # -isystem: the vendored XLA headers' own warnings are not ours
-            extra_compile_args=["-std=c++17", "-O3", "-isystem", include],
+            extra_compile_args=["-std=c++17", "-O3", "-Wno-psabi", "-isystem", include],
             optional=True,
         )
     ]

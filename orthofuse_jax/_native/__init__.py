@@ -2,7 +2,9 @@
 
 ``_solve`` (built from ``solve.cc`` when the package is installed; a C++17 compiler is needed,
 and without one the install still succeeds and this module reports it missing) holds batched
-solves without pivoting for the Cayley maps (:func:`orthofuse_jax.geometry._linalg.solve_pd`).
+solves without pivoting for the Cayley maps (:func:`orthofuse_jax.geometry._linalg.solve_pd`)
+and the Cayley maps themselves, fused with the skew part and, for the fast merge, with its
+restoration (:func:`orthofuse_jax.geometry._linalg.cayley_map`).
 Set ``ORTHOFUSE_JAX_NATIVE=0`` to use jaxlib's LAPACK solve instead; it is read when a function
 is traced, so set it before the first merge (or call ``jax.clear_caches()``).
 """
@@ -13,8 +15,8 @@ import ctypes
 import importlib.util
 import os
 
-_TARGETS = {"float32": "orthofuse_solve_f32", "float64": "orthofuse_solve_f64"}
-_SYMBOLS = {"float32": "OrthofuseSolveF32", "float64": "OrthofuseSolveF64"}
+_KERNELS = {"solve": "Solve", "cayley": "Cayley"}
+_DTYPES = {"float32": "F32", "float64": "F64"}
 _state: dict = {}
 
 
@@ -24,16 +26,26 @@ def library_path() -> str | None:
     return spec.origin if spec is not None and spec.origin and os.path.exists(spec.origin) else None
 
 
-def solve_target(dtype) -> str | None:
-    """The registered FFI target of the no-pivot solve for ``dtype``, or None (not built, disabled, other dtype)."""
+def _target_name(kernel: str, dtype: str) -> str:
+    return f"orthofuse_{kernel}_f{dtype[-2:]}"
+
+
+def target(kernel: str, dtype) -> str | None:
+    """The registered FFI target of ``kernel`` (``"solve"`` or ``"cayley"``) for ``dtype``, or None
+    (not built, disabled by ``ORTHOFUSE_JAX_NATIVE=0``, or another dtype)."""
     if os.environ.get("ORTHOFUSE_JAX_NATIVE", "1").lower() in ("0", "off", "false", "no"):
         return None
     name = getattr(dtype, "name", str(dtype))
-    if name not in _TARGETS:
+    if name not in _DTYPES:
         return None
     if "ok" not in _state:
         _state["ok"] = _register()
-    return _TARGETS[name] if _state["ok"] else None
+    return _target_name(kernel, name) if _state["ok"] else None
+
+
+def solve_target(dtype) -> str | None:
+    """The registered FFI target of the no-pivot solve for ``dtype``, or None (not built, disabled, other dtype)."""
+    return target("solve", dtype)
 
 
 def _register() -> bool:
@@ -44,8 +56,10 @@ def _register() -> bool:
 
     try:
         lib = ctypes.CDLL(path)
-        for dtype, target in _TARGETS.items():
-            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, _SYMBOLS[dtype])), platform="cpu")
+        for kernel, symbol in _KERNELS.items():
+            for dtype, suffix in _DTYPES.items():
+                handler = jax.ffi.pycapsule(getattr(lib, f"Orthofuse{symbol}{suffix}"))
+                jax.ffi.register_ffi_target(_target_name(kernel, dtype), handler, platform="cpu")
     except (OSError, AttributeError):  # pragma: no cover - a broken build: fall back to LAPACK
         return False
     return True

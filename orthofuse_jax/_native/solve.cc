@@ -1,5 +1,5 @@
-// Batched solves A X = B without pivoting, for the CPU (an XLA FFI custom call; the Python side is
-// orthofuse_jax/_native/__init__.py and geometry/_linalg.py: solve_pd).
+// Batched Cayley-type maps and solves without pivoting, for the CPU (XLA FFI custom calls; the
+// Python side is orthofuse_jax/_native/__init__.py and geometry/_linalg.py: solve_pd, cayley_map).
 //
 // Only for matrices whose symmetric part is positive definite -- every matrix the Cayley maps
 // solve against: I - S (symmetric part I), I - S^2 - 2 eta S (symmetric part I + S^T S). For
@@ -7,15 +7,25 @@
 // the symmetric part (here >= 1).
 //
 // Why: jaxlib's CPU solve is one LAPACK getrf + two trsm per block, and OpenBLAS's trsm kernel
-// is slow for the merges' 20x20 to 64x64 blocks. Here kLanes = 8 blocks at a time are copied into
-// an interleaved buffer t[n][n + m][8] of doubles, so that the blocks are the SIMD lanes, and
-// reduced by Gauss-Jordan elimination in panels of kPanel pivot rows (each other row takes one
-// rank-kPanel update per panel, so it passes through the cache n / kPanel times). float32 input
-// is eliminated in double and rounded once at the end: 3e-8 from float64 for 64x64 Cayley
-// blocks, where an all-float32 elimination (and LAPACK's float32 solve, 3.4e-7) lose more.
-#include <algorithm>#include <algorithm>
+// is slow for the merges' 20x20 to 64x64 blocks; and around it, XLA's small fusions (the skew
+// part's transposes, I - S^2 +- c S) and temporaries cost as much again. Here each block is
+// copied into a row-major buffer of doubles (n x round8(n + m) for [A | B], n x round8(n) for
+// an inversion) that stays in the L1/L2 cache, and reduced by Gauss-Jordan elimination in panels
+// of kPanel pivot rows, four rows at a time (every row takes one rank-kPanel update per panel;
+// columns are the SIMD lanes). float32 input is computed in double and rounded once at the end:
+// 3e-8 from float64 for 64x64 Cayley blocks, where an all-float32 elimination (and LAPACK's
+// float32 solve, 3.4e-7) lose more.
+//
+// Two entry points:
+//   orthofuse_solve_{f32,f64}(A, B) -> A^{-1} B
+//   orthofuse_cayley_{f32,f64}(X1, X2, C) -> (I - q S^2 - c S)^{-1} (I - q S^2 + c S), per block,
+//     S = c1 skew(X1) + c2 skew(X2), (c1, c2, q, c) = C[..., 0:4], q in {0, 1}: the Cayley map
+//     (q = 0: one in-place inversion) and the fast merge with its restoration (q = 1, c = 2 eta:
+//     two), from the raw inputs to the result in one pass.
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -24,87 +34,220 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kPanel = 4;
-
-// TIn: the buffers' type; T: the type the elimination runs in (double for float32 input too: the
-// result is then float32-rounded once, about 3e-8 from float64 instead of 1e-6 for an all-float32
-// elimination of 64x64 blocks, at about twice the kernel time).
-template <typename TIn, typename T, int64_t LANES>
+// Every helper is inlined into the per-instruction-set entry points below (target_clones), so
+// that it is compiled for AVX-512 / AVX2 there instead of for the baseline x86-64.
 #if defined(__GNUC__)
-__attribute__((always_inline))
+#define ORTHOFUSE_INLINE __attribute__((always_inline)) inline
+#pragma GCC diagnostic ignored "-Wpsabi"  // vector arguments of inlined helpers: no ABI crosses
+#else
+#define ORTHOFUSE_INLINE inline
 #endif
-inline void SolveGroups(const TIn* a, const TIn* b, TIn* x, int64_t batch, int64_t n, int64_t m, T* t) {
-  const int64_t w = n + m;
-  for (int64_t g = 0; g < batch; g += LANES) {
-    const int64_t lanes = std::min<int64_t>(LANES, batch - g);
-    const TIn* as[LANES];
-    const TIn* bs[LANES];
-    for (int64_t l = 0; l < LANES; ++l) {
-      const int64_t src = g + (l < lanes ? l : 0);  // idle lanes repeat the first block
-      as[l] = a + src * n * n;
-      bs[l] = b + src * n * m;
+
+constexpr int64_t kPanel = 4;
+constexpr int64_t kW = 8;  // doubles per SIMD vector (one AVX-512 register; two AVX2 ones)
+
+typedef double vd __attribute__((vector_size(kW * sizeof(double))));
+ORTHOFUSE_INLINE vd Load(const double* p) {
+  vd v;
+  std::memcpy(&v, p, sizeof(vd));
+  return v;
+}
+ORTHOFUSE_INLINE void Store(double* p, vd v) { std::memcpy(p, &v, sizeof(vd)); }
+ORTHOFUSE_INLINE vd Splat(double s) { return vd{} + s; }  // {s, s, ...} or s - vd{}: GCC builds it lane by lane
+ORTHOFUSE_INLINE int64_t Round8(int64_t n) { return (n + kW - 1) / kW * kW; }
+
+// Rows rows[0..R) of t (row length w) -= sum_p f[q][p] t[k0 + p], f[q][p] = t[rows[q]][k0 + p]:
+// one rank-kPanel update with the panel rows' vectors loaded once per R rows, over the columns
+// [j0, w). In place (an inversion, whose columns k hold the inverse's instead of A's), the
+// entries f are taken as the zeros of the identity's columns. kPanel must divide kW.
+template <int R, bool kInPlace>
+ORTHOFUSE_INLINE void UpdateRows(double* t, const int64_t* rows, int64_t k0, int64_t j0, int64_t w) {
+  double* r[R];
+  vd f[R][kPanel];
+  const double* pr = t + k0 * w;
+  for (int q = 0; q < R; ++q) {
+    r[q] = t + rows[q] * w;
+    for (int p = 0; p < kPanel; ++p) f[q][p] = Splat(r[q][k0 + p]);
+  }
+  auto update = [&](int64_t j, vd keep) {
+    vd acc[R];
+    for (int q = 0; q < R; ++q) acc[q] = kInPlace ? Load(r[q] + j) * keep : Load(r[q] + j);
+    for (int p = 0; p < kPanel; ++p) {
+      const vd b = Load(pr + p * w + j);
+      for (int q = 0; q < R; ++q) acc[q] -= f[q][p] * b;
     }
-    for (int64_t i = 0; i < n; ++i) {
-      T* ti = t + i * w * LANES;
-      for (int64_t l = 0; l < LANES; ++l) {
-        const TIn* ar = as[l] + i * n;
-        const TIn* br = bs[l] + i * m;
-        for (int64_t j = 0; j < n; ++j) ti[j * LANES + l] = ar[j];
-        for (int64_t j = 0; j < m; ++j) ti[(n + j) * LANES + l] = br[j];
+    for (int q = 0; q < R; ++q) Store(r[q] + j, acc[q]);
+  };
+  const vd ones = Splat(1.0);
+  if (!kInPlace) {
+    for (int64_t j = j0; j < w; j += kW) update(j, ones);
+    return;
+  }
+  // The vector holding the panel's columns starts from zeros there (the identity's columns):
+  // multiplied by a 0/1 mask instead of R * kPanel scalar stores (the store port is the limit).
+  const int64_t jp = k0 / kW * kW;
+  vd keep = ones;
+  for (int64_t p = 0; p < kPanel; ++p) keep[k0 + p - jp] = 0;
+  for (int64_t j = j0; j < jp; j += kW) update(j, ones);
+  update(jp, keep);
+  for (int64_t j = jp + kW; j < w; j += kW) update(j, ones);
+}
+
+// Gauss-Jordan elimination of the row-major buffer t[n][w] (w a multiple of kW), in panels of
+// kPanel pivot rows: each panel is first reduced among its own rows, then every other row takes
+// one rank-kPanel update, four rows at a time (21 vector registers; on a 64x64 block 1.3x faster
+// than two at a time, and 1.5x than panels of 8).
+//   kInPlace = false: t = [A | B | 0]; afterwards its columns [n, n + m) hold A^{-1} B. Columns left
+//     of the current panel are never read again, so updates start at its vector boundary.
+//   kInPlace = true: t = [A | 0] (n columns of A); afterwards t holds A^{-1} (n^3 multiply-adds,
+//     against 1.5 n^3 for solving against B = I).
+template <bool kInPlace>
+ORTHOFUSE_INLINE void GaussJordan(double* t, int64_t n, int64_t w) {
+  for (int64_t k0 = 0; k0 < n; k0 += kPanel) {
+    const int64_t kp = std::min<int64_t>(kPanel, n - k0);
+    for (int64_t p = 0; p < kp; ++p) {
+      const int64_t k = k0 + p, jk = k / kW * kW, js = kInPlace ? 0 : jk;
+      double* rk = t + k * w;
+      const vd inv = Splat(1.0 / rk[k]);
+      // In place, column k of row k starts as 1 and of the other rows as 0 (the identity's
+      // column): set in registers by a 0/1 mask, since a scalar store followed by a vector load
+      // of the same line stalls (no store forwarding).
+      vd keep = Splat(1.0), unit = vd{};
+      keep[k - jk] = 0;
+      unit[k - jk] = 1;
+      for (int64_t j = js; j < w; j += kW) {
+        const vd v = Load(rk + j);
+        Store(rk + j, (kInPlace && j == jk ? v * keep + unit : v) * inv);
       }
-    }
-    for (int64_t k0 = 0; k0 < n; k0 += kPanel) {
-      const int64_t kp = std::min<int64_t>(kPanel, n - k0);
-      // The panel: Gauss-Jordan among its own rows.
-      for (int64_t p = 0; p < kp; ++p) {
-        const int64_t k = k0 + p;
-        T* rk = t + k * w * LANES;
-        T inv[LANES];
-        for (int64_t l = 0; l < LANES; ++l) inv[l] = T(1) / rk[k * LANES + l];
-        for (int64_t j = k + 1; j < w; ++j)
-          for (int64_t l = 0; l < LANES; ++l) rk[j * LANES + l] *= inv[l];
-        for (int64_t q = 0; q < kp; ++q) {
-          if (q == p) continue;
-          T* rq = t + (k0 + q) * w * LANES;
-          T f[LANES];
-          for (int64_t l = 0; l < LANES; ++l) f[l] = rq[k * LANES + l];
-          for (int64_t j = k + 1; j < w; ++j)
-            for (int64_t l = 0; l < LANES; ++l) rq[j * LANES + l] -= f[l] * rk[j * LANES + l];
+      for (int64_t q = 0; q < kp; ++q) {
+        if (q == p) continue;
+        double* rq = t + (k0 + q) * w;
+        const vd f = Splat(rq[k]);
+        for (int64_t j = js; j < w; j += kW) {
+          const vd v = Load(rq + j);
+          Store(rq + j, (kInPlace && j == jk ? v * keep : v) - f * Load(rk + j));
         }
       }
-      // Every other row: one rank-kp update of the columns right of the panel.
-      const int64_t j0 = k0 + kp;
-      for (int64_t i = 0; i < n; ++i) {
-        if (i >= k0 && i < j0) continue;
-        T* ri = t + i * w * LANES;
-        T f[kPanel][LANES];
+    }
+    const int64_t end = k0 + kp, j0 = kInPlace ? 0 : end / kW * kW;
+    int64_t rows[4];
+    int nr = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      if (i >= k0 && i < end) continue;
+      if (kp < kPanel) {  // the last, narrower panel: row by row
+        double* ri = t + i * w;
+        vd f[kPanel];
+        for (int64_t p = 0; p < kp; ++p) f[p] = Splat(ri[k0 + p]);
+        if (kInPlace)
+          for (int64_t p = 0; p < kp; ++p) ri[k0 + p] = 0;  // rare: one panel per block
         for (int64_t p = 0; p < kp; ++p)
-          for (int64_t l = 0; l < LANES; ++l) f[p][l] = ri[(k0 + p) * LANES + l];
-        if (kp == kPanel) {
-          for (int64_t j = j0; j < w; ++j) {
-            T acc[LANES];
-            for (int64_t l = 0; l < LANES; ++l) acc[l] = ri[j * LANES + l];
-            for (int64_t p = 0; p < kPanel; ++p) {
-              const T* rp = t + ((k0 + p) * w + j) * LANES;
-              for (int64_t l = 0; l < LANES; ++l) acc[l] -= f[p][l] * rp[l];
-            }
-            for (int64_t l = 0; l < LANES; ++l) ri[j * LANES + l] = acc[l];
-          }
-        } else {
-          for (int64_t j = j0; j < w; ++j)
-            for (int64_t p = 0; p < kp; ++p) {
-              const T* rp = t + ((k0 + p) * w + j) * LANES;
-              for (int64_t l = 0; l < LANES; ++l) ri[j * LANES + l] -= f[p][l] * rp[l];
-            }
-        }
+          for (int64_t j = j0; j < w; j += kW) Store(ri + j, Load(ri + j) - f[p] * Load(t + (k0 + p) * w + j));
+        continue;
+      }
+      rows[nr++] = i;
+      if (nr == 4) {
+        UpdateRows<4, kInPlace>(t, rows, k0, j0, w);
+        nr = 0;
       }
     }
+    for (int q = 0; q < nr; ++q) UpdateRows<1, kInPlace>(t, rows + q, k0, j0, w);
+  }
+}
+
+// Work space per thread: the [A | B] buffer, or for the Cayley maps the block and S.
+double* Workspace(size_t doubles) {
+  thread_local std::vector<double> work;
+  if (work.size() < doubles + kW) work.resize(doubles + kW);
+  const uintptr_t p = reinterpret_cast<uintptr_t>(work.data());
+  return reinterpret_cast<double*>((p + 63) / 64 * 64);
+}
+
+template <typename TIn>
+ORTHOFUSE_INLINE void SolveBlocks(const TIn* a, const TIn* b, TIn* x, int64_t batch, int64_t n, int64_t m, double* t) {
+  const int64_t wp = Round8(n + m);
+  for (int64_t g = 0; g < batch; ++g) {
+    const TIn* ag = a + g * n * n;
+    const TIn* bg = b + g * n * m;
     for (int64_t i = 0; i < n; ++i) {
-      const T* ti = t + (i * w + n) * LANES;
-      for (int64_t l = 0; l < lanes; ++l) {
-        TIn* xr = x + (g + l) * n * m + i * m;
-        for (int64_t j = 0; j < m; ++j) xr[j] = static_cast<TIn>(ti[j * LANES + l]);
+      double* ti = t + i * wp;
+      for (int64_t j = 0; j < n; ++j) ti[j] = ag[i * n + j];
+      for (int64_t j = 0; j < m; ++j) ti[n + j] = bg[i * m + j];
+      for (int64_t j = n + m; j < wp; ++j) ti[j] = 0;
+    }
+    GaussJordan<false>(t, n, wp);
+    TIn* xg = x + g * n * m;
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < m; ++j) xg[i * m + j] = static_cast<TIn>(t[i * wp + n + j]);
+  }
+}
+
+// t = (I - c S)^{-1} (row-major, width np; S skew): the Cayley map (I - cS)^{-1} (I + cS) is
+// then 2 t - I.
+ORTHOFUSE_INLINE void InvertIMinus(double* t, const double* s, double c, int64_t n, int64_t np) {
+  for (int64_t i = 0; i < n * np; ++i) t[i] = -c * s[i];
+  for (int64_t i = 0; i < n; ++i) t[i * np + i] += 1;
+  GaussJordan<true>(t, n, np);
+}
+
+// y = (B - cS)^{-1} (B + cS) per block, S = c1 skew(x1) + c2 skew(x2), B = I - q S^2 for a flag
+// q in {0, 1}, (c1, c2, q, c) = coef[4 g .. 4 g + 4). With q = 0 it is the Cayley map
+// 2 (I - cS)^{-1} - I: one in-place inversion (n^3 multiply-adds, against 1.5 n^3 for a solve).
+// With q = 1 it is Cay(eta Cay(S)), eta = c / 2 (orthofuse_jax.fusion.merge.cayley_restored),
+// computed as two Cayley maps: Cay(S) = 2 N - I with N = (I - S)^{-1}, whose skew part is
+// N - N^T, and then Cay(eta (N - N^T)): two inversions (2 n^3) instead of S^2 and a solve
+// (2.5 n^3).
+template <typename TIn>
+ORTHOFUSE_INLINE void CayleyBlocks(const TIn* x1, const TIn* x2, const TIn* coef, TIn* y, int64_t batch, int64_t n,
+                                   double* work) {
+  const int64_t np = Round8(n);
+  double* t = work;
+  double* s = t + n * np;
+  for (int64_t g = 0; g < batch; ++g) {
+    const TIn* a = x1 + g * n * n;
+    const TIn* b = x2 + g * n * n;
+    const double c1 = 0.5 * static_cast<double>(coef[4 * g]), c2 = 0.5 * static_cast<double>(coef[4 * g + 1]);
+    const bool square = coef[4 * g + 2] != 0;
+    const double c = coef[4 * g + 3];
+    // S = U - U^T, U = c1 X1 + c2 X2 / 2: rows first (vectorized), then the upper triangle.
+    for (int64_t i = 0; i < n; ++i) {
+      double* si = s + i * np;
+      const TIn* ai = a + i * n;
+      const TIn* bi = b + i * n;
+      if (c2 != 0.0) {
+        for (int64_t j = 0; j < n; ++j) si[j] = c1 * static_cast<double>(ai[j]) + c2 * static_cast<double>(bi[j]);
+      } else {
+        for (int64_t j = 0; j < n; ++j) si[j] = c1 * static_cast<double>(ai[j]);
       }
+      for (int64_t j = n; j < np; ++j) si[j] = 0;
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      s[i * np + i] = 0;
+      for (int64_t j = i + 1; j < n; ++j) {
+        const double v = s[i * np + j] - s[j * np + i];
+        s[i * np + j] = v;
+        s[j * np + i] = -v;
+      }
+    }
+    if (square) {
+      InvertIMinus(t, s, 1.0, n, np);  // N = (I - S)^{-1}; skew(Cay(S)) = N - N^T into s
+      for (int64_t i = 0; i < n; ++i) {
+        s[i * np + i] = 0;
+        for (int64_t j = i + 1; j < n; ++j) {
+          const double v = t[i * np + j] - t[j * np + i];
+          s[i * np + j] = v;
+          s[j * np + i] = -v;
+        }
+      }
+      InvertIMinus(t, s, 0.5 * c, n, np);
+    } else {
+      InvertIMinus(t, s, c, n, np);
+    }
+    TIn* yg = y + g * n * n;
+    for (int64_t i = 0; i < n; ++i) {
+      const double* ti = t + i * np;
+      TIn* yi = yg + i * n;
+      for (int64_t j = 0; j < n; ++j) yi[j] = static_cast<TIn>(2 * ti[j]);
+      yi[i] = static_cast<TIn>(2 * ti[i] - 1);
     }
   }
 }
@@ -116,16 +259,24 @@ inline void SolveGroups(const TIn* a, const TIn* b, TIn* x, int64_t batch, int64
 #define ORTHOFUSE_CLONES
 #endif
 
-constexpr int64_t kLanes = 8;  // 8 doubles: one AVX-512 register
-
-ORTHOFUSE_CLONES void SolveF32(const float* a, const float* b, float* x, int64_t batch, int64_t n,
-                               int64_t m, double* t) {
-  SolveGroups<float, double, kLanes>(a, b, x, batch, n, m, t);
+ORTHOFUSE_CLONES void SolveF32(const float* a, const float* b, float* x, int64_t batch, int64_t n, int64_t m,
+                               double* t) {
+  SolveBlocks<float>(a, b, x, batch, n, m, t);
 }
 
 ORTHOFUSE_CLONES void SolveF64(const double* a, const double* b, double* x, int64_t batch, int64_t n,
                                int64_t m, double* t) {
-  SolveGroups<double, double, kLanes>(a, b, x, batch, n, m, t);
+  SolveBlocks<double>(a, b, x, batch, n, m, t);
+}
+
+ORTHOFUSE_CLONES void CayleyF32(const float* x1, const float* x2, const float* coef, float* y, int64_t batch,
+                                int64_t n, double* work) {
+  CayleyBlocks<float>(x1, x2, coef, y, batch, n, work);
+}
+
+ORTHOFUSE_CLONES void CayleyF64(const double* x1, const double* x2, const double* coef, double* y,
+                                int64_t batch, int64_t n, double* work) {
+  CayleyBlocks<double>(x1, x2, coef, y, batch, n, work);
 }
 
 template <ffi::DataType DT, typename TIn>
@@ -145,9 +296,8 @@ ffi::Error Solve(ffi::Buffer<DT> a, ffi::Buffer<DT> b, ffi::ResultBuffer<DT> x,
     batch *= ad[i];
   }
   if (batch == 0 || n == 0 || m == 0) return ffi::Error::Success();
-  thread_local std::vector<double> work;
-  work.resize(static_cast<size_t>(n * (n + m) * kLanes));
-  kernel(a.typed_data(), b.typed_data(), x->typed_data(), batch, n, m, work.data());
+  double* t = Workspace(static_cast<size_t>(n * Round8(n + m)));
+  kernel(a.typed_data(), b.typed_data(), x->typed_data(), batch, n, m, t);
   return ffi::Error::Success();
 }
 
@@ -157,6 +307,40 @@ ffi::Error SolveF32Impl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::R
 
 ffi::Error SolveF64Impl(ffi::Buffer<ffi::F64> a, ffi::Buffer<ffi::F64> b, ffi::ResultBuffer<ffi::F64> x) {
   return Solve<ffi::F64, double>(a, b, x, SolveF64);
+}
+
+template <ffi::DataType DT, typename TIn>
+ffi::Error Cayley(ffi::Buffer<DT> x1, ffi::Buffer<DT> x2, ffi::Buffer<DT> coef, ffi::ResultBuffer<DT> y,
+                  void (*kernel)(const TIn*, const TIn*, const TIn*, TIn*, int64_t, int64_t, double*)) {
+  auto d1 = x1.dimensions();
+  auto d2 = x2.dimensions();
+  auto dc = coef.dimensions();
+  const size_t rank = d1.size();
+  if (rank < 2 || d2.size() != rank || dc.size() != rank - 1)
+    return ffi::Error::InvalidArgument("orthofuse_cayley: x1, x2 [..., n, n] and coef [..., 4] needed");
+  const int64_t n = d1[rank - 1];
+  if (d1[rank - 2] != n || d2[rank - 2] != n || d2[rank - 1] != n || dc[rank - 2] != 4)
+    return ffi::Error::InvalidArgument("orthofuse_cayley: x1, x2 must be [..., n, n] and coef [..., 4]");
+  int64_t batch = 1;
+  for (size_t i = 0; i + 2 < rank; ++i) {
+    if (d1[i] != d2[i] || d1[i] != dc[i]) return ffi::Error::InvalidArgument("orthofuse_cayley: batch shapes differ");
+    batch *= d1[i];
+  }
+  if (batch == 0 || n == 0) return ffi::Error::Success();
+  const int64_t np = Round8(n);
+  double* work = Workspace(static_cast<size_t>(2 * n * np));
+  kernel(x1.typed_data(), x2.typed_data(), coef.typed_data(), y->typed_data(), batch, n, work);
+  return ffi::Error::Success();
+}
+
+ffi::Error CayleyF32Impl(ffi::Buffer<ffi::F32> x1, ffi::Buffer<ffi::F32> x2, ffi::Buffer<ffi::F32> c,
+                         ffi::ResultBuffer<ffi::F32> y) {
+  return Cayley<ffi::F32, float>(x1, x2, c, y, CayleyF32);
+}
+
+ffi::Error CayleyF64Impl(ffi::Buffer<ffi::F64> x1, ffi::Buffer<ffi::F64> x2, ffi::Buffer<ffi::F64> c,
+                         ffi::ResultBuffer<ffi::F64> y) {
+  return Cayley<ffi::F64, double>(x1, x2, c, y, CayleyF64);
 }
 
 }  // namespace
@@ -169,6 +353,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(OrthofuseSolveF32, SolveF32Impl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OrthofuseSolveF64, SolveF64Impl,
                               ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F64>>()
+                                  .Arg<ffi::Buffer<ffi::F64>>()
+                                  .Ret<ffi::Buffer<ffi::F64>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OrthofuseCayleyF32, CayleyF32Impl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OrthofuseCayleyF64, CayleyF64Impl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F64>>()
                                   .Arg<ffi::Buffer<ffi::F64>>()
                                   .Arg<ffi::Buffer<ffi::F64>>()
                                   .Ret<ffi::Buffer<ffi::F64>>());

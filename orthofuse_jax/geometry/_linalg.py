@@ -60,3 +60,69 @@ def solve_pd(a, b):
             transpose_solve=lambda _, x: call(jnp.swapaxes(fixed, -1, -2), x))
 
     return jax.lax.platform_dependent(a, b, cpu=native, default=jnp.linalg.solve)
+
+
+def cayley_map(x1, x2=None, *, c1=1.0, c2=0.0, c=1.0, square: bool = False):
+    """``(B - c S)^{-1} (B + c S)`` per block, ``S = c1 skew(X1) + c2 skew(X2)``, ``B = I - S^2`` if
+    ``square`` else ``I``.
+
+    The Cayley maps of the package in one place: ``Cay(A)`` is ``cayley_map(A)``, the reference's
+    ``curve_over_id`` restoration ``Cay(eta U)`` is ``cayley_map(U, c1=eta)``, and the fast merge
+    with that restoration, ``Cay(eta Cay(S))`` (``merge.cayley_restored``), is
+    ``cayley_map(A1, A2, c1=1 - t, c2=t, c=2 eta, square=True)``. The matrix solved against has a
+    positive definite symmetric part (``I`` or ``I - S^2``), so :func:`solve_pd` applies.
+
+    On the CPU, with the compiled kernel built, the whole map is one pass per block in double
+    (skew part, ``S^2``, the solve; ``orthofuse_jax/_native/solve.cc``): XLA's transposes, small
+    fusions and temporaries around the solve cost as much as the solve itself. Its derivatives are
+    those of the XLA formula (``jax.custom_jvp``), which is what runs elsewhere.
+
+    Args:
+      x1, x2: blocks ``[..., b, b]``; only their skew parts matter. ``x2`` may be omitted.
+      c1, c2, c: scalars or arrays broadcasting against the batch shape ``x1.shape[:-2]``.
+      square: include ``-S^2`` in ``B`` (static).
+    """
+    if x2 is None:
+        x2, c2 = x1, 0.0
+    dtype = x1.dtype
+    batch = jnp.broadcast_shapes(x1.shape[:-2], x2.shape[:-2], *(jnp.shape(v) for v in (c1, c2, c)))
+    x1 = jnp.broadcast_to(x1, batch + x1.shape[-2:])
+    x2 = jnp.broadcast_to(x2, batch + x2.shape[-2:])
+    q = 1.0 if square else 0.0
+    coef = jnp.stack([jnp.broadcast_to(jnp.asarray(v, dtype), batch) for v in (c1, c2, q, c)], axis=-1)
+    xla = functools.partial(_cayley_map_xla, square=square)
+    from .. import _native
+
+    target = _native.target("cayley", dtype)
+    if target is None or x2.dtype != dtype or x1.shape[-1] > NATIVE_MAX_BLOCK:
+        return xla(x1, x2, coef)
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(x1.shape, dtype), vmap_method="broadcast_all")
+
+    @jax.custom_jvp
+    def native(x1, x2, coef):
+        return call(x1, x2, coef)
+
+    @native.defjvp
+    def _(primals, tangents):
+        return native(*primals), jax.jvp(xla, primals, tangents)[1]
+
+    return jax.lax.platform_dependent(x1, x2, coef, cpu=native, default=xla)
+
+
+def native_cayley(x) -> bool:
+    """Whether :func:`cayley_map` of blocks like ``x`` runs the compiled kernel (concrete CPU arrays)."""
+    from .. import _native
+
+    if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
+        return False
+    on_cpu = {d.platform for d in x.devices()} == {"cpu"}
+    return on_cpu and x.shape[-1] <= NATIVE_MAX_BLOCK and _native.target("cayley", x.dtype) is not None
+
+
+def _cayley_map_xla(x1, x2, coef, *, square: bool):
+    """:func:`cayley_map` in XLA operations (``coef[..., :4] = (c1, c2, q, c)``)."""
+    c1, c2, q, c = (coef[..., i, None, None] for i in range(4))
+    s = 0.5 * (c1 * (x1 - jnp.swapaxes(x1, -1, -2)) + c2 * (x2 - jnp.swapaxes(x2, -1, -2)))
+    eye = jnp.eye(s.shape[-1], dtype=s.dtype)
+    base = eye - q * mm(s, s) if square else eye
+    return solve_pd(base - c * s, base + c * s)

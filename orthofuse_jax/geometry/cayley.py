@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from ._linalg import mm, solve_pd
+from ._linalg import cayley_map, mm
 from ._types import Block
 
 __all__ = ["skew", "cayley", "inverse_cayley", "relative_cayley", "eye_like"]
@@ -46,9 +46,7 @@ def cayley(a: Block) -> Block:
     Returns:
       Orthogonal blocks with determinant +1, same shape and dtype.
     """
-    s = skew(a)
-    eye = eye_like(s)
-    return solve_pd(eye - s, jnp.broadcast_to(eye + s, s.shape))  # symmetric part of I - S: I
+    return cayley_map(a)  # (I - S)^{-1} (I + S); the symmetric part of I - S is I
 
 
 def inverse_cayley(u: Block) -> Block:

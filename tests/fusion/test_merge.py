@@ -541,6 +541,12 @@ def chunked_cases(test):
     return pytest.mark.skipif(jax.default_backend() != "cpu", reason="stacks are chunked on CPU only")(test)
 
 
+def _native_built() -> bool:
+    from orthofuse_jax import _native
+
+    return _native.target("cayley", np.dtype("float32")) is not None
+
+
 def _prime_adapter(seed, dtype=np.float64):
     """7 layers of one 3x3 block: 7 blocks per stack, so chunks of 2 or 5 overlap at the end."""
     rng = np.random.default_rng(seed)
@@ -565,7 +571,10 @@ def test_chunked_merge_equals_whole_stack(chunk_calls, method, restore, blocks_p
         block_bytes = min(s.b for s in a1.stacks.values()) ** 2 * np.dtype(dtype).itemsize
         calls = chunk_calls(blocks_per_chunk * block_bytes)
         chunked = merge([a1, a2], t=0.3, method=method, restore=restore, algorithm=algorithm)
-        assert calls  # the stacks really were chunked
+        # the stacks really were chunked, except for the fast merge of raw parameters, which is
+        # one pass of the compiled kernel over the whole stack
+        one_pass = (method, restore) == ("cayley", "cayley") and not a2.orthogonal and _native_built()
+        assert bool(calls) != one_pass
         for key, s in whole.stacks.items():
             for got, want in ((chunked.stacks[key].L, s.L), (chunked.stacks[key].R, s.R)):
                 if algorithm == "eigh":

@@ -35,6 +35,7 @@ def test_the_kernel_is_built_where_ci_runs():
         assert _native.library_path() is not None, "orthofuse_jax/_native/solve.cc was not compiled"
         assert _native.solve_target(np.dtype("float32")) == "orthofuse_solve_f32"
         assert _native.solve_target(np.dtype("float64")) == "orthofuse_solve_f64"
+        assert _native.target("cayley", np.dtype("float32")) == "orthofuse_cayley_f32"
     assert _native.solve_target(np.dtype("int32")) is None
 
 

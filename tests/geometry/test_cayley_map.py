@@ -1,0 +1,116 @@
+"""``cayley_map``: the Cayley maps (and the fast merge with its restoration) as one compiled pass.
+
+``(B - c S)^{-1} (B + c S)``, ``S = c1 skew(X1) + c2 skew(X2)``, ``B = I - S^2`` or ``I``, checked
+against that formula in float64 numpy (never against itself): in float32 and float64, block sizes
+1-70 (the kernel's vectors hold 8 doubles, so most sizes leave a partial vector), batch sizes of
+any kind, per-block coefficients, under ``jit`` and ``vmap``; derivatives against finite
+differences. The kernel inverts without pivoting, which these matrices never need: their
+symmetric part is ``I`` or ``I - S^2 = I + S^T S``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from jax.test_util import check_grads
+
+from orthofuse_jax import _native
+from orthofuse_jax.geometry._linalg import NATIVE_MAX_BLOCK, cayley_map
+
+
+def _skew64(x):
+    x = np.asarray(x, np.float64)
+    return 0.5 * (x - np.swapaxes(x, -1, -2))
+
+
+def _reference(x1, x2, c1, c2, c, square):
+    """The defining formula in float64 numpy (LAPACK with pivoting)."""
+    batch = np.broadcast_shapes(np.shape(x1)[:-2], np.shape(x2)[:-2], np.shape(c1), np.shape(c2), np.shape(c))
+    col = lambda v: np.broadcast_to(np.asarray(v, np.float64), batch)[..., None, None]  # noqa: E731
+    s = col(c1) * _skew64(x1) + col(c2) * _skew64(x2)
+    eye = np.eye(s.shape[-1])
+    base = eye - s @ s if square else np.broadcast_to(eye, s.shape)
+    return np.linalg.solve(base - col(c) * s, base + col(c) * s)
+
+
+def _uses_kernel(fn, *args) -> bool:
+    return "orthofuse_cayley" in jax.jit(fn).lower(*args).as_text()
+
+
+@given(n=st.integers(1, 70), batch=st.sampled_from([(), (1,), (17,), (3, 5)]), scale=st.sampled_from([0.05, 0.5, 3.0]),
+       square=st.booleans(), per_block=st.booleans(), seed=st.integers(0, 2**16))
+@pytest.mark.parametrize("dtype, tol", [(np.float32, 3e-7), (np.float64, 1e-13)])
+def test_matches_float64_formula(dtype, tol, n, batch, scale, square, per_block, seed):
+    rng = np.random.default_rng(seed)
+    x1, x2 = (scale * rng.standard_normal((*batch, n, n)).astype(dtype) for _ in range(2))
+    if per_block:  # one t (and restoration strength) per block
+        t = rng.uniform(0.0, 1.0, batch).astype(dtype)
+        c = rng.uniform(1.0, 2.0, batch).astype(dtype)
+    else:
+        t, c = dtype(0.3), dtype(1.84)
+    got = np.asarray(jax.jit(lambda a, b, t, c: cayley_map(a, b, c1=1 - t, c2=t, c=c, square=square))(x1, x2, t, c))
+    want = _reference(x1, x2, 1 - t, t, c, square)
+    assert got.dtype == dtype and got.shape == want.shape
+    # float32: the kernel computes in double and rounds once (LAPACK's float32 solve: ~3e-7 more)
+    np.testing.assert_allclose(got, want, atol=tol * max(1.0, np.abs(want).max()), rtol=0)
+    # and the result is a rotation
+    eye = np.eye(n)
+    np.testing.assert_allclose(np.swapaxes(got, -1, -2).astype(np.float64) @ got, np.broadcast_to(eye, want.shape),
+                               atol=10 * tol)
+
+
+def test_one_argument_is_the_cayley_map_and_the_kernel_runs_where_built():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((6, 20, 20))
+    np.testing.assert_allclose(np.asarray(cayley_map(a)), _reference(a, a, 1.0, 0.0, 1.0, False), atol=1e-13)
+    np.testing.assert_allclose(np.asarray(cayley_map(a, c1=0.7)), _reference(a, a, 0.7, 0.0, 1.0, False), atol=1e-13)
+    assert _uses_kernel(cayley_map, a) == (_native.library_path() is not None)
+
+
+def test_vmap_over_t_and_over_blocks():
+    rng = np.random.default_rng(1)
+    x1, x2 = rng.standard_normal((2, 5, 12, 12)) * 0.4
+    ts = np.linspace(0.0, 1.0, 7)
+    sweep = jax.vmap(lambda t: cayley_map(x1, x2, c1=1 - t, c2=t, c=1 + 4 * t * (1 - t), square=True))(ts)
+    want = np.stack([_reference(x1, x2, 1 - t, t, 1 + 4 * t * (1 - t), True) for t in ts])
+    np.testing.assert_allclose(np.asarray(sweep), want, atol=1e-13)
+    per_block = jax.vmap(lambda a, b: cayley_map(a, b, c1=0.5, c2=0.5))(x1, x2)
+    np.testing.assert_allclose(np.asarray(per_block), _reference(x1, x2, 0.5, 0.5, 1.0, False), atol=1e-13)
+    assert cayley_map(x1[:0], x2[:0]).shape == (0, 12, 12)
+
+
+@pytest.mark.parametrize("square", [False, True])
+def test_derivatives_match_finite_differences(square):
+    rng = np.random.default_rng(2)
+    x1, x2 = (jnp.asarray(0.3 * rng.standard_normal((3, 6, 6))) for _ in range(2))
+
+    def f(x1, x2, t):
+        return cayley_map(x1, x2, c1=1 - t, c2=t, c=1.5, square=square)
+
+    check_grads(f, (x1, x2, jnp.float64(0.4)), order=2, modes=("fwd", "rev"), atol=1e-6, rtol=1e-6)
+
+
+def test_switch_off_and_large_blocks_take_xla(monkeypatch):
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((2, 9, 9)).astype(np.float32)
+    monkeypatch.setenv("ORTHOFUSE_JAX_NATIVE", "0")
+    jax.clear_caches()  # the switch is read when a function is traced
+    assert not _uses_kernel(cayley_map, a)
+    np.testing.assert_allclose(np.asarray(cayley_map(a)), _reference(a, a, 1.0, 0.0, 1.0, False), atol=1e-6)
+    monkeypatch.delenv("ORTHOFUSE_JAX_NATIVE")
+    jax.clear_caches()
+    big = rng.standard_normal((1, NATIVE_MAX_BLOCK + 1, NATIVE_MAX_BLOCK + 1)) * 0.05
+    assert not _uses_kernel(cayley_map, big)
+    np.testing.assert_allclose(np.asarray(cayley_map(big)), _reference(big, big, 1.0, 0.0, 1.0, False), atol=1e-12)
+
+
+def test_gpu_lowering_never_calls_the_cpu_kernel():
+    x = np.random.default_rng(4).standard_normal((3, 8, 8)).astype(np.float32)
+    traced = jax.jit(lambda a: cayley_map(a, a, c1=0.4, c2=0.6, c=1.9, square=True)).trace(x)
+    assert "orthofuse_cayley" not in traced.lower(lowering_platforms=("cuda",)).as_text()
+    if _native.library_path() is not None:
+        assert "orthofuse_cayley_f32" in traced.lower(lowering_platforms=("cpu",)).as_text()
