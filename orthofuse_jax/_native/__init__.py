@@ -15,7 +15,7 @@ import ctypes
 import importlib.util
 import os
 
-_KERNELS = {"solve": "Solve", "cayley": "Cayley"}
+_KERNELS = {"solve": "Solve", "cayley": "Cayley", "point": "Point"}
 _DTYPES = {"float32": "F32", "float64": "F64"}
 _state: dict = {}
 
@@ -31,7 +31,7 @@ def _target_name(kernel: str, dtype: str) -> str:
 
 
 def target(kernel: str, dtype) -> str | None:
-    """The registered FFI target of ``kernel`` (``"solve"`` or ``"cayley"``) for ``dtype``, or None
+    """The registered FFI target of ``kernel`` (``"solve"``, ``"cayley"``, ``"point"``) for ``dtype``, or None
     (not built, disabled by ``ORTHOFUSE_JAX_NATIVE=0``, or another dtype)."""
     if os.environ.get("ORTHOFUSE_JAX_NATIVE", "1").lower() in ("0", "off", "false", "no"):
         return None

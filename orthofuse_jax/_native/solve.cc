@@ -16,12 +16,14 @@
 // 3e-8 from float64 for 64x64 Cayley blocks, where an all-float32 elimination (and LAPACK's
 // float32 solve, 3.4e-7) lose more.
 //
-// Two entry points:
+// Three entry points:
 //   orthofuse_solve_{f32,f64}(A, B) -> A^{-1} B
 //   orthofuse_cayley_{f32,f64}(X1, X2, C) -> (I - q S^2 - c S)^{-1} (I - q S^2 + c S), per block,
 //     S = c1 skew(X1) + c2 skew(X2), (c1, c2, q, c) = C[..., 0:4], q in {0, 1}: the Cayley map
 //     (q = 0: one in-place inversion) and the fast merge with its restoration (q = 1, c = 2 eta:
 //     two), from the raw inputs to the result in one pass.
+//   orthofuse_point_{f32,f64}(A, B, V, CS, C) -> a point of a decomposed geodesic with its polar
+//     step and, if C[..., 1] != 0, the curve_over_id restoration Cay(C[..., 0] Y) (PointBlocks).
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
@@ -154,6 +156,50 @@ ORTHOFUSE_INLINE void GaussJordan(double* t, int64_t n, int64_t w) {
   }
 }
 
+// c[i][:] = sum_k a[i][k] b[k][:] for n x n blocks stored row-major with row length np (a
+// multiple of kW, b's padding columns zero), in tiles of R rows x V vectors held in registers.
+template <int R, int V>
+ORTHOFUSE_INLINE void MulTile(const double* a, const double* b, double* c, int64_t i0, int64_t j0, int64_t n,
+                              int64_t np) {
+  vd acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = vd{};
+  for (int64_t k = 0; k < n; ++k) {
+    vd bv[V];
+    for (int v = 0; v < V; ++v) bv[v] = Load(b + k * np + j0 + v * kW);
+    for (int r = 0; r < R; ++r) {
+      const vd x = Splat(a[(i0 + r) * np + k]);
+      for (int v = 0; v < V; ++v) acc[r][v] += x * bv[v];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) Store(c + (i0 + r) * np + j0 + v * kW, acc[r][v]);
+}
+
+template <int R>
+ORTHOFUSE_INLINE void MulRows(const double* a, const double* b, double* c, int64_t i0, int64_t n, int64_t np) {
+  int64_t j = 0;
+  for (; j + 4 * kW <= np; j += 4 * kW) MulTile<R, 4>(a, b, c, i0, j, n, np);
+  switch ((np - j) / kW) {
+    case 3: MulTile<R, 3>(a, b, c, i0, j, n, np); break;
+    case 2: MulTile<R, 2>(a, b, c, i0, j, n, np); break;
+    case 1: MulTile<R, 1>(a, b, c, i0, j, n, np); break;
+    default: break;
+  }
+}
+
+ORTHOFUSE_INLINE void Mul(const double* a, const double* b, double* c, int64_t n, int64_t np) {
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) MulRows<4>(a, b, c, i, n, np);
+  for (; i < n; ++i) MulRows<1>(a, b, c, i, n, np);
+}
+
+// d = s^T (n x n, row length np).
+ORTHOFUSE_INLINE void Transpose(const double* s, double* d, int64_t n, int64_t np) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < n; ++j) d[j * np + i] = s[i * np + j];
+}
+
 // Work space per thread: the [A | B] buffer, or for the Cayley maps the block and S.
 double* Workspace(size_t doubles) {
   thread_local std::vector<double> work;
@@ -181,12 +227,16 @@ ORTHOFUSE_INLINE void SolveBlocks(const TIn* a, const TIn* b, TIn* x, int64_t ba
   }
 }
 
-// t = (I - c S)^{-1} (row-major, width np; S skew): the Cayley map (I - cS)^{-1} (I + cS) is
-// then 2 t - I.
-ORTHOFUSE_INLINE void InvertIMinus(double* t, const double* s, double c, int64_t n, int64_t np) {
-  for (int64_t i = 0; i < n * np; ++i) t[i] = -c * s[i];
-  for (int64_t i = 0; i < n; ++i) t[i * np + i] += 1;
-  GaussJordan<true>(t, n, np);
+// t <- I - c (t - t^T) / 2 in place (n x n, row length np): the matrix a Cayley map inverts.
+ORTHOFUSE_INLINE void IMinusSkew(double* t, double c, int64_t n, int64_t np) {
+  for (int64_t i = 0; i < n; ++i) {
+    t[i * np + i] = 1;
+    for (int64_t j = i + 1; j < n; ++j) {
+      const double s = 0.5 * c * (t[i * np + j] - t[j * np + i]);
+      t[i * np + j] = -s;
+      t[j * np + i] = s;
+    }
+  }
 }
 
 // y = (B - cS)^{-1} (B + cS) per block, S = c1 skew(x1) + c2 skew(x2), B = I - q S^2 for a flag
@@ -195,59 +245,91 @@ ORTHOFUSE_INLINE void InvertIMinus(double* t, const double* s, double c, int64_t
 // With q = 1 it is Cay(eta Cay(S)), eta = c / 2 (orthofuse_jax.fusion.merge.cayley_restored),
 // computed as two Cayley maps: Cay(S) = 2 N - I with N = (I - S)^{-1}, whose skew part is
 // N - N^T, and then Cay(eta (N - N^T)): two inversions (2 n^3) instead of S^2 and a solve
-// (2.5 n^3).
+// (2.5 n^3). Everything happens in one n x round8(n) buffer (32 KB at n = 64: the L1 cache).
 template <typename TIn>
 ORTHOFUSE_INLINE void CayleyBlocks(const TIn* x1, const TIn* x2, const TIn* coef, TIn* y, int64_t batch, int64_t n,
-                                   double* work) {
+                                   double* t) {
   const int64_t np = Round8(n);
-  double* t = work;
-  double* s = t + n * np;
   for (int64_t g = 0; g < batch; ++g) {
     const TIn* a = x1 + g * n * n;
     const TIn* b = x2 + g * n * n;
-    const double c1 = 0.5 * static_cast<double>(coef[4 * g]), c2 = 0.5 * static_cast<double>(coef[4 * g + 1]);
+    const double c1 = coef[4 * g], c2 = coef[4 * g + 1];
     const bool square = coef[4 * g + 2] != 0;
     const double c = coef[4 * g + 3];
-    // S = U - U^T, U = c1 X1 + c2 X2 / 2: rows first (vectorized), then the upper triangle.
-    for (int64_t i = 0; i < n; ++i) {
-      double* si = s + i * np;
+    for (int64_t i = 0; i < n; ++i) {  // U = c1 X1 + c2 X2, rows first (vectorized)
+      double* ti = t + i * np;
       const TIn* ai = a + i * n;
       const TIn* bi = b + i * n;
       if (c2 != 0.0) {
-        for (int64_t j = 0; j < n; ++j) si[j] = c1 * static_cast<double>(ai[j]) + c2 * static_cast<double>(bi[j]);
+        for (int64_t j = 0; j < n; ++j) ti[j] = c1 * static_cast<double>(ai[j]) + c2 * static_cast<double>(bi[j]);
       } else {
-        for (int64_t j = 0; j < n; ++j) si[j] = c1 * static_cast<double>(ai[j]);
+        for (int64_t j = 0; j < n; ++j) ti[j] = c1 * static_cast<double>(ai[j]);
       }
-      for (int64_t j = n; j < np; ++j) si[j] = 0;
-    }
-    for (int64_t i = 0; i < n; ++i) {
-      s[i * np + i] = 0;
-      for (int64_t j = i + 1; j < n; ++j) {
-        const double v = s[i * np + j] - s[j * np + i];
-        s[i * np + j] = v;
-        s[j * np + i] = -v;
-      }
+      for (int64_t j = n; j < np; ++j) ti[j] = 0;
     }
     if (square) {
-      InvertIMinus(t, s, 1.0, n, np);  // N = (I - S)^{-1}; skew(Cay(S)) = N - N^T into s
-      for (int64_t i = 0; i < n; ++i) {
-        s[i * np + i] = 0;
-        for (int64_t j = i + 1; j < n; ++j) {
-          const double v = t[i * np + j] - t[j * np + i];
-          s[i * np + j] = v;
-          s[j * np + i] = -v;
-        }
-      }
-      InvertIMinus(t, s, 0.5 * c, n, np);
+      IMinusSkew(t, 1.0, n, np);  // I - S
+      GaussJordan<true>(t, n, np);  // N; skew(Cay(S)) = skew(2 N) = (2N - 2N^T) / 2
+      IMinusSkew(t, c, n, np);      // I - (c / 2) skew(2 N) = I - eta skew(Cay(S))
     } else {
-      InvertIMinus(t, s, c, n, np);
+      IMinusSkew(t, c, n, np);  // I - c S
     }
+    GaussJordan<true>(t, n, np);
     TIn* yg = y + g * n * n;
-    for (int64_t i = 0; i < n; ++i) {
+    for (int64_t i = 0; i < n; ++i) {  // Cay = 2 t - I
       const double* ti = t + i * np;
       TIn* yi = yg + i * n;
       for (int64_t j = 0; j < n; ++j) yi[j] = static_cast<TIn>(2 * ti[j]);
       yi[i] = static_cast<TIn>(2 * ti[i] - 1);
+    }
+  }
+}
+
+// A point of a geodesic evaluated from its decomposition (orthofuse_jax.geometry.GeodesicPath.at)
+// and, optionally, restored by curve_over_id, per block:
+//   X = A diag(cs[0]) + B diag(cs[1]),  Y = X V^T,  Y <- Y (3 I - Y^T Y) / 2  (one Newton-Schulz
+//   polar step), then if coef[1] != 0: Y <- Cay(coef[0] Y) = 2 (I - coef[0] skew(Y))^{-1} - I.
+// Three products and an inversion, in double, where XLA ran four float32 programs. Point g uses
+// block g % blocks of a, b and v: their batch shape may be a suffix of the points' (a sweep).
+template <typename TIn>
+ORTHOFUSE_INLINE void PointBlocks(const TIn* a, const TIn* b, const TIn* v, const TIn* cs, const TIn* coef, TIn* y,
+                                  int64_t batch, int64_t blocks, int64_t n, double* work) {
+  const int64_t np = Round8(n), nn = n * np;
+  double* x = work;
+  double* w = x + nn;
+  double* p = w + nn;
+  double* q = p + nn;
+  for (int64_t i = 0; i < 4 * nn; ++i) work[i] = 0;  // padding columns stay zero
+  for (int64_t g = 0; g < batch; ++g) {
+    const int64_t h = g % blocks;  // a, b, v may be shared by several points (a sweep over t)
+    const TIn* ag = a + h * n * n;
+    const TIn* bg = b + h * n * n;
+    const TIn* vg = v + h * n * n;
+    const TIn* c0 = cs + g * 2 * n;
+    const TIn* c1 = c0 + n;
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < n; ++j) {
+        x[i * np + j] = static_cast<double>(ag[i * n + j]) * c0[j] + static_cast<double>(bg[i * n + j]) * c1[j];
+        w[j * np + i] = vg[i * n + j];  // V^T
+      }
+    Mul(x, w, p, n, np);  // p = Y = X V^T
+    Transpose(p, w, n, np);
+    Mul(w, p, q, n, np);  // q = Y^T Y, then 3 I - Y^T Y
+    for (int64_t i = 0; i < nn; ++i) q[i] = -q[i];
+    for (int64_t i = 0; i < n; ++i) q[i * np + i] += 3;
+    Mul(p, q, x, n, np);  // x = Y (3 I - Y^T Y) = 2 polar step
+    TIn* yg = y + g * n * n;
+    if (coef[2 * g + 1] != 0) {
+      IMinusSkew(x, 0.5 * coef[2 * g], n, np);  // I - eta skew(Y), Y = x / 2
+      GaussJordan<true>(x, n, np);
+      const double* q = x;
+      for (int64_t i = 0; i < n; ++i) {
+        for (int64_t j = 0; j < n; ++j) yg[i * n + j] = static_cast<TIn>(2 * q[i * np + j]);
+        yg[i * n + i] = static_cast<TIn>(2 * q[i * np + i] - 1);
+      }
+    } else {
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t j = 0; j < n; ++j) yg[i * n + j] = static_cast<TIn>(0.5 * x[i * np + j]);
     }
   }
 }
@@ -309,6 +391,16 @@ ffi::Error SolveF64Impl(ffi::Buffer<ffi::F64> a, ffi::Buffer<ffi::F64> b, ffi::R
   return Solve<ffi::F64, double>(a, b, x, SolveF64);
 }
 
+ORTHOFUSE_CLONES void PointF32(const float* a, const float* b, const float* v, const float* cs, const float* coef,
+                               float* y, int64_t batch, int64_t blocks, int64_t n, double* work) {
+  PointBlocks<float>(a, b, v, cs, coef, y, batch, blocks, n, work);
+}
+
+ORTHOFUSE_CLONES void PointF64(const double* a, const double* b, const double* v, const double* cs,
+                               const double* coef, double* y, int64_t batch, int64_t blocks, int64_t n, double* work) {
+  PointBlocks<double>(a, b, v, cs, coef, y, batch, blocks, n, work);
+}
+
 template <ffi::DataType DT, typename TIn>
 ffi::Error Cayley(ffi::Buffer<DT> x1, ffi::Buffer<DT> x2, ffi::Buffer<DT> coef, ffi::ResultBuffer<DT> y,
                   void (*kernel)(const TIn*, const TIn*, const TIn*, TIn*, int64_t, int64_t, double*)) {
@@ -328,7 +420,7 @@ ffi::Error Cayley(ffi::Buffer<DT> x1, ffi::Buffer<DT> x2, ffi::Buffer<DT> coef, 
   }
   if (batch == 0 || n == 0) return ffi::Error::Success();
   const int64_t np = Round8(n);
-  double* work = Workspace(static_cast<size_t>(2 * n * np));
+  double* work = Workspace(static_cast<size_t>(n * np));
   kernel(x1.typed_data(), x2.typed_data(), coef.typed_data(), y->typed_data(), batch, n, work);
   return ffi::Error::Success();
 }
@@ -341,6 +433,52 @@ ffi::Error CayleyF32Impl(ffi::Buffer<ffi::F32> x1, ffi::Buffer<ffi::F32> x2, ffi
 ffi::Error CayleyF64Impl(ffi::Buffer<ffi::F64> x1, ffi::Buffer<ffi::F64> x2, ffi::Buffer<ffi::F64> c,
                          ffi::ResultBuffer<ffi::F64> y) {
   return Cayley<ffi::F64, double>(x1, x2, c, y, CayleyF64);
+}
+
+template <ffi::DataType DT, typename TIn>
+ffi::Error Point(ffi::Buffer<DT> a, ffi::Buffer<DT> b, ffi::Buffer<DT> v, ffi::Buffer<DT> cs, ffi::Buffer<DT> coef,
+                 ffi::ResultBuffer<DT> y,
+                 void (*kernel)(const TIn*, const TIn*, const TIn*, const TIn*, const TIn*, TIn*, int64_t, int64_t,
+                                int64_t, double*)) {
+  // a, b, v: [..., n, n], all the same shape; cs [P..., 2, n], coef [P..., 2], y [P..., n, n], where
+  // the points' batch P... ends with the blocks' batch (it may have more leading dimensions).
+  auto da = a.dimensions();
+  auto dc = cs.dimensions();
+  auto dk = coef.dimensions();
+  const size_t ra = da.size(), rc = dc.size();
+  const char* shapes = "orthofuse_point: a, b, v [..., n, n], cs [P..., 2, n], coef [P..., 2] needed";
+  if (ra < 2 || rc < ra || dk.size() != rc - 1) return ffi::Error::InvalidArgument(shapes);
+  const int64_t n = da[ra - 1];
+  for (auto d : {b.dimensions(), v.dimensions()}) {
+    if (d.size() != ra) return ffi::Error::InvalidArgument(shapes);
+    for (size_t i = 0; i < ra; ++i)
+      if (d[i] != da[i]) return ffi::Error::InvalidArgument("orthofuse_point: a, b and v differ in shape");
+  }
+  if (da[ra - 2] != n || dc[rc - 2] != 2 || dc[rc - 1] != n || dk[rc - 2] != 2) return ffi::Error::InvalidArgument(shapes);
+  int64_t blocks = 1, batch = 1;
+  for (size_t i = 0; i + 2 < ra; ++i) {
+    if (dc[rc - ra + i] != da[i]) return ffi::Error::InvalidArgument("orthofuse_point: batch shapes differ");
+    blocks *= da[i];
+  }
+  for (size_t i = 0; i + 2 < rc; ++i) {
+    if (dk[i] != dc[i]) return ffi::Error::InvalidArgument("orthofuse_point: batch shapes differ");
+    batch *= dc[i];
+  }
+  if (batch == 0 || n == 0) return ffi::Error::Success();
+  double* work = Workspace(static_cast<size_t>(4 * n * Round8(n)));
+  kernel(a.typed_data(), b.typed_data(), v.typed_data(), cs.typed_data(), coef.typed_data(), y->typed_data(), batch,
+         blocks, n, work);
+  return ffi::Error::Success();
+}
+
+ffi::Error PointF32Impl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> v,
+                        ffi::Buffer<ffi::F32> cs, ffi::Buffer<ffi::F32> coef, ffi::ResultBuffer<ffi::F32> y) {
+  return Point<ffi::F32, float>(a, b, v, cs, coef, y, PointF32);
+}
+
+ffi::Error PointF64Impl(ffi::Buffer<ffi::F64> a, ffi::Buffer<ffi::F64> b, ffi::Buffer<ffi::F64> v,
+                        ffi::Buffer<ffi::F64> cs, ffi::Buffer<ffi::F64> coef, ffi::ResultBuffer<ffi::F64> y) {
+  return Point<ffi::F64, double>(a, b, v, cs, coef, y, PointF64);
 }
 
 }  // namespace
@@ -366,6 +504,24 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(OrthofuseCayleyF32, CayleyF32Impl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OrthofuseCayleyF64, CayleyF64Impl,
                               ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F64>>()
+                                  .Arg<ffi::Buffer<ffi::F64>>()
+                                  .Arg<ffi::Buffer<ffi::F64>>()
+                                  .Ret<ffi::Buffer<ffi::F64>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OrthofusePointF32, PointF32Impl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OrthofusePointF64, PointF64Impl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F64>>()
+                                  .Arg<ffi::Buffer<ffi::F64>>()
                                   .Arg<ffi::Buffer<ffi::F64>>()
                                   .Arg<ffi::Buffer<ffi::F64>>()
                                   .Arg<ffi::Buffer<ffi::F64>>()

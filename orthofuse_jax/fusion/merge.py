@@ -227,6 +227,9 @@ def _pair_point(x1, x2, t, path, *, method, restore, alpha, angle_tol, algorithm
     if method == "geodesic" and algorithm == "matmul":
         y, ok = path.at(t)
         bad = _not_finite(y) & ok
+    elif method == "geodesic" and restore == "cayley":  # the point and curve_over_id in one pass
+        y = path.at_restored(t, 0.5 * restoration_factor(jnp.asarray(t, x1.dtype), alpha))
+        return y, path.bad | _not_finite(y), jnp.ones(y.shape[:-2], bool)
     elif method == "geodesic":
         y, bad, ok = path.at(t), path.bad, True
     else:
@@ -261,8 +264,8 @@ def _inputs_and_path(x1, x2, *, method, angle_tol, orthogonal, algorithm):
 
     ``algorithm="matmul"``: ``U1 expm(t log(U1^T U2))`` with the product-only log and exp
     (:class:`_MatmulPath`). ``"eigh"``: the spectral :class:`GeodesicPath`; two raw-parameter
-    stacks take :func:`geodesic_path_cayley` (two solves fewer per block than converting both);
-    the converted ``x2`` is then unused.
+    stacks take :func:`geodesic_path_cayley` (its inverse Cayley map needs no pivoting), and the
+    converted ``x2`` is then unused.
     """
     if method == "geodesic" and algorithm == "matmul":
         x1, x2 = _as_method_input(x1, orthogonal[0], method), _as_method_input(x2, orthogonal[1], method)
@@ -286,6 +289,12 @@ def _sweep_blocks(x1, x2, ts, alpha, *, method, restore, angle_tol, orthogonal, 
     # The t-independent decomposition (inverse Cayley of U1^T U2 and its eigh, or the log) is done once here.
     x1, x2, path = _inputs_and_path(x1, x2, method=method, angle_tol=angle_tol, orthogonal=orthogonal,
                                     algorithm=algorithm)
+    if method == "geodesic" and algorithm == "eigh" and restore in ("none", "cayley"):
+        # every t at once: the compiled point kernel reads the path once per block, not per t
+        tb = ts.reshape(ts.shape + (1,) * (x1.ndim - 2))
+        y = path.at_restored(tb, 0.5 * restoration_factor(tb, alpha) if restore == "cayley" else None)
+        bad = path.bad | _not_finite(y)
+        return y, bad, jnp.ones_like(bad)
     if method == "cayley":
         x1, x2 = skew(x1), skew(x2)
     point = functools.partial(_pair_point, method=method, restore=restore, angle_tol=angle_tol, algorithm=algorithm)

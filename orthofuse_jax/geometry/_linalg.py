@@ -73,9 +73,10 @@ def cayley_map(x1, x2=None, *, c1=1.0, c2=0.0, c=1.0, square: bool = False):
     positive definite symmetric part (``I`` or ``I - S^2``), so :func:`solve_pd` applies.
 
     On the CPU, with the compiled kernel built, the whole map is one pass per block in double
-    (skew part, ``S^2``, the solve; ``orthofuse_jax/_native/solve.cc``): XLA's transposes, small
-    fusions and temporaries around the solve cost as much as the solve itself. Its derivatives are
-    those of the XLA formula (``jax.custom_jvp``), which is what runs elsewhere.
+    (the skew part and one in-place inversion, two for ``square``: ``Cay(eta Cay(S))``;
+    ``orthofuse_jax/_native/solve.cc``): XLA's transposes, small fusions and temporaries around
+    a solve cost as much as the solve itself. Its derivatives are those of the XLA formula
+    (``jax.custom_jvp``), which is what runs elsewhere.
 
     Args:
       x1, x2: blocks ``[..., b, b]``; only their skew parts matter. ``x2`` may be omitted.
@@ -90,23 +91,56 @@ def cayley_map(x1, x2=None, *, c1=1.0, c2=0.0, c=1.0, square: bool = False):
     x2 = jnp.broadcast_to(x2, batch + x2.shape[-2:])
     q = 1.0 if square else 0.0
     coef = jnp.stack([jnp.broadcast_to(jnp.asarray(v, dtype), batch) for v in (c1, c2, q, c)], axis=-1)
-    xla = functools.partial(_cayley_map_xla, square=square)
+    return _with_kernel("cayley", functools.partial(_cayley_map_xla, square=square), x1, x2, coef)
+
+
+def geodesic_point(a, b, v, cos_phi, r, eta=None):
+    """``P = polar(X V^T)``, ``X = A diag(cos_phi) + B diag(r)``, and ``Cay(eta P)`` if ``eta`` is given.
+
+    A point of a decomposed geodesic (:meth:`orthofuse_jax.geometry.GeodesicPath.at`) with its
+    Newton-Schulz polar step ``P = Y (3I - Y^T Y) / 2``, and optionally the ``curve_over_id``
+    restoration (``eta`` broadcasting against the batch shape). On the CPU with the compiled
+    kernel: one pass per block in double (three products and an inversion); else XLA.
+    """
+    dtype = a.dtype
+    blocks = jnp.broadcast_shapes(a.shape[:-2], b.shape[:-2], v.shape[:-2])
+    batch = jnp.broadcast_shapes(blocks, cos_phi.shape[:-1], r.shape[:-1], jnp.shape(eta) if eta is not None else ())
+    if batch[len(batch) - len(blocks):] != blocks:
+        blocks = batch
+    # A, B, V stay at their own batch shape where the points' batch only adds leading axes (many
+    # t for one pair): the kernel reuses them instead of reading broadcast copies.
+    a, b, v = (jnp.broadcast_to(x, blocks + x.shape[-2:]) for x in (a, b, v))
+    cs = jnp.stack([jnp.broadcast_to(x, batch + x.shape[-1:]) for x in (cos_phi, r)], axis=-2)
+    restore = eta is not None
+    coef = jnp.stack([jnp.broadcast_to(jnp.asarray(eta if restore else 0.0, dtype), batch),
+                      jnp.full(batch, 1.0 if restore else 0.0, dtype)], axis=-1)
+    out = jax.ShapeDtypeStruct(batch + a.shape[-2:], dtype)
+    return _with_kernel("point", functools.partial(_geodesic_point_xla, restore=restore), a, b, v, cs, coef, out=out)
+
+
+def _with_kernel(kernel: str, xla, *args, out=None):
+    """``xla(*args)``, or on the CPU the compiled ``kernel`` (same arguments, output ``out``, by
+    default shaped like ``args[0]``) when it is built, every argument has one dtype and blocks are at most
+    :data:`NATIVE_MAX_BLOCK`. Derivatives are ``xla``'s (``jax.custom_jvp``); ``vmap`` broadcasts
+    the arguments to one batch shape."""
     from .. import _native
 
-    target = _native.target("cayley", dtype)
-    if target is None or x2.dtype != dtype or x1.shape[-1] > NATIVE_MAX_BLOCK:
-        return xla(x1, x2, coef)
-    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(x1.shape, dtype), vmap_method="broadcast_all")
+    dtype = args[0].dtype
+    target = _native.target(kernel, dtype)
+    if target is None or any(x.dtype != dtype for x in args) or args[0].shape[-1] > NATIVE_MAX_BLOCK:
+        return xla(*args)
+    out = out if out is not None else jax.ShapeDtypeStruct(args[0].shape, dtype)
+    call = jax.ffi.ffi_call(target, out, vmap_method="broadcast_all")
 
     @jax.custom_jvp
-    def native(x1, x2, coef):
-        return call(x1, x2, coef)
+    def native(*args):
+        return call(*args)
 
     @native.defjvp
     def _(primals, tangents):
         return native(*primals), jax.jvp(xla, primals, tangents)[1]
 
-    return jax.lax.platform_dependent(x1, x2, coef, cpu=native, default=xla)
+    return jax.lax.platform_dependent(*args, cpu=native, default=xla)
 
 
 def native_cayley(x) -> bool:
@@ -126,3 +160,14 @@ def _cayley_map_xla(x1, x2, coef, *, square: bool):
     eye = jnp.eye(s.shape[-1], dtype=s.dtype)
     base = eye - q * mm(s, s) if square else eye
     return solve_pd(base - c * s, base + c * s)
+
+
+def _geodesic_point_xla(a, b, v, cs, coef, *, restore: bool):
+    """:func:`geodesic_point` in XLA operations (``cs[..., :2, :] = (cos_phi, r)``, ``coef[..., 0] = eta``)."""
+    y = mm(a * cs[..., 0, None, :] + b * cs[..., 1, None, :], jnp.swapaxes(v, -1, -2))  # broadcasts a, b, v
+    eye = jnp.eye(y.shape[-1], dtype=y.dtype)
+    y = 0.5 * mm(y, 3.0 * eye - mm(jnp.swapaxes(y, -1, -2), y))  # spectral._polar_step
+    if not restore:
+        return y
+    zero = jnp.zeros_like(coef[..., :1])
+    return _cayley_map_xla(y, y, jnp.concatenate([coef[..., :1], zero, zero, jnp.ones_like(zero)], -1), square=False)
