@@ -1,9 +1,10 @@
-"""Build step for the optional compiled CPU kernel (everything else is in pyproject.toml).
+"""Build step for the optional compiled CPU kernels (everything else is in pyproject.toml).
 
-``orthofuse_jax/_native/solve.cc`` is an XLA FFI custom call (batched solves without pivoting for
-the Cayley maps). It needs a C++17 compiler; the XLA FFI headers are vendored under
-``orthofuse_jax/_native/include``, so no jaxlib is needed at build time. The extension is
-optional: if it does not compile, the install goes on and the package uses jaxlib's LAPACK solve.
+``orthofuse_jax/_native/solve.cc`` holds XLA FFI custom calls for the CPU: batched solves without
+pivoting, the Cayley maps, and the points of a decomposed geodesic. It needs a C++17 compiler;
+the XLA FFI headers are vendored under ``orthofuse_jax/_native/include``, so no jaxlib is needed
+at build time. The extension is optional: if it does not compile, the install goes on and the
+package uses XLA and jaxlib's LAPACK instead.
 """
 
 import os

@@ -123,11 +123,9 @@ def _with_kernel(kernel: str, xla, *args, out=None):
     default shaped like ``args[0]``) when it is built, every argument has one dtype and blocks are at most
     :data:`NATIVE_MAX_BLOCK`. Derivatives are ``xla``'s (``jax.custom_jvp``); ``vmap`` broadcasts
     the arguments to one batch shape."""
-    from .. import _native
-
     dtype = args[0].dtype
-    target = _native.target(kernel, dtype)
-    if target is None or any(x.dtype != dtype for x in args) or args[0].shape[-1] > NATIVE_MAX_BLOCK:
+    target = native_target(kernel, dtype, args[0].shape[-1])
+    if target is None or any(x.dtype != dtype for x in args):
         return xla(*args)
     out = out if out is not None else jax.ShapeDtypeStruct(args[0].shape, dtype)
     call = jax.ffi.ffi_call(target, out, vmap_method="broadcast_all")
@@ -143,14 +141,20 @@ def _with_kernel(kernel: str, xla, *args, out=None):
     return jax.lax.platform_dependent(*args, cpu=native, default=xla)
 
 
-def native_cayley(x) -> bool:
-    """Whether :func:`cayley_map` of blocks like ``x`` runs the compiled kernel (concrete CPU arrays)."""
+def native_target(kernel: str, dtype, n: int) -> str | None:
+    """The compiled CPU ``kernel``'s FFI target for ``n x n`` blocks of ``dtype``, or None (not
+    built, switched off, another dtype, or ``n`` above :data:`NATIVE_MAX_BLOCK`)."""
     from .. import _native
 
+    return _native.target(kernel, dtype) if n <= NATIVE_MAX_BLOCK else None
+
+
+def native_cayley(x) -> bool:
+    """Whether :func:`cayley_map` of blocks like ``x`` runs the compiled kernel (concrete CPU arrays)."""
     if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
         return False
     on_cpu = {d.platform for d in x.devices()} == {"cpu"}
-    return on_cpu and x.shape[-1] <= NATIVE_MAX_BLOCK and _native.target("cayley", x.dtype) is not None
+    return on_cpu and native_target("cayley", x.dtype, x.shape[-1]) is not None
 
 
 def _cayley_map_xla(x1, x2, coef, *, square: bool):

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from ._linalg import geodesic_point, mm, solve_pd
+from ._linalg import geodesic_point, mm, native_target, solve_pd
 from ._types import Array, Block, Bool, Float
-from .cayley import cayley, skew
+from .cayley import cayley, relative_cayley, skew
 from .polynomial import expm_skew_taylor
 from .spectral import DEFAULT_ANGLE_TOL, _decompose, _decompose_skew, _is_concrete, _polar_step, _raise_if_bad, _sinc_ratio, log_with_flag, rotation_angles
 
@@ -100,18 +100,26 @@ def geodesic_path(u1: Block, u2: Block, *, angle_tol: float = DEFAULT_ANGLE_TOL)
 def geodesic_path_cayley(a1: Block, a2: Block, *, angle_tol: float = DEFAULT_ANGLE_TOL) -> GeodesicPath:
     """:func:`geodesic_path` from ``Cay(A1)`` to ``Cay(A2)``, given the raw Cayley parameters.
 
-    Equal to ``geodesic_path(cayley(a1), cayley(a2))`` in exact arithmetic. The relative Cayley
-    parameter is ``invCay(W)``, ``W = Cay(A1)^T Cay(A2)``, solved without pivoting
-    (:func:`~orthofuse_jax.geometry._linalg.solve_pd`): ``W + I`` has the positive definite
-    symmetric part ``I + sym(W)`` wherever the path is defined (every rotation angle below pi;
-    the others are flagged ``bad``). On the CPU, with the compiled kernels, these three passes
-    cost less than the one pivoted LAPACK solve of :func:`~orthofuse_jax.geometry.relative_cayley`
-    (which needs no ``Cay(A2)``, and is what this used before).
+    Equal to ``geodesic_path(cayley(a1), cayley(a2))`` in exact arithmetic, without its pivoted
+    inverse Cayley solve. On GPUs and TPUs (and without the compiled CPU kernels) the relative
+    Cayley parameter is :func:`~orthofuse_jax.geometry.relative_cayley`: one pivoted solve, and
+    ``Cay(A2)`` is never formed. On the CPU with the compiled kernels it is ``invCay(W)``,
+    ``W = Cay(A1)^T Cay(A2)``, solved without pivoting (``W + I`` has the positive definite
+    symmetric part ``I + sym(W)`` wherever the path is defined: every rotation angle below pi,
+    the others are flagged ``bad``): there these three compiled passes cost less than LAPACK's
+    one pivoted solve (1.32 s against 1.69 s for the path of 11520 40x40 blocks, one core).
     """
     u1 = cayley(a1)
-    w = relative_rotation(u1, cayley(a2))
-    eye = jnp.eye(w.shape[-1], dtype=w.dtype)
-    s = skew(solve_pd(w + eye, w - eye))
+
+    def via_rotations(a1, a2):
+        w = relative_rotation(u1, cayley(a2))
+        eye = jnp.eye(w.shape[-1], dtype=w.dtype)
+        return skew(solve_pd(w + eye, w - eye))
+
+    if native_target("cayley", a1.dtype, a1.shape[-1]) is None:
+        s = relative_cayley(a1, a2)
+    else:
+        s = jax.lax.platform_dependent(a1, a2, cpu=via_rotations, default=relative_cayley)
     s, v, sigma, _, bad = _decompose_skew(s, angle_tol)
     return _path(u1, s, v, sigma, bad)
 

@@ -176,3 +176,19 @@ def test_geodesic_point_vmap_derivatives_and_lowering():
     assert "orthofuse_point" not in traced.lower(lowering_platforms=("cuda",)).as_text()
     if _native.library_path() is not None:
         assert "orthofuse_point_f32" in traced.lower(lowering_platforms=("cpu",)).as_text()
+
+
+def test_a_geodesic_path_lowered_for_gpus_has_no_cpu_kernel():
+    """The whole path (Cayley maps, relative parameter, points with restoration), lowered for CUDA:
+    XLA and cuSOLVER only, the pivoted relative_cayley there; on the CPU, the compiled kernels."""
+    x = np.random.default_rng(6).standard_normal((3, 8, 8)).astype(np.float32)
+
+    def fn(a1, a2):
+        path = geodesic_path_cayley(a1, a2)
+        return path.at_restored(jnp.linspace(0.0, 1.0, 4)[:, None], 0.9)
+
+    traced = jax.jit(fn).trace(x, 0.5 * x)
+    assert "orthofuse_" not in traced.lower(lowering_platforms=("cuda",)).as_text()
+    if _native.library_path() is not None:
+        cpu = traced.lower(lowering_platforms=("cpu",)).as_text()
+        assert all(f"orthofuse_{k}_f32" in cpu for k in ("cayley", "solve", "point"))
