@@ -289,7 +289,9 @@ ORTHOFUSE_INLINE void CayleyBlocks(const TIn* x1, const TIn* x2, const TIn* coef
 // and, optionally, restored by curve_over_id, per block:
 //   X = A diag(cs[0]) + B diag(cs[1]),  Y = X V^T,  Y <- Y (3 I - Y^T Y) / 2  (one Newton-Schulz
 //   polar step), then if coef[1] != 0: Y <- Cay(coef[0] Y) = 2 (I - coef[0] skew(Y))^{-1} - I.
-// Three products and an inversion, in double, where XLA ran four float32 programs. Point g uses
+// Three products and an inversion, in double, where XLA ran four float32 programs (1.8-1.9x
+// faster on whole SDXL stacks; but inside the exact merge's 0.5 MB chunks XLA's float32 products
+// were as fast, so only the sweep uses it, benchmarks/RESULTS.md). Point g uses
 // block g % blocks of a, b and v: their batch shape may be a suffix of the points' (a sweep).
 template <typename TIn>
 ORTHOFUSE_INLINE void PointBlocks(const TIn* a, const TIn* b, const TIn* v, const TIn* cs, const TIn* coef, TIn* y,
@@ -321,11 +323,10 @@ ORTHOFUSE_INLINE void PointBlocks(const TIn* a, const TIn* b, const TIn* v, cons
     TIn* yg = y + g * n * n;
     if (coef[2 * g + 1] != 0) {
       IMinusSkew(x, 0.5 * coef[2 * g], n, np);  // I - eta skew(Y), Y = x / 2
-      GaussJordan<true>(x, n, np);
-      const double* q = x;
+      GaussJordan<true>(x, n, np);                // Cay(eta Y) = 2 x - I
       for (int64_t i = 0; i < n; ++i) {
-        for (int64_t j = 0; j < n; ++j) yg[i * n + j] = static_cast<TIn>(2 * q[i * np + j]);
-        yg[i * n + i] = static_cast<TIn>(2 * q[i * np + i] - 1);
+        for (int64_t j = 0; j < n; ++j) yg[i * n + j] = static_cast<TIn>(2 * x[i * np + j]);
+        yg[i * n + i] = static_cast<TIn>(2 * x[i * np + i] - 1);
       }
     } else {
       for (int64_t i = 0; i < n; ++i)
