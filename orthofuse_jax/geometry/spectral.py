@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._linalg import mm
+from ._linalg import _polar_step, mm
 from ._types import Array, Block, Bool, Float
 from .cayley import inverse_cayley
 from .polynomial import LOG_POLYNOMIAL_MAX_ANGLE, log_polynomial
@@ -78,17 +78,6 @@ def _rotate(s: Block, v: Array, cos_phi: Array, sin_over_sigma: Array) -> Block:
     """Evaluate (*): ``V diag(c) V^T + S V diag(r) V^T``."""
     vt = jnp.swapaxes(v, -1, -2)
     return mm(v * cos_phi[..., None, :], vt) + mm(s, mm(v * sin_over_sigma[..., None, :], vt))
-
-
-def _polar_step(y: Block) -> Block:
-    """One Newton-Schulz step towards the polar factor: ``Y (3I - Y^T Y) / 2``.
-
-    The spectral formula is exact in exact arithmetic; in float32 its orthogonality error grows
-    with ``tan(theta / 2)`` through the inverse Cayley solve. One step squares that error
-    (2 matmuls) without moving an orthogonal Y.
-    """
-    eye = jnp.eye(y.shape[-1], dtype=y.dtype)
-    return 0.5 * mm(y, 3.0 * eye - mm(jnp.swapaxes(y, -1, -2), y))
 
 
 def _finite_blocks(x: Array) -> Array:
