@@ -58,7 +58,7 @@ from ..geometry import (
     skew,
     spectral_map_with_flag,
 )
-from ..geometry._linalg import cayley_map, mm, native_cayley
+from ..geometry._linalg import cayley_map, mm, native_target
 from ..geometry._types import Array, Block, Bool, Float
 from ..geometry.polynomial import _expm_taylor_with_ok, log_polynomial
 from ..geometry.spectral import _polar_step
@@ -423,7 +423,7 @@ def _pair_or_sweep(x1, x2, t, alpha, *, sweep: bool, **options):
     budget = _CPU_CHUNK_BYTES // n_t if sweep and n_t else _CPU_MERGE_CHUNK_BYTES
     min_blocks = 1 if sweep else _CPU_MIN_CHUNK_BLOCKS
     one_pass = (not sweep and (options["method"], options["restore"]) == ("cayley", "cayley")
-                and not any(options["orthogonal"]) and native_cayley(x1))
+                and not any(options["orthogonal"]) and native_target("cayley", x1.dtype, x1.shape[-1]) is not None)
     chunk = _chunk_size(x1, max(1, budget), min_blocks) if n_t and concrete and not one_pass else None
     if chunk is not None:
         return _run_chunked(x1, x2, t, alpha, chunk, sweep=sweep, **options)

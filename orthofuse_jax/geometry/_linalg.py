@@ -44,10 +44,8 @@ def solve_pd(a, b):
     Differentiable (forward and reverse) through ``lax.custom_linear_solve``, and safe under
     ``jit`` and ``vmap``.
     """
-    from .. import _native
-
-    target = _native.solve_target(a.dtype)
-    if target is None or b.dtype != a.dtype or b.ndim != a.ndim or a.shape[-1] > NATIVE_MAX_BLOCK:
+    target = native_target("solve", a.dtype, a.shape[-1])
+    if target is None or b.dtype != a.dtype or b.ndim != a.ndim:
         return jnp.linalg.solve(a, b)
     batch = jnp.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     a = jnp.broadcast_to(a, batch + a.shape[-2:])
@@ -149,14 +147,6 @@ def native_target(kernel: str, dtype, n: int) -> str | None:
     from .. import _native
 
     return _native.target(kernel, dtype) if n <= NATIVE_MAX_BLOCK else None
-
-
-def native_cayley(x) -> bool:
-    """Whether :func:`cayley_map` of blocks like ``x`` runs the compiled kernel (concrete CPU arrays)."""
-    if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
-        return False
-    on_cpu = {d.platform for d in x.devices()} == {"cpu"}
-    return on_cpu and native_target("cayley", x.dtype, x.shape[-1]) is not None
 
 
 def _cayley_map_xla(x1, x2, coef, *, square: bool):
