@@ -33,7 +33,7 @@ def _target_name(kernel: str, dtype: str) -> str:
 def target(kernel: str, dtype) -> str | None:
     """The registered FFI target of ``kernel`` (``"solve"``, ``"cayley"``, ``"point"``) for ``dtype``, or None
     (not built, disabled by ``ORTHOFUSE_JAX_NATIVE=0``, or another dtype)."""
-    if os.environ.get("ORTHOFUSE_JAX_NATIVE", "1").lower() in ("0", "off", "false", "no"):
+    if not enabled():
         return None
     name = getattr(dtype, "name", str(dtype))
     if name not in _DTYPES:
@@ -41,6 +41,12 @@ def target(kernel: str, dtype) -> str | None:
     if "ok" not in _state:
         _state["ok"] = _register()
     return _target_name(kernel, name) if _state["ok"] else None
+
+
+def enabled() -> bool:
+    """False when ``ORTHOFUSE_JAX_NATIVE`` is ``0``/``off``/``false``/``no``: then the package's own
+    kernels (these and the GPU solve of ``geometry/_pallas.py``) are not used."""
+    return os.environ.get("ORTHOFUSE_JAX_NATIVE", "1").lower() not in ("0", "off", "false", "no")
 
 
 def solve_target(dtype) -> str | None:

@@ -106,10 +106,13 @@ def test_large_blocks_take_lapack():
 
 
 def test_gpu_lowering_never_calls_the_cpu_kernel():
-    """Lowered for CUDA (no GPU needed), only jnp.linalg.solve's cuSOLVER path is in the program."""
+    """Lowered for CUDA (no GPU needed): the Pallas solve for float32 (tests/geometry/test_pallas.py),
+    jnp.linalg.solve's cuSOLVER path for float64, never the CPU kernel."""
     a, b = _pd_system(np.random.default_rng(3), (3,), 8, 8, 1.0)
     traced = jax.jit(solve_pd).trace(a.astype(np.float32), b.astype(np.float32))
     cuda = traced.lower(lowering_platforms=("cuda",)).as_text()
-    assert "orthofuse_solve" not in cuda and ("cusolver" in cuda or "cublas" in cuda)
+    assert "orthofuse_solve" not in cuda and "__gpu$xla.gpu.triton" in cuda
+    cuda64 = jax.jit(solve_pd).trace(a, b).lower(lowering_platforms=("cuda",)).as_text()
+    assert "orthofuse_solve" not in cuda64 and ("cusolver" in cuda64 or "cublas" in cuda64)
     if _native.library_path() is not None:
         assert "orthofuse_solve_f32" in traced.lower(lowering_platforms=("cpu",)).as_text()
