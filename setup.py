@@ -21,7 +21,8 @@ setup(
             sources=["orthofuse_jax/_native/solve.cc"],
             language="c++",
             # -isystem: the vendored XLA headers' own warnings are not ours
-            extra_compile_args=["-std=c++17", "-O3", "-Wno-psabi", "-isystem", include],
+            extra_compile_args=["-std=c++17", "-O3", "-pthread", "-Wno-psabi", "-isystem", include],
+            extra_link_args=["-pthread"],  # the kernels split large batches over threads
             optional=True,
         )
     ]

@@ -24,11 +24,22 @@
 //     two), from the raw inputs to the result in one pass.
 //   orthofuse_point_{f32,f64}(A, B, V, CS, C) -> a point of a decomposed geodesic with its polar
 //     step and, if C[..., 1] != 0, the curve_over_id restoration Cay(C[..., 0] Y) (PointBlocks).
+//
+// Blocks are independent, so a large call splits its batch over the CPUs the process may run on
+// (ParallelFor; ORTHOFUSE_JAX_THREADS=N sets the number), in threads of its own: XLA's CPU pool is kept at
+// one thread (orthofuse_jax/_runtime.py), and these threads never call back into XLA.
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <system_error>
+#include <thread>
 #include <vector>
+
+#if defined(__linux__)
+#include <sched.h>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -208,6 +219,43 @@ double* Workspace(size_t doubles) {
   return reinterpret_cast<double*>((p + 63) / 64 * 64);
 }
 
+// Threads for a call: ORTHOFUSE_JAX_THREADS if set to N >= 1, else the CPUs this process may run on
+// (its affinity mask, read per call: `taskset -c 1` or os.sched_setaffinity give one).
+int64_t MaxThreads() {
+  if (const char* s = std::getenv("ORTHOFUSE_JAX_THREADS")) {
+    const long v = std::strtol(s, nullptr, 10);
+    if (v >= 1) return v;
+  }
+#if defined(__linux__)
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+#endif
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+// Run body(begin, end) over contiguous pieces of [0, batch), one per thread, the first piece on the
+// calling thread. `cost` is the multiply-adds of one block: a call below about 4M in all (1 ms of
+// one core) stays on one thread, where starting threads would cost more than they save.
+template <typename Body>
+void ParallelFor(int64_t batch, int64_t cost, const Body& body) {
+  constexpr int64_t kMinWork = int64_t{1} << 22;
+  const int64_t by_work = std::max<int64_t>(1, batch * std::max<int64_t>(cost, 1) / kMinWork);
+  const int64_t threads = std::min({MaxThreads(), batch, by_work});
+  std::vector<std::thread> pool;
+  int64_t begin = batch;  // what the calling thread does: [0, begin)
+  for (int64_t k = threads - 1; k >= 1; --k) {
+    const int64_t lo = batch * k / threads, hi = begin;
+    try {
+      pool.emplace_back([&body, lo, hi] { body(lo, hi); });
+      begin = lo;
+    } catch (const std::system_error&) {  // no thread to be had: the calling thread does the rest
+      break;
+    }
+  }
+  body(0, begin);
+  for (auto& t : pool) t.join();
+}
+
 template <typename TIn>
 ORTHOFUSE_INLINE void SolveBlocks(const TIn* a, const TIn* b, TIn* x, int64_t batch, int64_t n, int64_t m, double* t) {
   const int64_t wp = Round8(n + m);
@@ -295,14 +343,14 @@ ORTHOFUSE_INLINE void CayleyBlocks(const TIn* x1, const TIn* x2, const TIn* coef
 // block g % blocks of a, b and v: their batch shape may be a suffix of the points' (a sweep).
 template <typename TIn>
 ORTHOFUSE_INLINE void PointBlocks(const TIn* a, const TIn* b, const TIn* v, const TIn* cs, const TIn* coef, TIn* y,
-                                  int64_t batch, int64_t blocks, int64_t n, double* work) {
+                                  int64_t begin, int64_t end, int64_t blocks, int64_t n, double* work) {
   const int64_t np = Round8(n), nn = n * np;
   double* x = work;
   double* w = x + nn;
   double* p = w + nn;
   double* q = p + nn;
   for (int64_t i = 0; i < 4 * nn; ++i) work[i] = 0;  // padding columns stay zero
-  for (int64_t g = 0; g < batch; ++g) {
+  for (int64_t g = begin; g < end; ++g) {
     const int64_t h = g % blocks;  // a, b, v may be shared by several points (a sweep over t)
     const TIn* ag = a + h * n * n;
     const TIn* bg = b + h * n * n;
@@ -379,8 +427,10 @@ ffi::Error Solve(ffi::Buffer<DT> a, ffi::Buffer<DT> b, ffi::ResultBuffer<DT> x,
     batch *= ad[i];
   }
   if (batch == 0 || n == 0 || m == 0) return ffi::Error::Success();
-  double* t = Workspace(static_cast<size_t>(n * Round8(n + m)));
-  kernel(a.typed_data(), b.typed_data(), x->typed_data(), batch, n, m, t);
+  ParallelFor(batch, n * n * (n + m), [&](int64_t begin, int64_t end) {
+    kernel(a.typed_data() + begin * n * n, b.typed_data() + begin * n * m, x->typed_data() + begin * n * m,
+           end - begin, n, m, Workspace(static_cast<size_t>(n * Round8(n + m))));
+  });
   return ffi::Error::Success();
 }
 
@@ -393,13 +443,14 @@ ffi::Error SolveF64Impl(ffi::Buffer<ffi::F64> a, ffi::Buffer<ffi::F64> b, ffi::R
 }
 
 ORTHOFUSE_CLONES void PointF32(const float* a, const float* b, const float* v, const float* cs, const float* coef,
-                               float* y, int64_t batch, int64_t blocks, int64_t n, double* work) {
-  PointBlocks<float>(a, b, v, cs, coef, y, batch, blocks, n, work);
+                               float* y, int64_t begin, int64_t end, int64_t blocks, int64_t n, double* work) {
+  PointBlocks<float>(a, b, v, cs, coef, y, begin, end, blocks, n, work);
 }
 
 ORTHOFUSE_CLONES void PointF64(const double* a, const double* b, const double* v, const double* cs,
-                               const double* coef, double* y, int64_t batch, int64_t blocks, int64_t n, double* work) {
-  PointBlocks<double>(a, b, v, cs, coef, y, batch, blocks, n, work);
+                               const double* coef, double* y, int64_t begin, int64_t end, int64_t blocks, int64_t n,
+                               double* work) {
+  PointBlocks<double>(a, b, v, cs, coef, y, begin, end, blocks, n, work);
 }
 
 template <ffi::DataType DT, typename TIn>
@@ -420,9 +471,10 @@ ffi::Error Cayley(ffi::Buffer<DT> x1, ffi::Buffer<DT> x2, ffi::Buffer<DT> coef, 
     batch *= d1[i];
   }
   if (batch == 0 || n == 0) return ffi::Error::Success();
-  const int64_t np = Round8(n);
-  double* work = Workspace(static_cast<size_t>(n * np));
-  kernel(x1.typed_data(), x2.typed_data(), coef.typed_data(), y->typed_data(), batch, n, work);
+  ParallelFor(batch, 2 * n * n * n, [&](int64_t begin, int64_t end) {
+    kernel(x1.typed_data() + begin * n * n, x2.typed_data() + begin * n * n, coef.typed_data() + 4 * begin,
+           y->typed_data() + begin * n * n, end - begin, n, Workspace(static_cast<size_t>(n * Round8(n))));
+  });
   return ffi::Error::Success();
 }
 
@@ -440,7 +492,7 @@ template <ffi::DataType DT, typename TIn>
 ffi::Error Point(ffi::Buffer<DT> a, ffi::Buffer<DT> b, ffi::Buffer<DT> v, ffi::Buffer<DT> cs, ffi::Buffer<DT> coef,
                  ffi::ResultBuffer<DT> y,
                  void (*kernel)(const TIn*, const TIn*, const TIn*, const TIn*, const TIn*, TIn*, int64_t, int64_t,
-                                int64_t, double*)) {
+                                int64_t, int64_t, double*)) {
   // a, b, v: [..., n, n], all the same shape; cs [P..., 2, n], coef [P..., 2], y [P..., n, n], where
   // the points' batch P... ends with the blocks' batch (it may have more leading dimensions).
   auto da = a.dimensions();
@@ -466,9 +518,10 @@ ffi::Error Point(ffi::Buffer<DT> a, ffi::Buffer<DT> b, ffi::Buffer<DT> v, ffi::B
     batch *= dc[i];
   }
   if (batch == 0 || n == 0) return ffi::Error::Success();
-  double* work = Workspace(static_cast<size_t>(4 * n * Round8(n)));
-  kernel(a.typed_data(), b.typed_data(), v.typed_data(), cs.typed_data(), coef.typed_data(), y->typed_data(), batch,
-         blocks, n, work);
+  ParallelFor(batch, 3 * n * n * n, [&](int64_t begin, int64_t end) {
+    kernel(a.typed_data(), b.typed_data(), v.typed_data(), cs.typed_data(), coef.typed_data(), y->typed_data(), begin,
+           end, blocks, n, Workspace(static_cast<size_t>(4 * n * Round8(n))));
+  });
   return ffi::Error::Success();
 }
 

@@ -193,3 +193,29 @@ def test_a_geodesic_path_lowered_for_gpus_has_no_cpu_kernel():
     if _native.library_path() is not None:
         cpu = traced.lower(lowering_platforms=("cpu",)).as_text()
         assert all(f"orthofuse_{k}_f32" in cpu for k in ("cayley", "solve", "point"))
+
+
+@pytest.mark.parametrize("threads", ["1", "3", "7"])
+def test_threads_split_large_batches(monkeypatch, threads):
+    """A call of more than about 4M multiply-adds splits its blocks over threads
+    (``ORTHOFUSE_JAX_THREADS``, read per call); every piece is checked against float64 references,
+    including a sweep whose pieces start inside a t (point g uses block g % blocks)."""
+    monkeypatch.setenv("ORTHOFUSE_JAX_THREADS", threads)
+    rng = np.random.default_rng(8)
+    x1, x2 = (0.4 * rng.standard_normal((301, 40, 40)) for _ in range(2))
+    t = rng.uniform(0.0, 1.0, 301)
+    c = rng.uniform(1.0, 2.0, 301)
+    got = np.asarray(cayley_map(x1, x2, c1=1 - t, c2=t, c=c, square=True))
+    np.testing.assert_allclose(got, _reference(x1, x2, 1 - t, t, c, True), atol=1e-12, rtol=0)
+
+    a1, a2 = (0.6 * rng.standard_normal((97, 24, 24)) / np.sqrt(24) for _ in range(2))
+    ts = np.array([0.0, 0.25, 0.5, 0.8, 1.0])
+    path = geodesic_path_cayley(jnp.asarray(a1), jnp.asarray(a2))
+    swept = np.asarray(path.at_restored(jnp.asarray(ts)[:, None], 0.9))
+    np.testing.assert_allclose(swept, _curve_over_id64(_geodesic64(a1, a2, ts), 0.9), atol=1e-12, rtol=0)
+
+    from orthofuse_jax.geometry._linalg import solve_pd
+
+    eye = np.eye(40)
+    s = _skew64(x1)
+    np.testing.assert_allclose(np.asarray(solve_pd(eye - s, x2)), np.linalg.solve(eye - s, x2), atol=1e-12, rtol=0)
