@@ -6,7 +6,9 @@ solves without pivoting for the Cayley maps (:func:`orthofuse_jax.geometry._lina
 and the Cayley maps themselves, fused with the skew part and, for the fast merge, with its
 restoration (:func:`orthofuse_jax.geometry._linalg.cayley_map`).
 Set ``ORTHOFUSE_JAX_NATIVE=0`` to use jaxlib's LAPACK solve instead; it is read when a function
-is traced, so set it before the first merge (or call ``jax.clear_caches()``).
+is traced, so set it before the first merge (or call ``jax.clear_caches()``). A large call splits
+its blocks over the CPUs the process may run on (its affinity mask); ``ORTHOFUSE_JAX_THREADS=N``,
+read at every call, sets the number of threads.
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@
 //
 // Three entry points:
 //   orthofuse_solve_{f32,f64}(A, B) -> A^{-1} B
-//   orthofuse_cayley_{f32,f64}(X1, X2, C) -> (I - q S^2 - c S)^{-1} (I - q S^2 + c S), per block,
+//   orthofuse_cayley_{f32,f64}(X1, X2, C) -> (I - q S^2 - c S)^{-1} (I - q S^2 + c S) per block, and
+//     per block whether it holds an inf or a NaN (the merges' "bad" flag),
 //     S = c1 skew(X1) + c2 skew(X2), (c1, c2, q, c) = C[..., 0:4], q in {0, 1}: the Cayley map
 //     (q = 0: one in-place inversion) and the fast merge with its restoration (q = 1, c = 2 eta:
 //     two), from the raw inputs to the result in one pass.
@@ -294,9 +295,34 @@ ORTHOFUSE_INLINE void IMinusSkew(double* t, double c, int64_t n, int64_t np) {
 // computed as two Cayley maps: Cay(S) = 2 N - I with N = (I - S)^{-1}, whose skew part is
 // N - N^T, and then Cay(eta (N - N^T)): two inversions (2 n^3) instead of S^2 and a solve
 // (2.5 n^3). Everything happens in one n x round8(n) buffer (32 KB at n = 64: the L1 cache).
+// Whether an n x np buffer holds an inf or a NaN (v - v is 0 for every finite v): the merges'
+// "bad block" flag, read here from the cache instead of by a second pass over the output. The
+// results are rounded to float32 afterwards, which cannot overflow: the Cayley maps' blocks have
+// norm at most 3 (2 N - I with ||N|| <= 1, the symmetric part of I - c S being >= I).
+ORTHOFUSE_INLINE bool AnyNotFinite(const double* t, int64_t n, int64_t np) {
+  const int64_t m = n * np;
+  vd a0{}, a1{}, a2{}, a3{};
+  int64_t j = 0;
+  for (; j + 4 * kW <= m; j += 4 * kW) {
+    const vd v0 = Load(t + j), v1 = Load(t + j + kW), v2 = Load(t + j + 2 * kW), v3 = Load(t + j + 3 * kW);
+    a0 += v0 - v0;
+    a1 += v1 - v1;
+    a2 += v2 - v2;
+    a3 += v3 - v3;
+  }
+  for (; j < m; j += kW) {
+    const vd v = Load(t + j);
+    a0 += v - v;
+  }
+  const vd s = (a0 + a1) + (a2 + a3);
+  bool bad = false;
+  for (int64_t l = 0; l < kW; ++l) bad |= !(s[l] == 0);
+  return bad;
+}
+
 template <typename TIn>
-ORTHOFUSE_INLINE void CayleyBlocks(const TIn* x1, const TIn* x2, const TIn* coef, TIn* y, int64_t batch, int64_t n,
-                                   double* t) {
+ORTHOFUSE_INLINE void CayleyBlocks(const TIn* x1, const TIn* x2, const TIn* coef, TIn* y, bool* bad, int64_t batch,
+                                   int64_t n, double* t) {
   const int64_t np = Round8(n);
   for (int64_t g = 0; g < batch; ++g) {
     const TIn* a = x1 + g * n * n;
@@ -315,14 +341,21 @@ ORTHOFUSE_INLINE void CayleyBlocks(const TIn* x1, const TIn* x2, const TIn* coef
       }
       for (int64_t j = n; j < np; ++j) ti[j] = 0;
     }
+    // skew(U) reads only U's off-diagonal entries; an inf or NaN on the diagonal makes the skew
+    // part (inf - inf) / 2 undefined, as in the XLA formula: poison the block with it.
+    double diag = 0;
+    for (int64_t i = 0; i < n; ++i) diag += t[i * np + i] * 0;
     if (square) {
       IMinusSkew(t, 1.0, n, np);  // I - S
+      t[0] += diag;
       GaussJordan<true>(t, n, np);  // N; skew(Cay(S)) = skew(2 N) = (2N - 2N^T) / 2
       IMinusSkew(t, c, n, np);      // I - (c / 2) skew(2 N) = I - eta skew(Cay(S))
     } else {
       IMinusSkew(t, c, n, np);  // I - c S
+      t[0] += diag;
     }
     GaussJordan<true>(t, n, np);
+    bad[g] = AnyNotFinite(t, n, np);
     TIn* yg = y + g * n * n;
     for (int64_t i = 0; i < n; ++i) {  // Cay = 2 t - I
       const double* ti = t + i * np;
@@ -400,14 +433,14 @@ ORTHOFUSE_CLONES void SolveF64(const double* a, const double* b, double* x, int6
   SolveBlocks<double>(a, b, x, batch, n, m, t);
 }
 
-ORTHOFUSE_CLONES void CayleyF32(const float* x1, const float* x2, const float* coef, float* y, int64_t batch,
-                                int64_t n, double* work) {
-  CayleyBlocks<float>(x1, x2, coef, y, batch, n, work);
+ORTHOFUSE_CLONES void CayleyF32(const float* x1, const float* x2, const float* coef, float* y, bool* bad,
+                                int64_t batch, int64_t n, double* work) {
+  CayleyBlocks<float>(x1, x2, coef, y, bad, batch, n, work);
 }
 
-ORTHOFUSE_CLONES void CayleyF64(const double* x1, const double* x2, const double* coef, double* y,
+ORTHOFUSE_CLONES void CayleyF64(const double* x1, const double* x2, const double* coef, double* y, bool* bad,
                                 int64_t batch, int64_t n, double* work) {
-  CayleyBlocks<double>(x1, x2, coef, y, batch, n, work);
+  CayleyBlocks<double>(x1, x2, coef, y, bad, batch, n, work);
 }
 
 template <ffi::DataType DT, typename TIn>
@@ -455,7 +488,8 @@ ORTHOFUSE_CLONES void PointF64(const double* a, const double* b, const double* v
 
 template <ffi::DataType DT, typename TIn>
 ffi::Error Cayley(ffi::Buffer<DT> x1, ffi::Buffer<DT> x2, ffi::Buffer<DT> coef, ffi::ResultBuffer<DT> y,
-                  void (*kernel)(const TIn*, const TIn*, const TIn*, TIn*, int64_t, int64_t, double*)) {
+                  ffi::ResultBuffer<ffi::PRED> bad,
+                  void (*kernel)(const TIn*, const TIn*, const TIn*, TIn*, bool*, int64_t, int64_t, double*)) {
   auto d1 = x1.dimensions();
   auto d2 = x2.dimensions();
   auto dc = coef.dimensions();
@@ -473,19 +507,20 @@ ffi::Error Cayley(ffi::Buffer<DT> x1, ffi::Buffer<DT> x2, ffi::Buffer<DT> coef, 
   if (batch == 0 || n == 0) return ffi::Error::Success();
   ParallelFor(batch, 2 * n * n * n, [&](int64_t begin, int64_t end) {
     kernel(x1.typed_data() + begin * n * n, x2.typed_data() + begin * n * n, coef.typed_data() + 4 * begin,
-           y->typed_data() + begin * n * n, end - begin, n, Workspace(static_cast<size_t>(n * Round8(n))));
+           y->typed_data() + begin * n * n, bad->typed_data() + begin, end - begin, n,
+           Workspace(static_cast<size_t>(n * Round8(n))));
   });
   return ffi::Error::Success();
 }
 
 ffi::Error CayleyF32Impl(ffi::Buffer<ffi::F32> x1, ffi::Buffer<ffi::F32> x2, ffi::Buffer<ffi::F32> c,
-                         ffi::ResultBuffer<ffi::F32> y) {
-  return Cayley<ffi::F32, float>(x1, x2, c, y, CayleyF32);
+                         ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::PRED> bad) {
+  return Cayley<ffi::F32, float>(x1, x2, c, y, bad, CayleyF32);
 }
 
 ffi::Error CayleyF64Impl(ffi::Buffer<ffi::F64> x1, ffi::Buffer<ffi::F64> x2, ffi::Buffer<ffi::F64> c,
-                         ffi::ResultBuffer<ffi::F64> y) {
-  return Cayley<ffi::F64, double>(x1, x2, c, y, CayleyF64);
+                         ffi::ResultBuffer<ffi::F64> y, ffi::ResultBuffer<ffi::PRED> bad) {
+  return Cayley<ffi::F64, double>(x1, x2, c, y, bad, CayleyF64);
 }
 
 template <ffi::DataType DT, typename TIn>
@@ -554,14 +589,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(OrthofuseCayleyF32, CayleyF32Impl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::PRED>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OrthofuseCayleyF64, CayleyF64Impl,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::F64>>()
                                   .Arg<ffi::Buffer<ffi::F64>>()
                                   .Arg<ffi::Buffer<ffi::F64>>()
-                                  .Ret<ffi::Buffer<ffi::F64>>());
+                                  .Ret<ffi::Buffer<ffi::F64>>()
+                                  .Ret<ffi::Buffer<ffi::PRED>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OrthofusePointF32, PointF32Impl,
                               ffi::Ffi::Bind()

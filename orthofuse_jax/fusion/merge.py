@@ -190,8 +190,8 @@ def _restore_with_flag(y: Block, f, restore: str, angle_tol: float, algorithm: s
     if restore == "none":
         return y, _not_finite(y), ok
     if restore == "cayley":
-        y = cayley_map(y, c1=0.5 * jnp.asarray(f, y.dtype))
-        return y, _not_finite(y), ok
+        y, bad = cayley_map(y, c1=0.5 * jnp.asarray(f, y.dtype), with_flag=True)
+        return y, bad, ok
     if algorithm == "matmul":  # exp(f log Y) with products only
         x, ok = log_polynomial(y)
         e, ok_e = _expm_taylor_with_ok(jnp.asarray(f, y.dtype)[..., None, None] * x, _MATMUL_SQUARINGS)
@@ -224,8 +224,8 @@ def _pair_point(x1, x2, t, path, *, method, restore, alpha, angle_tol, algorithm
     if method == "cayley" and restore == "cayley":
         # Cay(eta Cay(S)), S = (1 - t) skew(A1) + t skew(A2), in one pass (cayley_restored)
         t = jnp.asarray(t, x1.dtype)
-        y = cayley_map(x1, x2, c1=1.0 - t, c2=t, c=restoration_factor(t, alpha), square=True)
-        return y, _not_finite(y), jnp.ones(y.shape[:-2], bool)
+        y, bad = cayley_map(x1, x2, c1=1.0 - t, c2=t, c=restoration_factor(t, alpha), square=True, with_flag=True)
+        return y, bad, jnp.ones(y.shape[:-2], bool)
     if method == "geodesic" and algorithm == "matmul":
         y, ok = path.at(t)
         bad = _not_finite(y) & ok

@@ -90,7 +90,7 @@ def gpu_solver(dtype, n: int):
     return _pallas.gauss_jordan_solve
 
 
-def cayley_map(x1, x2=None, *, c1=1.0, c2=0.0, c=1.0, square: bool = False):
+def cayley_map(x1, x2=None, *, c1=1.0, c2=0.0, c=1.0, square: bool = False, with_flag: bool = False):
     """``(B - c S)^{-1} (B + c S)`` per block, ``S = c1 skew(X1) + c2 skew(X2)``, ``B = I - S^2`` if
     ``square`` else ``I``.
 
@@ -110,6 +110,9 @@ def cayley_map(x1, x2=None, *, c1=1.0, c2=0.0, c=1.0, square: bool = False):
       x1, x2: blocks ``[..., b, b]``; only their skew parts matter. ``x2`` may be omitted.
       c1, c2, c: scalars or arrays broadcasting against the batch shape ``x1.shape[:-2]``.
       square: include ``-S^2`` in ``B`` (static).
+      with_flag: also return, per block, whether the result holds an inf or a NaN (the merges'
+        "bad block" flag; the compiled kernel reads it from its cache instead of a second pass
+        over the output).
     """
     if x2 is None:
         x2, c2 = x1, 0.0
@@ -119,7 +122,14 @@ def cayley_map(x1, x2=None, *, c1=1.0, c2=0.0, c=1.0, square: bool = False):
     x2 = jnp.broadcast_to(x2, batch + x2.shape[-2:])
     q = 1.0 if square else 0.0
     coef = jnp.stack([jnp.broadcast_to(jnp.asarray(v, dtype), batch) for v in (c1, c2, q, c)], axis=-1)
-    return _with_kernel("cayley", functools.partial(_cayley_map_xla, square=square), x1, x2, coef)
+
+    def xla(*args):
+        y = _cayley_map_xla(*args, square=square)
+        return y, ~jnp.all(jnp.isfinite(y), axis=(-1, -2))
+
+    out = (jax.ShapeDtypeStruct(x1.shape, dtype), jax.ShapeDtypeStruct(batch, jnp.bool_))
+    y, bad = _with_kernel("cayley", xla, x1, x2, coef, out=out)
+    return (y, bad) if with_flag else y
 
 
 def geodesic_point(a, b, v, cos_phi, r, eta=None):
@@ -147,10 +157,10 @@ def geodesic_point(a, b, v, cos_phi, r, eta=None):
 
 
 def _with_kernel(kernel: str, xla, *args, out=None):
-    """``xla(*args)``, or on the CPU the compiled ``kernel`` (same arguments, output ``out``, by
-    default shaped like ``args[0]``) when it is built, every argument has one dtype and blocks are at most
-    :data:`NATIVE_MAX_BLOCK`. Derivatives are ``xla``'s (``jax.custom_jvp``); ``vmap`` broadcasts
-    the arguments to one batch shape."""
+    """``xla(*args)``, or on the CPU the compiled ``kernel`` (same arguments, outputs ``out``, by
+    default one shaped like ``args[0]``) when it is built, every argument has one dtype and blocks are at most
+    :data:`NATIVE_MAX_BLOCK`. Derivatives are ``xla``'s (``jax.custom_jvp``; a boolean output has
+    none); ``vmap`` broadcasts the arguments to one batch shape."""
     dtype = args[0].dtype
     target = native_target(kernel, dtype, args[0].shape[-1])
     if target is None or any(x.dtype != dtype for x in args):
@@ -160,7 +170,8 @@ def _with_kernel(kernel: str, xla, *args, out=None):
 
     @jax.custom_jvp
     def native(*args):
-        return call(*args)
+        res = call(*args)
+        return tuple(res) if isinstance(out, tuple) else res
 
     @native.defjvp
     def _(primals, tangents):

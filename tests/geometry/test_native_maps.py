@@ -219,3 +219,36 @@ def test_threads_split_large_batches(monkeypatch, threads):
     eye = np.eye(40)
     s = _skew64(x1)
     np.testing.assert_allclose(np.asarray(solve_pd(eye - s, x2)), np.linalg.solve(eye - s, x2), atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("native", ["1", "0"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_flag_marks_exactly_the_blocks_with_inf_or_nan(monkeypatch, native, dtype):
+    """``with_flag=True`` (the merges' "bad block" flag): the kernel's, read from its cache, and the
+    XLA formula's agree with numpy's ``isfinite`` on the float64 reference, block by block."""
+    monkeypatch.setenv("ORTHOFUSE_JAX_NATIVE", native)
+    jax.clear_caches()
+    rng = np.random.default_rng(9)
+    x1, x2 = (0.5 * rng.standard_normal((40, 13, 13)).astype(dtype) for _ in range(2))
+    x1[3, 2, 5] = np.nan
+    x2[7, 0, 0] = np.inf  # the diagonal: skew(X2) is inf - inf = nan there
+    x1[11, 12, 1] = -np.inf
+    x2[11, 1, 12] = np.finfo(dtype).max  # huge but finite: (max - inf) / 2 is still -inf
+    for square in (False, True):
+        y, bad = cayley_map(x1, x2, c1=0.3, c2=0.7, c=1.4, square=square, with_flag=True)
+        with np.errstate(all="ignore"):  # numpy meets the same infs and nans
+            ref = _reference(x1, x2, 0.3, 0.7, 1.4, square)
+        want = ~np.isfinite(ref).all(axis=(-1, -2))
+        assert bad.dtype == jnp.bool_ and bad.shape == (40,)
+        np.testing.assert_array_equal(np.asarray(bad), want)
+        assert set(np.flatnonzero(want)) == {3, 7, 11}
+        ok = ~want
+        np.testing.assert_allclose(np.asarray(y)[ok], ref[ok], atol=1e-6 if dtype == np.float32 else 1e-12, rtol=0)
+    # a flag output changes neither vmap nor derivatives of the blocks
+    f = lambda a: cayley_map(a, with_flag=True)[0]  # noqa: E731
+    a = jnp.asarray(x1[:2].astype(np.float64))
+    check_grads(f, (a,), order=1, modes=("fwd", "rev"), atol=1e-6, rtol=1e-6)
+    vm = jax.vmap(lambda a: cayley_map(a, with_flag=True))(jnp.asarray(x1).reshape(4, 10, 13, 13))
+    np.testing.assert_array_equal(np.asarray(vm[1]).reshape(40), np.asarray(cayley_map(x1, with_flag=True)[1]))
+    monkeypatch.delenv("ORTHOFUSE_JAX_NATIVE")
+    jax.clear_caches()
