@@ -288,13 +288,6 @@ ORTHOFUSE_INLINE void IMinusSkew(double* t, double c, int64_t n, int64_t np) {
   }
 }
 
-// y = (B - cS)^{-1} (B + cS) per block, S = c1 skew(x1) + c2 skew(x2), B = I - q S^2 for a flag
-// q in {0, 1}, (c1, c2, q, c) = coef[4 g .. 4 g + 4). With q = 0 it is the Cayley map
-// 2 (I - cS)^{-1} - I: one in-place inversion (n^3 multiply-adds, against 1.5 n^3 for a solve).
-// With q = 1 it is Cay(eta Cay(S)), eta = c / 2 (orthofuse_jax.fusion.merge.cayley_restored),
-// computed as two Cayley maps: Cay(S) = 2 N - I with N = (I - S)^{-1}, whose skew part is
-// N - N^T, and then Cay(eta (N - N^T)): two inversions (2 n^3) instead of S^2 and a solve
-// (2.5 n^3). Everything happens in one n x round8(n) buffer (32 KB at n = 64: the L1 cache).
 // Whether an n x np buffer holds an inf or a NaN (v - v is 0 for every finite v): the merges'
 // "bad block" flag, read here from the cache instead of by a second pass over the output. The
 // results are rounded to float32 afterwards, which cannot overflow: the Cayley maps' blocks have
@@ -320,6 +313,13 @@ ORTHOFUSE_INLINE bool AnyNotFinite(const double* t, int64_t n, int64_t np) {
   return bad;
 }
 
+// y = (B - cS)^{-1} (B + cS) per block, S = c1 skew(x1) + c2 skew(x2), B = I - q S^2 for a flag
+// q in {0, 1}, (c1, c2, q, c) = coef[4 g .. 4 g + 4). With q = 0 it is the Cayley map
+// 2 (I - cS)^{-1} - I: one in-place inversion (n^3 multiply-adds, against 1.5 n^3 for a solve).
+// With q = 1 it is Cay(eta Cay(S)), eta = c / 2 (orthofuse_jax.fusion.merge.cayley_restored),
+// computed as two Cayley maps: Cay(S) = 2 N - I with N = (I - S)^{-1}, whose skew part is
+// N - N^T, and then Cay(eta (N - N^T)): two inversions (2 n^3) instead of S^2 and a solve
+// (2.5 n^3). Everything happens in one n x round8(n) buffer (32 KB at n = 64: the L1 cache).
 template <typename TIn>
 ORTHOFUSE_INLINE void CayleyBlocks(const TIn* x1, const TIn* x2, const TIn* coef, TIn* y, bool* bad, int64_t batch,
                                    int64_t n, double* t) {

@@ -58,7 +58,7 @@ from ..geometry import (
     skew,
     spectral_map_with_flag,
 )
-from ..geometry._linalg import cayley_map, mm, native_target
+from ..geometry._linalg import cayley_map, mm, native_target, not_finite
 from ..geometry._types import Array, Block, Bool, Float
 from ..geometry.polynomial import _expm_taylor_with_ok, log_polynomial
 from ..geometry.spectral import _polar_step
@@ -179,16 +179,12 @@ def restore_exact(u: Block, t, alpha=2.0, *, angle_tol: float = DEFAULT_ANGLE_TO
 # Kernels on one stack (jitted; options static).
 
 
-def _not_finite(y: Array) -> Array:
-    return ~jnp.all(jnp.isfinite(y), axis=(-1, -2))
-
-
 def _restore_with_flag(y: Block, f, restore: str, angle_tol: float, algorithm: str = "eigh"):
     """``(Y', bad, ok)``: the restoration of ``Y``; ``ok`` False where the product-only path
     (``algorithm="matmul"``, restore ``exact``) declined a block and ``eigh`` must redo it."""
     ok = jnp.ones(y.shape[:-2], bool)
     if restore == "none":
-        return y, _not_finite(y), ok
+        return y, not_finite(y), ok
     if restore == "cayley":
         y, bad = cayley_map(y, c1=0.5 * jnp.asarray(f, y.dtype), with_flag=True)
         return y, bad, ok
@@ -196,9 +192,9 @@ def _restore_with_flag(y: Block, f, restore: str, angle_tol: float, algorithm: s
         x, ok = log_polynomial(y)
         e, ok_e = _expm_taylor_with_ok(jnp.asarray(f, y.dtype)[..., None, None] * x, _MATMUL_SQUARINGS)
         y, ok = _polar_step(e), ok & ok_e
-        return y, _not_finite(y) & ok, ok
+        return y, not_finite(y) & ok, ok
     y, bad = spectral_map_with_flag(y, lambda th: f * th, angle_tol=angle_tol)
-    return y, bad | _not_finite(y), ok
+    return y, bad | not_finite(y), ok
 
 
 _MATMUL_SQUARINGS = 4
@@ -228,15 +224,15 @@ def _pair_point(x1, x2, t, path, *, method, restore, alpha, angle_tol, algorithm
         return y, bad, jnp.ones(y.shape[:-2], bool)
     if method == "geodesic" and algorithm == "matmul":
         y, ok = path.at(t)
-        bad = _not_finite(y) & ok
+        bad = not_finite(y) & ok
     elif method == "geodesic" and restore == "cayley":  # the point and curve_over_id in one pass
         y = path.at_restored(t, 0.5 * restoration_factor(jnp.asarray(t, x1.dtype), alpha))
-        return y, path.bad | _not_finite(y), jnp.ones(y.shape[:-2], bool)
+        return y, path.bad | not_finite(y), jnp.ones(y.shape[:-2], bool)
     elif method == "geodesic":
         y, bad, ok = path.at(t), path.bad, True
     else:
         y, ok = cayley_space_blocks(x1, x2, t), True
-        bad = _not_finite(y)
+        bad = not_finite(y)
     y, bad2, ok2 = _restore_with_flag(y, restoration_factor(t, alpha), restore, angle_tol, algorithm)
     return y, bad | bad2, ok & ok2
 
@@ -295,7 +291,7 @@ def _sweep_blocks(x1, x2, ts, alpha, *, method, restore, angle_tol, orthogonal, 
         # every t at once: the compiled point kernel reads the path once per block, not per t
         tb = ts.reshape(ts.shape + (1,) * (x1.ndim - 2))
         y = path.at_restored(tb, 0.5 * restoration_factor(tb, alpha) if restore == "cayley" else None)
-        bad = path.bad | _not_finite(y)
+        bad = path.bad | not_finite(y)
         return y, bad, jnp.ones_like(bad)
     if method == "cayley":
         x1, x2 = skew(x1), skew(x2)
@@ -448,12 +444,12 @@ def _mean_kernel(xs, w, alpha, *, method, restore, angle_tol, tol, max_iter):
     if method == "cayley" and restore == "cayley":
         wb = w.reshape((-1,) + (1,) * (xs.ndim - 1))
         y = cayley_restored(jnp.sum(wb * skew(xs), axis=0), 0.5 * f)
-        return (y, _not_finite(y), *no_iterations)
+        return (y, not_finite(y), *no_iterations)
     if method == "geodesic":
         y, res, it, bad = karcher_mean_blocks_with_flag(xs, w, tol=tol, max_iter=max_iter, angle_tol=angle_tol)
     else:
         y = cayley_mean_blocks(xs, w)
-        bad = _not_finite(y)
+        bad = not_finite(y)
         res, it = no_iterations
     y, bad2, _ = _restore_with_flag(y, f, restore, angle_tol)  # eigh: every block ok
     return y, bad | bad2, res, it

@@ -125,7 +125,7 @@ def cayley_map(x1, x2=None, *, c1=1.0, c2=0.0, c=1.0, square: bool = False, with
 
     def xla(*args):
         y = _cayley_map_xla(*args, square=square)
-        return y, ~jnp.all(jnp.isfinite(y), axis=(-1, -2))
+        return y, not_finite(y)
 
     out = (jax.ShapeDtypeStruct(x1.shape, dtype), jax.ShapeDtypeStruct(batch, jnp.bool_))
     y, bad = _with_kernel("cayley", xla, x1, x2, coef, out=out)
@@ -154,6 +154,11 @@ def geodesic_point(a, b, v, cos_phi, r, eta=None):
                       jnp.full(batch, 1.0 if restore else 0.0, dtype)], axis=-1)
     out = jax.ShapeDtypeStruct(batch + a.shape[-2:], dtype)
     return _with_kernel("point", functools.partial(_geodesic_point_xla, restore=restore), a, b, v, cs, coef, out=out)
+
+
+def not_finite(y) -> jax.Array:
+    """Per block ``[..., b, b] -> [...]``: whether it holds an inf or a NaN (the merges' "bad" flag)."""
+    return ~jnp.all(jnp.isfinite(y), axis=(-1, -2))
 
 
 def _with_kernel(kernel: str, xla, *args, out=None):
