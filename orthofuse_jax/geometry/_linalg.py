@@ -40,7 +40,7 @@ def solve_pd(a, b):
     LAPACK ``getrf`` + ``trsm`` at the merges' block sizes and, eliminating in double, 10x more
     accurate in float32; benchmarks/RESULTS.md) when it was built, for blocks up to
     :data:`NATIVE_MAX_BLOCK`. On CUDA GPUs it is a Pallas (Triton) Gauss-Jordan kernel for float32
-    blocks up to 64 (``geometry/_pallas.py``: 1.5-2.7x faster than cuBLAS' batched LU on an H100).
+    blocks up to 64 (``geometry/_pallas.py``: 1.5-2.4x faster than cuBLAS' batched LU on an H100).
     Elsewhere, for other dtypes or sizes, or with ``ORTHOFUSE_JAX_NATIVE=0``, it is
     ``jnp.linalg.solve``. Differentiable (forward and reverse) through ``lax.custom_linear_solve``,
     and safe under ``jit`` and ``vmap``.

@@ -1,14 +1,15 @@
 """A GPU kernel (Pallas on Triton) for the Cayley maps' small solves, without pivoting.
 
 On an H100, ``jnp.linalg.solve`` (cuBLAS batched ``getrf`` and two batched ``trsm``) is bound by
-its per-column steps over the whole batch, not by arithmetic: 2.0 ms for the 11,520 40x40 blocks
-of one SDXL stack, 0.29 ms for 1,920 20x20 ones (8x the flops for 7x the time). Every matrix the
+its per-column steps over the whole batch, not by arithmetic: 2.04 ms for the 11,520 40x40 blocks
+of one SDXL stack, 9x a matrix product of the same stack (0.22 ms) for about 1.3x its flops. Every matrix the
 Cayley maps solve against has a positive definite symmetric part (``I - S``, ``I - S^2 - c S``),
 so Gauss-Jordan elimination needs no pivoting, and one program of this kernel holds one block,
 padded to a power of two (the padding is the identity), and its right-hand side in registers:
 ``n`` steps of two masked reductions and a rank-one update, one read of each input and one write.
-Measured on an H100 (benchmarks/RESULTS.md): 1.31 ms for the 40x40 stack, 0.77 ms (against
-2.10 ms) for 4,480 64x64 blocks and 0.12 ms (0.29 ms) for the 20x20 one, with 2 warps.
+Measured on an H100 (benchmarks/RESULTS.md, session 7): 1.32 ms for the 40x40 stack, 0.86 ms
+(against 2.06 ms) for 4,480 64x64 blocks and 0.13 ms (0.24 ms) for the 20x20 one, with 2 warps:
+1.5-2.4x faster.
 
 :func:`orthofuse_jax.geometry._linalg.solve_pd` calls it on CUDA devices for float32 blocks up to
 :data:`MAX_BLOCK`; on the CPU (and in the tests) it runs in Pallas' interpreter.
