@@ -243,3 +243,14 @@ class _Jitted:
 
 
 J = _Jitted()
+
+
+def pd_system(rng, batch, n, m, scale):
+    """``(A, B)``: ``A = I - S + P`` with S skew of size ``scale`` and P small and PSD, so that A's
+    symmetric part is positive definite (the systems the Cayley maps solve, without pivoting),
+    and a right-hand side ``B [*batch, n, m]``; float64."""
+    x = rng.standard_normal((*batch, n, n))
+    s = scale * (x - np.swapaxes(x, -1, -2)) / np.sqrt(max(n, 1))
+    y = 0.3 * rng.standard_normal((*batch, n, n)) / np.sqrt(max(n, 1))
+    a = np.eye(n) - s + y @ np.swapaxes(y, -1, -2)
+    return a, rng.standard_normal((*batch, n, m))

@@ -21,15 +21,9 @@ from jax.test_util import check_grads
 from orthofuse_jax.geometry import _pallas, geodesic_path_cayley
 from orthofuse_jax.geometry._linalg import _no_pivot_solve, cayley_map, gpu_solver, solve_pd
 
+from .strategies import pd_system as _pd_system
+
 TRITON = "__gpu$xla.gpu.triton"
-
-
-def _pd_system(rng, batch, n, m, scale):
-    """``A = I - S + P``: S skew of size ``scale``, P small and PSD, so the symmetric part is positive definite."""
-    x = rng.standard_normal((*batch, n, n))
-    s = scale * (x - np.swapaxes(x, -1, -2)) / np.sqrt(n)
-    y = 0.3 * rng.standard_normal((*batch, n, n)) / np.sqrt(n)
-    return np.eye(n) - s + y @ np.swapaxes(y, -1, -2), rng.standard_normal((*batch, n, m))
 
 
 def _interpret(a, b):

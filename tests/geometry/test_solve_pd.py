@@ -20,14 +20,7 @@ from hypothesis import strategies as st
 from orthofuse_jax import _native
 from orthofuse_jax.geometry._linalg import solve_pd
 
-
-def _pd_system(rng, batch, n, m, scale):
-    """``A = I - S + P`` with S skew of size ``scale`` and a small PSD ``P``: a positive definite symmetric part."""
-    x = rng.standard_normal((*batch, n, n))
-    s = scale * (x - np.swapaxes(x, -1, -2)) / np.sqrt(max(n, 1))
-    y = 0.3 * rng.standard_normal((*batch, n, n)) / np.sqrt(max(n, 1))
-    a = np.eye(n) - s + y @ np.swapaxes(y, -1, -2)
-    return a, rng.standard_normal((*batch, n, m))
+from .strategies import pd_system as _pd_system
 
 
 def test_the_kernel_is_built_where_ci_runs():
