@@ -4,7 +4,9 @@
 and without one the install still succeeds and this module reports it missing) holds batched
 solves without pivoting for the Cayley maps (:func:`orthofuse_jax.geometry._linalg.solve_pd`)
 and the Cayley maps themselves, fused with the skew part and, for the fast merge, with its
-restoration (:func:`orthofuse_jax.geometry._linalg.cayley_map`).
+restoration (:func:`orthofuse_jax.geometry._linalg.cayley_map`), the points of a decomposed
+geodesic (:func:`orthofuse_jax.geometry._linalg.geodesic_point`), and the product-only exact merge
+(``orthofuse_jax.fusion.merge._geodesic_matmul``: float32 input gets float32 products).
 Set ``ORTHOFUSE_JAX_NATIVE=0`` to use jaxlib's LAPACK solve instead; it is read when a function
 is traced, so set it before the first merge (or call ``jax.clear_caches()``). A large call splits
 its blocks over the CPUs the process may run on (its affinity mask); ``ORTHOFUSE_JAX_THREADS=N``,
@@ -17,7 +19,7 @@ import ctypes
 import importlib.util
 import os
 
-_KERNELS = {"solve": "Solve", "cayley": "Cayley", "point": "Point"}
+_KERNELS = {"solve": "Solve", "cayley": "Cayley", "point": "Point", "geodesic": "Geodesic"}
 _DTYPES = {"float32": "F32", "float64": "F64"}
 _state: dict = {}
 
@@ -33,7 +35,7 @@ def _target_name(kernel: str, dtype: str) -> str:
 
 
 def target(kernel: str, dtype) -> str | None:
-    """The registered FFI target of ``kernel`` (``"solve"``, ``"cayley"``, ``"point"``) for ``dtype``, or None
+    """The registered FFI target of ``kernel`` (``"solve"``, ``"cayley"``, ``"point"``, ``"geodesic"``) for ``dtype``, or None
     (not built, disabled by ``ORTHOFUSE_JAX_NATIVE=0``, or another dtype)."""
     if not enabled():
         return None

@@ -16,7 +16,7 @@
 // 3e-8 from float64 for 64x64 Cayley blocks, where an all-float32 elimination (and LAPACK's
 // float32 solve, 3.4e-7) lose more.
 //
-// Three entry points:
+// Four entry points:
 //   orthofuse_solve_{f32,f64}(A, B) -> A^{-1} B
 //   orthofuse_cayley_{f32,f64}(X1, X2, C) -> (I - q S^2 - c S)^{-1} (I - q S^2 + c S) per block, and
 //     per block whether it holds an inf or a NaN (the merges' "bad" flag),
@@ -25,15 +25,21 @@
 //     two), from the raw inputs to the result in one pass.
 //   orthofuse_point_{f32,f64}(A, B, V, CS, C) -> a point of a decomposed geodesic with its polar
 //     step and, if C[..., 1] != 0, the curve_over_id restoration Cay(C[..., 0] Y) (PointBlocks).
+//   orthofuse_geodesic_{f32,f64}(X1, X2, C; log_coef, exp_coef, params) -> (Y, bad, ok): the exact
+//     merge with products only, U1 expm(t log(U1^T U2)) and its restoration, from the inputs to the
+//     result in one pass per block (GeodesicBlocks), C[..., 0:5] = (t, f, restore, orth1, orth2).
 //
 // Blocks are independent, so a large call splits its batch over the CPUs the process may run on
 // (ParallelFor; ORTHOFUSE_JAX_THREADS=N sets the number), in threads of its own: XLA's CPU pool is kept at
 // one thread (orthofuse_jax/_runtime.py), and these threads never call back into XLA.
 #include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
+#include <type_traits>
 #include <system_error>
 #include <thread>
 #include <vector>
@@ -69,6 +75,41 @@ ORTHOFUSE_INLINE vd Load(const double* p) {
 ORTHOFUSE_INLINE void Store(double* p, vd v) { std::memcpy(p, &v, sizeof(vd)); }
 ORTHOFUSE_INLINE vd Splat(double s) { return vd{} + s; }  // {s, s, ...} or s - vd{}: GCC builds it lane by lane
 ORTHOFUSE_INLINE int64_t Round8(int64_t n) { return (n + kW - 1) / kW * kW; }
+
+// The same for a generic element type (the geodesic kernel's products run in float for float32
+// input: 16 lanes per vector).
+template <typename T>
+struct Simd;
+template <>
+struct Simd<double> {
+  typedef vd V;
+  static constexpr int64_t kLanes = kW;
+};
+template <>
+struct Simd<float> {
+  typedef float V __attribute__((vector_size(64)));
+  static constexpr int64_t kLanes = 16;
+};
+template <typename T>
+using VecOf = typename Simd<T>::V;
+template <typename T>
+ORTHOFUSE_INLINE VecOf<T> LoadV(const T* p) {
+  VecOf<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename T>
+ORTHOFUSE_INLINE void StoreV(T* p, VecOf<T> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+template <typename T>
+ORTHOFUSE_INLINE VecOf<T> SplatV(T s) {
+  return VecOf<T>{} + s;
+}
+template <typename T>
+ORTHOFUSE_INLINE int64_t RoundLanes(int64_t n) {
+  return (n + Simd<T>::kLanes - 1) / Simd<T>::kLanes * Simd<T>::kLanes;
+}
 
 // Rows rows[0..R) of t (row length w) -= sum_p f[q][p] t[k0 + p], f[q][p] = t[rows[q]][k0 + p]:
 // one rank-kPanel update with the panel rows' vectors loaded once per R rows, over the columns
@@ -169,45 +210,100 @@ ORTHOFUSE_INLINE void GaussJordan(double* t, int64_t n, int64_t w) {
 }
 
 // c[i][:] = sum_k a[i][k] b[k][:] for n x n blocks stored row-major with row length np (a
-// multiple of kW, b's padding columns zero), in tiles of R rows x V vectors held in registers.
-template <int R, int V>
-ORTHOFUSE_INLINE void MulTile(const double* a, const double* b, double* c, int64_t i0, int64_t j0, int64_t n,
-                              int64_t np) {
-  vd acc[R][V];
+// multiple of the vector length, b's padding columns zero), in tiles of R rows x V vectors held
+// in registers; T is double or float.
+template <typename T, int R, int V>
+ORTHOFUSE_INLINE void MulTile(const T* a, const T* b, T* c, int64_t i0, int64_t j0, int64_t n, int64_t np) {
+  typedef VecOf<T> vt;
+  constexpr int64_t L = Simd<T>::kLanes;
+  vt acc[R][V];
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) acc[r][v] = vd{};
+    for (int v = 0; v < V; ++v) acc[r][v] = vt{};
   for (int64_t k = 0; k < n; ++k) {
-    vd bv[V];
-    for (int v = 0; v < V; ++v) bv[v] = Load(b + k * np + j0 + v * kW);
+    vt bv[V];
+    for (int v = 0; v < V; ++v) bv[v] = LoadV(b + k * np + j0 + v * L);
     for (int r = 0; r < R; ++r) {
-      const vd x = Splat(a[(i0 + r) * np + k]);
+      const vt x = SplatV(a[(i0 + r) * np + k]);
       for (int v = 0; v < V; ++v) acc[r][v] += x * bv[v];
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) Store(c + (i0 + r) * np + j0 + v * kW, acc[r][v]);
+    for (int v = 0; v < V; ++v) StoreV(c + (i0 + r) * np + j0 + v * L, acc[r][v]);
 }
 
-template <int R>
-ORTHOFUSE_INLINE void MulRows(const double* a, const double* b, double* c, int64_t i0, int64_t n, int64_t np) {
+template <typename T, int R>
+ORTHOFUSE_INLINE void MulRows(const T* a, const T* b, T* c, int64_t i0, int64_t n, int64_t np) {
+  constexpr int64_t L = Simd<T>::kLanes;
+  if (R == 4 && np == 5 * L) {  // double, n = 33..40 (the SDXL 40x40 blocks): one 4 x 5 tile, 20
+    MulTile<T, R, 5>(a, b, c, i0, 0, n, np);  // accumulators, where 4 + 1 vectors ran a broadcast-bound 4 x 1 tile
+    return;
+  }
   int64_t j = 0;
-  for (; j + 4 * kW <= np; j += 4 * kW) MulTile<R, 4>(a, b, c, i0, j, n, np);
-  switch ((np - j) / kW) {
-    case 3: MulTile<R, 3>(a, b, c, i0, j, n, np); break;
-    case 2: MulTile<R, 2>(a, b, c, i0, j, n, np); break;
-    case 1: MulTile<R, 1>(a, b, c, i0, j, n, np); break;
+  for (; j + 4 * L <= np; j += 4 * L) MulTile<T, R, 4>(a, b, c, i0, j, n, np);
+  switch ((np - j) / L) {
+    case 3: MulTile<T, R, 3>(a, b, c, i0, j, n, np); break;
+    case 2: MulTile<T, R, 2>(a, b, c, i0, j, n, np); break;
+    case 1: MulTile<T, R, 1>(a, b, c, i0, j, n, np); break;
     default: break;
   }
 }
 
-ORTHOFUSE_INLINE void Mul(const double* a, const double* b, double* c, int64_t n, int64_t np) {
+template <typename T>
+ORTHOFUSE_INLINE void Mul(const T* a, const T* b, T* c, int64_t n, int64_t np) {
   int64_t i = 0;
-  for (; i + 4 <= n; i += 4) MulRows<4>(a, b, c, i, n, np);
-  for (; i < n; ++i) MulRows<1>(a, b, c, i, n, np);
+  constexpr int64_t L = Simd<T>::kLanes;
+  if (np <= 3 * L) {  // rows of at most 3 vectors: tiles of 8 rows (up to 24 accumulators)
+    for (; i + 8 <= n; i += 8) {
+      if (np == 3 * L) MulTile<T, 8, 3>(a, b, c, i, 0, n, np);
+      else if (np == 2 * L) MulTile<T, 8, 2>(a, b, c, i, 0, n, np);
+      else MulTile<T, 8, 1>(a, b, c, i, 0, n, np);
+    }
+  }
+  for (; i + 4 <= n; i += 4) MulRows<T, 4>(a, b, c, i, n, np);
+  for (; i < n; ++i) MulRows<T, 1>(a, b, c, i, n, np);
 }
 
-// d = s^T (n x n, row length np).
-ORTHOFUSE_INLINE void Transpose(const double* s, double* d, int64_t n, int64_t np) {
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define ORTHOFUSE_SHUFFLE 1
+#endif
+#endif
+
+#ifdef ORTHOFUSE_SHUFFLE
+// The 8 x 8 tile at s (row length np) transposed into d, in registers: three rounds of two-input
+// shuffles (pairs, then pairs of pairs, then halves).
+ORTHOFUSE_INLINE void Transpose8(const double* s, double* d, int64_t np) {
+  vd r[8], u[8];
+  for (int i = 0; i < 8; ++i) r[i] = Load(s + i * np);
+  for (int i = 0; i < 8; i += 2) {
+    u[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 2, 10, 4, 12, 6, 14);
+    u[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+  }
+  for (int h = 0; h < 8; h += 4) {  // u[h + c] holds rows h..h+3 of columns c and c + 4 (c < 4)
+    r[h] = __builtin_shufflevector(u[h], u[h + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+    r[h + 2] = __builtin_shufflevector(u[h], u[h + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    r[h + 1] = __builtin_shufflevector(u[h + 1], u[h + 3], 0, 1, 8, 9, 4, 5, 12, 13);
+    r[h + 3] = __builtin_shufflevector(u[h + 1], u[h + 3], 2, 3, 10, 11, 6, 7, 14, 15);
+  }
+  for (int c = 0; c < 4; ++c) {
+    Store(d + c * np, __builtin_shufflevector(r[c], r[c + 4], 0, 1, 2, 3, 8, 9, 10, 11));
+    Store(d + (c + 4) * np, __builtin_shufflevector(r[c], r[c + 4], 4, 5, 6, 7, 12, 13, 14, 15));
+  }
+}
+#endif
+
+// d = s^T (n x n, row length np); for doubles in 8 x 8 tiles when n is a multiple of 8 (then np = n).
+template <typename T>
+ORTHOFUSE_INLINE void Transpose(const T* s, T* d, int64_t n, int64_t np) {
+#ifdef ORTHOFUSE_SHUFFLE
+  if constexpr (std::is_same<T, double>::value) {
+    if (n % kW == 0) {
+      for (int64_t i = 0; i < n; i += kW)
+        for (int64_t j = 0; j < n; j += kW) Transpose8(s + i * np + j, d + j * np + i, np);
+      return;
+    }
+  }
+#endif
   for (int64_t i = 0; i < n; ++i)
     for (int64_t j = 0; j < n; ++j) d[j * np + i] = s[i * np + j];
 }
@@ -416,6 +512,326 @@ ORTHOFUSE_INLINE void PointBlocks(const TIn* a, const TIn* b, const TIn* v, cons
   }
 }
 
+// Out-of-line products for the geodesic kernel, one copy per instruction set (target_clones
+// dispatch at load time): inlined at its ~30 call sites for two types and three instruction
+// sets, Mul's tiles made GCC's compile time explode.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define ORTHOFUSE_CLONES_EARLY __attribute__((target_clones("avx512f", "avx2", "default"), noinline))
+#else
+#define ORTHOFUSE_CLONES_EARLY __attribute__((noinline))
+#endif
+ORTHOFUSE_CLONES_EARLY void MulOut(const double* a, const double* b, double* c, int64_t n, int64_t np) {
+  Mul(a, b, c, n, np);
+}
+ORTHOFUSE_CLONES_EARLY void MulOut(const float* a, const float* b, float* c, int64_t n, int64_t np) {
+  Mul(a, b, c, n, np);
+}
+
+// ---- The exact merge with products only (orthofuse_jax.fusion.merge, algorithm "matmul") ----
+// Per block: U1 = Cay(X1), U2 = Cay(X2) (or the blocks themselves, if already orthogonal),
+// W = U1^T U2, X = log W by the interpolant of orthofuse_jax.geometry.polynomial.log_polynomial,
+// E = exp(t X) by its Taylor series with scaling and squaring (expm_skew_taylor; only the
+// squarings a block needs, where XLA's unrolled loop pays for all of them), Y = U1 E, then the
+// restoration: none, Cay(f/2 Y) (curve_over_id), or exp(f log Y).
+// The Cayley maps invert in double, as everywhere in this file. The products (16 of them, and
+// the exponential's squarings) run in the input's precision: float32 input gets 16-lane float
+// products, twice the double ones' rate, and then, like the XLA path, a Newton-Schulz polar
+// step after each exponential (two products); in double, Y is orthogonal to about 1e-11 (the
+// Taylor series) and that step is left out. The work space holds 3 double buffers and 11 of the
+// compute type (at n = 64 in float: 272 KB, the L2 cache). The coefficients come from Python (FFI
+// attributes): the polynomials are defined once, in polynomial.py.
+struct PolyParams {
+  const double* log_coef;  // arccos(c) / sin(arccos(c)) = sum_k log_coef[k] y^k, c = c0 + h0 y
+  int64_t log_terms;
+  const double* exp_coef;  // 1 / k!, k = 0 .. the Taylor degree
+  int64_t exp_terms;
+  double c0, h0, radius;
+  double lower;  // the smallest eigenvalue of Y = (sym(W) - c0 I) / h0 the interpolant accepts
+  int64_t max_squarings;
+};
+
+constexpr int kGeodesicBuffers = 11;  // of the compute type, and 3 of double
+
+// out = base + coef[0] I + sum_{0 < i < cnt} coef[i] baby[i] (base may be null: zero).
+template <typename T>
+ORTHOFUSE_INLINE void Combo(T* out, const T* base, const T* const* baby, const double* coef, int64_t cnt, int64_t n,
+                            int64_t np) {
+  const int64_t nn = n * np;
+  if (base != nullptr) {
+    for (int64_t k = 0; k < nn; ++k) out[k] = base[k];
+  } else {
+    for (int64_t k = 0; k < nn; ++k) out[k] = 0;
+  }
+  for (int64_t i = 1; i < cnt; ++i) {
+    const T c = static_cast<T>(coef[i]);
+    const T* b = baby[i];
+    for (int64_t k = 0; k < nn; ++k) out[k] += c * b[k];
+  }
+  for (int64_t i = 0; i < n; ++i) out[i * np + i] += static_cast<T>(coef[0]);
+}
+
+// h = sum_k coef[k] Y^k (terms coefficients) by Paterson-Stockmeyer: baby[i] = Y^i for 0 < i < m,
+// giant = Y^m, Horner in the giant step (polynomial._paterson_stockmeyer); tmp: scratch.
+template <typename T>
+ORTHOFUSE_INLINE void PatersonStockmeyer(const double* coef, int64_t terms, const T* const* baby, int64_t m,
+                                         const T* giant, T* h, T* tmp, int64_t n, int64_t np) {
+  const int64_t d = terms - 1, top = d / m;
+  Combo(h, static_cast<const T*>(nullptr), baby, coef + top * m, std::min<int64_t>(m, d - top * m + 1), n, np);
+  for (int64_t j = top - 1; j >= 0; --j) {
+    MulOut(h, giant, tmp, n, np);
+    Combo(h, static_cast<const T*>(tmp), baby, coef + j * m, m, n, np);
+  }
+}
+
+// The sum of squares of an n x np buffer, in vectors (a scalar sum is a chain of dependent adds,
+// which the compiler may not reorder), accumulated in double.
+template <typename T>
+ORTHOFUSE_INLINE double SumSquares(const T* a, int64_t n, int64_t np) {
+  typedef VecOf<T> vt;
+  constexpr int64_t L = Simd<T>::kLanes;
+  vt s0{}, s1{};
+  int64_t k = 0;
+  for (; k + 2 * L <= n * np; k += 2 * L) {
+    const vt v0 = LoadV(a + k), v1 = LoadV(a + k + L);
+    s0 += v0 * v0;
+    s1 += v1 * v1;
+  }
+  for (; k < n * np; k += L) {
+    const vt v = LoadV(a + k);
+    s0 += v * v;
+  }
+  s0 += s1;
+  double s = 0;
+  for (int64_t l = 0; l < L; ++l) s += s0[l];
+  return s;
+}
+
+// Whether an n x np buffer holds an inf or a NaN (v - v is 0 for every finite v).
+template <typename T>
+ORTHOFUSE_INLINE bool AnyNotFiniteT(const T* a, int64_t n, int64_t np) {
+  typedef VecOf<T> vt;
+  constexpr int64_t L = Simd<T>::kLanes;
+  vt acc{};
+  for (int64_t k = 0; k < n * np; k += L) {
+    const vt v = LoadV(a + k);
+    acc += v - v;
+  }
+  bool bad = false;
+  for (int64_t l = 0; l < L; ++l) bad |= !(acc[l] == 0);
+  return bad;
+}
+
+// Whether the symmetric a - lower I (n x np) is positive definite: Gaussian elimination without
+// pivoting (LDL^T), every pivot positive; a is overwritten. n^3 / 3 multiply-adds.
+template <typename T>
+ORTHOFUSE_INLINE bool AboveLower(T* a, double lower, int64_t n, int64_t np) {
+  for (int64_t i = 0; i < n; ++i) a[i * np + i] -= static_cast<T>(lower);
+  for (int64_t k = 0; k < n; ++k) {
+    const T p = a[k * np + k];
+    if (!(p > 0)) return false;  // also NaN
+    const T inv = 1 / p;
+    const T* rk = a + k * np;
+    for (int64_t i = k + 1; i < n; ++i) {
+      T* ri = a + i * np;
+      const T f = ri[k] * inv;
+      for (int64_t j = k + 1; j < n; ++j) ri[j] -= f * rk[j];
+    }
+  }
+  return true;
+}
+
+// x = log w for an orthogonal block w (polynomial.log_polynomial); false where the interpolant
+// does not apply (a rotation angle above about 2.4 rad, or an inf / NaN). s: 7 scratch buffers.
+template <typename T>
+ORTHOFUSE_INLINE bool LogBlock(const T* w, T* x, T* const* s, const PolyParams& pp, int64_t n, int64_t np) {
+  T *y1 = s[0], *y2 = s[1], *y3 = s[2], *y4 = s[3], *k = s[4], *h = s[5], *tmp = s[6];
+  const int64_t nn = n * np;
+  Transpose(w, tmp, n, np);
+  const T inv_h0 = static_cast<T>(1.0 / pp.h0), half = static_cast<T>(0.5);
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t j = 0; j < n; ++j) {
+      const T a = w[i * np + j], b = tmp[i * np + j];
+      y1[i * np + j] = half * (a + b) * inv_h0;
+      k[i * np + j] = half * (a - b);
+    }
+    for (int64_t j = n; j < np; ++j) y1[i * np + j] = k[i * np + j] = 0;
+  }
+  for (int64_t i = 0; i < n; ++i) y1[i * np + i] -= static_cast<T>(pp.c0 / pp.h0);
+  // The interpolant holds on the eigenvalues of Y in [pp.lower, 1] (W orthogonal: none above 1).
+  // XLA checks ||T_16(Y)||_F^2 <= n (which bounds them to within ~0.013 of [-1, 1], with two
+  // products); here the smallest eigenvalue itself, by an LDL^T factorization of Y - lower I.
+  std::memcpy(tmp, y1, sizeof(T) * nn);
+  if (AnyNotFiniteT(w, n, np) || !AboveLower(tmp, pp.lower, n, np)) return false;
+  MulOut(y1, y1, y2, n, np);
+  MulOut(y2, y1, y3, n, np);
+  MulOut(y2, y2, y4, n, np);
+  const T* baby[4] = {nullptr, y1, y2, y3};
+  PatersonStockmeyer(pp.log_coef, pp.log_terms, baby, 4, static_cast<const T*>(y4), h, tmp, n, np);
+  MulOut(k, h, tmp, n, np);
+  Transpose(tmp, y1, n, np);
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t j = 0; j < n; ++j) x[i * np + j] = half * (tmp[i * np + j] - y1[i * np + j]);
+    for (int64_t j = n; j < np; ++j) x[i * np + j] = 0;
+  }
+  return true;
+}
+
+// e = exp(x) for a skew block x (overwritten by its scaled copy), as polynomial._expm_taylor_with_ok:
+// false where more than max_squarings squarings would be needed. s: 3 scratch buffers.
+template <typename T>
+ORTHOFUSE_INLINE bool ExpBlock(T* x, T* e, T* const* s, const PolyParams& pp, int64_t n, int64_t np) {
+  T *x2 = s[0], *x3 = s[1], *tmp = s[2];
+  const int64_t nn = n * np;
+  MulOut(x, x, x2, n, np);
+  // ||X||_2^2 = ||X^2||_2 <= ||X^2||_F / sqrt(2)
+  const double bound = std::sqrt(std::sqrt(SumSquares(x2, n, np) / 2.0));
+  const double need = std::max(std::ceil(std::log2(bound / pp.radius)), 0.0);
+  if (!(need <= static_cast<double>(pp.max_squarings))) return false;  // also NaN
+  const int sq = static_cast<int>(need);
+  const T scale = static_cast<T>(std::ldexp(1.0, -sq)), scale2 = scale * scale;  // powers of two: exact
+  for (int64_t i = 0; i < nn; ++i) {
+    x[i] *= scale;
+    x2[i] *= scale2;
+  }
+  MulOut(x2, x, x3, n, np);
+  const T* baby[3] = {nullptr, x, x2};
+  PatersonStockmeyer(pp.exp_coef, pp.exp_terms, baby, 3, static_cast<const T*>(x3), e, tmp, n, np);
+  T *cur = e, *nxt = tmp;
+  for (int i = 0; i < sq; ++i) {
+    MulOut(cur, cur, nxt, n, np);
+    std::swap(cur, nxt);
+  }
+  if (cur != e) std::memcpy(e, cur, sizeof(T) * nn);
+  return true;
+}
+
+// out = y (3 I - y^T y) / 2, one Newton-Schulz step towards the polar factor (spectral._polar_step);
+// s: 2 scratch buffers.
+template <typename T>
+ORTHOFUSE_INLINE void PolarBlock(const T* y, T* out, T* const* s, int64_t n, int64_t np) {
+  T *yt = s[0], *q = s[1];
+  Transpose(y, yt, n, np);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = n; j < np; ++j) yt[i * np + j] = 0;
+  MulOut(yt, y, q, n, np);
+  for (int64_t i = 0; i < n * np; ++i) q[i] = -q[i];
+  for (int64_t i = 0; i < n; ++i) q[i * np + i] += 3;
+  MulOut(y, q, out, n, np);
+  for (int64_t i = 0; i < n * np; ++i) out[i] *= static_cast<T>(0.5);
+}
+
+// t <- I - c (t - t^T) / 2 (IMinusSkew) through the transpose in scratch: whole rows, vectorized
+// where the transpose is. An inf or NaN on the diagonal poisons the block (inf - inf), as in the
+// XLA formula.
+ORTHOFUSE_INLINE void IMinusSkewVia(double* t, double* scratch, double c, int64_t n, int64_t np) {
+  Transpose(t, scratch, n, np);
+  const double h = -0.5 * c;
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t j = 0; j < n; ++j) t[i * np + j] = h * (t[i * np + j] - scratch[i * np + j]);
+    for (int64_t j = n; j < np; ++j) t[i * np + j] = 0;
+  }
+  for (int64_t i = 0; i < n; ++i) t[i * np + i] += 1;
+}
+
+// t <- Cay(t) = 2 (I - skew(t))^{-1} - I in place (scratch: one buffer).
+ORTHOFUSE_INLINE void CayleyInPlace(double* t, double* scratch, int64_t n, int64_t np) {
+  IMinusSkewVia(t, scratch, 1.0, n, np);
+  GaussJordan<true>(t, n, np);
+  for (int64_t i = 0; i < n * np; ++i) t[i] *= 2;
+  for (int64_t i = 0; i < n; ++i) t[i * np + i] -= 1;
+}
+
+// d (n x nd, padding zero) = s (n x ns), converted.
+template <typename TD, typename TS>
+ORTHOFUSE_INLINE void CopyBlock(const TS* s, int64_t ns, TD* d, int64_t nd, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t j = 0; j < n; ++j) d[i * nd + j] = static_cast<TD>(s[i * ns + j]);
+    for (int64_t j = n; j < nd; ++j) d[i * nd + j] = 0;
+  }
+}
+
+// coef[5 g .. 5 g + 5) = (t, f, restore, orthogonal1, orthogonal2); restore 0: none, 1: Cay(f/2 Y),
+// 2: exp(f log Y). ok[g] False: the products-only path declined the block (its y is NaN, the
+// caller redoes it with eigh); bad[g]: the result holds an inf or a NaN. T: the input's type, in
+// which the products run.
+template <typename T>
+ORTHOFUSE_INLINE void GeodesicBlocks(const T* x1, const T* x2, const T* coef, T* y, bool* bad, bool* ok,
+                                     int64_t batch, int64_t n, const PolyParams& pp, double* work) {
+  constexpr bool kPolar = !std::is_same<T, double>::value;
+  const int64_t np = Round8(n), nq = RoundLanes<T>(n), nn = n * nq;
+  double* ud = work;  // the double buffers: the Cayley maps' inversions
+  double* vd2 = ud + n * np;
+  double* sd = vd2 + n * np;
+  T* u = reinterpret_cast<T*>(sd + n * np);  // the compute-type buffers (n * nq * sizeof(T): a multiple of 64 bytes)
+  T* v = u + nn;
+  T* w = v + nn;
+  T* r = w + nn;
+  T* s[7];
+  for (int i = 0; i < 7; ++i) s[i] = r + (i + 1) * nn;
+  for (int64_t g = 0; g < batch; ++g) {
+    const T* c = coef + 5 * g;
+    const double t = c[0], f = c[1];
+    const int restore = static_cast<int>(c[2]);
+    CopyBlock(x1 + g * n * n, n, ud, np, n);
+    CopyBlock(x2 + g * n * n, n, vd2, np, n);
+    if (c[3] == 0) CayleyInPlace(ud, sd, n, np);
+    if (c[4] == 0) CayleyInPlace(vd2, sd, n, np);
+    CopyBlock(ud, np, u, nq, n);
+    CopyBlock(vd2, np, v, nq, n);
+    Transpose(u, s[0], n, nq);
+    MulOut(s[0], v, w, n, nq);  // W = U1^T U2 (s[0]'s padding columns are never read)
+    bool good = LogBlock(w, v, s, pp, n, nq);  // v = log W
+    if (good) {
+      for (int64_t i = 0; i < nn; ++i) v[i] *= static_cast<T>(t);
+      good = ExpBlock(v, w, s, pp, n, nq);  // w = exp(t log W)
+    }
+    const T* out = r;
+    if (good) {
+      if (kPolar) {
+        MulOut(u, w, s[2], n, nq);
+        PolarBlock(s[2], r, s, n, nq);  // r = the geodesic's point
+      } else {
+        MulOut(u, w, r, n, nq);  // orthogonal to double round-off: no polar step
+      }
+      if (restore == 1) {
+        CopyBlock(r, nq, ud, np, n);
+        IMinusSkewVia(ud, sd, 0.5 * f, n, np);
+        GaussJordan<true>(ud, n, np);  // Cay(f/2 Y) = 2 ud - I
+        for (int64_t i = 0; i < n * np; ++i) ud[i] *= 2;
+        for (int64_t i = 0; i < n; ++i) ud[i * np + i] -= 1;
+      } else if (restore == 2) {
+        good = LogBlock(static_cast<const T*>(r), v, s, pp, n, nq);
+        if (good) {
+          for (int64_t i = 0; i < nn; ++i) v[i] *= static_cast<T>(f);
+          good = ExpBlock(v, w, s, pp, n, nq);
+        }
+        if (good && kPolar) PolarBlock(static_cast<const T*>(w), r, s, n, nq);
+        if (good && !kPolar) std::memcpy(r, w, sizeof(T) * nn);
+      }
+    }
+    ok[g] = good;
+    T* yg = y + g * n * n;
+    if (!good) {
+      bad[g] = true;
+      for (int64_t i = 0; i < n * n; ++i) yg[i] = std::numeric_limits<T>::quiet_NaN();
+    } else if (restore == 1) {
+      bad[g] = AnyNotFinite(ud, n, np);
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t j = 0; j < n; ++j) yg[i * n + j] = static_cast<T>(ud[i * np + j]);
+    } else {
+      bad[g] = AnyNotFiniteT(out, n, nq);
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t j = 0; j < n; ++j) yg[i * n + j] = out[i * nq + j];
+    }
+  }
+}
+
+// Doubles of work space for the geodesic kernel's n x n blocks of T.
+template <typename T>
+size_t GeodesicWorkspace(int64_t n) {
+  return static_cast<size_t>(3 * n * Round8(n) + (kGeodesicBuffers * n * RoundLanes<T>(n) * sizeof(T) + 7) / 8);
+}
+
 // One copy per instruction set, picked at load time (x86-64 with GCC or Clang).
 #if defined(__x86_64__) && defined(__GNUC__)
 #define ORTHOFUSE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -570,6 +986,65 @@ ffi::Error PointF64Impl(ffi::Buffer<ffi::F64> a, ffi::Buffer<ffi::F64> b, ffi::B
   return Point<ffi::F64, double>(a, b, v, cs, coef, y, PointF64);
 }
 
+
+ORTHOFUSE_CLONES void GeodesicF32(const float* x1, const float* x2, const float* coef, float* y, bool* bad, bool* ok,
+                                  int64_t batch, int64_t n, const PolyParams& pp, double* work) {
+  GeodesicBlocks<float>(x1, x2, coef, y, bad, ok, batch, n, pp, work);
+}
+
+ORTHOFUSE_CLONES void GeodesicF64(const double* x1, const double* x2, const double* coef, double* y, bool* bad,
+                                  bool* ok, int64_t batch, int64_t n, const PolyParams& pp, double* work) {
+  GeodesicBlocks<double>(x1, x2, coef, y, bad, ok, batch, n, pp, work);
+}
+
+template <ffi::DataType DT, typename TIn>
+ffi::Error Geodesic(ffi::Buffer<DT> x1, ffi::Buffer<DT> x2, ffi::Buffer<DT> coef, ffi::Span<const double> log_coef,
+                    ffi::Span<const double> exp_coef, ffi::Span<const double> params, ffi::ResultBuffer<DT> y,
+                    ffi::ResultBuffer<ffi::PRED> bad, ffi::ResultBuffer<ffi::PRED> ok,
+                    void (*kernel)(const TIn*, const TIn*, const TIn*, TIn*, bool*, bool*, int64_t, int64_t,
+                                   const PolyParams&, double*)) {
+  auto d1 = x1.dimensions();
+  auto d2 = x2.dimensions();
+  auto dc = coef.dimensions();
+  const size_t rank = d1.size();
+  const char* shapes = "orthofuse_geodesic: x1, x2 [..., n, n] and coef [..., 5] needed";
+  if (rank < 2 || d2.size() != rank || dc.size() != rank - 1) return ffi::Error::InvalidArgument(shapes);
+  const int64_t n = d1[rank - 1];
+  if (d1[rank - 2] != n || d2[rank - 2] != n || d2[rank - 1] != n || dc[rank - 2] != 5)
+    return ffi::Error::InvalidArgument(shapes);
+  if (log_coef.size() < 1 || exp_coef.size() < 1 || params.size() != 5)
+    return ffi::Error::InvalidArgument("orthofuse_geodesic: log_coef, exp_coef and params [5] needed");
+  int64_t batch = 1;
+  for (size_t i = 0; i + 2 < rank; ++i) {
+    if (d1[i] != d2[i] || d1[i] != dc[i]) return ffi::Error::InvalidArgument("orthofuse_geodesic: batch shapes differ");
+    batch *= d1[i];
+  }
+  if (batch == 0 || n == 0) return ffi::Error::Success();
+  const PolyParams pp{log_coef.begin(), static_cast<int64_t>(log_coef.size()), exp_coef.begin(),
+                      static_cast<int64_t>(exp_coef.size()), params[0], params[1], params[2], params[3],
+                      static_cast<int64_t>(params[4])};
+  ParallelFor(batch, 12 * n * n * n, [&](int64_t begin, int64_t end) {
+    kernel(x1.typed_data() + begin * n * n, x2.typed_data() + begin * n * n, coef.typed_data() + 5 * begin,
+           y->typed_data() + begin * n * n, bad->typed_data() + begin, ok->typed_data() + begin, end - begin, n, pp,
+           Workspace(GeodesicWorkspace<TIn>(n)));
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error GeodesicF32Impl(ffi::Buffer<ffi::F32> x1, ffi::Buffer<ffi::F32> x2, ffi::Buffer<ffi::F32> c,
+                           ffi::Span<const double> log_coef, ffi::Span<const double> exp_coef,
+                           ffi::Span<const double> params, ffi::ResultBuffer<ffi::F32> y,
+                           ffi::ResultBuffer<ffi::PRED> bad, ffi::ResultBuffer<ffi::PRED> ok) {
+  return Geodesic<ffi::F32, float>(x1, x2, c, log_coef, exp_coef, params, y, bad, ok, GeodesicF32);
+}
+
+ffi::Error GeodesicF64Impl(ffi::Buffer<ffi::F64> x1, ffi::Buffer<ffi::F64> x2, ffi::Buffer<ffi::F64> c,
+                           ffi::Span<const double> log_coef, ffi::Span<const double> exp_coef,
+                           ffi::Span<const double> params, ffi::ResultBuffer<ffi::F64> y,
+                           ffi::ResultBuffer<ffi::PRED> bad, ffi::ResultBuffer<ffi::PRED> ok) {
+  return Geodesic<ffi::F64, double>(x1, x2, c, log_coef, exp_coef, params, y, bad, ok, GeodesicF64);
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OrthofuseSolveF32, SolveF32Impl,
@@ -617,3 +1092,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(OrthofusePointF64, PointF64Impl,
                                   .Arg<ffi::Buffer<ffi::F64>>()
                                   .Arg<ffi::Buffer<ffi::F64>>()
                                   .Ret<ffi::Buffer<ffi::F64>>());
+
+#define ORTHOFUSE_GEODESIC_BINDING(DT)                       \
+  ffi::Ffi::Bind()                                           \
+      .Arg<ffi::Buffer<DT>>()                                \
+      .Arg<ffi::Buffer<DT>>()                                \
+      .Arg<ffi::Buffer<DT>>()                                \
+      .Attr<ffi::Span<const double>>("log_coef")             \
+      .Attr<ffi::Span<const double>>("exp_coef")             \
+      .Attr<ffi::Span<const double>>("params")               \
+      .Ret<ffi::Buffer<DT>>()                                \
+      .Ret<ffi::Buffer<ffi::PRED>>()                         \
+      .Ret<ffi::Buffer<ffi::PRED>>()
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OrthofuseGeodesicF32, GeodesicF32Impl, ORTHOFUSE_GEODESIC_BINDING(ffi::F32));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OrthofuseGeodesicF64, GeodesicF64Impl, ORTHOFUSE_GEODESIC_BINDING(ffi::F64));

@@ -58,9 +58,9 @@ from ..geometry import (
     skew,
     spectral_map_with_flag,
 )
-from ..geometry._linalg import cayley_map, mm, native_target, not_finite
+from ..geometry._linalg import _with_kernel, cayley_map, mm, native_target, not_finite
 from ..geometry._types import Array, Block, Bool, Float
-from ..geometry.polynomial import _expm_taylor_with_ok, log_polynomial
+from ..geometry.polynomial import _expm_taylor_with_ok, kernel_attributes, log_polynomial
 from ..geometry.spectral import _polar_step
 from .adapter import GSAdapter, LayerStack, check_compatible, to_orthogonal
 from .karcher import cayley_mean_blocks, karcher_mean_blocks_with_flag
@@ -215,26 +215,58 @@ class _MatmulPath:
         return _polar_step(mm(self.start, e)), self.ok & ok
 
 
-def _pair_point(x1, x2, t, path, *, method, restore, alpha, angle_tol, algorithm):
-    """``(Y, bad, ok)`` at one t; ``ok`` (product-only path applies) is all True for ``eigh``."""
+def _pair_point(x1, x2, t, path, *, f, method, restore, angle_tol, algorithm):
+    """``(Y, bad, ok)`` at one t, ``f`` the restoration factor there; ``ok`` (product-only path
+    applies) is all True for ``eigh``."""
     if method == "cayley" and restore == "cayley":
         # Cay(eta Cay(S)), S = (1 - t) skew(A1) + t skew(A2), in one pass (cayley_restored)
         t = jnp.asarray(t, x1.dtype)
-        y, bad = cayley_map(x1, x2, c1=1.0 - t, c2=t, c=restoration_factor(t, alpha), square=True, with_flag=True)
+        y, bad = cayley_map(x1, x2, c1=1.0 - t, c2=t, c=f, square=True, with_flag=True)
         return y, bad, jnp.ones(y.shape[:-2], bool)
     if method == "geodesic" and algorithm == "matmul":
         y, ok = path.at(t)
         bad = not_finite(y) & ok
     elif method == "geodesic" and restore == "cayley":  # the point and curve_over_id in one pass
-        y = path.at_restored(t, 0.5 * restoration_factor(jnp.asarray(t, x1.dtype), alpha))
+        y = path.at_restored(t, 0.5 * jnp.asarray(f, x1.dtype))
         return y, path.bad | not_finite(y), jnp.ones(y.shape[:-2], bool)
     elif method == "geodesic":
         y, bad, ok = path.at(t), path.bad, True
     else:
         y, ok = cayley_space_blocks(x1, x2, t), True
         bad = not_finite(y)
-    y, bad2, ok2 = _restore_with_flag(y, restoration_factor(t, alpha), restore, angle_tol, algorithm)
+    y, bad2, ok2 = _restore_with_flag(y, f, restore, angle_tol, algorithm)
     return y, bad | bad2, ok & ok2
+
+
+_RESTORE_CODES = {"none": 0, "cayley": 1, "exact": 2}
+
+
+def _geodesic_matmul(x1, x2, t, f, *, restore, orthogonal):
+    """``(Y, bad, ok)`` of the product-only exact merge at ``t`` with restoration factor ``f``:
+    ``U1 expm(t log(U1^T U2))`` (:class:`_MatmulPath`), then ``restore``.
+
+    On the CPU with the compiled kernels this is one pass per block in double
+    (``orthofuse_jax/_native/solve.cc``, ``GeodesicBlocks``: the Cayley maps, the log interpolant
+    and its check, the exponential with only the squarings a block needs, the polar step and the
+    restoration), its blocks split over the process's CPUs; elsewhere, and for derivatives, the
+    XLA composition (:func:`_pair_point`), with the same ``ok`` rule.
+    """
+    dtype = x1.dtype
+    batch = jnp.broadcast_shapes(x1.shape[:-2], x2.shape[:-2], jnp.shape(t), jnp.shape(f))
+    x1 = jnp.broadcast_to(x1, batch + x1.shape[-2:])
+    x2 = jnp.broadcast_to(x2, batch + x2.shape[-2:])
+    flags = (_RESTORE_CODES[restore], float(orthogonal[0]), float(orthogonal[1]))
+    coef = jnp.stack([jnp.broadcast_to(jnp.asarray(v, dtype), batch) for v in (t, f, *flags)], axis=-1)
+
+    def xla(x1, x2, coef):
+        x1, x2, path = _inputs_and_path(x1, x2, method="geodesic", angle_tol=DEFAULT_ANGLE_TOL,
+                                        orthogonal=orthogonal, algorithm="matmul")
+        return _pair_point(x1, x2, coef[..., 0], path, f=coef[..., 1], method="geodesic", restore=restore,
+                           angle_tol=DEFAULT_ANGLE_TOL, algorithm="matmul")
+
+    out = (jax.ShapeDtypeStruct(x1.shape, dtype), jax.ShapeDtypeStruct(batch, jnp.bool_),
+           jax.ShapeDtypeStruct(batch, jnp.bool_))
+    return _with_kernel("geodesic", xla, x1, x2, coef, out=out, attrs=kernel_attributes(_MATMUL_SQUARINGS))
 
 
 _CPU_CHUNK_BYTES = 1 * 2**20
@@ -277,9 +309,12 @@ def _inputs_and_path(x1, x2, *, method, angle_tol, orthogonal, algorithm):
 
 
 def _pair_blocks(x1, x2, t, alpha, *, method, restore, angle_tol, orthogonal, algorithm):
+    f = restoration_factor(jnp.asarray(t, x1.dtype), alpha)
+    if method == "geodesic" and algorithm == "matmul":
+        return _geodesic_matmul(x1, x2, t, f, restore=restore, orthogonal=orthogonal)
     x1, x2, path = _inputs_and_path(x1, x2, method=method, angle_tol=angle_tol, orthogonal=orthogonal,
                                     algorithm=algorithm)
-    return _pair_point(x1, x2, t, path, method=method, restore=restore, alpha=alpha, angle_tol=angle_tol,
+    return _pair_point(x1, x2, t, path, f=f, method=method, restore=restore, angle_tol=angle_tol,
                        algorithm=algorithm)
 
 
@@ -296,7 +331,7 @@ def _sweep_blocks(x1, x2, ts, alpha, *, method, restore, angle_tol, orthogonal, 
     if method == "cayley":
         x1, x2 = skew(x1), skew(x2)
     point = functools.partial(_pair_point, method=method, restore=restore, angle_tol=angle_tol, algorithm=algorithm)
-    y, bad, ok = jax.vmap(lambda t: point(x1, x2, t, path, alpha=alpha))(ts)
+    y, bad, ok = jax.vmap(lambda t: point(x1, x2, t, path, f=restoration_factor(t, alpha)))(ts)
     return y, bad, jnp.broadcast_to(ok, bad.shape)
 
 
@@ -405,10 +440,10 @@ def _pair_or_sweep(x1, x2, t, alpha, *, sweep: bool, **options):
     kernel call, or on concrete CPU stacks a chunked loop (:func:`_chunk_size`) sized so that a
     chunk's outputs for all t stay near ``_CPU_CHUNK_BYTES`` (a merge's: ``_CPU_MERGE_CHUNK_BYTES``).
 
-    The fast merge of two raw-parameter stacks with its restoration is one pass of the compiled
-    kernel per block (:func:`~orthofuse_jax.geometry._linalg.cayley_map`), with no temporaries to
-    keep in cache: it runs on the whole stack (a 0.5 MB chunk loop cost 20-25% more, in dispatch
-    and slicing).
+    The fast merge of two raw-parameter stacks with its restoration, and the product-only exact
+    merge (:func:`_geodesic_matmul`), are one pass of a compiled kernel per block, with no
+    temporaries to keep in cache: they run on the whole stack (a 0.5 MB chunk loop cost 20-25% more,
+    in dispatch and slicing).
 
     Concrete stacks leave blocks the product-only path declined to the caller
     (:func:`_fill_declined`); traced ones redo them inside the kernel (``jax.lax.cond``).
@@ -418,8 +453,10 @@ def _pair_or_sweep(x1, x2, t, alpha, *, sweep: bool, **options):
     n_t = t.shape[0] if sweep else 1
     budget = _CPU_CHUNK_BYTES // n_t if sweep and n_t else _CPU_MERGE_CHUNK_BYTES
     min_blocks = 1 if sweep else _CPU_MIN_CHUNK_BLOCKS
-    one_pass = (not sweep and (options["method"], options["restore"]) == ("cayley", "cayley")
-                and not any(options["orthogonal"]) and native_target("cayley", x1.dtype, x1.shape[-1]) is not None)
+    fast = (options["method"], options["restore"]) == ("cayley", "cayley") and not any(options["orthogonal"])
+    exact = (options["method"], options["algorithm"]) == ("geodesic", "matmul")
+    kernel = "cayley" if fast else "geodesic" if exact else None
+    one_pass = not sweep and kernel is not None and native_target(kernel, x1.dtype, x1.shape[-1]) is not None
     chunk = _chunk_size(x1, max(1, budget), min_blocks) if n_t and concrete and not one_pass else None
     if chunk is not None:
         return _run_chunked(x1, x2, t, alpha, chunk, sweep=sweep, **options)
@@ -629,7 +666,9 @@ def merge(
         angle above 2.4 rad), ``"eigh"`` (the spectral formula) or ``"auto"`` (``"matmul"`` for
         float32, ``"eigh"`` for float64: the polynomial is exact to float32 round-off, ~1e-8).
         ``"matmul"`` is faster, most of all on GPUs (no batched ``eigh``, no host round trip in
-        an eager merge). Declined blocks are redone with ``eigh`` after every stack was
+        an eager merge); on the CPU, with the compiled kernels built, the whole two-adapter
+        merge is one pass per block (``_geodesic_matmul``, float32 products for float32 input,
+        its blocks split over the process's CPUs). Declined blocks are redone with ``eigh`` after every stack was
         dispatched (under ``jit``: inside the program, by ``jax.lax.cond``); the first call that
         meets one compiles that ``eigh`` kernel for the stack's shape, once.
       weight_tol: tolerance of the ``sum(weights) == 1`` check.

@@ -161,9 +161,9 @@ def not_finite(y) -> jax.Array:
     return ~jnp.all(jnp.isfinite(y), axis=(-1, -2))
 
 
-def _with_kernel(kernel: str, xla, *args, out=None):
-    """``xla(*args)``, or on the CPU the compiled ``kernel`` (same arguments, outputs ``out``, by
-    default one shaped like ``args[0]``) when it is built, every argument has one dtype and blocks are at most
+def _with_kernel(kernel: str, xla, *args, out=None, attrs=None):
+    """``xla(*args)``, or on the CPU the compiled ``kernel`` (same arguments and the FFI attributes
+    ``attrs``, outputs ``out``, by default one shaped like ``args[0]``) when it is built, every argument has one dtype and blocks are at most
     :data:`NATIVE_MAX_BLOCK`. Derivatives are ``xla``'s (``jax.custom_jvp``; a boolean output has
     none); ``vmap`` broadcasts the arguments to one batch shape."""
     dtype = args[0].dtype
@@ -175,7 +175,7 @@ def _with_kernel(kernel: str, xla, *args, out=None):
 
     @jax.custom_jvp
     def native(*args):
-        res = call(*args)
+        res = call(*args, **(attrs or {}))
         return tuple(res) if isinstance(out, tuple) else res
 
     @native.defjvp

@@ -44,6 +44,9 @@ _DEGREE = 23
 _MARGIN = 0.02  # the fit covers y in [-1 - _MARGIN, 1]; the T_16 check admits at most ~0.013
 _TAYLOR = 10
 _TAYLOR_RADIUS = 0.5  # Taylor error (1/2)^11 / 11! ~ 1e-11 relative
+_KERNEL_LOWER = -1.0 - 0.75 * _MARGIN
+"""The compiled CPU kernel checks the smallest eigenvalue of ``Y`` directly (an LDL^T factorization
+of ``Y - _KERNEL_LOWER I``), against ``-1.015``: within the fit's [-1.02, 1], like the T_16 bound."""
 
 
 def _log_coefficients() -> tuple[tuple[float, ...], float, float]:
@@ -62,6 +65,15 @@ def _log_coefficients() -> tuple[tuple[float, ...], float, float]:
 
 
 _LOG_A, _C0, _H0 = _log_coefficients()
+_EXP_A = tuple(float(1.0 / f) for f in np.cumprod([1.0, *range(1, _TAYLOR + 1)]))  # 1 / k!
+
+
+def kernel_attributes(max_squarings: int) -> dict[str, np.ndarray]:
+    """The log interpolant and the exponential's Taylor series as the compiled CPU kernel's
+    attributes (``orthofuse_jax/_native/solve.cc``, ``PolyParams``): the polynomials are defined here only."""
+    params = [_C0, _H0, _TAYLOR_RADIUS, _KERNEL_LOWER, float(max_squarings)]
+    return {"log_coef": np.asarray(_LOG_A, np.float64), "exp_coef": np.asarray(_EXP_A, np.float64),
+            "params": np.asarray(params, np.float64)}
 
 
 def _paterson_stockmeyer(coef, baby: list[Array], giant: Array) -> Array:
@@ -130,8 +142,7 @@ def _expm_taylor_with_ok(a: Block, max_squarings: int) -> tuple[Block, Bool[Arra
     scale = jnp.exp2(-s)[..., None, None]  # a power of two: the scaling itself is exact
     x, x2 = x * scale, x2 * (scale * scale)
     x3 = mm(x2, x)
-    fact = np.cumprod([1.0, *range(1, _TAYLOR + 1)])
-    e = _paterson_stockmeyer(tuple(float(1.0 / f) for f in fact), [eye, x, x2], x3)
+    e = _paterson_stockmeyer(_EXP_A, [eye, x, x2], x3)
     for i in range(max_squarings):  # unrolled: a data-dependent loop would sync with the host on a GPU
         e = jnp.where((i < s)[..., None, None], mm(e, e), e)
     return e, ok

@@ -571,9 +571,10 @@ def test_chunked_merge_equals_whole_stack(chunk_calls, method, restore, blocks_p
         block_bytes = min(s.b for s in a1.stacks.values()) ** 2 * np.dtype(dtype).itemsize
         calls = chunk_calls(blocks_per_chunk * block_bytes)
         chunked = merge([a1, a2], t=0.3, method=method, restore=restore, algorithm=algorithm)
-        # the stacks really were chunked, except for the fast merge of raw parameters, which is
-        # one pass of the compiled kernel over the whole stack
-        one_pass = (method, restore) == ("cayley", "cayley") and not a2.orthogonal and _native_built()
+        # the stacks really were chunked, except for the fast merge of raw parameters and the
+        # product-only exact merge, which are one pass of a compiled kernel over the whole stack
+        fast = (method, restore) == ("cayley", "cayley") and not a2.orthogonal
+        one_pass = (fast or (method, algorithm) == ("geodesic", "matmul")) and _native_built()
         assert bool(calls) != one_pass
         for key, s in whole.stacks.items():
             for got, want in ((chunked.stacks[key].L, s.L), (chunked.stacks[key].R, s.R)):

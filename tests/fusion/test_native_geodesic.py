@@ -1,0 +1,165 @@
+"""The product-only exact merge as one compiled pass per block (``solve.cc``, ``GeodesicBlocks``).
+
+``merge(..., method="geodesic", algorithm="matmul")`` (what ``"auto"`` picks for float32) runs,
+on the CPU, the Cayley maps, ``log(U1^T U2)`` by the interpolant, ``exp(t X)``, ``U1 E`` and the
+restoration in one kernel call per stack (:func:`orthofuse_jax.fusion.merge._geodesic_matmul`).
+Checked against scipy's float64 ``logm``/``expm`` and LAPACK solves (never against itself): block
+sizes 1-70 (partial SIMD vectors of 8 doubles and 16 floats, and the 8 x 8 transposes at
+multiples of 8), per-block t, orthogonal or raw inputs, all three restorations; which blocks it
+declines (then redone with ``eigh`` by the merge), against the rotation angles and the
+exponential's squarings; threads; derivatives; and that GPU lowerings never call it.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.linalg
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.test_util import check_grads
+
+from orthofuse_jax import _native
+
+merge_module = importlib.import_module("orthofuse_jax.fusion.merge")
+_geodesic_matmul = merge_module._geodesic_matmul
+
+pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU kernel")
+
+
+def _skew(x):
+    return 0.5 * (x - np.swapaxes(x, -1, -2))
+
+
+def _cay(a):
+    s = _skew(np.asarray(a, np.float64))
+    eye = np.eye(s.shape[-1])
+    return np.linalg.solve(eye - s, eye + s)
+
+
+def _log(u):
+    x = np.real(scipy.linalg.logm(u))
+    return _skew(x)
+
+
+def _reference(x1, x2, t, f, restore, orthogonal):
+    """float64: ``U1 expm(t logm(U1^T U2))``, then Cay(f/2 Y), expm(f logm(Y)) or nothing."""
+    batch = np.broadcast_shapes(x1.shape[:-2], np.shape(t), np.shape(f))
+    n = x1.shape[-1]
+    u1 = np.broadcast_to(np.asarray(x1, np.float64) if orthogonal[0] else _cay(x1), batch + (n, n)).reshape(-1, n, n)
+    u2 = np.broadcast_to(np.asarray(x2, np.float64) if orthogonal[1] else _cay(x2), batch + (n, n)).reshape(-1, n, n)
+    tb = np.broadcast_to(np.asarray(t, np.float64), batch).reshape(-1)
+    fb = np.broadcast_to(np.asarray(f, np.float64), batch).reshape(-1)
+    out = []
+    for a, b, tt, ff in zip(u1, u2, tb, fb):
+        y = a @ scipy.linalg.expm(tt * _log(a.T @ b))
+        if restore == "cayley":
+            k = 0.5 * ff * _skew(y)
+            y = np.linalg.solve(np.eye(n) - k, np.eye(n) + k)
+        elif restore == "exact":
+            y = scipy.linalg.expm(ff * _log(y))
+        out.append(y)
+    return np.stack(out).reshape(batch + (n, n))
+
+
+def _rotations(rng, shape, n, angle):
+    """Raw Cayley parameters whose rotations turn by at most about ``angle`` per plane."""
+    a = rng.standard_normal((*shape, n, n))
+    s = _skew(a)
+    norm = np.linalg.norm(s, ord=2, axis=(-2, -1))[..., None, None] if n > 1 else 1.0
+    return s / np.maximum(norm, 1e-12) * np.tan(angle / 2)
+
+
+def _uses_kernel(fn, *args) -> bool:
+    return "orthofuse_geodesic" in jax.jit(fn).lower(*args).as_text()
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 70), batch=st.sampled_from([(), (1,), (5,), (2, 3)]), restore=st.sampled_from(["none", "cayley", "exact"]),
+       orthogonal=st.sampled_from([(False, False), (True, False), (False, True), (True, True)]),
+       per_block=st.booleans(), seed=st.integers(0, 2**16))
+@pytest.mark.parametrize("dtype, tol", [(np.float32, 2e-6), (np.float64, 5e-8)])
+def test_matches_scipy_float64(dtype, tol, n, batch, restore, orthogonal, per_block, seed):
+    rng = np.random.default_rng(seed)
+    # each rotation up to 0.9 rad per plane: relative angles up to 1.8, inside the interpolant's 2.4
+    x1, x2 = (_rotations(rng, batch, n, 0.9) for _ in range(2))
+    x1 = _cay(x1) if orthogonal[0] else x1
+    x2 = _cay(x2) if orthogonal[1] else x2
+    if per_block:
+        t = rng.uniform(-0.3, 1.3, batch)
+        f = rng.uniform(1.0, 2.0, batch)
+    else:
+        t, f = 0.35, 1.91
+    y, bad, ok = _geodesic_matmul(jnp.asarray(x1, dtype), jnp.asarray(x2, dtype), jnp.asarray(t, dtype),
+                                  jnp.asarray(f, dtype), restore=restore, orthogonal=orthogonal)
+    assert y.dtype == dtype and bad.shape == ok.shape == batch
+    assert np.all(np.asarray(ok)) and not np.any(np.asarray(bad))
+    np.testing.assert_allclose(np.asarray(y), _reference(x1, x2, t, f, restore, orthogonal), atol=tol, rtol=0)
+
+
+def test_the_merge_runs_the_kernel_where_built_and_gpus_never_do():
+    rng = np.random.default_rng(1)
+    x1, x2 = (_rotations(rng, (4,), 12, 0.5).astype(np.float32) for _ in range(2))
+    fn = lambda a, b: _geodesic_matmul(a, b, 0.3, 1.4, restore="cayley", orthogonal=(False, False))  # noqa: E731
+    traced = jax.jit(fn).trace(x1, x2)
+    assert "orthofuse_geodesic" not in traced.lower(lowering_platforms=("cuda",)).as_text()
+    if _native.library_path() is not None:
+        assert "orthofuse_geodesic_f32" in traced.lower(lowering_platforms=("cpu",)).as_text()
+
+
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_declined_blocks_are_those_the_interpolant_or_the_squarings_cannot_take(monkeypatch, native):
+    """``ok`` is False (and the block NaN) for a relative rotation angle above the interpolant's
+    2.4 rad, for ``|t| theta`` beyond the exponential's 4 squarings, and for non-finite input;
+    True otherwise. The same for the kernel and the XLA composition."""
+    monkeypatch.setenv("ORTHOFUSE_JAX_NATIVE", native)
+    jax.clear_caches()
+    n = 6
+    angles = np.array([0.3, 1.5, 2.2, 2.35, 2.5, 2.9, 1.0, 1.0])
+    ts = np.array([0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 6.5, 0.5])
+    x2 = np.zeros((len(angles), n, n))
+    x2[:, 1, 2], x2[:, 2, 1] = -np.tan(angles / 2), np.tan(angles / 2)  # one plane at that angle
+    x1 = np.zeros_like(x2)
+    x1[-1, 0, 0] = np.nan
+    y, bad, ok = _geodesic_matmul(jnp.asarray(x1), jnp.asarray(x2), jnp.asarray(ts), 1.0, restore="none",
+                                  orthogonal=(False, False))
+    # t theta = 6.5 rad needs ceil(log2(6.5 / 0.5)) = 4 squarings (accepted); the NaN block is declined
+    want = np.array([True, True, True, True, False, False, True, False])
+    np.testing.assert_array_equal(np.asarray(ok), want)
+    np.testing.assert_array_equal(np.asarray(bad), ~want)
+    assert np.all(np.isnan(np.asarray(y)[~want]))
+    good = np.flatnonzero(want)
+    np.testing.assert_allclose(np.asarray(y)[good], _reference(x1[good], x2[good], ts[good], 1.0, "none", (False, False)),
+                               atol=1e-7, rtol=0)
+    far = np.zeros((1, n, n))
+    far[0, 1, 2], far[0, 2, 1] = -np.tan(0.5), np.tan(0.5)  # 1 rad, t = 20: 20 rad needs 6 squarings
+    _, _, ok = _geodesic_matmul(jnp.zeros((1, n, n)), jnp.asarray(far), 20.0, 1.0, restore="cayley",
+                                orthogonal=(False, False))
+    assert not bool(ok[0])
+
+
+@pytest.mark.parametrize("threads", ["1", "3"])
+def test_threads_split_the_batch(monkeypatch, threads):
+    monkeypatch.setenv("ORTHOFUSE_JAX_THREADS", threads)
+    rng = np.random.default_rng(5)
+    x1, x2 = (_rotations(rng, (37,), 40, 0.8) for _ in range(2))
+    t = rng.uniform(0.0, 1.0, 37)
+    y, _, ok = _geodesic_matmul(jnp.asarray(x1), jnp.asarray(x2), jnp.asarray(t), 1.7, restore="cayley",
+                                orthogonal=(False, False))
+    assert np.all(np.asarray(ok))
+    np.testing.assert_allclose(np.asarray(y), _reference(x1, x2, t, 1.7, "cayley", (False, False)), atol=5e-8, rtol=0)
+
+
+def test_derivatives_are_the_xla_compositions():
+    rng = np.random.default_rng(6)
+    x1, x2 = (_rotations(rng, (3,), 5, 0.6) for _ in range(2))
+
+    def fn(a, b, t):
+        return _geodesic_matmul(a, b, t, 1.5, restore="cayley", orthogonal=(False, False))[0]
+
+    check_grads(fn, (jnp.asarray(x1), jnp.asarray(x2), jnp.asarray(0.4)), order=1, modes=("fwd", "rev"), atol=1e-5,
+                rtol=1e-5)
