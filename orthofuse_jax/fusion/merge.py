@@ -245,11 +245,14 @@ def _geodesic_matmul(x1, x2, t, f, *, restore, orthogonal):
     """``(Y, bad, ok)`` of the product-only exact merge at ``t`` with restoration factor ``f``:
     ``U1 expm(t log(U1^T U2))`` (:class:`_MatmulPath`), then ``restore``.
 
-    On the CPU with the compiled kernels this is one pass per block in double
-    (``orthofuse_jax/_native/solve.cc``, ``GeodesicBlocks``: the Cayley maps, the log interpolant
-    and its check, the exponential with only the squarings a block needs, the polar step and the
-    restoration), its blocks split over the process's CPUs; elsewhere, and for derivatives, the
-    XLA composition (:func:`_pair_point`), with the same ``ok`` rule.
+    On the CPU with the compiled kernels this is one pass per block
+    (``orthofuse_jax/_native/solve.cc``, ``GeodesicBlocks``: the Cayley maps inverted in double,
+    the log interpolant and its range check, the exponential with only the squarings a block needs,
+    the polar step and the restoration, with products in the input's precision), its blocks split
+    over the process's CPUs; elsewhere, and for derivatives, the XLA composition
+    (:func:`_pair_point`). Both decline (``ok`` False) the blocks outside the interpolant's range
+    or the squarings' reach; their range checks differ only at its edge (an eigenvalue of
+    ``Y`` between -1 and -1.015, inside the fit's [-1.02, 1] either way).
     """
     dtype = x1.dtype
     batch = jnp.broadcast_shapes(x1.shape[:-2], x2.shape[:-2], jnp.shape(t), jnp.shape(f))
@@ -666,11 +669,11 @@ def merge(
         angle above 2.4 rad), ``"eigh"`` (the spectral formula) or ``"auto"`` (``"matmul"`` for
         float32, ``"eigh"`` for float64: the polynomial is exact to float32 round-off, ~1e-8).
         ``"matmul"`` is faster, most of all on GPUs (no batched ``eigh``, no host round trip in
-        an eager merge); on the CPU, with the compiled kernels built, the whole two-adapter
-        merge is one pass per block (``_geodesic_matmul``, float32 products for float32 input,
-        its blocks split over the process's CPUs). Declined blocks are redone with ``eigh`` after every stack was
-        dispatched (under ``jit``: inside the program, by ``jax.lax.cond``); the first call that
-        meets one compiles that ``eigh`` kernel for the stack's shape, once.
+        an eager merge); on the CPU, with the compiled kernels built, the two-adapter merge is
+        one pass per block (``_geodesic_matmul``: float32 products for float32 input, its blocks
+        split over the process's CPUs). Declined blocks are redone with ``eigh`` after every
+        stack was dispatched (under ``jit``: inside the program, by ``jax.lax.cond``); the first
+        call that meets one compiles that ``eigh`` kernel for the stack's shape, once.
       weight_tol: tolerance of the ``sum(weights) == 1`` check.
       karcher_tol, karcher_max_iter: stopping rule of the Karcher iteration (N >= 3 geodesic);
         a warning is issued on concrete input when it stops without reaching the tolerance.

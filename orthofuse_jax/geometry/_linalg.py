@@ -163,8 +163,8 @@ def not_finite(y) -> jax.Array:
 
 def _with_kernel(kernel: str, xla, *args, out=None, attrs=None):
     """``xla(*args)``, or on the CPU the compiled ``kernel`` (same arguments and the FFI attributes
-    ``attrs``, outputs ``out``, by default one shaped like ``args[0]``) when it is built, every argument has one dtype and blocks are at most
-    :data:`NATIVE_MAX_BLOCK`. Derivatives are ``xla``'s (``jax.custom_jvp``; a boolean output has
+    ``attrs``, outputs ``out``, by default one shaped like ``args[0]``) when it is built, every
+    argument has one dtype and blocks are at most :data:`NATIVE_MAX_BLOCK`. Derivatives are ``xla``'s (``jax.custom_jvp``; a boolean output has
     none); ``vmap`` broadcasts the arguments to one batch shape."""
     dtype = args[0].dtype
     target = native_target(kernel, dtype, args[0].shape[-1])
