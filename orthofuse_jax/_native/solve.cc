@@ -388,24 +388,27 @@ ORTHOFUSE_INLINE void IMinusSkew(double* t, double c, int64_t n, int64_t np) {
 // "bad block" flag, read here from the cache instead of by a second pass over the output. The
 // results are rounded to float32 afterwards, which cannot overflow: the Cayley maps' blocks have
 // norm at most 3 (2 N - I with ||N|| <= 1, the symmetric part of I - c S being >= I).
-ORTHOFUSE_INLINE bool AnyNotFinite(const double* t, int64_t n, int64_t np) {
+template <typename T>
+ORTHOFUSE_INLINE bool AnyNotFinite(const T* t, int64_t n, int64_t np) {
+  typedef VecOf<T> vt;
+  constexpr int64_t L = Simd<T>::kLanes;
   const int64_t m = n * np;
-  vd a0{}, a1{}, a2{}, a3{};
+  vt a0{}, a1{}, a2{}, a3{};
   int64_t j = 0;
-  for (; j + 4 * kW <= m; j += 4 * kW) {
-    const vd v0 = Load(t + j), v1 = Load(t + j + kW), v2 = Load(t + j + 2 * kW), v3 = Load(t + j + 3 * kW);
+  for (; j + 4 * L <= m; j += 4 * L) {
+    const vt v0 = LoadV(t + j), v1 = LoadV(t + j + L), v2 = LoadV(t + j + 2 * L), v3 = LoadV(t + j + 3 * L);
     a0 += v0 - v0;
     a1 += v1 - v1;
     a2 += v2 - v2;
     a3 += v3 - v3;
   }
-  for (; j < m; j += kW) {
-    const vd v = Load(t + j);
+  for (; j < m; j += L) {
+    const vt v = LoadV(t + j);
     a0 += v - v;
   }
-  const vd s = (a0 + a1) + (a2 + a3);
+  const vt s = (a0 + a1) + (a2 + a3);
   bool bad = false;
-  for (int64_t l = 0; l < kW; ++l) bad |= !(s[l] == 0);
+  for (int64_t l = 0; l < L; ++l) bad |= !(s[l] == 0);
   return bad;
 }
 
@@ -606,21 +609,6 @@ ORTHOFUSE_INLINE double SumSquares(const T* a, int64_t n, int64_t np) {
   return s;
 }
 
-// Whether an n x np buffer holds an inf or a NaN (v - v is 0 for every finite v).
-template <typename T>
-ORTHOFUSE_INLINE bool AnyNotFiniteT(const T* a, int64_t n, int64_t np) {
-  typedef VecOf<T> vt;
-  constexpr int64_t L = Simd<T>::kLanes;
-  vt acc{};
-  for (int64_t k = 0; k < n * np; k += L) {
-    const vt v = LoadV(a + k);
-    acc += v - v;
-  }
-  bool bad = false;
-  for (int64_t l = 0; l < L; ++l) bad |= !(acc[l] == 0);
-  return bad;
-}
-
 // Whether the symmetric a - lower I (n x np) is positive definite: Gaussian elimination without
 // pivoting (LDL^T), every pivot positive; a is overwritten. n^3 / 3 multiply-adds.
 template <typename T>
@@ -661,7 +649,7 @@ ORTHOFUSE_INLINE bool LogBlock(const T* w, T* x, T* const* s, const PolyParams& 
   // XLA checks ||T_16(Y)||_F^2 <= n (which bounds them to within ~0.013 of [-1, 1], with two
   // products); here the smallest eigenvalue itself, by an LDL^T factorization of Y - lower I.
   std::memcpy(tmp, y1, sizeof(T) * nn);
-  if (AnyNotFiniteT(w, n, np) || !AboveLower(tmp, pp.lower, n, np)) return false;
+  if (AnyNotFinite(w, n, np) || !AboveLower(tmp, pp.lower, n, np)) return false;
   MulOut(y1, y1, y2, n, np);
   MulOut(y2, y1, y3, n, np);
   MulOut(y2, y2, y4, n, np);
@@ -819,7 +807,7 @@ ORTHOFUSE_INLINE void GeodesicBlocks(const T* x1, const T* x2, const T* coef, T*
       for (int64_t i = 0; i < n; ++i)
         for (int64_t j = 0; j < n; ++j) yg[i * n + j] = static_cast<T>(ud[i * np + j]);
     } else {
-      bad[g] = AnyNotFiniteT(out, n, nq);
+      bad[g] = AnyNotFinite(out, n, nq);
       for (int64_t i = 0; i < n; ++i)
         for (int64_t j = 0; j < n; ++j) yg[i * n + j] = out[i * nq + j];
     }
