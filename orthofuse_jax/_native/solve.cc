@@ -721,9 +721,9 @@ ORTHOFUSE_INLINE void IMinusSkewVia(double* t, double* scratch, double c, int64_
   for (int64_t i = 0; i < n; ++i) t[i * np + i] += 1;
 }
 
-// t <- Cay(t) = 2 (I - skew(t))^{-1} - I in place (scratch: one buffer).
-ORTHOFUSE_INLINE void CayleyInPlace(double* t, double* scratch, int64_t n, int64_t np) {
-  IMinusSkewVia(t, scratch, 1.0, n, np);
+// t <- Cay(c t) = 2 (I - c skew(t))^{-1} - I in place (scratch: one buffer).
+ORTHOFUSE_INLINE void CayleyInPlace(double* t, double* scratch, double c, int64_t n, int64_t np) {
+  IMinusSkewVia(t, scratch, c, n, np);
   GaussJordan<true>(t, n, np);
   for (int64_t i = 0; i < n * np; ++i) t[i] *= 2;
   for (int64_t i = 0; i < n; ++i) t[i * np + i] -= 1;
@@ -762,8 +762,8 @@ ORTHOFUSE_INLINE void GeodesicBlocks(const T* x1, const T* x2, const T* coef, T*
     const int restore = static_cast<int>(c[2]);
     CopyBlock(x1 + g * n * n, n, ud, np, n);
     CopyBlock(x2 + g * n * n, n, vd2, np, n);
-    if (c[3] == 0) CayleyInPlace(ud, sd, n, np);
-    if (c[4] == 0) CayleyInPlace(vd2, sd, n, np);
+    if (c[3] == 0) CayleyInPlace(ud, sd, 1.0, n, np);
+    if (c[4] == 0) CayleyInPlace(vd2, sd, 1.0, n, np);
     CopyBlock(ud, np, u, nq, n);
     CopyBlock(vd2, np, v, nq, n);
     Transpose(u, s[0], n, nq);
@@ -783,10 +783,7 @@ ORTHOFUSE_INLINE void GeodesicBlocks(const T* x1, const T* x2, const T* coef, T*
       }
       if (restore == 1) {
         CopyBlock(r, nq, ud, np, n);
-        IMinusSkewVia(ud, sd, 0.5 * f, n, np);
-        GaussJordan<true>(ud, n, np);  // Cay(f/2 Y) = 2 ud - I
-        for (int64_t i = 0; i < n * np; ++i) ud[i] *= 2;
-        for (int64_t i = 0; i < n; ++i) ud[i * np + i] -= 1;
+        CayleyInPlace(ud, sd, 0.5 * f, n, np);  // Cay(f/2 Y)
       } else if (restore == 2) {
         good = LogBlock(static_cast<const T*>(r), v, s, pp, n, nq);
         if (good) {
