@@ -738,6 +738,40 @@ ORTHOFUSE_INLINE void CopyBlock(const TS* s, int64_t ns, TD* d, int64_t nd, int6
   }
 }
 
+// The exact merge's t-independent half for one block: ud = U1 = Cay(x1) (or x1 itself if
+// orthogonal; double, row length round8(n)), u = U1 and v = X = log(U1^T U2) in the compute type
+// (row length RoundLanes<T>(n)); false where the interpolant declines the block. vd2, sd: double
+// scratch; w, s[0..7): scratch of the compute type.
+template <typename T>
+ORTHOFUSE_INLINE bool RelativeLog(const T* x1, const T* x2, bool orth1, bool orth2, double* ud, double* vd2, double* sd,
+                                  T* u, T* v, T* w, T* const* s, const PolyParams& pp, int64_t n) {
+  const int64_t np = Round8(n), nq = RoundLanes<T>(n);
+  CopyBlock(x1, n, ud, np, n);
+  CopyBlock(x2, n, vd2, np, n);
+  if (!orth1) CayleyInPlace(ud, sd, 1.0, n, np);
+  if (!orth2) CayleyInPlace(vd2, sd, 1.0, n, np);
+  CopyBlock(ud, np, u, nq, n);
+  CopyBlock(vd2, np, v, nq, n);
+  Transpose(u, s[0], n, nq);
+  MulOut(s[0], v, w, n, nq);  // W = U1^T U2 (s[0]'s padding columns are never read)
+  return LogBlock(w, v, s, pp, n, nq);  // v = log W
+}
+
+// r <- exp(f log r) (the exact restoration; for float with its polar step); false where the log
+// or the exponential declines the block. v, w, s[0..7): scratch.
+template <typename T>
+ORTHOFUSE_INLINE bool RestoreExact(T* r, T* v, T* w, T* const* s, const PolyParams& pp, double f, int64_t n) {
+  const int64_t nq = RoundLanes<T>(n), nn = n * nq;
+  bool good = LogBlock(static_cast<const T*>(r), v, s, pp, n, nq);
+  if (good) {
+    for (int64_t i = 0; i < nn; ++i) v[i] *= static_cast<T>(f);
+    good = ExpBlock(v, w, s, pp, n, nq);
+  }
+  if (good && std::is_same<T, double>::value) std::memcpy(r, w, sizeof(T) * nn);  // orthogonal to double round-off
+  else if (good) PolarBlock(static_cast<const T*>(w), r, s, n, nq);
+  return good;
+}
+
 // coef[5 g .. 5 g + 5) = (t, f, restore, orthogonal1, orthogonal2); restore 0: none, 1: Cay(f/2 Y),
 // 2: exp(f log Y). ok[g] False: the products-only path declined the block (its y is NaN, the
 // caller redoes it with eigh); bad[g]: the result holds an inf or a NaN. T: the input's type, in
@@ -760,15 +794,7 @@ ORTHOFUSE_INLINE void GeodesicBlocks(const T* x1, const T* x2, const T* coef, T*
     const T* c = coef + 5 * g;
     const double t = c[0], f = c[1];
     const int restore = static_cast<int>(c[2]);
-    CopyBlock(x1 + g * n * n, n, ud, np, n);
-    CopyBlock(x2 + g * n * n, n, vd2, np, n);
-    if (c[3] == 0) CayleyInPlace(ud, sd, 1.0, n, np);
-    if (c[4] == 0) CayleyInPlace(vd2, sd, 1.0, n, np);
-    CopyBlock(ud, np, u, nq, n);
-    CopyBlock(vd2, np, v, nq, n);
-    Transpose(u, s[0], n, nq);
-    MulOut(s[0], v, w, n, nq);  // W = U1^T U2 (s[0]'s padding columns are never read)
-    bool good = LogBlock(w, v, s, pp, n, nq);  // v = log W
+    bool good = RelativeLog(x1 + g * n * n, x2 + g * n * n, c[3] != 0, c[4] != 0, ud, vd2, sd, u, v, w, s, pp, n);
     if (good) {
       for (int64_t i = 0; i < nn; ++i) v[i] *= static_cast<T>(t);
       good = ExpBlock(v, w, s, pp, n, nq);  // w = exp(t log W)
@@ -785,13 +811,7 @@ ORTHOFUSE_INLINE void GeodesicBlocks(const T* x1, const T* x2, const T* coef, T*
         CopyBlock(r, nq, ud, np, n);
         CayleyInPlace(ud, sd, 0.5 * f, n, np);  // Cay(f/2 Y)
       } else if (restore == 2) {
-        good = LogBlock(static_cast<const T*>(r), v, s, pp, n, nq);
-        if (good) {
-          for (int64_t i = 0; i < nn; ++i) v[i] *= static_cast<T>(f);
-          good = ExpBlock(v, w, s, pp, n, nq);
-        }
-        if (good && kPolar) PolarBlock(static_cast<const T*>(w), r, s, n, nq);
-        if (good && !kPolar) std::memcpy(r, w, sizeof(T) * nn);
+        good = RestoreExact(r, v, w, s, pp, f, n);
       }
     }
     ok[g] = good;
@@ -815,6 +835,187 @@ ORTHOFUSE_INLINE void GeodesicBlocks(const T* x1, const T* x2, const T* coef, T*
 template <typename T>
 size_t GeodesicWorkspace(int64_t n) {
   return static_cast<size_t>(3 * n * Round8(n) + (kGeodesicBuffers * n * RoundLanes<T>(n) * sizeof(T) + 7) / 8);
+}
+
+// ---- A sweep of the exact merge over many t (orthofuse_jax.fusion.merge.sweep, algorithm "matmul") ----
+// Per block, once: U1 and X = log(U1^T U2) as in GeodesicBlocks, then in double the Taylor
+// coefficients of the whole geodesic,
+//   gamma(t) = U1 exp(t X) = sum_k t^k M_k,   M_0 = U1,  M_k = M_{k-1} X / k,
+// one product each, until the series' tail is below the output's round-off for every t of the
+// sweep. The tail is bounded without a norm estimate: ||X^k||_F = k! ||M_k||_F (U1 orthogonal)
+// is at least theta^k, theta the largest rotation angle (||X||_2), so with
+// rho_k = max|t| (k! ||M_k||_F)^(1/k) >= max|t| theta the terms after k sum to at most
+//   rho_k^(k+1) / (k+1)! / (1 - rho_k / (k+2)),
+// and (k! ||M_k||_F)^(1/k) <= n^(1/2k) theta tightens as k grows (at the SDXL adapters' angles,
+// about 1.5 rad, 15-16 products). Then per t: gamma(t) by Horner's rule (an n^2 pass per term),
+// and the restoration: none; Cay(f/2 gamma(t)), which needs only skew(gamma(t)) = sum_k t^k
+// skew(M_k), so the M_k are replaced by their skew parts once and every t costs the Horner pass
+// and one inversion; or exp(f log gamma(t)) (RestoreExact). One exponential per t of the single
+// merge's kernel would be 8-12 products and a polar step; here a t costs about as much as the
+// fast merge's inversion. In double, gamma(t) is orthogonal to round-off: no polar step.
+// A block whose series would need more than kSweepTerms terms (|t| times the largest angle
+// above about 6) is declined like one the log declines (ok False, the caller redoes it with eigh).
+constexpr int64_t kSweepTerms = 31;
+constexpr int kSweepBatch = 4;  // points per Horner pass
+
+// Doubles of work space for the sweep kernel: the geodesic kernel's, X and the M_k (double).
+template <typename T>
+size_t SweepWorkspace(int64_t n) {
+  return Round8(GeodesicWorkspace<T>(n)) + static_cast<size_t>((kSweepTerms + kSweepBatch + 1) * n * Round8(n));
+}
+
+// out[c] = sum_k t[c]^k m[k] for C values of t at once (terms buffers of nd doubles, nd a multiple
+// of kW), by Horner's rule: each m[k] vector is loaded once for all C, two vectors at a time (2 C
+// independent chains of multiply-adds). The m[k] (15 x 12.8 KB at n = 40) come from the L2 cache,
+// whose bandwidth one t at a time would be the limit.
+template <int C>
+ORTHOFUSE_INLINE void HornerBlocks(const double* m, int64_t terms, int64_t nd, const double* t, double* const* out) {
+  vd tv[C];
+  for (int c = 0; c < C; ++c) tv[c] = Splat(t[c]);
+  const double* top = m + (terms - 1) * nd;
+  int64_t q = 0;
+  for (; q + 2 * kW <= nd; q += 2 * kW) {
+    vd a[C][2];
+    for (int c = 0; c < C; ++c) {
+      a[c][0] = Load(top + q);
+      a[c][1] = Load(top + q + kW);
+    }
+    for (int64_t j = terms - 2; j >= 0; --j) {
+      const vd m0 = Load(m + j * nd + q), m1 = Load(m + j * nd + q + kW);
+      for (int c = 0; c < C; ++c) {
+        a[c][0] = a[c][0] * tv[c] + m0;
+        a[c][1] = a[c][1] * tv[c] + m1;
+      }
+    }
+    for (int c = 0; c < C; ++c) {
+      Store(out[c] + q, a[c][0]);
+      Store(out[c] + q + kW, a[c][1]);
+    }
+  }
+  for (; q < nd; q += kW) {
+    vd a[C];
+    for (int c = 0; c < C; ++c) a[c] = Load(top + q);
+    for (int64_t j = terms - 2; j >= 0; --j) {
+      const vd mj = Load(m + j * nd + q);
+      for (int c = 0; c < C; ++c) a[c] = a[c] * tv[c] + mj;
+    }
+    for (int c = 0; c < C; ++c) Store(out[c] + q, a[c]);
+  }
+}
+
+
+// Blocks [begin, end) of a sweep: x1, x2 [groups * per, n, n]; pts [groups, nt, 2] = (t, f) per
+// point; y [groups, nt, per, n, n], bad and ok [groups, nt, per]. flags: restore (0: none,
+// 1: Cay(f/2 Y), 2: exp(f log Y)), and whether x1 and x2 are orthogonal already.
+template <typename T>
+ORTHOFUSE_INLINE void SweepBlocks(const T* x1, const T* x2, const T* pts, T* y, bool* bad, bool* ok, int64_t begin,
+                                  int64_t end, int64_t per, int64_t nt, int64_t n, int restore, bool orth1,
+                                  bool orth2, const PolyParams& pp, double* work) {
+  const int64_t np = Round8(n), nq = RoundLanes<T>(n), nn = n * nq, nd = n * np;
+  const double tol = std::numeric_limits<T>::epsilon() / 16;
+  double* ud = work;
+  double* vd2 = ud + nd;
+  double* sd = vd2 + nd;
+  T* u = reinterpret_cast<T*>(sd + nd);
+  T* v = u + nn;
+  T* w = v + nn;
+  T* r = w + nn;
+  T* s[7];
+  for (int i = 0; i < 7; ++i) s[i] = r + (i + 1) * nn;
+  double* xd = work + Round8(GeodesicWorkspace<T>(n));
+  double* m = xd + nd;  // M_k = m + k nd
+  for (int64_t g = begin; g < end; ++g) {
+    const int64_t grp = g / per, i = g % per;
+    const T* p = pts + grp * nt * 2;
+    double tmax = 0;
+    for (int64_t k = 0; k < nt; ++k) tmax = std::max(tmax, std::fabs(static_cast<double>(p[2 * k])));
+    bool good = RelativeLog(x1 + g * n * n, x2 + g * n * n, orth1, orth2, ud, vd2, sd, u, v, w, s, pp, n);
+    int64_t terms = 1;
+    if (good) {
+      CopyBlock(v, nq, xd, np, n);
+      std::memcpy(m, ud, sizeof(double) * nd);  // M_0 = U1, in double
+      double fact = 1;  // k!
+      good = false;
+      for (int64_t k = 1; k < kSweepTerms && !good; ++k) {
+        double* mk = m + k * nd;
+        MulOut(mk - nd, xd, mk, n, np);
+        const double inv = 1.0 / static_cast<double>(k);
+        for (int64_t q = 0; q < nd; ++q) mk[q] *= inv;
+        terms = k + 1;
+        fact *= static_cast<double>(k);
+        // 1.0001: U1 (given orthogonal, in float) may be orthogonal only to the input's round-off
+        const double rho = 1.0001 * tmax * std::pow(fact * std::sqrt(SumSquares(mk, n, np)), 1.0 / k);
+        if (rho == 0) {
+          good = true;
+        } else if (rho < k + 2) {  // (false for NaN)
+          const double tail = std::exp((k + 1) * std::log(rho) - std::lgamma(k + 2.0)) / (1 - rho / (k + 2));
+          good = tail <= tol;
+        }
+      }
+    }
+    if (good && restore == 1) {  // only skew(gamma(t)) is needed: M_k <- skew(M_k)
+      for (int64_t k = 0; k < terms; ++k) {
+        double* mk = m + k * nd;
+        Transpose(mk, sd, n, np);  // (sd's padding columns are not written: they may hold anything)
+        for (int64_t a = 0; a < n; ++a) {
+          for (int64_t b = 0; b < n; ++b) mk[a * np + b] = 0.5 * (mk[a * np + b] - sd[a * np + b]);
+          for (int64_t b = n; b < np; ++b) mk[a * np + b] = 0;
+        }
+      }
+    }
+    for (int64_t k0 = 0; k0 < nt; k0 += kSweepBatch) {
+      const int cnt = static_cast<int>(std::min<int64_t>(kSweepBatch, nt - k0));
+      double tb[kSweepBatch];
+      double* hb[kSweepBatch];
+      for (int c = 0; c < cnt; ++c) {
+        tb[c] = p[2 * (k0 + c)];
+        hb[c] = m + (kSweepTerms + c) * nd;
+      }
+      if (good) {  // hb[c] = gamma(t), or its skew part
+        switch (cnt) {
+          case 4: HornerBlocks<4>(m, terms, nd, tb, hb); break;
+          case 3: HornerBlocks<3>(m, terms, nd, tb, hb); break;
+          case 2: HornerBlocks<2>(m, terms, nd, tb, hb); break;
+          default: HornerBlocks<1>(m, terms, nd, tb, hb); break;
+        }
+      }
+      for (int64_t k = k0; k < k0 + cnt; ++k) {
+        const int64_t at = (grp * nt + k) * per + i;
+        T* yk = y + at * n * n;
+        bool gk = good;
+        const double f = p[2 * k + 1];
+        double* h = hb[k - k0];
+        if (gk && restore == 1) {  // Cay(f/2 gamma(t)) = 2 (I - f/2 skew(gamma(t)))^{-1} - I
+          const double c = -0.5 * f;
+          for (int64_t q = 0; q < nd; ++q) h[q] *= c;
+          for (int64_t a = 0; a < n; ++a) h[a * np + a] += 1;
+          GaussJordan<true>(h, n, np);
+          bad[at] = AnyNotFinite(h, n, np);
+          for (int64_t a = 0; a < n; ++a) {
+            for (int64_t b = 0; b < n; ++b) yk[a * n + b] = static_cast<T>(2 * h[a * np + b]);
+            yk[a * n + a] = static_cast<T>(2 * h[a * np + a] - 1);
+          }
+        } else if (gk && restore == 0) {
+          bad[at] = AnyNotFinite(h, n, np);
+          for (int64_t a = 0; a < n; ++a)
+            for (int64_t b = 0; b < n; ++b) yk[a * n + b] = static_cast<T>(h[a * np + b]);
+        } else if (gk) {
+          CopyBlock(h, np, r, nq, n);
+          gk = RestoreExact(r, v, w, s, pp, f, n);
+          if (gk) {
+            bad[at] = AnyNotFinite(r, n, nq);
+            for (int64_t a = 0; a < n; ++a)
+              for (int64_t b = 0; b < n; ++b) yk[a * n + b] = r[a * nq + b];
+          }
+        }
+        ok[at] = gk;
+        if (!gk) {
+          bad[at] = true;
+          for (int64_t q = 0; q < n * n; ++q) yk[q] = std::numeric_limits<T>::quiet_NaN();
+        }
+      }
+    }
+  }
 }
 
 // One copy per instruction set, picked at load time (x86-64 with GCC or Clang).
@@ -1030,6 +1231,71 @@ ffi::Error GeodesicF64Impl(ffi::Buffer<ffi::F64> x1, ffi::Buffer<ffi::F64> x2, f
   return Geodesic<ffi::F64, double>(x1, x2, c, log_coef, exp_coef, params, y, bad, ok, GeodesicF64);
 }
 
+ORTHOFUSE_CLONES void SweepF32(const float* x1, const float* x2, const float* pts, float* y, bool* bad, bool* ok,
+                               int64_t begin, int64_t end, int64_t per, int64_t nt, int64_t n, int restore, bool o1,
+                               bool o2, const PolyParams& pp, double* work) {
+  SweepBlocks<float>(x1, x2, pts, y, bad, ok, begin, end, per, nt, n, restore, o1, o2, pp, work);
+}
+
+ORTHOFUSE_CLONES void SweepF64(const double* x1, const double* x2, const double* pts, double* y, bool* bad, bool* ok,
+                               int64_t begin, int64_t end, int64_t per, int64_t nt, int64_t n, int restore, bool o1,
+                               bool o2, const PolyParams& pp, double* work) {
+  SweepBlocks<double>(x1, x2, pts, y, bad, ok, begin, end, per, nt, n, restore, o1, o2, pp, work);
+}
+
+template <ffi::DataType DT, typename TIn>
+ffi::Error Sweep(ffi::Buffer<DT> x1, ffi::Buffer<DT> x2, ffi::Buffer<DT> pts, ffi::Span<const double> log_coef,
+                 ffi::Span<const double> exp_coef, ffi::Span<const double> params, ffi::Span<const double> flags,
+                 ffi::ResultBuffer<DT> y, ffi::ResultBuffer<ffi::PRED> bad, ffi::ResultBuffer<ffi::PRED> ok,
+                 void (*kernel)(const TIn*, const TIn*, const TIn*, TIn*, bool*, bool*, int64_t, int64_t, int64_t,
+                                int64_t, int64_t, int, bool, bool, const PolyParams&, double*)) {
+  // x1, x2 [G..., B..., n, n]; pts [G..., T, 2]: every group of blocks (G: empty, or the axes a
+  // vmap added) has its own T points; y [G..., T, B..., n, n], bad and ok [G..., T, B...].
+  auto d1 = x1.dimensions();
+  auto d2 = x2.dimensions();
+  auto dp = pts.dimensions();
+  const size_t rank = d1.size(), rp = dp.size();
+  const char* shapes = "orthofuse_sweep: x1, x2 [G..., B..., n, n] and pts [G..., T, 2] needed";
+  if (rank < 2 || d2.size() != rank || rp < 2 || rp > rank || dp[rp - 1] != 2) return ffi::Error::InvalidArgument(shapes);
+  const int64_t n = d1[rank - 1];
+  for (size_t i = 0; i < rank; ++i)
+    if (d1[i] != d2[i]) return ffi::Error::InvalidArgument("orthofuse_sweep: x1 and x2 differ in shape");
+  if (d1[rank - 2] != n) return ffi::Error::InvalidArgument(shapes);
+  int64_t groups = 1, per = 1;
+  for (size_t i = 0; i + 2 < rp; ++i) {
+    if (dp[i] != d1[i]) return ffi::Error::InvalidArgument("orthofuse_sweep: batch shapes differ");
+    groups *= dp[i];
+  }
+  for (size_t i = rp - 2; i + 2 < rank; ++i) per *= d1[i];
+  const int64_t nt = dp[rp - 2];
+  if (log_coef.size() < 1 || exp_coef.size() < 1 || params.size() != 5 || flags.size() != 3)
+    return ffi::Error::InvalidArgument("orthofuse_sweep: log_coef, exp_coef, params [5] and flags [3] needed");
+  if (groups * per * nt == 0 || n == 0) return ffi::Error::Success();
+  const PolyParams pp{log_coef.begin(), static_cast<int64_t>(log_coef.size()), exp_coef.begin(),
+                      static_cast<int64_t>(exp_coef.size()), params[0], params[1], params[2], params[3],
+                      static_cast<int64_t>(params[4])};
+  const int restore = static_cast<int>(flags[0]);
+  ParallelFor(groups * per, (28 + 2 * nt) * n * n * n, [&](int64_t begin, int64_t end) {
+    kernel(x1.typed_data(), x2.typed_data(), pts.typed_data(), y->typed_data(), bad->typed_data(), ok->typed_data(),
+           begin, end, per, nt, n, restore, flags[1] != 0, flags[2] != 0, pp, Workspace(SweepWorkspace<TIn>(n)));
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error SweepF32Impl(ffi::Buffer<ffi::F32> x1, ffi::Buffer<ffi::F32> x2, ffi::Buffer<ffi::F32> pts,
+                        ffi::Span<const double> log_coef, ffi::Span<const double> exp_coef,
+                        ffi::Span<const double> params, ffi::Span<const double> flags, ffi::ResultBuffer<ffi::F32> y,
+                        ffi::ResultBuffer<ffi::PRED> bad, ffi::ResultBuffer<ffi::PRED> ok) {
+  return Sweep<ffi::F32, float>(x1, x2, pts, log_coef, exp_coef, params, flags, y, bad, ok, SweepF32);
+}
+
+ffi::Error SweepF64Impl(ffi::Buffer<ffi::F64> x1, ffi::Buffer<ffi::F64> x2, ffi::Buffer<ffi::F64> pts,
+                        ffi::Span<const double> log_coef, ffi::Span<const double> exp_coef,
+                        ffi::Span<const double> params, ffi::Span<const double> flags, ffi::ResultBuffer<ffi::F64> y,
+                        ffi::ResultBuffer<ffi::PRED> bad, ffi::ResultBuffer<ffi::PRED> ok) {
+  return Sweep<ffi::F64, double>(x1, x2, pts, log_coef, exp_coef, params, flags, y, bad, ok, SweepF64);
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OrthofuseSolveF32, SolveF32Impl,
@@ -1092,3 +1358,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(OrthofusePointF64, PointF64Impl,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OrthofuseGeodesicF32, GeodesicF32Impl, ORTHOFUSE_GEODESIC_BINDING(ffi::F32));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OrthofuseGeodesicF64, GeodesicF64Impl, ORTHOFUSE_GEODESIC_BINDING(ffi::F64));
+
+#define ORTHOFUSE_SWEEP_BINDING(DT)                          \
+  ffi::Ffi::Bind()                                           \
+      .Arg<ffi::Buffer<DT>>()                                \
+      .Arg<ffi::Buffer<DT>>()                                \
+      .Arg<ffi::Buffer<DT>>()                                \
+      .Attr<ffi::Span<const double>>("log_coef")             \
+      .Attr<ffi::Span<const double>>("exp_coef")             \
+      .Attr<ffi::Span<const double>>("params")               \
+      .Attr<ffi::Span<const double>>("flags")                \
+      .Ret<ffi::Buffer<DT>>()                                \
+      .Ret<ffi::Buffer<ffi::PRED>>()                         \
+      .Ret<ffi::Buffer<ffi::PRED>>()
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OrthofuseSweepF32, SweepF32Impl, ORTHOFUSE_SWEEP_BINDING(ffi::F32));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OrthofuseSweepF64, SweepF64Impl, ORTHOFUSE_SWEEP_BINDING(ffi::F64));

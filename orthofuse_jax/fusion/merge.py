@@ -272,6 +272,40 @@ def _geodesic_matmul(x1, x2, t, f, *, restore, orthogonal):
     return _with_kernel("geodesic", xla, x1, x2, coef, out=out, attrs=kernel_attributes(_MATMUL_SQUARINGS))
 
 
+def _geodesic_sweep_matmul(x1, x2, ts, alpha, *, restore, orthogonal):
+    """``(Y, bad, ok)`` ``[T, ...]``: :func:`_geodesic_matmul` at every t of ``ts`` (1-D), the
+    t-independent half (the Cayley maps and the log) done once per block.
+
+    On the CPU with the compiled kernels this is one pass per block (``solve.cc``, ``SweepBlocks``):
+    after the log, the Taylor coefficients ``M_k = U1 X^k / k!`` of the geodesic
+    ``U1 expm(t X) = sum_k t^k M_k`` in double, as many as the largest ``|t|`` needs for the
+    output's round-off (a bound from the ``M_k`` themselves), then per t a Horner pass and the
+    restoration (``curve_over_id``: one inversion). Elsewhere, and for derivatives, the XLA
+    composition: :class:`_MatmulPath` vmapped over t (an exponential per t).
+    """
+    dtype = x1.dtype
+    batch = jnp.broadcast_shapes(x1.shape[:-2], x2.shape[:-2])
+    x1 = jnp.broadcast_to(x1, batch + x1.shape[-2:])
+    x2 = jnp.broadcast_to(x2, batch + x2.shape[-2:])
+    ts = jnp.asarray(ts, dtype)
+    pts = jnp.stack([ts, restoration_factor(ts, jnp.asarray(alpha, dtype))], axis=-1)
+
+    def xla(x1, x2, pts):
+        x1, x2, path = _inputs_and_path(x1, x2, method="geodesic", angle_tol=DEFAULT_ANGLE_TOL,
+                                        orthogonal=orthogonal, algorithm="matmul")
+        point = functools.partial(_pair_point, method="geodesic", restore=restore, angle_tol=DEFAULT_ANGLE_TOL,
+                                  algorithm="matmul")
+        y, bad, ok = jax.vmap(lambda p: point(x1, x2, p[0], path, f=p[1]))(pts)
+        return y, bad, jnp.broadcast_to(ok, bad.shape)
+
+    lead = ts.shape
+    out = (jax.ShapeDtypeStruct(lead + x1.shape, dtype), jax.ShapeDtypeStruct(lead + batch, jnp.bool_),
+           jax.ShapeDtypeStruct(lead + batch, jnp.bool_))
+    flags = np.asarray([_RESTORE_CODES[restore], float(orthogonal[0]), float(orthogonal[1])], np.float64)
+    return _with_kernel("sweep", xla, x1, x2, pts, out=out,
+                        attrs={**kernel_attributes(_MATMUL_SQUARINGS), "flags": flags})
+
+
 _CPU_CHUNK_BYTES = 1 * 2**20
 """Target size of one chunk's outputs (all t) when ``sweep`` runs a CPU stack in chunks."""
 
@@ -322,7 +356,9 @@ def _pair_blocks(x1, x2, t, alpha, *, method, restore, angle_tol, orthogonal, al
 
 
 def _sweep_blocks(x1, x2, ts, alpha, *, method, restore, angle_tol, orthogonal, algorithm):
-    # The t-independent decomposition (inverse Cayley of U1^T U2 and its eigh, or the log) is done once here.
+    if method == "geodesic" and algorithm == "matmul":
+        return _geodesic_sweep_matmul(x1, x2, ts, alpha, restore=restore, orthogonal=orthogonal)
+    # The t-independent decomposition (inverse Cayley of U1^T U2 and its eigh) is done once here.
     x1, x2, path = _inputs_and_path(x1, x2, method=method, angle_tol=angle_tol, orthogonal=orthogonal,
                                     algorithm=algorithm)
     if method == "geodesic" and algorithm == "eigh" and restore in ("none", "cayley"):
@@ -458,8 +494,8 @@ def _pair_or_sweep(x1, x2, t, alpha, *, sweep: bool, **options):
     min_blocks = 1 if sweep else _CPU_MIN_CHUNK_BLOCKS
     fast = (options["method"], options["restore"]) == ("cayley", "cayley") and not any(options["orthogonal"])
     exact = (options["method"], options["algorithm"]) == ("geodesic", "matmul")
-    kernel = "cayley" if fast else "geodesic" if exact else None
-    one_pass = not sweep and kernel is not None and native_target(kernel, x1.dtype, x1.shape[-1]) is not None
+    kernel = ("sweep" if sweep else "geodesic") if exact else "cayley" if fast and not sweep else None
+    one_pass = kernel is not None and native_target(kernel, x1.dtype, x1.shape[-1]) is not None
     chunk = _chunk_size(x1, max(1, budget), min_blocks) if n_t and concrete and not one_pass else None
     if chunk is not None:
         return _run_chunked(x1, x2, t, alpha, chunk, sweep=sweep, **options)
@@ -504,20 +540,41 @@ def _is_concrete(*trees) -> bool:
     return not any(isinstance(x, jax.core.Tracer) for x in leaves)
 
 
-def _resolve_algorithm(algorithm: str, *, sweep: bool, dtype) -> str:
-    """``"auto"``: products only (``"matmul"``) for one t in float32, else the spectral path (``"eigh"``).
+def _resolve_algorithm(algorithm: str, *, sweep: bool, dtype, adapter=None) -> str:
+    """``"auto"``: products only (``"matmul"``) for one t in float32, else the spectral path (``"eigh"``);
+    a float32 sweep takes the products where the compiled CPU kernel runs it.
 
     One merge: the product-only log and exp replace the batched ``eigh`` that dominates the exact
     merge on GPUs, and are also faster on CPU (benchmarks/RESULTS.md). Their polynomial is exact
     to float32 round-off but only to ~1e-8, so float64 keeps ``eigh``. A sweep decomposes once
-    and then pays per t: 3 products per point on the ``eigh`` path against about 11 (the
-    exponential) on the product path.
+    and then pays per t. On the CPU the compiled sweep kernel (:func:`_geodesic_sweep_matmul`)
+    then costs an n^2 pass per Taylor term and the restoration's inversion per t: 16 points of the
+    SDXL adapters in about 3.5 merges, against 14 with ``eigh`` (LAPACK's ``eigh``, one core).
+    Elsewhere the products' XLA composition evaluates an exponential per t (about 13 products),
+    and ``eigh``'s 3 products per t win (an H100: 158 against 222 ms for the SDXL adapters,
+    benchmarks/results/experiments_gpu_sweep_h100.json). ``adapter`` (a sweep's first input)
+    says where the arrays are; traced ones are taken to be on JAX's default backend.
     """
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
-    if algorithm == "auto":
-        return "eigh" if sweep or jnp.finfo(dtype).bits > 32 else "matmul"
-    return algorithm
+    if algorithm != "auto":
+        return algorithm
+    if jnp.finfo(dtype).bits > 32:
+        return "eigh"
+    if not sweep:
+        return "matmul"
+    return "matmul" if _native_sweep(adapter, dtype) else "eigh"
+
+
+def _native_sweep(adapter, dtype) -> bool:
+    """Whether a sweep of ``adapter`` runs on the CPU with the compiled sweep kernel for every stack."""
+    if adapter is None or not adapter.stacks:
+        return False
+    arrays = [x for x in jax.tree_util.tree_leaves(adapter) if isinstance(x, jax.Array)]
+    concrete = [x for x in arrays if not isinstance(x, jax.core.Tracer)]
+    platforms = {d.platform for x in concrete for d in x.devices()} if concrete else {jax.default_backend()}
+    blocks = {s.L.shape[-1] for s in adapter.stacks.values()}
+    return platforms == {"cpu"} and all(native_target("sweep", jnp.dtype(dtype), b) is not None for b in blocks)
 
 
 def _check_options(method, restore, scales) -> None:
@@ -771,12 +828,20 @@ def sweep(
     """Merge two adapters at every ``t`` in ``ts`` in one vmapped call per stack.
 
     Equals ``[merge([adapter1, adapter2], t=t, ...) for t in ts]`` stacked on a new leading axis,
-    but the t-independent work -- for ``geodesic`` the inverse Cayley of ``U1^T U2`` and its
-    ``eigh`` (:func:`orthofuse_jax.geometry.geodesic_path`) -- is done once per sweep; each t
-    then costs a few matmuls (plus, for ``restore="exact"``, the decomposition of the merged block,
-    which depends on t). ``algorithm`` as in :func:`merge`, but ``"auto"`` is ``"eigh"`` here:
-    after the one decomposition a point costs 3 products, against about 11 for the exponential
-    of the ``"matmul"`` path.
+    but the t-independent work is done once per sweep:
+
+    * ``algorithm="matmul"``: the relative rotation's log by products; on the CPU, with the
+      compiled kernels, one pass per block then also builds the Taylor coefficients of the whole
+      geodesic ``U1 expm(t X) = sum_k t^k M_k`` (in double, as many as the largest ``|t|`` needs),
+      and each t costs an n^2 pass per term plus its restoration (``"cayley"``: one inversion).
+      Elsewhere each t takes its own exponential (about 13 products).
+    * ``algorithm="eigh"``: the inverse Cayley of ``U1^T U2`` and its ``eigh``
+      (:func:`orthofuse_jax.geometry.geodesic_path`); each t then costs 3 products.
+
+    ``restore="exact"`` adds, per t, the log and exponential of the merged block. ``algorithm`` as
+    in :func:`merge`, but for float32 ``"auto"`` is ``"matmul"`` only where the compiled CPU
+    kernel runs it (16 SDXL points: 3.5 merges, against 14 with ``eigh``), and ``"eigh"``
+    elsewhere (an H100: 158 against 222 ms; :func:`_resolve_algorithm`).
 
     Returns:
       A :class:`GSAdapter` (``orthogonal=True``) whose stacks are ``[T, layers, nb, b, b]`` and
@@ -785,7 +850,7 @@ def sweep(
       As :func:`merge`; the :class:`MergeError` message also gives the offending t.
     """
     _check_options(method, restore, scales)
-    algorithm = _resolve_algorithm(algorithm, sweep=True, dtype=adapter1.dtype)
+    algorithm = _resolve_algorithm(algorithm, sweep=True, dtype=adapter1.dtype, adapter=adapter1)
     check_compatible([adapter1, adapter2])
     _check_t(ts, extrapolate, "ts")
     dtype = adapter1.dtype

@@ -506,13 +506,15 @@ def test_cayley_restored_equals_two_step_reference(dtype, tol):
 
 
 def _counting_chunk_kernel(monkeypatch, sweep: bool):
-    """Set the CPU chunk size of merge (or sweep); returns a function that sets it and counts chunks."""
+    """Set the CPU chunk size of merge (or sweep); returns a function that sets it and counts chunks
+    (its ``algorithms`` attribute lists each chunk call's algorithm)."""
     module = sys.modules["orthofuse_jax.fusion.merge"]  # the package re-exports merge() under this name
-    kernel, calls = module._chunk_kernel, []
+    kernel, calls, algorithms = module._chunk_kernel, [], []
 
     def counted(*args, **kwargs):
         if kwargs["sweep"] == sweep:
             calls.append(kwargs["chunk"])
+            algorithms.append(kwargs["algorithm"])
         return kernel(*args, **kwargs)
 
     monkeypatch.setattr(module, "_chunk_kernel", counted)
@@ -522,8 +524,10 @@ def _counting_chunk_kernel(monkeypatch, sweep: bool):
         monkeypatch.setattr(module, "_CPU_MERGE_CHUNK_BYTES", n)
         monkeypatch.setattr(module, "_CPU_MIN_CHUNK_BLOCKS", 1)
         calls.clear()
+        algorithms.clear()
         return calls
 
+    set_bytes.algorithms = algorithms
     return set_bytes
 
 
@@ -631,19 +635,25 @@ def sweep_chunk_calls(monkeypatch):
 
 
 @chunked_cases
-def test_chunked_sweep_equals_whole_stack(sweep_chunk_calls, method, restore, blocks_per_chunk):
+@pytest.mark.parametrize("algorithm", ["eigh", "matmul"])
+def test_chunked_sweep_equals_whole_stack(sweep_chunk_calls, method, restore, blocks_per_chunk, algorithm):
     """A sweep run in chunks of blocks (all t per chunk) gives the whole-stack sweep bit for bit,
-    and its t = ts[i] slice equals merge at that t to round-off."""
+    and its t = ts[i] slice equals merge at that t to round-off. The product-only exact sweep is
+    one pass of the compiled sweep kernel over the whole stack instead (never chunked)."""
     dtype = np.float32
     ts = np.array([0.0, 0.35, 0.8], dtype)
     for a1, a2 in [(make_adapter(35, dtype=dtype), to_orthogonal(make_adapter(36, dtype=dtype))),
                    (_prime_adapter(37, dtype), _prime_adapter(38, dtype))]:
         sweep_chunk_calls(2**40)
-        whole = sweep(a1, a2, ts, method=method, restore=restore)
+        whole = sweep(a1, a2, ts, method=method, restore=restore, algorithm=algorithm)
         block_bytes = min(s.b for s in a1.stacks.values()) ** 2 * np.dtype(dtype).itemsize
         calls = sweep_chunk_calls(blocks_per_chunk * block_bytes * len(ts))
-        chunked = sweep(a1, a2, ts, method=method, restore=restore)
-        assert calls and max(calls) <= blocks_per_chunk  # really chunked, all t per chunk
+        chunked = sweep(a1, a2, ts, method=method, restore=restore, algorithm=algorithm)
+        if (method, algorithm) == ("geodesic", "matmul") and _native_built():
+            # one kernel pass; only blocks it declined (an angle above 2.4 rad) are redone, in chunks, with eigh
+            assert set(sweep_chunk_calls.algorithms) <= {"eigh"}
+        else:
+            assert calls and max(calls) <= blocks_per_chunk  # really chunked, all t per chunk
         for key, s in whole.stacks.items():
             assert chunked.stacks[key].L.shape == s.L.shape == (len(ts), *a1.stacks[key].L.shape)
             np.testing.assert_array_equal(np.asarray(chunked.stacks[key].L), np.asarray(s.L))

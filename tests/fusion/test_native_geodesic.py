@@ -18,60 +18,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import scipy.linalg
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 from orthofuse_jax import _native
 
+from .geodesic_reference import cay, reference, rotations
+
 merge_module = importlib.import_module("orthofuse_jax.fusion.merge")
 _geodesic_matmul = merge_module._geodesic_matmul
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU kernel")
-
-
-def _skew(x):
-    return 0.5 * (x - np.swapaxes(x, -1, -2))
-
-
-def _cay(a):
-    s = _skew(np.asarray(a, np.float64))
-    eye = np.eye(s.shape[-1])
-    return np.linalg.solve(eye - s, eye + s)
-
-
-def _log(u):
-    x = np.real(scipy.linalg.logm(u))
-    return _skew(x)
-
-
-def _reference(x1, x2, t, f, restore, orthogonal):
-    """float64: ``U1 expm(t logm(U1^T U2))``, then Cay(f/2 Y), expm(f logm(Y)) or nothing."""
-    batch = np.broadcast_shapes(x1.shape[:-2], np.shape(t), np.shape(f))
-    n = x1.shape[-1]
-    u1 = np.broadcast_to(np.asarray(x1, np.float64) if orthogonal[0] else _cay(x1), batch + (n, n)).reshape(-1, n, n)
-    u2 = np.broadcast_to(np.asarray(x2, np.float64) if orthogonal[1] else _cay(x2), batch + (n, n)).reshape(-1, n, n)
-    tb = np.broadcast_to(np.asarray(t, np.float64), batch).reshape(-1)
-    fb = np.broadcast_to(np.asarray(f, np.float64), batch).reshape(-1)
-    out = []
-    for a, b, tt, ff in zip(u1, u2, tb, fb):
-        y = a @ scipy.linalg.expm(tt * _log(a.T @ b))
-        if restore == "cayley":
-            k = 0.5 * ff * _skew(y)
-            y = np.linalg.solve(np.eye(n) - k, np.eye(n) + k)
-        elif restore == "exact":
-            y = scipy.linalg.expm(ff * _log(y))
-        out.append(y)
-    return np.stack(out).reshape(batch + (n, n))
-
-
-def _rotations(rng, shape, n, angle):
-    """Raw Cayley parameters whose rotations turn by at most about ``angle`` per plane."""
-    a = rng.standard_normal((*shape, n, n))
-    s = _skew(a)
-    norm = np.linalg.norm(s, ord=2, axis=(-2, -1))[..., None, None] if n > 1 else 1.0
-    return s / np.maximum(norm, 1e-12) * np.tan(angle / 2)
 
 
 def _uses_kernel(fn, *args) -> bool:
@@ -86,9 +44,9 @@ def _uses_kernel(fn, *args) -> bool:
 def test_matches_scipy_float64(dtype, tol, n, batch, restore, orthogonal, per_block, seed):
     rng = np.random.default_rng(seed)
     # each rotation up to 0.9 rad per plane: relative angles up to 1.8, inside the interpolant's 2.4
-    x1, x2 = (_rotations(rng, batch, n, 0.9) for _ in range(2))
-    x1 = _cay(x1) if orthogonal[0] else x1
-    x2 = _cay(x2) if orthogonal[1] else x2
+    x1, x2 = (rotations(rng, batch, n, 0.9) for _ in range(2))
+    x1 = cay(x1) if orthogonal[0] else x1
+    x2 = cay(x2) if orthogonal[1] else x2
     if per_block:
         t = rng.uniform(-0.3, 1.3, batch)
         f = rng.uniform(1.0, 2.0, batch)
@@ -98,12 +56,12 @@ def test_matches_scipy_float64(dtype, tol, n, batch, restore, orthogonal, per_bl
                                   jnp.asarray(f, dtype), restore=restore, orthogonal=orthogonal)
     assert y.dtype == dtype and bad.shape == ok.shape == batch
     assert np.all(np.asarray(ok)) and not np.any(np.asarray(bad))
-    np.testing.assert_allclose(np.asarray(y), _reference(x1, x2, t, f, restore, orthogonal), atol=tol, rtol=0)
+    np.testing.assert_allclose(np.asarray(y), reference(x1, x2, t, f, restore, orthogonal), atol=tol, rtol=0)
 
 
 def test_the_merge_runs_the_kernel_where_built_and_gpus_never_do():
     rng = np.random.default_rng(1)
-    x1, x2 = (_rotations(rng, (4,), 12, 0.5).astype(np.float32) for _ in range(2))
+    x1, x2 = (rotations(rng, (4,), 12, 0.5).astype(np.float32) for _ in range(2))
     fn = lambda a, b: _geodesic_matmul(a, b, 0.3, 1.4, restore="cayley", orthogonal=(False, False))  # noqa: E731
     traced = jax.jit(fn).trace(x1, x2)
     assert "orthofuse_geodesic" not in traced.lower(lowering_platforms=("cuda",)).as_text()
@@ -133,7 +91,7 @@ def test_declined_blocks_are_those_the_interpolant_or_the_squarings_cannot_take(
     np.testing.assert_array_equal(np.asarray(bad), ~want)
     assert np.all(np.isnan(np.asarray(y)[~want]))
     good = np.flatnonzero(want)
-    np.testing.assert_allclose(np.asarray(y)[good], _reference(x1[good], x2[good], ts[good], 1.0, "none", (False, False)),
+    np.testing.assert_allclose(np.asarray(y)[good], reference(x1[good], x2[good], ts[good], 1.0, "none", (False, False)),
                                atol=1e-7, rtol=0)
     far = np.zeros((1, n, n))
     far[0, 1, 2], far[0, 2, 1] = -np.tan(0.5), np.tan(0.5)  # 1 rad, t = 20: 20 rad needs 6 squarings
@@ -146,17 +104,17 @@ def test_declined_blocks_are_those_the_interpolant_or_the_squarings_cannot_take(
 def test_threads_split_the_batch(monkeypatch, threads):
     monkeypatch.setenv("ORTHOFUSE_JAX_THREADS", threads)
     rng = np.random.default_rng(5)
-    x1, x2 = (_rotations(rng, (37,), 40, 0.8) for _ in range(2))
+    x1, x2 = (rotations(rng, (37,), 40, 0.8) for _ in range(2))
     t = rng.uniform(0.0, 1.0, 37)
     y, _, ok = _geodesic_matmul(jnp.asarray(x1), jnp.asarray(x2), jnp.asarray(t), 1.7, restore="cayley",
                                 orthogonal=(False, False))
     assert np.all(np.asarray(ok))
-    np.testing.assert_allclose(np.asarray(y), _reference(x1, x2, t, 1.7, "cayley", (False, False)), atol=5e-8, rtol=0)
+    np.testing.assert_allclose(np.asarray(y), reference(x1, x2, t, 1.7, "cayley", (False, False)), atol=5e-8, rtol=0)
 
 
 def test_derivatives_are_the_xla_compositions():
     rng = np.random.default_rng(6)
-    x1, x2 = (_rotations(rng, (3,), 5, 0.6) for _ in range(2))
+    x1, x2 = (rotations(rng, (3,), 5, 0.6) for _ in range(2))
 
     def fn(a, b, t):
         return _geodesic_matmul(a, b, t, 1.5, restore="cayley", orthogonal=(False, False))[0]
