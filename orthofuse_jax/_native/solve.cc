@@ -864,14 +864,18 @@ size_t SweepWorkspace(int64_t n) {
   return Round8(GeodesicWorkspace<T>(n)) + static_cast<size_t>((kSweepTerms + kSweepBatch + 1) * n * Round8(n));
 }
 
-// out[c] = sum_k t[c]^k m[k] for C values of t at once (terms buffers of nd doubles, nd a multiple
+// out[c] = scale[c] sum_k t[c]^k m[k] for C values of t at once (terms buffers of nd doubles, nd a multiple
 // of kW), by Horner's rule: each m[k] vector is loaded once for all C, two vectors at a time (2 C
 // independent chains of multiply-adds). The m[k] (15 x 12.8 KB at n = 40) come from the L2 cache,
 // whose bandwidth one t at a time would be the limit.
 template <int C>
-ORTHOFUSE_INLINE void HornerBlocks(const double* m, int64_t terms, int64_t nd, const double* t, double* const* out) {
-  vd tv[C];
-  for (int c = 0; c < C; ++c) tv[c] = Splat(t[c]);
+ORTHOFUSE_INLINE void HornerBlocks(const double* m, int64_t terms, int64_t nd, const double* t, const double* scale,
+                                   double* const* out) {
+  vd tv[C], sv[C];
+  for (int c = 0; c < C; ++c) {
+    tv[c] = Splat(t[c]);
+    sv[c] = Splat(scale[c]);
+  }
   const double* top = m + (terms - 1) * nd;
   int64_t q = 0;
   for (; q + 2 * kW <= nd; q += 2 * kW) {
@@ -888,8 +892,8 @@ ORTHOFUSE_INLINE void HornerBlocks(const double* m, int64_t terms, int64_t nd, c
       }
     }
     for (int c = 0; c < C; ++c) {
-      Store(out[c] + q, a[c][0]);
-      Store(out[c] + q + kW, a[c][1]);
+      Store(out[c] + q, a[c][0] * sv[c]);
+      Store(out[c] + q + kW, a[c][1] * sv[c]);
     }
   }
   for (; q < nd; q += kW) {
@@ -899,7 +903,7 @@ ORTHOFUSE_INLINE void HornerBlocks(const double* m, int64_t terms, int64_t nd, c
       const vd mj = Load(m + j * nd + q);
       for (int c = 0; c < C; ++c) a[c] = a[c] * tv[c] + mj;
     }
-    for (int c = 0; c < C; ++c) Store(out[c] + q, a[c]);
+    for (int c = 0; c < C; ++c) Store(out[c] + q, a[c] * sv[c]);
   }
 }
 
@@ -934,17 +938,35 @@ ORTHOFUSE_INLINE void SweepBlocks(const T* x1, const T* x2, const T* pts, T* y, 
     if (good) {
       CopyBlock(v, nq, xd, np, n);
       std::memcpy(m, ud, sizeof(double) * nd);  // M_0 = U1, in double
-      double fact = 1;  // k!
+      double fact = 1, tk = 1;  // k!, tmax^k
+      bool low = false;  // the remaining terms' products in T (float: 16 lanes) instead of double
+      T *mf = u, *mf2 = w;  // (u and w are free after RelativeLog)
       good = false;
       for (int64_t k = 1; k < kSweepTerms && !good; ++k) {
         double* mk = m + k * nd;
-        MulOut(mk - nd, xd, mk, n, np);
         const double inv = 1.0 / static_cast<double>(k);
-        for (int64_t q = 0; q < nd; ++q) mk[q] *= inv;
+        if (low) {
+          MulOut(mf, v, mf2, n, nq);
+          for (int64_t q = 0; q < nn; ++q) mf2[q] *= static_cast<T>(inv);
+          std::swap(mf, mf2);
+          CopyBlock(mf, nq, mk, np, n);
+        } else {
+          MulOut(mk - nd, xd, mk, n, np);
+          for (int64_t q = 0; q < nd; ++q) mk[q] *= inv;
+        }
         terms = k + 1;
         fact *= static_cast<double>(k);
+        tk *= tmax;
+        const double norm = std::sqrt(SumSquares(mk, n, np));  // ||M_k||_F
         // 1.0001: U1 (given orthogonal, in float) may be orthogonal only to the input's round-off
-        const double rho = 1.0001 * tmax * std::pow(fact * std::sqrt(SumSquares(mk, n, np)), 1.0 / k);
+        const double rho = 1.0001 * tmax * std::pow(fact * norm, 1.0 / k);
+        // Once the terms shrink (rho < k + 1) from one below 2^-6 (|t|^k ||M_k||, the orthogonal
+        // gamma(t) having norm 1), float32 products' rounding, relative to each term, adds at most
+        // about 2^-5 of an ulp: the rest of the series in T (for float32 input: twice the rate).
+        if (!std::is_same<T, double>::value && !low && tk * norm <= 1.0 / 64 && rho < k + 1) {
+          low = true;
+          CopyBlock(mk, np, mf, nq, n);
+        }
         if (rho == 0) {
           good = true;
         } else if (rho < k + 2) {  // (false for NaN)
@@ -965,18 +987,19 @@ ORTHOFUSE_INLINE void SweepBlocks(const T* x1, const T* x2, const T* pts, T* y, 
     }
     for (int64_t k0 = 0; k0 < nt; k0 += kSweepBatch) {
       const int cnt = static_cast<int>(std::min<int64_t>(kSweepBatch, nt - k0));
-      double tb[kSweepBatch];
+      double tb[kSweepBatch], sb[kSweepBatch];
       double* hb[kSweepBatch];
       for (int c = 0; c < cnt; ++c) {
         tb[c] = p[2 * (k0 + c)];
+        sb[c] = restore == 1 ? -0.5 * static_cast<double>(p[2 * (k0 + c) + 1]) : 1.0;
         hb[c] = m + (kSweepTerms + c) * nd;
       }
-      if (good) {  // hb[c] = gamma(t), or its skew part
+      if (good) {  // hb[c] = gamma(t), or for restore 1: -f/2 skew(gamma(t))
         switch (cnt) {
-          case 4: HornerBlocks<4>(m, terms, nd, tb, hb); break;
-          case 3: HornerBlocks<3>(m, terms, nd, tb, hb); break;
-          case 2: HornerBlocks<2>(m, terms, nd, tb, hb); break;
-          default: HornerBlocks<1>(m, terms, nd, tb, hb); break;
+          case 4: HornerBlocks<4>(m, terms, nd, tb, sb, hb); break;
+          case 3: HornerBlocks<3>(m, terms, nd, tb, sb, hb); break;
+          case 2: HornerBlocks<2>(m, terms, nd, tb, sb, hb); break;
+          default: HornerBlocks<1>(m, terms, nd, tb, sb, hb); break;
         }
       }
       for (int64_t k = k0; k < k0 + cnt; ++k) {
@@ -986,8 +1009,6 @@ ORTHOFUSE_INLINE void SweepBlocks(const T* x1, const T* x2, const T* pts, T* y, 
         const double f = p[2 * k + 1];
         double* h = hb[k - k0];
         if (gk && restore == 1) {  // Cay(f/2 gamma(t)) = 2 (I - f/2 skew(gamma(t)))^{-1} - I
-          const double c = -0.5 * f;
-          for (int64_t q = 0; q < nd; ++q) h[q] *= c;
           for (int64_t a = 0; a < n; ++a) h[a * np + a] += 1;
           GaussJordan<true>(h, n, np);
           bad[at] = AnyNotFinite(h, n, np);
