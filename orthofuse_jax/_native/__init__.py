@@ -5,8 +5,10 @@ and without one the install still succeeds and this module reports it missing) h
 solves without pivoting for the Cayley maps (:func:`orthofuse_jax.geometry._linalg.solve_pd`)
 and the Cayley maps themselves, fused with the skew part and, for the fast merge, with its
 restoration (:func:`orthofuse_jax.geometry._linalg.cayley_map`), the points of a decomposed
-geodesic (:func:`orthofuse_jax.geometry._linalg.geodesic_point`), and the product-only exact merge
-(``orthofuse_jax.fusion.merge._geodesic_matmul``: float32 input gets float32 products).
+geodesic (:func:`orthofuse_jax.geometry._linalg.geodesic_point`), the product-only exact merge
+(``orthofuse_jax.fusion.merge._geodesic_matmul``: float32 input gets float32 products) and its
+sweep over many t (``merge._geodesic_sweep_matmul``: the log once per block, then the geodesic's
+Taylor coefficients).
 Set ``ORTHOFUSE_JAX_NATIVE=0`` to use jaxlib's LAPACK solve instead; it is read when a function
 is traced, so set it before the first merge (or call ``jax.clear_caches()``). A large call splits
 its blocks over the CPUs the process may run on (its affinity mask); ``ORTHOFUSE_JAX_THREADS=N``,
@@ -35,8 +37,9 @@ def _target_name(kernel: str, dtype: str) -> str:
 
 
 def target(kernel: str, dtype) -> str | None:
-    """The registered FFI target of ``kernel`` (``"solve"``, ``"cayley"``, ``"point"``, ``"geodesic"``) for ``dtype``, or None
-    (not built, disabled by ``ORTHOFUSE_JAX_NATIVE=0``, or another dtype)."""
+    """The registered FFI target of ``kernel`` (``"solve"``, ``"cayley"``, ``"point"``, ``"geodesic"``,
+    ``"sweep"``) for ``dtype``, or None (not built, disabled by ``ORTHOFUSE_JAX_NATIVE=0``, or another
+    dtype)."""
     if not enabled():
         return None
     name = getattr(dtype, "name", str(dtype))
