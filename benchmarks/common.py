@@ -192,6 +192,22 @@ def time_fn(fn: Callable[[], Any], *, reps: int = 5, warmup: int = 1) -> dict[st
     }
 
 
+def first_and_median(fn: Callable[[], Any], reps: int = 5) -> dict[str, float]:
+    """Seconds of the first call of ``fn()`` (compile + run) and the median and minimum of ``reps``
+    more; JAX results are waited for (the experiments' quick timing, without CPU time or load)."""
+    import jax
+
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    first = time.perf_counter() - t0
+    wall = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        wall.append(time.perf_counter() - t0)
+    return {"first": first, "median": float(np.median(wall)), "min": min(wall)}
+
+
 def compile_time(jitted, *args, keep: dict | None = None, key: str | None = None, **kwargs) -> dict[str, float]:
     """Seconds to trace+lower and to compile ``jitted(*args)`` (ahead of time, not cached).
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import orthofuse_jax  # noqa: F401  (first: runtime flags before JAX starts)
@@ -31,15 +29,8 @@ from orthofuse_jax.fusion.merge import merge, sweep
 
 
 def _timed(f, reps: int):
-    t0 = time.perf_counter()
-    common.block(f())
-    first = time.perf_counter() - t0
-    wall = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        common.block(f())
-        wall.append(time.perf_counter() - t0)
-    return {"first_s": round(first, 3), "median_s": round(statistics.median(wall), 5)}
+    r = common.first_and_median(f, reps)
+    return {"first_s": round(r["first"], 3), "median_s": round(r["median"], 5)}
 
 
 def main(argv=None) -> dict:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -32,16 +31,7 @@ from orthofuse_jax.fusion.merge import merge, sweep
 from orthofuse_jax.geometry import spectral
 
 
-def _timed(f, reps=5):
-    t0 = time.perf_counter()
-    jax.block_until_ready(f())
-    first = time.perf_counter() - t0
-    wall = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f())
-        wall.append(time.perf_counter() - t0)
-    return {"first": first, "median": statistics.median(wall), "min": min(wall)}
+_timed = common.first_and_median
 
 
 def _eigh_sq_with(impl):

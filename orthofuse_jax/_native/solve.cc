@@ -1422,33 +1422,24 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(OrthofusePointF64, PointF64Impl,
                                   .Arg<ffi::Buffer<ffi::F64>>()
                                   .Ret<ffi::Buffer<ffi::F64>>());
 
-#define ORTHOFUSE_GEODESIC_BINDING(DT)                       \
+// The geodesic kernels' arguments: X1, X2, the coefficients / points, and the polynomials.
+#define ORTHOFUSE_POLY_ARGS(DT)                              \
   ffi::Ffi::Bind()                                           \
       .Arg<ffi::Buffer<DT>>()                                \
       .Arg<ffi::Buffer<DT>>()                                \
       .Arg<ffi::Buffer<DT>>()                                \
       .Attr<ffi::Span<const double>>("log_coef")             \
       .Attr<ffi::Span<const double>>("exp_coef")             \
-      .Attr<ffi::Span<const double>>("params")               \
-      .Ret<ffi::Buffer<DT>>()                                \
-      .Ret<ffi::Buffer<ffi::PRED>>()                         \
-      .Ret<ffi::Buffer<ffi::PRED>>()
+      .Attr<ffi::Span<const double>>("params")
+#define ORTHOFUSE_Y_BAD_OK(DT) .Ret<ffi::Buffer<DT>>().Ret<ffi::Buffer<ffi::PRED>>().Ret<ffi::Buffer<ffi::PRED>>()
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(OrthofuseGeodesicF32, GeodesicF32Impl, ORTHOFUSE_GEODESIC_BINDING(ffi::F32));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(OrthofuseGeodesicF64, GeodesicF64Impl, ORTHOFUSE_GEODESIC_BINDING(ffi::F64));
-
-#define ORTHOFUSE_SWEEP_BINDING(DT)                          \
-  ffi::Ffi::Bind()                                           \
-      .Arg<ffi::Buffer<DT>>()                                \
-      .Arg<ffi::Buffer<DT>>()                                \
-      .Arg<ffi::Buffer<DT>>()                                \
-      .Attr<ffi::Span<const double>>("log_coef")             \
-      .Attr<ffi::Span<const double>>("exp_coef")             \
-      .Attr<ffi::Span<const double>>("params")               \
-      .Attr<ffi::Span<const double>>("flags")                \
-      .Ret<ffi::Buffer<DT>>()                                \
-      .Ret<ffi::Buffer<ffi::PRED>>()                         \
-      .Ret<ffi::Buffer<ffi::PRED>>()
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(OrthofuseSweepF32, SweepF32Impl, ORTHOFUSE_SWEEP_BINDING(ffi::F32));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(OrthofuseSweepF64, SweepF64Impl, ORTHOFUSE_SWEEP_BINDING(ffi::F64));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OrthofuseGeodesicF32, GeodesicF32Impl,
+                              ORTHOFUSE_POLY_ARGS(ffi::F32) ORTHOFUSE_Y_BAD_OK(ffi::F32));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OrthofuseGeodesicF64, GeodesicF64Impl,
+                              ORTHOFUSE_POLY_ARGS(ffi::F64) ORTHOFUSE_Y_BAD_OK(ffi::F64));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OrthofuseSweepF32, SweepF32Impl,
+                              ORTHOFUSE_POLY_ARGS(ffi::F32).Attr<ffi::Span<const double>>("flags")
+                                  ORTHOFUSE_Y_BAD_OK(ffi::F32));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(OrthofuseSweepF64, SweepF64Impl,
+                              ORTHOFUSE_POLY_ARGS(ffi::F64).Attr<ffi::Span<const double>>("flags")
+                                  ORTHOFUSE_Y_BAD_OK(ffi::F64));
