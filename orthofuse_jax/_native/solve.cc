@@ -327,7 +327,7 @@ double* Workspace(size_t doubles) {
 // before a kernel fills it. XLA hands over fresh memory, and filled 4 KB page by page it takes a
 // trap per page: on this project's machine (a virtual one) a 16-point sweep of the SDXL adapters
 // (4.8 GB) spent 2.5-2.9 s of system time in 1.2 million of them and sometimes 20% more wall time;
-// faulted in up front, 1.6 s and no slow runs (benchmarks/RESULTS.md). Only whole pages inside the
+// faulted in up front, about 1.5 s and no slow runs (benchmarks/RESULTS.md). Only whole pages inside the
 // range; a hint: failure (an older kernel) is ignored, and the contents are not changed.
 void Prefault(void* p, size_t bytes) {
 #if defined(__linux__) && defined(MADV_POPULATE_WRITE)
@@ -754,16 +754,20 @@ ORTHOFUSE_INLINE void PolarBlock(const T* y, T* out, T* const* s, int64_t n, int
   for (int64_t i = 0; i < n * np; ++i) out[i] *= static_cast<T>(0.5);
 }
 
-// t <- I - c (t - t^T) / 2 (IMinusSkew) through the transpose in scratch: whole rows, vectorized
-// where the transpose is. An inf or NaN on the diagonal poisons the block (inf - inf), as in the
-// XLA formula.
-ORTHOFUSE_INLINE void IMinusSkewVia(double* t, double* scratch, double c, int64_t n, int64_t np) {
+// t <- h (t - t^T), padding columns zero, through the transpose in scratch (whose padding columns
+// are never written or read): whole rows, vectorized where the transpose is. An inf or NaN on the
+// diagonal poisons the block (inf - inf), as in the XLA formula.
+ORTHOFUSE_INLINE void ScaledSkewVia(double* t, double* scratch, double h, int64_t n, int64_t np) {
   Transpose(t, scratch, n, np);
-  const double h = -0.5 * c;
   for (int64_t i = 0; i < n; ++i) {
     for (int64_t j = 0; j < n; ++j) t[i * np + j] = h * (t[i * np + j] - scratch[i * np + j]);
     for (int64_t j = n; j < np; ++j) t[i * np + j] = 0;
   }
+}
+
+// t <- I - c (t - t^T) / 2 (IMinusSkew) through the transpose in scratch (ScaledSkewVia).
+ORTHOFUSE_INLINE void IMinusSkewVia(double* t, double* scratch, double c, int64_t n, int64_t np) {
+  ScaledSkewVia(t, scratch, -0.5 * c, n, np);
   for (int64_t i = 0; i < n; ++i) t[i * np + i] += 1;
 }
 
@@ -893,7 +897,7 @@ size_t GeodesicWorkspace(int64_t n) {
 // rho_k = max|t| (k! ||M_k||_F)^(1/k) >= max|t| theta the terms after k sum to at most
 //   rho_k^(k+1) / (k+1)! / (1 - rho_k / (k+2)),
 // and (k! ||M_k||_F)^(1/k) <= n^(1/2k) theta tightens as k grows (at the SDXL adapters' angles,
-// about 1.5 rad, 15-16 products). Then per t: gamma(t) by Horner's rule (an n^2 pass per term),
+// about 1.5 rad, 13-14 terms; the small ones multiply in float for float32 input). Then per t: gamma(t) by Horner's rule (an n^2 pass per term),
 // and the restoration: none; Cay(f/2 gamma(t)), which needs only skew(gamma(t)) = sum_k t^k
 // skew(M_k), so the M_k are replaced by their skew parts once and every t costs the Horner pass
 // and one inversion; or exp(f log gamma(t)) (RestoreExact). One exponential per t of the single
@@ -913,7 +917,7 @@ size_t SweepWorkspace(int64_t n) {
 
 // out[c] = scale[c] sum_k t[c]^k m[k] for C values of t at once (terms buffers of nd doubles, nd a multiple
 // of kW), by Horner's rule: each m[k] vector is loaded once for all C, two vectors at a time (2 C
-// independent chains of multiply-adds). The m[k] (15 x 12.8 KB at n = 40) come from the L2 cache,
+// independent chains of multiply-adds). The m[k] (13-14 x 12.8 KB at n = 40) come from the L2 cache,
 // whose bandwidth one t at a time would be the limit.
 template <int C>
 ORTHOFUSE_INLINE void HornerBlocks(const double* m, int64_t terms, int64_t nd, const double* t, const double* scale,
@@ -1028,16 +1032,8 @@ ORTHOFUSE_INLINE void SweepBlocks(const T* x1, const T* x2, const T* pts, T* y, 
         }
       }
     }
-    if (good && restore == 1) {  // only skew(gamma(t)) is needed: M_k <- skew(M_k)
-      for (int64_t k = 0; k < terms; ++k) {
-        double* mk = m + k * nd;
-        Transpose(mk, sd, n, np);  // (sd's padding columns are not written: they may hold anything)
-        for (int64_t a = 0; a < n; ++a) {
-          for (int64_t b = 0; b < n; ++b) mk[a * np + b] = 0.5 * (mk[a * np + b] - sd[a * np + b]);
-          for (int64_t b = n; b < np; ++b) mk[a * np + b] = 0;
-        }
-      }
-    }
+    if (good && restore == 1)  // only skew(gamma(t)) is needed: M_k <- skew(M_k)
+      for (int64_t k = 0; k < terms; ++k) ScaledSkewVia(m + k * nd, sd, 0.5, n, np);
     for (int64_t k0 = 0; k0 < nt; k0 += kSweepBatch) {
       const int cnt = static_cast<int>(std::min<int64_t>(kSweepBatch, nt - k0));
       double tb[kSweepBatch], sb[kSweepBatch];
