@@ -381,7 +381,7 @@ def main(argv=None) -> dict:
     def run(name, fn, reps):
         tm[name] = common.time_fn(fn, reps=reps)
         print(f"  {name:32s} median {common.fmt_s(tm[name]['median'])}  (cpu {common.fmt_s(tm[name]['cpu_median'])}, "
-              f"load {tm[name]['load1_before']:.1f})", flush=True)
+              f"sys {common.fmt_s(tm[name]['sys_median'])}, load {tm[name]['load1_before']:.1f})", flush=True)
         common.write_json(args.out, results)
 
     run("ours.fast", lambda: common.block(ours["fast"](a1, a2, t)), args.reps)
@@ -494,7 +494,12 @@ def main(argv=None) -> dict:
 def render_table(res: dict) -> str:
     tm, r, comp = res["timings"], res["ratios"], res["compile"]["jit_whole_merge"]
     g = lambda k: common.fmt_s(tm[k]["median"]) if k in tm else "-"  # noqa: E731
-    cpu = lambda k: common.fmt_s(tm[k]["cpu_median"]) if k in tm else "-"  # noqa: E731
+    def cpu(k):  # process CPU time, and its system part (faulting in fresh memory) where recorded
+        if k not in tm or tm[k].get("cpu_median") is None:
+            return "-"
+        sys_ = tm[k].get("sys_median")
+        return common.fmt_s(tm[k]["cpu_median"]) + (f" (sys {common.fmt_s(sys_)})" if sys_ is not None else "")
+
     ct = lambda k: common.fmt_s(comp[k]["total"]) if k in comp else "-"  # noqa: E731
     rows = [
         ["fast: Cayley space + curve_over_id", g("ours.fast"), cpu("ours.fast"), g("ours.jit.fast"),

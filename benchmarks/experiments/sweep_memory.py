@@ -1,0 +1,102 @@
+"""How much of the 16-point sweep's time is the operating system handing over fresh memory.
+
+    python -m benchmarks.experiments.sweep_memory [--reps 5] [--warmup 3] [--inventory 20:60,...]
+
+A sweep of the SDXL adapters returns 4.8 GB (16 points x L and R x 150 MB), 16 times a merge's
+output. Where freed memory goes back to the system (glibc returns allocations above 32 MB with
+``munmap``) and, on a virtual machine, from the guest to the host (free page reporting), every
+call faults its output in afresh: system time, counted in the sweep's wall time but not in its
+arithmetic. This runs the exact merge and the sweep with ``merge_sdxl``'s protocol (``time_fn``:
+the previous result is alive during the next call) in two fresh processes, side by side:
+
+* ``default``: the process as a user runs it.
+* ``retain``: glibc told to keep freed memory in the process (``MALLOC_MMAP_MAX_=0``: no
+  allocation of its own ``mmap``, ``MALLOC_TRIM_THRESHOLD_`` 64 GiB: the heap never shrinks), so
+  that once the heap holds two results (the warm-up calls) the next calls reuse pages that are
+  already faulted in. A knob of the C library for the whole process, not something orthofuse-jax
+  sets: the process keeps its high-water mark of memory. (``MALLOC_MMAP_THRESHOLD_`` cannot do
+  this: glibc ignores values above 32 MB, and one SDXL stack's sweep output is 100-900 MB.)
+
+Each prints wall, user and system time (medians) and the sweep / merge ratio (issue 5: at most 4).
+Writes ``results/experiments_sweep_memory.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from .. import common
+
+RETAIN = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 * 2**30)}
+
+
+def worker(reps: int, warmup: int, inventory) -> dict:
+    from orthofuse_jax.fusion.merge import merge, sweep
+
+    a1, a2 = common.make_adapter_pair(inventory)
+    ts = np.linspace(0.0, 1.0, 16).astype(np.float32)
+    out = {}
+    for name, fn in (("merge", lambda: merge([a1, a2], t=0.6, method="geodesic", restore="cayley")),
+                     ("sweep", lambda: sweep(a1, a2, ts, method="geodesic", restore="cayley"))):
+        for _ in range(warmup):  # the first compiles
+            result = common.block(fn())
+        wall, user, sys_ = [], [], []
+        for _ in range(reps):  # as common.time_fn: the previous result stays alive during the call
+            t0, c0 = time.perf_counter(), os.times()
+            result = common.block(fn())
+            c1 = os.times()
+            wall.append(time.perf_counter() - t0)
+            user.append(c1.user - c0.user)
+            sys_.append(c1.system - c0.system)
+        del result
+        out[name] = {"median": float(np.median(wall)), "user": float(np.median(user)),
+                     "sys": float(np.median(sys_)), "times": wall}
+    out["sweep_over_merge"] = out["sweep"]["median"] / out["merge"]["median"]
+    out["user_ratio"] = out["sweep"]["user"] / out["merge"]["user"]
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls first, in both processes")
+    p.add_argument("--inventory", default=None, help="b:layers,... (default: full SDXL)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    inventory = common.parse_inventory(args.inventory) if args.inventory else common.SDXL_INVENTORY
+    if args.worker:
+        print(json.dumps(worker(args.reps, args.warmup, inventory)))
+        return
+    res = {"machine": common.machine(), "reps": args.reps, "warmup": args.warmup, "inventory": inventory,
+           "environment": RETAIN, "runs": {}}
+    extra = ["--reps", str(args.reps), "--warmup", str(args.warmup)]
+    extra += ["--inventory", args.inventory] if args.inventory else []
+    for name, env in (("default", {}), ("retain", RETAIN)):
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            r = common.run_worker("benchmarks.experiments.sweep_memory", ["--worker", *extra])
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+        res["runs"][name] = r
+        m, s = r["merge"], r["sweep"]
+        print(f"{name:8s} merge {common.fmt_s(m['median'])} (user {common.fmt_s(m['user'])}, sys "
+              f"{common.fmt_s(m['sys'])})  sweep {common.fmt_s(s['median'])} (user {common.fmt_s(s['user'])}, sys "
+              f"{common.fmt_s(s['sys'])})  sweep/merge {r['sweep_over_merge']:.2f} (user time {r['user_ratio']:.2f})",
+              flush=True)
+    path = common.write_json("experiments_sweep_memory", res)
+    print(f"written {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
