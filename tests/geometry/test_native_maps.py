@@ -223,13 +223,15 @@ def test_threads_split_large_batches(monkeypatch, threads):
 
 @pytest.mark.parametrize("native", ["1", "0"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_flag_marks_exactly_the_blocks_with_inf_or_nan(monkeypatch, native, dtype):
-    """``with_flag=True`` (the merges' "bad block" flag): the kernel's, read from its cache, and the
-    XLA formula's agree with numpy's ``isfinite`` on the float64 reference, block by block."""
+@pytest.mark.parametrize("n", [13, 16])
+def test_flag_marks_exactly_the_blocks_with_inf_or_nan(monkeypatch, native, dtype, n):
+    """``with_flag=True`` (the merges' "bad block" flag): the kernel's, computed in its output pass,
+    and the XLA formula's agree with numpy's ``isfinite`` on the float64 reference, block by block
+    (n = 16: the kernel's vector output pass; 13: its scalar one)."""
     monkeypatch.setenv("ORTHOFUSE_JAX_NATIVE", native)
     jax.clear_caches()
     rng = np.random.default_rng(9)
-    x1, x2 = (0.5 * rng.standard_normal((40, 13, 13)).astype(dtype) for _ in range(2))
+    x1, x2 = (0.5 * rng.standard_normal((40, n, n)).astype(dtype) for _ in range(2))
     x1[3, 2, 5] = np.nan
     x2[7, 0, 0] = np.inf  # the diagonal: skew(X2) is inf - inf = nan there
     x1[11, 12, 1] = -np.inf
@@ -248,7 +250,7 @@ def test_flag_marks_exactly_the_blocks_with_inf_or_nan(monkeypatch, native, dtyp
     f = lambda a: cayley_map(a, with_flag=True)[0]  # noqa: E731
     a = jnp.asarray(x1[:2].astype(np.float64))
     check_grads(f, (a,), order=1, modes=("fwd", "rev"), atol=1e-6, rtol=1e-6)
-    vm = jax.vmap(lambda a: cayley_map(a, with_flag=True))(jnp.asarray(x1).reshape(4, 10, 13, 13))
+    vm = jax.vmap(lambda a: cayley_map(a, with_flag=True))(jnp.asarray(x1).reshape(4, 10, n, n))
     np.testing.assert_array_equal(np.asarray(vm[1]).reshape(40), np.asarray(cayley_map(x1, with_flag=True)[1]))
     monkeypatch.delenv("ORTHOFUSE_JAX_NATIVE")
     jax.clear_caches()
