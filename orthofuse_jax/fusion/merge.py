@@ -549,8 +549,9 @@ def _resolve_algorithm(algorithm: str, *, sweep: bool, dtype, adapter=None) -> s
     to float32 round-off but only to ~1e-8, so float64 keeps ``eigh``. A sweep decomposes once
     and then pays per t. On the CPU the compiled sweep kernel (:func:`_geodesic_sweep_matmul`)
     then costs an n^2 pass per Taylor term and the restoration's inversion per t: 16 points of the
-    SDXL adapters in 4.1 merges on two cores (3.4-3.7 where the previous result's memory is
-    reused), against 15.3 with ``eigh`` (LAPACK's ``eigh`` on one core).
+    SDXL adapters in 2.9-3.1 merges of arithmetic on two cores (3.9-5.2 merges of wall time on
+    the benchmark's virtual machine, which faults the 4.8 GB output in afresh on every call),
+    against 15.3 with ``eigh`` (LAPACK's ``eigh`` on one core).
     Elsewhere the products' XLA composition evaluates an exponential per t (about 13 products),
     and ``eigh``'s 3 products per t win (an H100: 158 against 222 ms for the SDXL adapters,
     benchmarks/results/experiments_gpu_sweep_h100.json). ``adapter`` (a sweep's first input)
@@ -841,8 +842,8 @@ def sweep(
 
     ``restore="exact"`` adds, per t, the log and exponential of the merged block. ``algorithm`` as
     in :func:`merge`, but for float32 ``"auto"`` is ``"matmul"`` only where the compiled CPU
-    kernel runs it (16 SDXL points: 4.1 merges, against 15.3 with ``eigh``), and ``"eigh"``
-    elsewhere (an H100: 158 against 222 ms; :func:`_resolve_algorithm`).
+    kernel runs it (16 SDXL points: about 3 merges of arithmetic, against 15.3 with ``eigh``),
+    and ``"eigh"`` elsewhere (an H100: 158 against 222 ms; :func:`_resolve_algorithm`).
 
     Returns:
       A :class:`GSAdapter` (``orthogonal=True``) whose stacks are ``[T, layers, nb, b, b]`` and
