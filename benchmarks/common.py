@@ -165,7 +165,8 @@ def time_fn(fn: Callable[[], Any], *, reps: int = 5, warmup: int = 1) -> dict[st
     ``fn`` must block until its result is ready (wrap JAX calls with :func:`block`).
     Returns seconds: ``median``, ``min``, ``max``, ``cpu_median`` (process CPU time, all
     threads), ``sys_median`` (its system part: on a virtual machine, faulting in fresh output
-    memory can cost as much as computing it), the raw ``times`` and the 1-minute load average before and after.
+    memory can cost as much as computing it), the raw ``times`` and the 1-minute load average
+    before and after. The previous result stays alive while the next call runs.
     """
     if reps < 1:
         raise ValueError(f"reps must be >= 1, got {reps}")

@@ -6,7 +6,7 @@ A sweep of the SDXL adapters returns 4.8 GB (16 points x L and R x 150 MB), 16 t
 output. Where freed memory goes back to the system (glibc returns allocations above 32 MB with
 ``munmap``) and, on a virtual machine, from the guest to the host (free page reporting), every
 call faults its output in afresh: system time, counted in the sweep's wall time but not in its
-arithmetic. This runs the exact merge and the sweep with ``merge_sdxl``'s protocol (``time_fn``:
+arithmetic. This runs the exact merge and the sweep with ``merge_sdxl``'s protocol (``common.time_fn``:
 the previous result is alive during the next call) in two fresh processes, side by side:
 
 * ``default``: the process as a user runs it.
@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import numpy as np
 
@@ -44,19 +43,8 @@ def worker(reps: int, warmup: int, inventory) -> dict:
     out = {}
     for name, fn in (("merge", lambda: merge([a1, a2], t=0.6, method="geodesic", restore="cayley")),
                      ("sweep", lambda: sweep(a1, a2, ts, method="geodesic", restore="cayley"))):
-        for _ in range(warmup):  # the first compiles
-            result = common.block(fn())
-        wall, user, sys_ = [], [], []
-        for _ in range(reps):  # as common.time_fn: the previous result stays alive during the call
-            t0, c0 = time.perf_counter(), os.times()
-            result = common.block(fn())
-            c1 = os.times()
-            wall.append(time.perf_counter() - t0)
-            user.append(c1.user - c0.user)
-            sys_.append(c1.system - c0.system)
-        del result
-        out[name] = {"median": float(np.median(wall)), "user": float(np.median(user)),
-                     "sys": float(np.median(sys_)), "times": wall}
+        out[name] = common.time_fn(lambda: common.block(fn()), reps=reps, warmup=warmup)  # the first compiles
+        out[name]["user"] = out[name]["cpu_median"] - out[name]["sys_median"]
     out["sweep_over_merge"] = out["sweep"]["median"] / out["merge"]["median"]
     out["user_ratio"] = out["sweep"]["user"] / out["merge"]["user"]
     return out
@@ -90,10 +78,10 @@ def main(argv=None) -> None:
                     os.environ[k] = v
         res["runs"][name] = r
         m, s = r["merge"], r["sweep"]
-        print(f"{name:8s} merge {common.fmt_s(m['median'])} (user {common.fmt_s(m['user'])}, sys "
-              f"{common.fmt_s(m['sys'])})  sweep {common.fmt_s(s['median'])} (user {common.fmt_s(s['user'])}, sys "
-              f"{common.fmt_s(s['sys'])})  sweep/merge {r['sweep_over_merge']:.2f} (user time {r['user_ratio']:.2f})",
-              flush=True)
+        part = lambda x: (f"{common.fmt_s(x['median'])} (user {common.fmt_s(x['user'])}, "  # noqa: E731
+                          f"sys {common.fmt_s(x['sys_median'])})")
+        print(f"{name:8s} merge {part(m)}  sweep {part(s)}  sweep/merge {r['sweep_over_merge']:.2f} "
+              f"(user time {r['user_ratio']:.2f})", flush=True)
     path = common.write_json("experiments_sweep_memory", res)
     print(f"written {path}", file=sys.stderr)
 
