@@ -394,6 +394,14 @@ ORTHOFUSE_INLINE bool ScaledStreamOut(const double* h, int64_t n, int64_t np, do
   return bad;
 }
 
+// dst = 2 t - I (a Cayley map from t = (I - c S)^{-1}; t's diagonal is changed) by ScaledStreamOut;
+// whether any entry is inf or NaN (an inf or NaN on the diagonal stays one: inf - 0.5).
+template <typename T>
+ORTHOFUSE_INLINE bool CayleyStreamOut(double* t, int64_t n, int64_t np, T* dst) {
+  for (int64_t i = 0; i < n; ++i) t[i * np + i] -= 0.5;  // 2 t - I = 2 (t - I / 2)
+  return ScaledStreamOut(t, n, np, 2.0, dst);
+}
+
 // Threads for a call: ORTHOFUSE_JAX_THREADS if set to N >= 1, else the CPUs this process may run on
 // (its affinity mask, read per call: `taskset -c 1` or os.sched_setaffinity give one).
 int64_t MaxThreads() {
@@ -532,8 +540,7 @@ ORTHOFUSE_INLINE void CayleyBlocks(const TIn* x1, const TIn* x2, const TIn* coef
       t[0] += diag;
     }
     GaussJordan<true>(t, n, np);
-    for (int64_t i = 0; i < n; ++i) t[i * np + i] -= 0.5;  // Cay = 2 t - I = 2 (t - I / 2)
-    bad[g] = ScaledStreamOut(t, n, np, 2.0, y + g * n * n);
+    bad[g] = CayleyStreamOut(t, n, np, y + g * n * n);
   }
 }
 
@@ -885,7 +892,8 @@ ORTHOFUSE_INLINE void GeodesicBlocks(const T* x1, const T* x2, const T* coef, T*
       }
       if (restore == 1) {
         CopyBlock(r, nq, ud, np, n);
-        CayleyInPlace(ud, sd, 0.5 * f, n, np);  // Cay(f/2 Y)
+        IMinusSkewVia(ud, sd, 0.5 * f, n, np);  // Cay(f/2 Y) = 2 ud - I, written out below
+        GaussJordan<true>(ud, n, np);
       } else if (restore == 2) {
         good = RestoreExact(r, v, w, s, pp, f, n);
       }
@@ -896,7 +904,7 @@ ORTHOFUSE_INLINE void GeodesicBlocks(const T* x1, const T* x2, const T* coef, T*
       bad[g] = true;
       for (int64_t i = 0; i < n * n; ++i) yg[i] = std::numeric_limits<T>::quiet_NaN();
     } else if (restore == 1) {
-      bad[g] = ScaledStreamOut(ud, n, np, 1.0, yg);
+      bad[g] = CayleyStreamOut(ud, n, np, yg);
     } else {
       bad[g] = AnyNotFinite(out, n, nq);
       for (int64_t i = 0; i < n; ++i)
@@ -1083,9 +1091,7 @@ ORTHOFUSE_INLINE void SweepBlocks(const T* x1, const T* x2, const T* pts, T* y, 
         if (gk && restore == 1) {  // Cay(f/2 gamma(t)) = 2 (I - f/2 skew(gamma(t)))^{-1} - I
           for (int64_t a = 0; a < n; ++a) h[a * np + a] += 1;
           GaussJordan<true>(h, n, np);
-          // (an inf or NaN on the diagonal stays one: inf - 0.5)
-          for (int64_t a = 0; a < n; ++a) h[a * np + a] -= 0.5;  // 2 h - I = 2 (h - I / 2)
-          bad[at] = ScaledStreamOut(h, n, np, 2.0, yk);
+          bad[at] = CayleyStreamOut(h, n, np, yk);
         } else if (gk && restore == 0) {
           bad[at] = ScaledStreamOut(h, n, np, 1.0, yk);
         } else if (gk) {
