@@ -414,6 +414,15 @@ def _sweep_kernel(x1, x2, ts, alpha, *, method, restore, angle_tol, orthogonal=(
                                  orthogonal=orthogonal, algorithm=algorithm, fallback=fallback)
 
 
+@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("into",), keep_unused=True)
+def _sweep_kernel_into(x1, x2, ts, alpha, into, **options):
+    """:func:`_sweep_kernel` with the memory of ``into`` (donated; the result's shape and dtype) for
+    its result: XLA aliases the output to the donated parameter, so the kernel writes into pages the
+    process already has (``keep_unused``: the parameter is never read, and jit would drop it)."""
+    del into
+    return _sweep_kernel(x1, x2, ts, alpha, **options)
+
+
 def _chunk_size(x: Array, target_bytes: int, min_blocks: int = 1) -> int | None:
     """Blocks per chunk for merging stack ``x`` in chunks, or None to merge it in one call.
 
@@ -456,9 +465,9 @@ def _chunk_kernel(y, bad, ok, x1, x2, start, t, alpha, *, chunk, sweep, **option
     return y, flat(bad, bc), flat(ok, oc)
 
 
-def _run_chunked(x1, x2, t, alpha, chunk: int, *, sweep: bool = False, **options):
+def _run_chunked(x1, x2, t, alpha, chunk: int, *, sweep: bool = False, into=None, **options):
     """:func:`_pair_kernel` (or :func:`_sweep_kernel`) on concrete stacks, ``chunk`` blocks per call,
-    into one output buffer.
+    into one output buffer (``into``, donated, when given).
 
     The last chunk starts at ``n - chunk`` and may overlap the one before it; the overlapping blocks
     are recomputed from the same inputs, with the same values (each block's result depends only
@@ -466,7 +475,8 @@ def _run_chunked(x1, x2, t, alpha, chunk: int, *, sweep: bool = False, **options
     """
     n = int(np.prod(x1.shape[:-2], dtype=np.int64))
     lead = (t.shape[0],) if sweep else ()
-    y, bad = jnp.zeros((*lead, *x1.shape), x1.dtype), jnp.zeros((*lead, *x1.shape[:-2]), bool)
+    y = into if into is not None else jnp.zeros((*lead, *x1.shape), x1.dtype)
+    bad = jnp.zeros((*lead, *x1.shape[:-2]), bool)
     ok = jnp.zeros((*lead, *x1.shape[:-2]), bool)
     for i in range(-(-n // chunk)):
         start = min(i * chunk, n - chunk)
@@ -474,7 +484,7 @@ def _run_chunked(x1, x2, t, alpha, chunk: int, *, sweep: bool = False, **options
     return y, bad, ok
 
 
-def _pair_or_sweep(x1, x2, t, alpha, *, sweep: bool, **options):
+def _pair_or_sweep(x1, x2, t, alpha, *, sweep: bool, into=None, **options):
     """``(Y, bad, ok)``: merge two stacks at ``t`` (``sweep=False``) or at every t of ``t``: one
     kernel call, or on concrete CPU stacks a chunked loop (:func:`_chunk_size`) sized so that a
     chunk's outputs for all t stay near ``_CPU_CHUNK_BYTES`` (a merge's: ``_CPU_MERGE_CHUNK_BYTES``).
@@ -486,6 +496,8 @@ def _pair_or_sweep(x1, x2, t, alpha, *, sweep: bool, **options):
 
     Concrete stacks leave blocks the product-only path declined to the caller
     (:func:`_fill_declined`); traced ones redo them inside the kernel (``jax.lax.cond``).
+    ``into`` (a sweep of concrete stacks only): a donated buffer shaped like the result, which
+    the result then occupies (:func:`sweep`'s ``reuse``).
     """
     concrete = _is_concrete(x1, x2, t, alpha)
     options = {**options, "fallback": "host" if concrete else "cond"}
@@ -497,8 +509,11 @@ def _pair_or_sweep(x1, x2, t, alpha, *, sweep: bool, **options):
     kernel = ("sweep" if sweep else "geodesic") if exact else "cayley" if fast and not sweep else None
     one_pass = kernel is not None and native_target(kernel, x1.dtype, x1.shape[-1]) is not None
     chunk = _chunk_size(x1, max(1, budget), min_blocks) if n_t and concrete and not one_pass else None
+    into = into if sweep and concrete else None
     if chunk is not None:
-        return _run_chunked(x1, x2, t, alpha, chunk, sweep=sweep, **options)
+        return _run_chunked(x1, x2, t, alpha, chunk, sweep=sweep, into=into, **options)
+    if into is not None:
+        return _sweep_kernel_into(x1, x2, t, alpha, into, **options)
     return (_sweep_kernel if sweep else _pair_kernel)(x1, x2, t, alpha, **options)
 
 
@@ -599,6 +614,34 @@ def _check_t(t, extrapolate: bool, what: str = "t") -> None:
         raise ValueError(f"{what} = {float(bad)} is outside [0, 1]; pass extrapolate=True to extrapolate along the path")
 
 
+def _check_reuse(reuse, adapter: GSAdapter, n_t: int, dtype) -> None:
+    """Raise (naming the stack) unless every stack of ``reuse`` can hold a sweep of ``adapter``
+    at ``n_t`` points: ``[n_t, *stack shape]`` of ``dtype``, distinct arrays, none deleted."""
+    if not isinstance(reuse, GSAdapter):
+        raise TypeError(f"reuse must be the GSAdapter an earlier sweep() returned, got {type(reuse).__name__}")
+    if set(reuse.stacks) != set(adapter.stacks):
+        raise ValueError(f"reuse: its stacks {sorted(reuse.stacks)} are not the adapters' {sorted(adapter.stacks)}")
+    seen = set()
+    for key, st in adapter.stacks.items():
+        for which in ("L", "R"):
+            x = getattr(reuse.stacks[key], which)
+            if isinstance(x, jax.core.Tracer):
+                continue
+            where = f"reuse: stack {key} {which}"
+            if not isinstance(x, jax.Array):
+                raise TypeError(f"{where} is a {type(x).__name__}, not a jax.Array (an earlier sweep's result)")
+            if x.is_deleted():
+                raise ValueError(f"{where} was already deleted: an earlier call consumed it (a sweep's result "
+                                 "can be reused once; pass the latest one)")
+            want = (n_t, *getattr(st, which).shape)
+            if x.shape != want or x.dtype != dtype:
+                raise ValueError(f"{where} is {x.dtype}{list(x.shape)}; this sweep's result is "
+                                 f"{jnp.dtype(dtype)}{list(want)} (the same adapters' shapes and number of t)")
+            if id(x) in seen:
+                raise ValueError(f"{where} is the same array as another of its stacks; each must be its own")
+            seen.add(id(x))
+
+
 def _check_weights(w, k: int, extrapolate: bool, tol: float) -> None:
     if np.shape(w) != (k,):
         raise ValueError(f"weights must have shape ({k},) for {k} adapters, got {np.shape(w)}")
@@ -634,12 +677,13 @@ def _stack_inputs(
     return out
 
 
-def _merge_two(adapters, t, alpha, *, sweep: bool, dtype, method: str, **options) -> dict:
+def _merge_two(adapters, t, alpha, *, sweep: bool, dtype, method: str, reuse=None, **options) -> dict:
     """``{(stack key, "L"/"R"): (Y, bad)}`` of a two-adapter merge (or sweep), stack by stack.
 
     Every stack is dispatched first; then blocks the product-only path declined are redone with
     ``eigh`` (:func:`_fill_declined`), so an eager merge on a GPU waits for the device once per
-    stack at the end instead of stalling between stacks.
+    stack at the end instead of stalling between stacks. ``reuse``: an earlier sweep's adapter
+    whose stacks are donated as the first pass's output buffers (checked by :func:`_check_reuse`).
     """
     orthogonal = tuple(a.orthogonal for a in adapters)
 
@@ -648,7 +692,10 @@ def _merge_two(adapters, t, alpha, *, sweep: bool, dtype, method: str, **options
         return _pair_or_sweep(x1, x2, t, alpha, sweep=sweep, method=method, orthogonal=orthogonal,
                               **{**options, **extra})
 
-    out = {(key, which): run(key, which) for key in adapters[0].stacks for which in ("L", "R")}
+    def into(key, which):
+        return {} if reuse is None else {"into": getattr(reuse.stacks[key], which)}
+
+    out = {(key, which): run(key, which, **into(key, which)) for key in adapters[0].stacks for which in ("L", "R")}
     return {kw: _fill_declined(*res, functools.partial(run, *kw, algorithm="eigh")) for kw, res in out.items()}
 
 
@@ -826,6 +873,7 @@ def sweep(
     extrapolate: bool = False,
     angle_tol: float = DEFAULT_ANGLE_TOL,
     algorithm: str = "auto",
+    reuse: GSAdapter | None = None,
 ) -> GSAdapter:
     """Merge two adapters at every ``t`` in ``ts`` in one vmapped call per stack.
 
@@ -845,11 +893,21 @@ def sweep(
     kernel runs it (16 SDXL points: about 3 merges of arithmetic, against 15.3 with ``eigh``),
     and ``"eigh"`` elsewhere (an H100: 158 against 222 ms; :func:`_resolve_algorithm`).
 
+    ``reuse``: the result of an earlier ``sweep`` of the same shapes (the adapters' stacks, the
+    number of t, the dtype), whose memory this sweep's result takes over; it is consumed (its
+    stacks are donated, as with ``jax.jit(..., donate_argnums=...)``, and deleted). A sweep writes
+    16 times a merge's output (4.8 GB for two SDXL adapters); without ``reuse`` every call faults
+    in that much fresh memory, and on virtual machines whose host takes freed pages back that
+    cost as much as the arithmetic (benchmarks/RESULTS.md). Inside a ``jax.jit`` trace it is
+    ignored: donate through your own ``jit`` there.
+
     Returns:
       A :class:`GSAdapter` (``orthogonal=True``) whose stacks are ``[T, layers, nb, b, b]`` and
       whose scales are ``[T, h]``.
     Raises:
-      As :func:`merge`; the :class:`MergeError` message also gives the offending t.
+      As :func:`merge`; the :class:`MergeError` message also gives the offending t. ``ValueError``
+      naming the stack when ``reuse`` does not fit this sweep or was already consumed (nothing
+      is donated then).
     """
     _check_options(method, restore, scales)
     algorithm = _resolve_algorithm(algorithm, sweep=True, dtype=adapter1.dtype, adapter=adapter1)
@@ -859,9 +917,11 @@ def sweep(
     ts = jnp.asarray(ts, dtype=dtype)
     if ts.ndim != 1:
         raise ValueError(f"ts must be a 1-D array of t values, got shape {ts.shape}")
+    if reuse is not None:
+        _check_reuse(reuse, adapter1, ts.shape[0], dtype)
     stacks, flags = {}, {}
     two = _merge_two([adapter1, adapter2], ts, alpha, sweep=True, dtype=dtype, method=method, restore=restore,
-                     angle_tol=angle_tol, algorithm=algorithm)
+                     angle_tol=angle_tol, algorithm=algorithm, reuse=reuse)
     for key in adapter1.stacks:
         out, per = {}, {}
         for which in ("L", "R"):
