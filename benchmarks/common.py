@@ -196,6 +196,20 @@ def time_fn(fn: Callable[[], Any], *, reps: int = 5, warmup: int = 1) -> dict[st
     }
 
 
+def reusing_sweep(sweep_fn: Callable[..., Any], *args: Any) -> Callable[[], Any]:
+    """A call of ``sweep_fn(*args, reuse=previous)`` that writes into the memory of the previous
+    call's result (``orthofuse_jax.fusion.sweep``'s ``reuse``, donated), as a loop over many sweeps
+    would. The first result to reuse is made here, so that a warm-up call already compiles the
+    donating kernel. For :func:`time_fn`."""
+    last = [block(sweep_fn(*args))]
+
+    def call():
+        last.append(sweep_fn(*args, reuse=last.pop()))
+        return block(last[-1])
+
+    return call
+
+
 def first_and_median(fn: Callable[[], Any], reps: int = 5) -> dict[str, float]:
     """Seconds of the first call of ``fn()`` (compile + run) and the median and minimum of ``reps``
     more; JAX results are waited for (the experiments' quick timing, without CPU time or load)."""

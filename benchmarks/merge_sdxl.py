@@ -15,7 +15,11 @@ Rows (medians of ``--reps`` runs after one warm-up run; compile time separately)
 * ``exact, algorithm="eigh"`` ours with the spectral (``eigh``) geodesic instead of the default
   product-only log/exp (``merge(..., algorithm="matmul")`` is what ``auto`` picks for float32);
   on ``--device cuda`` only with ``--eigh-row``
-* ``sweep``  ours ``sweep(..., 16 points, method="geodesic", restore="cayley")`` (vmapped over t)
+* ``sweep``  ours ``sweep(..., 16 points, method="geodesic", restore="cayley")`` (vmapped over t);
+  each call's result is new memory (the previous one stays alive while it runs, as in
+  ``common.time_fn``)
+* ``sweep, reuse=``  the same sweep, each call writing into the previous call's result
+  (``sweep(..., reuse=last)``, donated), as a loop over many sweeps would; CPU only
 
 Before anything is timed the outputs of ours and the baseline are compared (max abs difference over
 every block); the run fails if it exceeds 1e-4. Peak resident memory of our exact merge is measured
@@ -70,8 +74,8 @@ def _ours_jit(method: str, restore: str):
 def _ours_sweep(method: str, restore: str):
     from orthofuse_jax.fusion.merge import sweep
 
-    def run(a1, a2, ts):
-        return sweep(a1, a2, ts, method=method, restore=restore)
+    def run(a1, a2, ts, reuse=None):
+        return sweep(a1, a2, ts, method=method, restore=restore, reuse=reuse)
 
     return run
 
@@ -392,6 +396,8 @@ def main(argv=None) -> dict:
     tf = np.float32(t)
     if not args.skip_sweep:
         run("ours.sweep", lambda: common.block(sweep_fn(a1, a2, ts)), args.reps)
+        if not cuda:
+            run("ours.sweep_reuse", common.reusing_sweep(sweep_fn, a1, a2, ts), args.reps)
     if cuda and args.with_jit:
         compile_jit()
         parity["jit_vs_eager_exact"] = common.max_abs_diff(
@@ -457,6 +463,8 @@ def main(argv=None) -> dict:
         "exact_eigh_over_exact": (med("ours.exact_eigh") / med("ours.exact")) if "ours.exact_eigh" in tm else None,
         "exact_restore_over_fast": med("ours.exact_restore") / med("ours.fast"),
         "sweep_over_single": (med("ours.sweep") / med("ours.exact")) if "ours.sweep" in tm else None,
+        "sweep_reuse_over_single": (med("ours.sweep_reuse") / med("ours.exact"))
+        if "ours.sweep_reuse" in tm else None,
         "exact_peak_rss_gb": (max(rss["exact"]["peak_first_call"], rss["exact"]["peak_second_call"] or 0) / 1e9)
         if rss else None,
     }
@@ -517,6 +525,9 @@ def render_table(res: dict) -> str:
         [f"sweep: {res['args']['sweep_points']} t, geodesic + curve_over_id", g("ours.sweep"), cpu("ours.sweep"),
          "-", "-", "-", "-"],
     ]
+    if "ours.sweep_reuse" in tm:
+        rows.append(["the same sweep, into the previous result (reuse=)", g("ours.sweep_reuse"),
+                     cpu("ours.sweep_reuse"), "-", "-", "-", "-"])
     wl = res["workload"]
     label = f"merge ({wl['layers']} layers{', full SDXL' if wl['layers'] == 560 else ''}, f32)"
     out = [common.table(rows, [label, "ours merge()", "ours CPU time",
@@ -531,6 +542,8 @@ def render_table(res: dict) -> str:
         ["sweep 16 t / single t <= 4", f"{r['sweep_over_single']:.2f}" if r["sweep_over_single"] else "-",
          met["sweep16<=4x_single"]],
     ]
+    if r.get("sweep_reuse_over_single"):
+        trows.append(["(sweep with reuse= / single t)", f"{r['sweep_reuse_over_single']:.2f}", None])
     if "exact_peak_rss<=2.5GB" in met:
         trows.append(["peak RSS exact merge <= 2.5 GB", f"{rss:.2f} GB" if rss else "-", met["exact_peak_rss<=2.5GB"]])
     if "gpu_exact<50ms" in met:

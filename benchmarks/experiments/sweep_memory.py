@@ -17,6 +17,9 @@ the previous result is alive during the next call) in two fresh processes, side 
   sets: the process keeps its high-water mark of memory. (``MALLOC_MMAP_THRESHOLD_`` cannot do
   this: glibc ignores values above 32 MB, and one SDXL stack's sweep output is 100-900 MB.)
 
+In both, a third row times the same sweep writing into the previous call's result
+(``sweep(..., reuse=previous)``: its memory donated, no glibc knob needed).
+
 Each prints wall, user and system time (medians) and the sweep / merge ratio (issue 5: at most 4).
 Writes ``results/experiments_sweep_memory.json``.
 """
@@ -41,11 +44,17 @@ def worker(reps: int, warmup: int, inventory) -> dict:
     a1, a2 = common.make_adapter_pair(inventory)
     ts = np.linspace(0.0, 1.0, 16).astype(np.float32)
     out = {}
-    for name, fn in (("merge", lambda: merge([a1, a2], t=0.6, method="geodesic", restore="cayley")),
-                     ("sweep", lambda: sweep(a1, a2, ts, method="geodesic", restore="cayley"))):
-        out[name] = common.time_fn(lambda: common.block(fn()), reps=reps, warmup=warmup)  # the first compiles
+    def swept(a1, a2, ts, reuse=None):
+        return sweep(a1, a2, ts, method="geodesic", restore="cayley", reuse=reuse)
+
+    for name, fn in (("merge", lambda: common.block(merge([a1, a2], t=0.6, method="geodesic", restore="cayley"))),
+                     ("sweep", lambda: common.block(swept(a1, a2, ts))),
+                     ("sweep_reuse", None)):
+        fn = fn or common.reusing_sweep(swept, a1, a2, ts)  # made after the plain sweeps' results are gone
+        out[name] = common.time_fn(fn, reps=reps, warmup=warmup)  # the first compiles
         out[name]["user"] = out[name]["cpu_median"] - out[name]["sys_median"]
     out["sweep_over_merge"] = out["sweep"]["median"] / out["merge"]["median"]
+    out["sweep_reuse_over_merge"] = out["sweep_reuse"]["median"] / out["merge"]["median"]
     out["user_ratio"] = out["sweep"]["user"] / out["merge"]["user"]
     return out
 
@@ -77,11 +86,12 @@ def main(argv=None) -> None:
                 else:
                     os.environ[k] = v
         res["runs"][name] = r
-        m, s = r["merge"], r["sweep"]
+        m, s, u = r["merge"], r["sweep"], r["sweep_reuse"]
         part = lambda x: (f"{common.fmt_s(x['median'])} (user {common.fmt_s(x['user'])}, "  # noqa: E731
                           f"sys {common.fmt_s(x['sys_median'])})")
         print(f"{name:8s} merge {part(m)}  sweep {part(s)}  sweep/merge {r['sweep_over_merge']:.2f} "
-              f"(user time {r['user_ratio']:.2f})", flush=True)
+              f"(user time {r['user_ratio']:.2f})  sweep(reuse=) {part(u)}  / merge "
+              f"{r['sweep_reuse_over_merge']:.2f}", flush=True)
     path = common.write_json("experiments_sweep_memory", res)
     print(f"written {path}", file=sys.stderr)
 
