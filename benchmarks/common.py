@@ -285,10 +285,19 @@ def run_worker(module: str, args: list[str], *, timeout: float = 1800) -> dict[s
 
 
 def _cpu_model() -> str:
+    """``model name`` with the family and model numbers and whether AVX-512 is there: virtual
+    machines often report only "AMD EPYC" or "Intel Xeon Processor", which hides the generation
+    (sessions 9 and 10 of issue 5 ran on different CPUs under similar names)."""
     try:
+        info = {}
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "cpu family", "model", "flags"):
+                info.setdefault(key.strip(), value.strip())
+        if "model name" in info:
+            extra = [f"family {info['cpu family']} model {info['model']}"] if "cpu family" in info else []
+            extra += ["AVX-512"] if "avx512f" in info.get("flags", "").split() else []
+            return info["model name"] + (f" ({', '.join(extra)})" if extra else "")
     except OSError:
         pass
     return platform.processor() or "unknown"
