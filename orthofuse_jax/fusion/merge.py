@@ -907,7 +907,8 @@ def sweep(
     Raises:
       As :func:`merge`; the :class:`MergeError` message also gives the offending t. ``ValueError``
       naming the stack when ``reuse`` does not fit this sweep or was already consumed (nothing
-      is donated then).
+      is donated then); a :class:`MergeError` is raised after the kernels ran, so ``reuse`` is
+      consumed by then.
     """
     _check_options(method, restore, scales)
     algorithm = _resolve_algorithm(algorithm, sweep=True, dtype=adapter1.dtype, adapter=adapter1)
