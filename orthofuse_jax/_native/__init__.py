@@ -10,7 +10,10 @@ geodesic (:func:`orthofuse_jax.geometry._linalg.geodesic_point`), the product-on
 sweep over many t (``merge._geodesic_sweep_matmul``: the log once per block, then the geodesic's
 Taylor coefficients).
 Set ``ORTHOFUSE_JAX_NATIVE=0`` to use jaxlib's LAPACK solve instead; it is read when a function
-is traced, so set it before the first merge (or call ``jax.clear_caches()``). A large call splits
+is traced, so set it before the first merge (or call ``jax.clear_caches()``). The kernels are
+written for AVX-512 (64-byte vectors, 32 registers) and are used only on CPUs that have it
+(:func:`vectors_native`): compiled for AVX2 alone they ran 7x (fast merge) to 22x (exact merge)
+slower per block, slower than XLA's own code. ``ORTHOFUSE_JAX_NATIVE=force`` uses them anyway. A large call splits
 its blocks over the CPUs the process may run on (its affinity mask); ``ORTHOFUSE_JAX_THREADS=N``,
 read at every call, sets the number of threads.
 """
@@ -38,8 +41,9 @@ def _target_name(kernel: str, dtype: str) -> str:
 
 def target(kernel: str, dtype) -> str | None:
     """The registered FFI target of ``kernel`` (``"solve"``, ``"cayley"``, ``"point"``, ``"geodesic"``,
-    ``"sweep"``) for ``dtype``, or None (not built, disabled by ``ORTHOFUSE_JAX_NATIVE=0``, or another
-    dtype)."""
+    ``"sweep"``) for ``dtype``, or None (not built, disabled by ``ORTHOFUSE_JAX_NATIVE=0``, a CPU
+    without AVX-512 (:func:`vectors_native`), or another dtype). Registration is tried once per
+    process."""
     if not enabled():
         return None
     name = getattr(dtype, "name", str(dtype))
@@ -56,15 +60,38 @@ def enabled() -> bool:
     return os.environ.get("ORTHOFUSE_JAX_NATIVE", "1").lower() not in ("0", "off", "false", "no")
 
 
+def available() -> bool:
+    """Whether the kernels are built and run on this CPU (:func:`vectors_native`, or
+    ``ORTHOFUSE_JAX_NATIVE=force``); :func:`target` also needs them switched on."""
+    return library_path() is not None and (_forced() or vectors_native())
+
+
+def _forced() -> bool:
+    return os.environ.get("ORTHOFUSE_JAX_NATIVE", "").lower() == "force"
+
+
+def vectors_native() -> bool:
+    """Whether this CPU runs the kernels' vectors as written (x86-64 with AVX-512F), asked of the
+    built library (``OrthofuseVectorsNative``); False when it was not built. Where it is False the
+    kernels are not registered (the merges run in XLA) unless ``ORTHOFUSE_JAX_NATIVE=force``."""
+    path = library_path()
+    if path is None:
+        return False
+    try:
+        return bool(ctypes.CDLL(path).OrthofuseVectorsNative())
+    except (OSError, AttributeError):  # pragma: no cover - a broken or older build
+        return False
+
+
 def solve_target(dtype) -> str | None:
     """The registered FFI target of the no-pivot solve for ``dtype``, or None (not built, disabled, other dtype)."""
     return target("solve", dtype)
 
 
 def _register() -> bool:
-    path = library_path()
-    if path is None:
+    if not available():
         return False
+    path = library_path()
     import jax
 
     try:

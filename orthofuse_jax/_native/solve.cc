@@ -1462,3 +1462,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(OrthofuseSweepF32, SweepF32Impl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OrthofuseSweepF64, SweepF64Impl,
                               ORTHOFUSE_POLY_ARGS(ffi::F64).Attr<ffi::Span<const double>>("flags")
                                   ORTHOFUSE_Y_BAD_OK(ffi::F64));
+
+// Whether this CPU runs the kernels' vectors as written: 64-byte vectors (8 doubles, 16 floats)
+// and tiles sized for 32 vector registers, i.e. AVX-512. Built for AVX2 alone (16 registers of
+// 32 bytes) GCC splits those vectors and spills the tiles: per 40x40 block the fast merge took
+// 76 us instead of 11.4 and the exact merge 1344 us instead of 61 (C++ harness, session 11, the
+// avx2 clone forced on an AVX-512 CPU), where XLA's own code takes about 50 and 170 us. Python
+// registers the kernels only where this returns 1 (orthofuse_jax._native).
+extern "C" __attribute__((visibility("default"))) int OrthofuseVectorsNative() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") ? 1 : 0;
+#else
+  return 0;
+#endif
+}

@@ -74,7 +74,7 @@ def test_the_sweep_runs_the_kernel_where_built_and_gpus_never_do():
     fn = lambda a, b, t: _geodesic_sweep_matmul(a, b, t, 2.0, restore="cayley", orthogonal=(False, False))  # noqa: E731
     traced = jax.jit(fn).trace(x1, x2, ts)
     assert "orthofuse_sweep" not in traced.lower(lowering_platforms=("cuda",)).as_text()
-    if _native.library_path() is not None:
+    if _native.available():
         assert "orthofuse_sweep_f32" in traced.lower(lowering_platforms=("cpu",)).as_text()
 
 
@@ -107,7 +107,7 @@ def test_declined_blocks_are_those_the_log_or_the_series_cannot_take(monkeypatch
     far = jnp.asarray([0.5, 8.0])  # 8 rad: about 33 terms for double round-off / 16
     _, _, ok = _geodesic_sweep_matmul(jnp.zeros((1, n, n)), jnp.asarray(one), far, 1.0, restore="none",
                                       orthogonal=(False, False))
-    kernel = native == "1" and _native.library_path() is not None
+    kernel = native == "1" and _native.available()
     np.testing.assert_array_equal(np.asarray(ok), [[not kernel], [not kernel]])
     # and the sweep's kernel redoes it with eigh (inside the program)
     y, bad, ok = merge_module._sweep_kernel(jnp.zeros((1, n, n)), jnp.asarray(one), far, 1.0, method="geodesic",
@@ -163,7 +163,7 @@ def test_auto_takes_the_kernel_on_the_cpu_for_float32_only():
         return GSAdapter(stacks={"nb1_b4": LayerStack(names=("a", "b"), L=z, R=z)}, scales={}, orthogonal=False)
 
     resolve = merge_module._resolve_algorithm
-    kernel = _native.library_path() is not None
+    kernel = _native.available()
     assert resolve("auto", sweep=True, dtype=jnp.float32, adapter=adapter(jnp.float32)) == ("matmul" if kernel else "eigh")
     assert resolve("auto", sweep=True, dtype=jnp.float64, adapter=adapter(jnp.float64)) == "eigh"
     assert resolve("eigh", sweep=True, dtype=jnp.float32, adapter=adapter(jnp.float32)) == "eigh"

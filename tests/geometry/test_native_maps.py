@@ -75,7 +75,7 @@ def test_one_argument_is_the_cayley_map_and_the_kernel_runs_where_built():
     a = rng.standard_normal((6, 20, 20))
     np.testing.assert_allclose(np.asarray(cayley_map(a)), _reference(a, a, 1.0, 0.0, 1.0, False), atol=1e-13)
     np.testing.assert_allclose(np.asarray(cayley_map(a, c1=0.7)), _reference(a, a, 0.7, 0.0, 1.0, False), atol=1e-13)
-    assert _uses_kernel(cayley_map, a) == (_native.library_path() is not None)
+    assert _uses_kernel(cayley_map, a) == (_native.available())
 
 
 def test_vmap_over_t_and_over_blocks():
@@ -101,6 +101,30 @@ def test_derivatives_match_finite_differences(square):
     check_grads(f, (x1, x2, jnp.float64(0.4)), order=2, modes=("fwd", "rev"), atol=1e-6, rtol=1e-6)
 
 
+def test_cpus_without_avx512_take_xla_unless_forced(monkeypatch):
+    """The kernels' 64-byte vectors are slow without AVX-512 (7-22x per block): there they are not
+    registered, and the merges run XLA's formulas with the same numbers."""
+    if _native.library_path() is None:
+        pytest.skip("needs the built kernels")  # CI asserts they are built (test_solve_pd.py)
+    assert _native.vectors_native() == ("avx512f" in open("/proc/cpuinfo").read().split())
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal((2, 9, 9)).astype(np.float32)
+    monkeypatch.setattr(_native, "_state", {})  # registration is tried once per process
+    monkeypatch.setattr(_native, "vectors_native", lambda: False)
+    jax.clear_caches()  # targets are looked up when a function is traced
+    assert not _native.available() and _native.target("cayley", np.dtype("float32")) is None
+    assert not _uses_kernel(cayley_map, a)
+    np.testing.assert_allclose(np.asarray(cayley_map(a)), _reference(a, a, 1.0, 0.0, 1.0, False), atol=1e-6)
+    monkeypatch.setattr(_native, "_state", {})
+    monkeypatch.setenv("ORTHOFUSE_JAX_NATIVE", "force")
+    jax.clear_caches()
+    assert _native.available() and _native.target("cayley", np.dtype("float32")) == "orthofuse_cayley_f32"
+    assert _uses_kernel(cayley_map, a)
+    np.testing.assert_allclose(np.asarray(cayley_map(a)), _reference(a, a, 1.0, 0.0, 1.0, False), atol=3e-7)
+    monkeypatch.undo()
+    jax.clear_caches()
+
+
 def test_switch_off_and_large_blocks_take_xla(monkeypatch):
     rng = np.random.default_rng(3)
     a = rng.standard_normal((2, 9, 9)).astype(np.float32)
@@ -119,7 +143,7 @@ def test_gpu_lowering_never_calls_the_cpu_kernel():
     x = np.random.default_rng(4).standard_normal((3, 8, 8)).astype(np.float32)
     traced = jax.jit(lambda a: cayley_map(a, a, c1=0.4, c2=0.6, c=1.9, square=True)).trace(x)
     assert "orthofuse_cayley" not in traced.lower(lowering_platforms=("cuda",)).as_text()
-    if _native.library_path() is not None:
+    if _native.available():
         assert "orthofuse_cayley_f32" in traced.lower(lowering_platforms=("cpu",)).as_text()
 
 
@@ -174,7 +198,7 @@ def test_geodesic_point_vmap_derivatives_and_lowering():
     x = np.asarray(a, np.float32)
     traced = jax.jit(lambda a: geodesic_point(a, a, a, x[..., 0], x[..., 1], 0.9)).trace(x)
     assert "orthofuse_point" not in traced.lower(lowering_platforms=("cuda",)).as_text()
-    if _native.library_path() is not None:
+    if _native.available():
         assert "orthofuse_point_f32" in traced.lower(lowering_platforms=("cpu",)).as_text()
 
 
@@ -190,7 +214,7 @@ def test_a_geodesic_path_lowered_for_gpus_has_no_cpu_kernel():
     traced = jax.jit(fn).trace(x, 0.5 * x)
     cuda = traced.lower(lowering_platforms=("cuda",)).as_text()
     assert not any(f"orthofuse_{k}_f" in cuda for k in ("cayley", "solve", "point"))  # (file names of the GPU kernel may appear)
-    if _native.library_path() is not None:
+    if _native.available():
         cpu = traced.lower(lowering_platforms=("cpu",)).as_text()
         assert all(f"orthofuse_{k}_f32" in cpu for k in ("cayley", "solve", "point"))
 
