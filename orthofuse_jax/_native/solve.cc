@@ -1466,9 +1466,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(OrthofuseSweepF64, SweepF64Impl,
 // Whether this CPU runs the kernels' vectors as written: 64-byte vectors (8 doubles, 16 floats)
 // and tiles sized for 32 vector registers, i.e. AVX-512. Built for AVX2 alone (16 registers of
 // 32 bytes) GCC splits those vectors and spills the tiles: per 40x40 block the fast merge took
-// 76 us instead of 11.4 and the exact merge 1344 us instead of 61 (C++ harness, session 11, the
-// avx2 clone forced on an AVX-512 CPU), where XLA's own code takes about 50 and 170 us. Python
-// registers the kernels only where this returns 1 (orthofuse_jax._native).
+// 76 us instead of 11 and the exact merge 1330 us instead of 60, where XLA's own code takes 38
+// and 134 us (benchmarks/experiments/isa_clones.py: the avx2 clone forced on an AVX-512 CPU,
+// session 11). Python registers the kernels only where this returns 1 (orthofuse_jax._native).
 extern "C" __attribute__((visibility("default"))) int OrthofuseVectorsNative() {
 #if defined(__x86_64__) && defined(__GNUC__)
   __builtin_cpu_init();

@@ -1,0 +1,122 @@
+"""How the compiled kernels run when built for each instruction set (why they need AVX-512).
+
+    python -m benchmarks.experiments.isa_clones [--sizes 20,40,64] [--blocks 320] [--reps 10]
+
+``solve.cc``'s entry points are ``target_clones("avx512f", "avx2", "default")``: one binary, the
+clone picked at load time by the CPU. An AVX-512 CPU runs AVX2 code as well, so this measures the
+other clones on one machine: it copies ``solve.cc``, keeps one entry of the clone list
+("avx512f", "avx2", or "arch=haswell", which adds FMA), builds ``isa_clones.cc`` (a C++ harness
+calling the fast merge ``CayleyF32`` and the exact merge ``GeodesicF32`` on one core, FTZ/DAZ as
+in XLA) with g++ and the vendored XLA FFI headers, and prints microseconds per block, with the same
+blocks (``common.random_skew_blocks``, t = 0.6, curve_over_id) for every build; then, on the same
+core, the package's ``merge()`` per block with XLA alone and with the kernels. Session 11 found
+the AVX2 builds 7x (fast) and 22x (exact) slower than AVX-512 at b = 40, slower than XLA; since
+then the package uses the kernels only where ``_native.vectors_native()`` (AVX-512F) holds.
+Writes ``results/experiments_isa_clones.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .. import common
+
+SOLVE = Path(__file__).resolve().parents[2] / "orthofuse_jax" / "_native" / "solve.cc"
+INCLUDE = SOLVE.parent / "include"
+CLONES = '"avx512f", "avx2", "default"'
+BUILDS = {"avx512f": '"avx512f", "default"', "avx2": '"avx2", "default"', "avx2+fma": '"arch=haswell", "default"'}
+
+
+def _inputs(d: Path, sizes, blocks: int) -> None:
+    from orthofuse_jax.geometry.polynomial import kernel_attributes
+
+    from orthofuse_jax.fusion.merge import _MATMUL_SQUARINGS
+
+    attrs = kernel_attributes(_MATMUL_SQUARINGS)
+    with open(d / "attrs.txt", "w") as f:
+        for key in ("log_coef", "exp_coef", "params"):
+            v = np.asarray(attrs[key], np.float64)
+            f.write(f"{len(v)} " + " ".join(repr(float(x)) for x in v) + "\n")
+    rng = np.random.default_rng(0)
+    for n in sizes:
+        for name in ("x1", "x2"):
+            common.random_skew_blocks(rng, (blocks,), n).astype(np.float32).tofile(d / f"{name}_{n}.bin")
+
+
+def xla_worker(sizes, blocks: int, reps: int) -> dict:
+    """Microseconds per block of ``merge()`` in this process (the caller sets ``ORTHOFUSE_JAX_NATIVE``
+    and the core): the same two merges through the public API, on ``blocks`` blocks per size."""
+    from orthofuse_jax.fusion import merge
+
+    out = {}
+    for n in sizes:
+        layers = max(1, blocks // (2 * common.NB))  # L and R stacks of nb blocks each
+        a1, a2 = common.make_adapter_pair({n: layers})
+        row = {"n": n}
+        for name, kw in (("fast", dict(method="cayley")), ("exact", dict(method="geodesic"))):
+            m = common.time_fn(lambda: common.block(merge([a1, a2], t=0.6, restore="cayley", **kw)), reps=reps)
+            row[f"{name}_us"] = m["median"] / (2 * common.NB * layers) * 1e6
+        out[n] = row
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="20,40,64")
+    p.add_argument("--blocks", type=int, default=320)
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--core", type=int, default=0, help="taskset core")
+    p.add_argument("--worker", choices=["0", "1"], help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    if args.worker:
+        print(json.dumps(xla_worker(sizes, args.blocks, max(5, args.reps // 2))))
+        return
+    source = SOLVE.read_text()
+    if source.count(CLONES) < 2:
+        raise SystemExit(f"{SOLVE}: the clone list {CLONES} was not found; update this experiment")
+    res = {"machine": common.machine(), "blocks": args.blocks, "reps": args.reps, "builds": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        _inputs(d, sizes, args.blocks)
+        for name, clones in BUILDS.items():
+            src = d / f"solve_{re.sub(r'[^a-z0-9]', '_', name)}.cc"
+            src.write_text(source.replace(CLONES, clones))
+            exe = d / f"harness_{src.stem}"
+            subprocess.run(["g++", "-std=c++17", "-O3", "-pthread", "-Wno-psabi", "-isystem", str(INCLUDE),
+                            f'-DSRC="{src}"', "-o", str(exe), str(Path(__file__).with_suffix(".cc"))], check=True)
+            res["builds"][name] = []
+            for n in sizes:
+                out = subprocess.run(["taskset", "-c", str(args.core), str(exe), str(d), str(n), str(args.reps),
+                                      str(args.blocks)], check=True, capture_output=True, text=True).stdout
+                row = json.loads(out)
+                res["builds"][name].append(row)
+                print(f"{name:9s} b = {n:3d}: fast merge {row['fast_us']:8.2f} us/block, exact merge "
+                      f"{row['exact_us']:8.2f} us/block ({row['declined']} declined)", flush=True)
+    # the package's merge() on the same core: XLA alone (ORTHOFUSE_JAX_NATIVE=0) and with the kernels
+    for native in ("0", "1"):
+        env = {**os.environ, "ORTHOFUSE_JAX_NATIVE": native, "ORTHOFUSE_JAX_THREADS": "1"}
+        cmd = ["taskset", "-c", str(args.core), sys.executable, "-m", "benchmarks.experiments.isa_clones"]
+        out = subprocess.run([*cmd, "--worker", native, "--sizes", args.sizes, "--blocks", str(args.blocks),
+                              "--reps", str(args.reps)], check=True, capture_output=True, text=True, env=env,
+                             cwd=Path(__file__).resolve().parents[2]).stdout
+        name = "merge(), XLA" if native == "0" else "merge(), kernels"
+        res["builds"][name] = list(json.loads(out.strip().splitlines()[-1]).values())
+        for row in res["builds"][name]:
+            print(f"{name:9s} b = {row['n']:3d}: fast merge {row['fast_us']:8.2f} us/block, exact merge "
+                  f"{row['exact_us']:8.2f} us/block", flush=True)
+    path = common.write_json("experiments_isa_clones", res)
+    print(f"written {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
