@@ -13,9 +13,9 @@ Set ``ORTHOFUSE_JAX_NATIVE=0`` to use jaxlib's LAPACK solve instead; it is read 
 is traced, so set it before the first merge (or call ``jax.clear_caches()``). The kernels are
 written for AVX-512 (64-byte vectors, 32 registers) and are used only on CPUs that have it
 (:func:`vectors_native`): compiled for AVX2 alone they ran 7x (fast merge) to 22x (exact merge)
-slower per block, slower than XLA's own code. ``ORTHOFUSE_JAX_NATIVE=force`` uses them anyway. A large call splits
-its blocks over the CPUs the process may run on (its affinity mask); ``ORTHOFUSE_JAX_THREADS=N``,
-read at every call, sets the number of threads.
+slower per block, slower than XLA's own code. ``ORTHOFUSE_JAX_NATIVE=force`` uses them anyway.
+A large call splits its blocks over the CPUs the process may run on (its affinity mask);
+``ORTHOFUSE_JAX_THREADS=N``, read at every call, sets the number of threads.
 """
 
 from __future__ import annotations
