@@ -75,7 +75,7 @@ def test_one_argument_is_the_cayley_map_and_the_kernel_runs_where_built():
     a = rng.standard_normal((6, 20, 20))
     np.testing.assert_allclose(np.asarray(cayley_map(a)), _reference(a, a, 1.0, 0.0, 1.0, False), atol=1e-13)
     np.testing.assert_allclose(np.asarray(cayley_map(a, c1=0.7)), _reference(a, a, 0.7, 0.0, 1.0, False), atol=1e-13)
-    assert _uses_kernel(cayley_map, a) == (_native.available())
+    assert _uses_kernel(cayley_map, a) == _native.available()
 
 
 def test_vmap_over_t_and_over_blocks():
