@@ -304,9 +304,12 @@ def _cpu_model() -> str:
 
 
 def machine() -> dict[str, Any]:
-    """Cores, CPU model, memory, library versions, XLA flags, date and load."""
+    """Cores, CPU model, memory, library versions, XLA flags, which build of the compiled kernels
+    runs (``_native.isa()``: avx512, avx2, or none), date and load."""
     import jax
     import jaxlib
+
+    from orthofuse_jax import _native
 
     info: dict[str, Any] = {
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
@@ -321,6 +324,7 @@ def machine() -> dict[str, Any]:
         "jax_backend": jax.default_backend(),
         "jax_devices": [str(d) for d in jax.devices()],
         "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
+        "kernels": (_native.isa() if _native.available() and _native.enabled() else None),
         "load1": os.getloadavg()[0],
     }
     try:

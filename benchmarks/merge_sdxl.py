@@ -240,7 +240,7 @@ def main(argv=None) -> dict:
                              f"torch.cuda.is_available() {torch.cuda.is_available()})")
         info["torch_device"] = torch.cuda.get_device_name(0)
     print(f"# merge_sdxl on {info['cpu_model']} x{info['cpu_count']}, {args.device} {info['device_kind']}, "
-          f"jax {info['jax']}, torch {info['torch']}, load {info['load1']:.2f}", flush=True)
+          f"kernels {info['kernels']}, jax {info['jax']}, torch {info['torch']}, load {info['load1']:.2f}", flush=True)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     c_np, s_np = common.make_pair(inventory, seed=0)
     a1, a2 = common.to_adapter(c_np), common.to_adapter(s_np)
@@ -490,7 +490,7 @@ def main(argv=None) -> dict:
     text = render_table(results)
     m = results["machine"]
     head = (f"`python -m benchmarks.merge_sdxl` -- {m['date_utc']}, {m['cpu_model']} x{m['cpu_count']} "
-            f"({m['memory_total_gb']} GB), jax {m['jax']}, torch {m['torch']} ({m['torch_threads']} threads), "
+            f"({m['memory_total_gb']} GB), compiled kernels {m.get('kernels')}, jax {m['jax']}, torch {m['torch']} ({m['torch_threads']} threads), "
             f"load average at start {m['load1']:.2f}")
     (common.RESULTS_DIR / f"{args.out}.md").write_text(head + "\n\n" + text + "\n")
     print()

@@ -1,10 +1,13 @@
 // Times the compiled fast merge (CayleyF32) and exact merge (GeodesicF32) per block on one core,
-// built from a copy of orthofuse_jax/_native/solve.cc (SRC) whose target_clones list the driver
-// (isa_clones.py) edits to force one instruction set. Inputs: DIR/attrs.txt (the log and
+// built from orthofuse_jax/_native/solve.cc or a copy the driver (isa_clones.py) edited (SRC),
+// calling the build BUILD (wide: AVX-512, narrow: AVX2). Inputs: DIR/attrs.txt (the log and
 // exp polynomials, as polynomial.kernel_attributes), DIR/x1_N.bin and DIR/x2_N.bin (B float32
 // blocks of N x N raw parameters).
 #include <xmmintrin.h>
 #include SRC
+#ifndef BUILD
+#define BUILD wide
+#endif
 #include <chrono>
 #include <cstdio>
 #include <fstream>
@@ -43,13 +46,13 @@ int main(int argc, char** argv) {
   }
   std::vector<float> y(batch * n * n);
   std::vector<char> bad(batch), ok(batch);
-  std::vector<double> work(SweepWorkspace<float>(n) + 64);
+  std::vector<double> work(SweepWorkspace<float>(n, kMaxW) + 64);
   double fast = 1e9, exact = 1e9;
   for (int r = 0; r < reps; ++r) {
     auto t0 = std::chrono::steady_clock::now();
-    CayleyF32(x1.data(), x2.data(), cc.data(), y.data(), (bool*)bad.data(), batch, n, work.data());
+    BUILD::CayleyF32(x1.data(), x2.data(), cc.data(), y.data(), (bool*)bad.data(), batch, n, work.data());
     auto t1 = std::chrono::steady_clock::now();
-    GeodesicF32(x1.data(), x2.data(), cg.data(), y.data(), (bool*)bad.data(), (bool*)ok.data(), batch, n, pp,
+    BUILD::GeodesicF32(x1.data(), x2.data(), cg.data(), y.data(), (bool*)bad.data(), (bool*)ok.data(), batch, n, pp,
                 work.data());
     auto t2 = std::chrono::steady_clock::now();
     fast = std::min(fast, std::chrono::duration<double>(t1 - t0).count());

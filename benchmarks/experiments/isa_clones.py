@@ -1,18 +1,20 @@
-"""How the compiled kernels run when built for each instruction set (why they need AVX-512).
+"""How the compiled kernels run when built for each instruction set.
 
     python -m benchmarks.experiments.isa_clones [--sizes 20,40,64] [--blocks 320] [--reps 10]
 
-``solve.cc``'s entry points are ``target_clones("avx512f", "avx2", "default")``: one binary, the
-clone picked at load time by the CPU. An AVX-512 CPU runs AVX2 code as well, so this measures the
-other clones on one machine: it copies ``solve.cc``, keeps one entry of the clone list
-("avx512f", "avx2", or "arch=haswell", which adds FMA), builds ``isa_clones.cc`` (a C++ harness
-calling the fast merge ``CayleyF32`` and the exact merge ``GeodesicF32`` on one core, FTZ/DAZ as
-in XLA) with g++ and the vendored XLA FFI headers, and prints microseconds per block, with the same
-blocks (``common.random_skew_blocks``, t = 0.6, curve_over_id) for every build; then, on the same
-core, the package's ``merge()`` per block with XLA alone and with the kernels. Session 11 found
-the AVX2 builds 7x (fast) and 22x (exact) slower than AVX-512 at b = 40, slower than XLA; since
-then the package uses the kernels only where ``_native.vectors_native()`` (AVX-512F) holds.
-Writes ``results/experiments_isa_clones.json``.
+``solve.cc`` compiles ``kernels.inc`` twice: for AVX-512 (namespace ``wide``, 8 doubles per
+vector, tiles for 32 registers) and for AVX2 with FMA (``narrow``, 4 doubles, tiles for 16), and
+every call runs the one the CPU has. An AVX-512 CPU runs AVX2 code as well, so this measures
+both on one machine, and a third build: the AVX-512 code compiled for AVX2 (a copy of
+``solve.cc`` with the wide build's target pragma changed), which is what AVX2 CPUs ran until
+session 12 (then ``target_clones("avx512f", "avx2", "default")`` of one code). It builds
+``isa_clones.cc`` (a C++ harness calling the fast merge ``CayleyF32`` and the exact merge
+``GeodesicF32`` on one core, FTZ/DAZ as in XLA) with g++ and the vendored XLA FFI headers and
+prints microseconds per block, with the same blocks (``common.random_skew_blocks``, t = 0.6,
+curve_over_id) for every build; then, on the same core, the package's ``merge()`` per block with
+XLA alone, with the kernels, and with the AVX2 build (``ORTHOFUSE_JAX_ISA=avx2``). Session 11
+found the AVX-512 code compiled for AVX2 7x (fast) and 22x (exact) slower than AVX-512 at b = 40,
+slower than XLA. Writes ``results/experiments_isa_clones.json``.
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ from .. import common
 
 SOLVE = Path(__file__).resolve().parents[2] / "orthofuse_jax" / "_native" / "solve.cc"
 INCLUDE = SOLVE.parent / "include"
-CLONES = '"avx512f", "avx2", "default"'
-BUILDS = {"avx512f": '"avx512f", "default"', "avx2": '"avx2", "default"', "avx2+fma": '"arch=haswell", "default"'}
+WIDE_TARGET = '#pragma GCC target("avx512f")'
+# name: (the wide build's target pragma, or None for solve.cc as it is; the build the harness calls)
+BUILDS = {"avx512": (None, "wide"), "avx2": (None, "narrow"),
+          "avx512 code for avx2": ('#pragma GCC target("avx2")', "wide")}
 
 
 def _inputs(d: Path, sizes, blocks: int) -> None:
@@ -82,37 +86,41 @@ def main(argv=None) -> None:
         print(json.dumps(xla_worker(sizes, args.blocks, max(5, args.reps // 2))))
         return
     source = SOLVE.read_text()
-    if source.count(CLONES) < 2:
-        raise SystemExit(f"{SOLVE}: the clone list {CLONES} was not found; update this experiment")
+    if source.count(WIDE_TARGET) != 1:
+        raise SystemExit(f"{SOLVE}: the pragma {WIDE_TARGET} was not found; update this experiment")
     res = {"machine": common.machine(), "blocks": args.blocks, "reps": args.reps, "builds": {}}
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         _inputs(d, sizes, args.blocks)
-        for name, clones in BUILDS.items():
-            src = d / f"solve_{re.sub(r'[^a-z0-9]', '_', name)}.cc"
-            src.write_text(source.replace(CLONES, clones))
-            exe = d / f"harness_{src.stem}"
+        for name, (pragma, build) in BUILDS.items():
+            stem = re.sub(r"[^a-z0-9]", "_", name)
+            src = SOLVE
+            if pragma is not None:  # a copy; -I finds the kernels.inc it includes
+                src = d / f"solve_{stem}.cc"
+                src.write_text(source.replace(WIDE_TARGET, pragma))
+            exe = d / f"harness_{stem}"
             subprocess.run(["g++", "-std=c++17", "-O3", "-pthread", "-Wno-psabi", "-isystem", str(INCLUDE),
-                            f'-DSRC="{src}"', "-o", str(exe), str(Path(__file__).with_suffix(".cc"))], check=True)
+                            "-I", str(SOLVE.parent), f'-DSRC="{src}"', f"-DBUILD={build}", "-o", str(exe),
+                            str(Path(__file__).with_suffix(".cc"))], check=True)
             res["builds"][name] = []
             for n in sizes:
                 out = subprocess.run(["taskset", "-c", str(args.core), str(exe), str(d), str(n), str(args.reps),
                                       str(args.blocks)], check=True, capture_output=True, text=True).stdout
                 row = json.loads(out)
                 res["builds"][name].append(row)
-                print(f"{name:9s} b = {n:3d}: fast merge {row['fast_us']:8.2f} us/block, exact merge "
+                print(f"{name:20s} b = {n:3d}: fast merge {row['fast_us']:8.2f} us/block, exact merge "
                       f"{row['exact_us']:8.2f} us/block ({row['declined']} declined)", flush=True)
     # the package's merge() on the same core: XLA alone (ORTHOFUSE_JAX_NATIVE=0) and with the kernels
-    for native in ("0", "1"):
-        env = {**os.environ, "ORTHOFUSE_JAX_NATIVE": native, "ORTHOFUSE_JAX_THREADS": "1"}
+    for native, isa, name in (("0", "", "merge(), XLA"), ("1", "", "merge(), kernels"),
+                              ("1", "avx2", "merge(), avx2 build")):
+        env = {**os.environ, "ORTHOFUSE_JAX_NATIVE": native, "ORTHOFUSE_JAX_THREADS": "1", "ORTHOFUSE_JAX_ISA": isa}
         cmd = ["taskset", "-c", str(args.core), sys.executable, "-m", "benchmarks.experiments.isa_clones"]
         out = subprocess.run([*cmd, "--worker", native, "--sizes", args.sizes, "--blocks", str(args.blocks),
                               "--reps", str(args.reps)], check=True, capture_output=True, text=True, env=env,
                              cwd=Path(__file__).resolve().parents[2]).stdout
-        name = "merge(), XLA" if native == "0" else "merge(), kernels"
         res["builds"][name] = list(json.loads(out.strip().splitlines()[-1]).values())
         for row in res["builds"][name]:
-            print(f"{name:9s} b = {row['n']:3d}: fast merge {row['fast_us']:8.2f} us/block, exact merge "
+            print(f"{name:20s} b = {row['n']:3d}: fast merge {row['fast_us']:8.2f} us/block, exact merge "
                   f"{row['exact_us']:8.2f} us/block", flush=True)
     path = common.write_json("experiments_isa_clones", res)
     print(f"written {path}", file=sys.stderr)

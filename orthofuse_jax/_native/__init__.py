@@ -11,9 +11,11 @@ sweep over many t (``merge._geodesic_sweep_matmul``: the log once per block, the
 Taylor coefficients).
 Set ``ORTHOFUSE_JAX_NATIVE=0`` to use jaxlib's LAPACK solve instead; it is read when a function
 is traced, so set it before the first merge (or call ``jax.clear_caches()``). The kernels are
-written for AVX-512 (64-byte vectors, 32 registers) and are used only on CPUs that have it
-(:func:`vectors_native`): compiled for AVX2 alone they ran 7x (fast merge) to 22x (exact merge)
-slower per block, slower than XLA's own code. ``ORTHOFUSE_JAX_NATIVE=force`` uses them anyway.
+built twice on x86-64, for AVX-512 and for AVX2 with FMA (vector widths and register tiles of
+their own), and every call runs the build the CPU has (:func:`isa`); on a CPU with neither, and
+on other architectures, the merges run in XLA (``ORTHOFUSE_JAX_NATIVE=force`` uses the portable
+build of other architectures anyway). ``ORTHOFUSE_JAX_ISA=avx2``, read at every call, runs the
+AVX2 build on an AVX-512 CPU (for tests and benchmarks).
 A large call splits its blocks over the CPUs the process may run on (its affinity mask);
 ``ORTHOFUSE_JAX_THREADS=N``, read at every call, sets the number of threads.
 """
@@ -41,9 +43,8 @@ def _target_name(kernel: str, dtype: str) -> str:
 
 def target(kernel: str, dtype) -> str | None:
     """The registered FFI target of ``kernel`` (``"solve"``, ``"cayley"``, ``"point"``, ``"geodesic"``,
-    ``"sweep"``) for ``dtype``, or None (not built, disabled by ``ORTHOFUSE_JAX_NATIVE=0``, a CPU
-    without AVX-512 (:func:`vectors_native`), or another dtype). Registration is tried once per
-    process."""
+    ``"sweep"``) for ``dtype``, or None (not built, disabled by ``ORTHOFUSE_JAX_NATIVE=0``, no
+    build for this CPU (:func:`isa`), or another dtype). Registration is tried once per process."""
     if not enabled():
         return None
     name = getattr(dtype, "name", str(dtype))
@@ -61,26 +62,37 @@ def enabled() -> bool:
 
 
 def available() -> bool:
-    """Whether the kernels are built and run on this CPU (:func:`vectors_native`, or
-    ``ORTHOFUSE_JAX_NATIVE=force``); :func:`target` also needs them switched on."""
-    return library_path() is not None and (_forced() or vectors_native())
+    """Whether the kernels are built and run on this CPU (:func:`vectors_native`, or the portable
+    build with ``ORTHOFUSE_JAX_NATIVE=force``); :func:`target` also needs them switched on."""
+    return library_path() is not None and (vectors_native() or (_forced() and isa() == "portable"))
 
 
 def _forced() -> bool:
     return os.environ.get("ORTHOFUSE_JAX_NATIVE", "").lower() == "force"
 
 
-def vectors_native() -> bool:
-    """Whether this CPU runs the kernels' vectors as written (x86-64 with AVX-512F), asked of the
-    built library (``OrthofuseVectorsNative``); False when it was not built. Where it is False the
-    kernels are not registered (the merges run in XLA) unless ``ORTHOFUSE_JAX_NATIVE=force``."""
+_ISA_NAMES = {2: "avx512", 1: "avx2", -1: "portable"}
+
+
+def isa() -> str | None:
+    """Which build of the kernels a call runs on this CPU, asked of the built library
+    (``OrthofuseIsa``): ``"avx512"`` (AVX-512F), ``"avx2"`` (AVX2 with FMA, or any AVX-512 CPU
+    with ``ORTHOFUSE_JAX_ISA=avx2``), ``"portable"`` (not x86-64, or not built by GCC: untuned,
+    used only when forced), or None (not built, or an x86-64 CPU with neither)."""
     path = library_path()
     if path is None:
-        return False
+        return None
     try:
-        return bool(ctypes.CDLL(path).OrthofuseVectorsNative())
+        return _ISA_NAMES.get(int(ctypes.CDLL(path).OrthofuseIsa()))
     except (OSError, AttributeError):  # pragma: no cover - a broken or older build
-        return False
+        return None
+
+
+def vectors_native() -> bool:
+    """Whether a build tuned for this CPU's vectors runs here (:func:`isa` is ``"avx512"`` or
+    ``"avx2"``). Where it is False the kernels are not registered (the merges run in XLA) unless
+    the portable build is forced with ``ORTHOFUSE_JAX_NATIVE=force``."""
+    return isa() in ("avx512", "avx2")
 
 
 def solve_target(dtype) -> str | None:

@@ -29,7 +29,10 @@ from .geodesic_reference import cay, reference, rotations
 merge_module = importlib.import_module("orthofuse_jax.fusion.merge")
 _geodesic_matmul = merge_module._geodesic_matmul
 
-pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU kernel")
+pytestmark = [
+    pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU kernel"),
+    pytest.mark.usefixtures("kernel_build"),  # both builds of the kernels (conftest.py)
+]
 
 
 def _uses_kernel(fn, *args) -> bool:

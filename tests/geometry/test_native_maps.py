@@ -28,6 +28,8 @@ from orthofuse_jax import _native
 from orthofuse_jax.geometry import cayley, geodesic_path_cayley
 from orthofuse_jax.geometry._linalg import NATIVE_MAX_BLOCK, cayley_map, geodesic_point
 
+pytestmark = pytest.mark.usefixtures("kernel_build")  # both builds of the kernels (conftest.py)
+
 
 def _skew64(x):
     x = np.asarray(x, np.float64)
@@ -101,21 +103,45 @@ def test_derivatives_match_finite_differences(square):
     check_grads(f, (x1, x2, jnp.float64(0.4)), order=2, modes=("fwd", "rev"), atol=1e-6, rtol=1e-6)
 
 
-def test_cpus_without_avx512_take_xla_unless_forced(monkeypatch):
-    """The kernels' 64-byte vectors are slow without AVX-512 (7-22x per block): there they are not
-    registered, and the merges run XLA's formulas with the same numbers."""
+def _cpu_flags() -> set:
+    return set(open("/proc/cpuinfo").read().split())
+
+
+def test_the_build_matches_the_cpu(monkeypatch):
+    """The kernels are built for AVX-512 and for AVX2 with FMA; each call runs the one the CPU has
+    (an AVX-512 CPU runs the AVX2 build when asked, for tests and benchmarks)."""
     if _native.library_path() is None:
         pytest.skip("needs the built kernels")  # CI asserts they are built (test_solve_pd.py)
-    assert _native.vectors_native() == ("avx512f" in open("/proc/cpuinfo").read().split())
+    flags = _cpu_flags()
+    avx2 = {"avx2", "fma"} <= flags
+    monkeypatch.delenv("ORTHOFUSE_JAX_ISA", raising=False)
+    assert _native.isa() == ("avx512" if "avx512f" in flags else "avx2" if avx2 else None)
+    assert _native.vectors_native() == ("avx512f" in flags or avx2)
+    monkeypatch.setenv("ORTHOFUSE_JAX_ISA", "avx2")
+    assert _native.isa() == ("avx2" if avx2 else None)
+
+
+def test_cpus_without_a_build_take_xla(monkeypatch):
+    """Where no build runs (an x86-64 CPU without AVX2) the kernels are not registered, even when
+    forced, and the merges run XLA's formulas with the same numbers; the portable build of other
+    architectures is registered only when forced."""
+    if _native.library_path() is None:
+        pytest.skip("needs the built kernels")  # CI asserts they are built (test_solve_pd.py)
     rng = np.random.default_rng(4)
     a = rng.standard_normal((2, 9, 9)).astype(np.float32)
-    monkeypatch.setattr(_native, "_state", {})  # registration is tried once per process
-    monkeypatch.setattr(_native, "vectors_native", lambda: False)
-    jax.clear_caches()  # targets are looked up when a function is traced
-    assert not _native.available() and _native.target("cayley", np.dtype("float32")) is None
-    assert not _uses_kernel(cayley_map, a)
-    np.testing.assert_allclose(np.asarray(cayley_map(a)), _reference(a, a, 1.0, 0.0, 1.0, False), atol=1e-6)
+    for forced in (False, True):
+        monkeypatch.setattr(_native, "_state", {})  # registration is tried once per process
+        monkeypatch.setattr(_native, "isa", lambda: None)
+        if forced:
+            monkeypatch.setenv("ORTHOFUSE_JAX_NATIVE", "force")
+        jax.clear_caches()  # targets are looked up when a function is traced
+        assert not _native.available() and _native.target("cayley", np.dtype("float32")) is None
+        assert not _uses_kernel(cayley_map, a)
+        np.testing.assert_allclose(np.asarray(cayley_map(a)), _reference(a, a, 1.0, 0.0, 1.0, False), atol=1e-6)
     monkeypatch.setattr(_native, "_state", {})
+    monkeypatch.setattr(_native, "isa", lambda: "portable")
+    monkeypatch.delenv("ORTHOFUSE_JAX_NATIVE")
+    assert not _native.available()
     monkeypatch.setenv("ORTHOFUSE_JAX_NATIVE", "force")
     jax.clear_caches()
     assert _native.available() and _native.target("cayley", np.dtype("float32")) == "orthofuse_cayley_f32"

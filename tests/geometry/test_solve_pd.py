@@ -22,6 +22,8 @@ from orthofuse_jax.geometry._linalg import solve_pd
 
 from .strategies import pd_system as _pd_system
 
+pytestmark = pytest.mark.usefixtures("kernel_build")  # both builds of the kernels (conftest.py)
+
 
 def test_the_kernel_is_built_where_ci_runs():
     if os.environ.get("CI") or _native.library_path() is not None:
