@@ -309,6 +309,42 @@ def _add_merge_options(p) -> None:
     p.add_argument("--float64", action="store_true", help="merge in float64 (output is float32 either way)")
 
 
+def version_text() -> str:
+    """The package's version, JAX's, and which build of the compiled CPU kernels runs here (for bug
+    reports; imports no JAX)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__, _native
+
+    def dist(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    if _native.library_path() is None:
+        kernels = "not built (XLA and LAPACK)"
+    elif not _native.enabled():
+        kernels = "switched off by ORTHOFUSE_JAX_NATIVE (XLA and LAPACK)"
+    elif not _native.available():
+        kernels = f"no build for this CPU ({_native.isa() or 'x86-64 without AVX2'}; XLA and LAPACK)"
+    else:
+        kernels = f"the {_native.isa()} build"
+    return (f"{PROG} {__version__} (jax {dist('jax')}, jaxlib {dist('jaxlib')}); "
+            f"compiled CPU kernels: {kernels}")
+
+
+class _VersionAction(argparse.Action):
+    """--version, computed when asked (argparse's own needs the text when the parser is built)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())  # to stdout, as argparse's own version action
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -316,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "Default merge: --method geodesic --restore cayley --t 0.6 (the reference's moft_merge preset); "
                     "t = 0 is the concept adapter, t = 1 the style adapter.",
     )
+    parser.add_argument("--version", action=_VersionAction,
+                        help="print the version, JAX's, and which build of the compiled CPU kernels runs here")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 

@@ -181,6 +181,28 @@ def test_startup_imports_no_flax_or_diffusers():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 
+def test_version_names_the_kernels_build(capsys, monkeypatch):
+    from importlib.metadata import version
+
+    from orthofuse_jax import _native
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["--version"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith(f"orthofuse-jax {version('orthofuse-jax')} (jax {version('jax')}")
+    built = _native.library_path() is not None
+    assert (f"the {_native.isa()} build" in out) == (built and _native.vectors_native())
+    monkeypatch.setenv("ORTHOFUSE_JAX_NATIVE", "0")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--version"])
+    assert ("switched off" in capsys.readouterr().out) == built
+    monkeypatch.delenv("ORTHOFUSE_JAX_NATIVE")
+    monkeypatch.setattr(_native, "isa", lambda: None)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--version"])
+    assert ("no build for this CPU (x86-64 without AVX2" in capsys.readouterr().out) == built
+
+
 def test_optional_model_commands_are_registered(monkeypatch, capsys):
     mod = types.ModuleType("orthofuse_jax.models.commands")
 
