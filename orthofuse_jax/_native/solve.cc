@@ -181,11 +181,13 @@ constexpr size_t SweepWorkspace(int64_t n, int64_t w) {
 #define ORTHOFUSE_TWO_BUILDS 1
 #pragma GCC push_options
 #pragma GCC target("avx512f")
+#endif
 namespace wide {
 #define ORTHOFUSE_KW 8
 #include "kernels.inc"
 #undef ORTHOFUSE_KW
 }  // namespace wide
+#if defined(ORTHOFUSE_TWO_BUILDS)
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
@@ -196,11 +198,6 @@ namespace narrow {
 }  // namespace narrow
 #pragma GCC pop_options
 #else
-namespace wide {
-#define ORTHOFUSE_KW 8
-#include "kernels.inc"
-#undef ORTHOFUSE_KW
-}  // namespace wide
 namespace narrow = wide;
 #endif
 
