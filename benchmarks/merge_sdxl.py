@@ -490,7 +490,8 @@ def main(argv=None) -> dict:
     text = render_table(results)
     m = results["machine"]
     head = (f"`python -m benchmarks.merge_sdxl` -- {m['date_utc']}, {m['cpu_model']} x{m['cpu_count']} "
-            f"({m['memory_total_gb']} GB), compiled kernels {m.get('kernels')}, jax {m['jax']}, torch {m['torch']} ({m['torch_threads']} threads), "
+            f"({m['memory_total_gb']} GB), compiled kernels {m.get('kernels')}, jax {m['jax']}, "
+            f"torch {m['torch']} ({m['torch_threads']} threads), "
             f"load average at start {m['load1']:.2f}")
     (common.RESULTS_DIR / f"{args.out}.md").write_text(head + "\n\n" + text + "\n")
     print()

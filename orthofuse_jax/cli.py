@@ -326,8 +326,10 @@ def version_text() -> str:
         kernels = "not built (XLA and LAPACK)"
     elif not _native.enabled():
         kernels = "switched off by ORTHOFUSE_JAX_NATIVE (XLA and LAPACK)"
+    elif _native.isa() == "portable" and not _native.available():
+        kernels = "the portable build, used only with ORTHOFUSE_JAX_NATIVE=force (XLA and LAPACK)"
     elif not _native.available():
-        kernels = f"no build for this CPU ({_native.isa() or 'x86-64 without AVX2'}; XLA and LAPACK)"
+        kernels = "no build for this CPU (x86-64 without AVX2; XLA and LAPACK)"
     else:
         kernels = f"the {_native.isa()} build"
     return (f"{PROG} {__version__} (jax {dist('jax')}, jaxlib {dist('jaxlib')}); "

@@ -201,6 +201,10 @@ def test_version_names_the_kernels_build(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--version"])
     assert ("no build for this CPU (x86-64 without AVX2" in capsys.readouterr().out) == built
+    monkeypatch.setattr(_native, "isa", lambda: "portable")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--version"])
+    assert ("the portable build, used only with ORTHOFUSE_JAX_NATIVE=force" in capsys.readouterr().out) == built
 
 
 def test_optional_model_commands_are_registered(monkeypatch, capsys):

@@ -232,6 +232,7 @@ ffi::Error NoBuild() {
 template <ffi::DataType DT, typename TIn>
 ffi::Error Solve(ffi::Buffer<DT> a, ffi::Buffer<DT> b, ffi::ResultBuffer<DT> x,
                  void (*kernel)(const TIn*, const TIn*, TIn*, int64_t, int64_t, int64_t, double*)) {
+  if (kernel == nullptr) return NoBuild();
   auto ad = a.dimensions();
   auto bd = b.dimensions();
   const size_t rank = ad.size();
