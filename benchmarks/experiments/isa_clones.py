@@ -14,7 +14,9 @@ prints microseconds per block, with the same blocks (``common.random_skew_blocks
 curve_over_id) for every build; then, on the same core, the package's ``merge()`` per block with
 XLA alone, with the kernels, and with the AVX2 build (``ORTHOFUSE_JAX_ISA=avx2``). Session 11
 found the AVX-512 code compiled for AVX2 7x (fast) and 22x (exact) slower than AVX-512 at b = 40,
-slower than XLA. Writes ``results/experiments_isa_clones.json``.
+slower than XLA. Since session 13 the two builds' exact merge is also timed with the log and the
+exponential in place of its direct power (the harness's ``log_exp`` mode: no power tiers).
+Writes ``results/experiments_isa_clones.json``.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def _inputs(d: Path, sizes, blocks: int) -> None:
 
     attrs = kernel_attributes(_MATMUL_SQUARINGS)
     with open(d / "attrs.txt", "w") as f:
-        for key in ("log_coef", "exp_coef", "params"):
+        for key in ("log_coef", "exp_coef", "params", "power"):
             v = np.asarray(attrs[key], np.float64)
             f.write(f"{len(v)} " + " ".join(repr(float(x)) for x in v) + "\n")
     rng = np.random.default_rng(0)
@@ -102,14 +104,18 @@ def main(argv=None) -> None:
             subprocess.run(["g++", "-std=c++17", "-O3", "-pthread", "-Wno-psabi", "-isystem", str(INCLUDE),
                             "-I", str(SOLVE.parent), f'-DSRC="{src}"', f"-DBUILD={build}", "-o", str(exe),
                             str(Path(__file__).with_suffix(".cc"))], check=True)
-            res["builds"][name] = []
-            for n in sizes:
-                out = subprocess.run(["taskset", "-c", str(args.core), str(exe), str(d), str(n), str(args.reps),
-                                      str(args.blocks)], check=True, capture_output=True, text=True).stdout
-                row = json.loads(out)
-                res["builds"][name].append(row)
-                print(f"{name:20s} b = {n:3d}: fast merge {row['fast_us']:8.2f} us/block, exact merge "
-                      f"{row['exact_us']:8.2f} us/block ({row['declined']} declined)", flush=True)
+            # the exact merge as it is (the direct power) and, for the two builds, with the log and
+            # the exponential instead (what it was until session 13)
+            for mode in ("power", "log_exp") if pragma is None else ("power",):
+                label = name if mode == "power" else f"{name}, log and exp"
+                res["builds"][label] = []
+                for n in sizes:
+                    out = subprocess.run(["taskset", "-c", str(args.core), str(exe), str(d), str(n), str(args.reps),
+                                          str(args.blocks), mode], check=True, capture_output=True, text=True).stdout
+                    row = json.loads(out)
+                    res["builds"][label].append(row)
+                    print(f"{label:20s} b = {n:3d}: fast merge {row['fast_us']:8.2f} us/block, exact merge "
+                          f"{row['exact_us']:8.2f} us/block ({row['declined']} declined)", flush=True)
     # the package's merge() on the same core: XLA alone (ORTHOFUSE_JAX_NATIVE=0) and with the kernels
     for native, isa, name in (("0", "", "merge(), XLA"), ("1", "", "merge(), kernels"),
                               ("1", "avx2", "merge(), avx2 build")):

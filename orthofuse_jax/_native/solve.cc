@@ -25,10 +25,10 @@
 //     two), from the raw inputs to the result in one pass.
 //   orthofuse_point_{f32,f64}(A, B, V, CS, C) -> a point of a decomposed geodesic with its polar
 //     step and, if C[..., 1] != 0, the curve_over_id restoration Cay(C[..., 0] Y) (PointBlocks).
-//   orthofuse_geodesic_{f32,f64}(X1, X2, C; log_coef, exp_coef, params) -> (Y, bad, ok): the exact
+//   orthofuse_geodesic_{f32,f64}(X1, X2, C; log_coef, exp_coef, params, power) -> (Y, bad, ok): the exact
 //     merge with products only, U1 expm(t log(U1^T U2)) and its restoration, from the inputs to the
 //     result in one pass per block (GeodesicBlocks), C[..., 0:5] = (t, f, restore, orth1, orth2).
-//   orthofuse_sweep_{f32,f64}(X1, X2, P; log_coef, exp_coef, params, flags) -> (Y, bad, ok): the same
+//   orthofuse_sweep_{f32,f64}(X1, X2, P; log_coef, exp_coef, params, power, flags) -> (Y, bad, ok): the same
 //     at every t of P[..., T, 2] = (t, f): the log once per block, then the geodesic's Taylor
 //     coefficients and per t a Horner pass and the restoration (SweepBlocks).
 //
@@ -47,6 +47,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <string>
 #include <system_error>
 #include <thread>
 #include <vector>
@@ -142,6 +143,89 @@ void ParallelFor(int64_t batch, int64_t cost, const Body& body) {
   for (auto& t : pool) t.join();
 }
 
+// The exact merge's direct power W^t = a_t(P) + K b_t(P) (PowerBlock in kernels.inc): per tier,
+// interpolants in y = (P - c0 I) / h0 of degree terms - 1 on the angles up to theta_max
+// (orthofuse_jax.geometry.polynomial.POWER_TIERS), for t in [t_lo, t_hi].
+constexpr int kMaxPowerTiers = 4;
+constexpr int64_t kMaxPowerTerms = 32;
+struct PowerTier {
+  double c0, h0;
+  int64_t terms;
+};
+struct PowerParams {
+  double t_lo, t_hi, margin, lower;  // lower: the smallest eigenvalue of Y a tier accepts
+  int64_t tiers;  // 0: no power path (log and exp only)
+  PowerTier tier[kMaxPowerTiers];
+};
+
+// The monomial coefficients in y of a_t(c) = cos(t phi) and b_t(c) = sin(t phi) / sin(phi),
+// phi = arccos(c), c = c0 + h0 y, interpolated at the Chebyshev points of the first kind on
+// [-1 - margin, 1] (as polynomial._power_coefficients): values, Chebyshev coefficients in x, then
+// the Chebyshev polynomials expanded in y (x = alpha y + beta) by their recurrence. In long double:
+// the expansion's coefficients grow like 2^degree and cancel (in double ~1e-8 was lost at degree
+// 23, as much as the interpolation error itself). O(terms^2), once per tier and t.
+void PowerCoefficients(const PowerTier& tier, double margin, double t, double* a, double* b) {
+  typedef long double L;
+  const int64_t n = tier.terms;
+  const L pi = 3.141592653589793238462643383279502884L;
+  L fa[kMaxPowerTerms], fb[kMaxPowerTerms], ca[kMaxPowerTerms] = {}, cb[kMaxPowerTerms] = {};
+  for (int64_t j = 0; j < n; ++j) {
+    const L x = std::cos(pi * (j + 0.5L) / n);
+    const L y = -1.0L - margin + (2.0L + margin) * (x + 1.0L) / 2.0L;
+    const L phi = std::acos(std::min(std::max(static_cast<L>(tier.c0) + static_cast<L>(tier.h0) * y, -1.0L), 1.0L));
+    fa[j] = std::cos(static_cast<L>(t) * phi);
+    fb[j] = phi > 0 ? std::sin(static_cast<L>(t) * phi) / std::sin(phi) : static_cast<L>(t);
+  }
+  for (int64_t m = 0; m < n; ++m) {
+    for (int64_t j = 0; j < n; ++j) {
+      const L c = std::cos(pi * m * (j + 0.5L) / n);
+      ca[m] += fa[j] * c;
+      cb[m] += fb[j] * c;
+    }
+    const L scale = (m == 0 ? 1.0L : 2.0L) / n;
+    ca[m] *= scale;
+    cb[m] *= scale;
+  }
+  const L alpha = 2.0L / (2.0L + margin), beta = static_cast<L>(margin) / (2.0L + margin);
+  L prev[kMaxPowerTerms] = {1.0L}, cur[kMaxPowerTerms] = {beta, alpha}, next[kMaxPowerTerms];
+  L sa[kMaxPowerTerms] = {}, sb[kMaxPowerTerms] = {};
+  sa[0] = ca[0];
+  sb[0] = cb[0];
+  for (int64_t m = 1; m < n; ++m) {  // cur = T_m(alpha y + beta), coefficients of y^0 .. y^m
+    for (int64_t k = 0; k <= m; ++k) {
+      sa[k] += ca[m] * cur[k];
+      sb[k] += cb[m] * cur[k];
+    }
+    for (int64_t k = 0; k <= m + 1 && k < kMaxPowerTerms; ++k) {
+      next[k] = 2.0L * beta * cur[k] + (k > 0 ? 2.0L * alpha * cur[k - 1] : 0.0L) - (k < m ? prev[k] : 0.0L);
+    }
+    for (int64_t k = 0; k <= m + 1 && k < kMaxPowerTerms; ++k) {
+      prev[k] = cur[k];
+      cur[k] = next[k];
+    }
+  }
+  for (int64_t k = 0; k < n; ++k) {
+    a[k] = static_cast<double>(sa[k]);
+    b[k] = static_cast<double>(sb[k]);
+  }
+}
+
+// The coefficients of each tier for the last t asked (a kernel call's blocks mostly share t).
+struct PowerCache {
+  double t[kMaxPowerTiers];
+  double a[kMaxPowerTiers][kMaxPowerTerms], b[kMaxPowerTiers][kMaxPowerTerms];
+  PowerCache() {
+    for (double& v : t) v = std::numeric_limits<double>::quiet_NaN();
+  }
+  const double* A(const PowerParams& pw, int k, double tk) {
+    if (!(t[k] == tk)) {
+      PowerCoefficients(pw.tier[k], pw.margin, tk, a[k], b[k]);
+      t[k] = tk;
+    }
+    return a[k];
+  }
+};
+
 // The exact merge's polynomials and limits (PolyParams in kernels.inc describes its algorithm).
 struct PolyParams {
   const double* log_coef;  // arccos(c) / sin(arccos(c)) = sum_k log_coef[k] y^k, c = c0 + h0 y
@@ -151,6 +235,7 @@ struct PolyParams {
   double c0, h0, radius;
   double lower;  // the smallest eigenvalue of Y = (sym(W) - c0 I) / h0 the interpolant accepts
   int64_t max_squarings;
+  PowerParams power;
 };
 
 constexpr int kGeodesicBuffers = 11;  // the geodesic kernel's buffers of the compute type (and 3 of double)
@@ -350,9 +435,33 @@ ffi::Error PointF64Impl(ffi::Buffer<ffi::F64> a, ffi::Buffer<ffi::F64> b, ffi::B
 }
 
 
+// The polynomials' attributes as PolyParams (polynomial.kernel_attributes): log_coef, exp_coef,
+// params = (c0, h0, radius, lower, max_squarings), power = (t_lo, t_hi, margin, lower, tiers,
+// then c0, h0, terms per tier).
+ffi::Error ReadPoly(const char* who, ffi::Span<const double> log_coef, ffi::Span<const double> exp_coef,
+                    ffi::Span<const double> params, ffi::Span<const double> power, PolyParams* pp) {
+  const bool sizes = log_coef.size() >= 1 && exp_coef.size() >= 1 && params.size() == 5 && power.size() >= 5;
+  const int64_t tiers = sizes ? static_cast<int64_t>(power[4]) : -1;
+  if (!sizes || tiers < 0 || tiers > kMaxPowerTiers || static_cast<int64_t>(power.size()) != 5 + 3 * tiers)
+    return ffi::Error::InvalidArgument(std::string(who) +
+                                       ": log_coef, exp_coef, params [5] and power [5 + 3 tiers] (at most 4) needed");
+  *pp = PolyParams{log_coef.begin(), static_cast<int64_t>(log_coef.size()), exp_coef.begin(),
+                   static_cast<int64_t>(exp_coef.size()), params[0], params[1], params[2], params[3],
+                   static_cast<int64_t>(params[4]), PowerParams{power[0], power[1], power[2], power[3], tiers, {}}};
+  for (int64_t q = 0; q < tiers; ++q) {
+    const double* tq = power.begin() + 5 + 3 * q;
+    const int64_t terms = static_cast<int64_t>(tq[2]);
+    if (terms < 1 || terms > kMaxPowerTerms)
+      return ffi::Error::InvalidArgument(std::string(who) + ": a power tier has 1 to 32 terms");
+    pp->power.tier[q] = PowerTier{tq[0], tq[1], terms};
+  }
+  return ffi::Error::Success();
+}
+
 template <ffi::DataType DT, typename TIn>
 ffi::Error Geodesic(ffi::Buffer<DT> x1, ffi::Buffer<DT> x2, ffi::Buffer<DT> coef, ffi::Span<const double> log_coef,
-                    ffi::Span<const double> exp_coef, ffi::Span<const double> params, ffi::ResultBuffer<DT> y,
+                    ffi::Span<const double> exp_coef, ffi::Span<const double> params, ffi::Span<const double> power,
+                    ffi::ResultBuffer<DT> y,
                     ffi::ResultBuffer<ffi::PRED> bad, ffi::ResultBuffer<ffi::PRED> ok,
                     void (*kernel)(const TIn*, const TIn*, const TIn*, TIn*, bool*, bool*, int64_t, int64_t,
                                    const PolyParams&, double*)) {
@@ -366,17 +475,14 @@ ffi::Error Geodesic(ffi::Buffer<DT> x1, ffi::Buffer<DT> x2, ffi::Buffer<DT> coef
   const int64_t n = d1[rank - 1];
   if (d1[rank - 2] != n || d2[rank - 2] != n || d2[rank - 1] != n || dc[rank - 2] != 5)
     return ffi::Error::InvalidArgument(shapes);
-  if (log_coef.size() < 1 || exp_coef.size() < 1 || params.size() != 5)
-    return ffi::Error::InvalidArgument("orthofuse_geodesic: log_coef, exp_coef and params [5] needed");
+  PolyParams pp;
+  if (ffi::Error e = ReadPoly("orthofuse_geodesic", log_coef, exp_coef, params, power, &pp); e.failure()) return e;
   int64_t batch = 1;
   for (size_t i = 0; i + 2 < rank; ++i) {
     if (d1[i] != d2[i] || d1[i] != dc[i]) return ffi::Error::InvalidArgument("orthofuse_geodesic: batch shapes differ");
     batch *= d1[i];
   }
   if (batch == 0 || n == 0) return ffi::Error::Success();
-  const PolyParams pp{log_coef.begin(), static_cast<int64_t>(log_coef.size()), exp_coef.begin(),
-                      static_cast<int64_t>(exp_coef.size()), params[0], params[1], params[2], params[3],
-                      static_cast<int64_t>(params[4])};
   ParallelFor(batch, 12 * n * n * n, [&](int64_t begin, int64_t end) {
     Prefault(y->typed_data() + begin * n * n, static_cast<size_t>((end - begin) * n * n) * sizeof(TIn));
     kernel(x1.typed_data() + begin * n * n, x2.typed_data() + begin * n * n, coef.typed_data() + 5 * begin,
@@ -388,24 +494,26 @@ ffi::Error Geodesic(ffi::Buffer<DT> x1, ffi::Buffer<DT> x2, ffi::Buffer<DT> coef
 
 ffi::Error GeodesicF32Impl(ffi::Buffer<ffi::F32> x1, ffi::Buffer<ffi::F32> x2, ffi::Buffer<ffi::F32> c,
                            ffi::Span<const double> log_coef, ffi::Span<const double> exp_coef,
-                           ffi::Span<const double> params, ffi::ResultBuffer<ffi::F32> y,
-                           ffi::ResultBuffer<ffi::PRED> bad, ffi::ResultBuffer<ffi::PRED> ok) {
-  return Geodesic<ffi::F32, float>(x1, x2, c, log_coef, exp_coef, params, y, bad, ok,
+                           ffi::Span<const double> params, ffi::Span<const double> power,
+                           ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::PRED> bad,
+                           ffi::ResultBuffer<ffi::PRED> ok) {
+  return Geodesic<ffi::F32, float>(x1, x2, c, log_coef, exp_coef, params, power, y, bad, ok,
                                    Pick(wide::GeodesicF32, narrow::GeodesicF32));
 }
 
 ffi::Error GeodesicF64Impl(ffi::Buffer<ffi::F64> x1, ffi::Buffer<ffi::F64> x2, ffi::Buffer<ffi::F64> c,
                            ffi::Span<const double> log_coef, ffi::Span<const double> exp_coef,
-                           ffi::Span<const double> params, ffi::ResultBuffer<ffi::F64> y,
-                           ffi::ResultBuffer<ffi::PRED> bad, ffi::ResultBuffer<ffi::PRED> ok) {
-  return Geodesic<ffi::F64, double>(x1, x2, c, log_coef, exp_coef, params, y, bad, ok,
+                           ffi::Span<const double> params, ffi::Span<const double> power,
+                           ffi::ResultBuffer<ffi::F64> y, ffi::ResultBuffer<ffi::PRED> bad,
+                           ffi::ResultBuffer<ffi::PRED> ok) {
+  return Geodesic<ffi::F64, double>(x1, x2, c, log_coef, exp_coef, params, power, y, bad, ok,
                                     Pick(wide::GeodesicF64, narrow::GeodesicF64));
 }
 
 template <ffi::DataType DT, typename TIn>
 ffi::Error Sweep(ffi::Buffer<DT> x1, ffi::Buffer<DT> x2, ffi::Buffer<DT> pts, ffi::Span<const double> log_coef,
-                 ffi::Span<const double> exp_coef, ffi::Span<const double> params, ffi::Span<const double> flags,
-                 ffi::ResultBuffer<DT> y, ffi::ResultBuffer<ffi::PRED> bad, ffi::ResultBuffer<ffi::PRED> ok,
+                 ffi::Span<const double> exp_coef, ffi::Span<const double> params, ffi::Span<const double> power,
+                 ffi::Span<const double> flags, ffi::ResultBuffer<DT> y, ffi::ResultBuffer<ffi::PRED> bad, ffi::ResultBuffer<ffi::PRED> ok,
                  void (*kernel)(const TIn*, const TIn*, const TIn*, TIn*, bool*, bool*, int64_t, int64_t, int64_t,
                                 int64_t, int64_t, int, bool, bool, const PolyParams&, double*)) {
   if (kernel == nullptr) return NoBuild();
@@ -428,12 +536,10 @@ ffi::Error Sweep(ffi::Buffer<DT> x1, ffi::Buffer<DT> x2, ffi::Buffer<DT> pts, ff
   }
   for (size_t i = rp - 2; i + 2 < rank; ++i) per *= d1[i];
   const int64_t nt = dp[rp - 2];
-  if (log_coef.size() < 1 || exp_coef.size() < 1 || params.size() != 5 || flags.size() != 3)
-    return ffi::Error::InvalidArgument("orthofuse_sweep: log_coef, exp_coef, params [5] and flags [3] needed");
+  if (flags.size() != 3) return ffi::Error::InvalidArgument("orthofuse_sweep: flags [3] needed");
+  PolyParams pp;
+  if (ffi::Error e = ReadPoly("orthofuse_sweep", log_coef, exp_coef, params, power, &pp); e.failure()) return e;
   if (groups * per * nt == 0 || n == 0) return ffi::Error::Success();
-  const PolyParams pp{log_coef.begin(), static_cast<int64_t>(log_coef.size()), exp_coef.begin(),
-                      static_cast<int64_t>(exp_coef.size()), params[0], params[1], params[2], params[3],
-                      static_cast<int64_t>(params[4])};
   const int restore = static_cast<int>(flags[0]);
   ParallelFor(groups * per, (28 + 2 * nt) * n * n * n, [&](int64_t begin, int64_t end) {
     kernel(x1.typed_data(), x2.typed_data(), pts.typed_data(), y->typed_data(), bad->typed_data(), ok->typed_data(),
@@ -445,17 +551,19 @@ ffi::Error Sweep(ffi::Buffer<DT> x1, ffi::Buffer<DT> x2, ffi::Buffer<DT> pts, ff
 
 ffi::Error SweepF32Impl(ffi::Buffer<ffi::F32> x1, ffi::Buffer<ffi::F32> x2, ffi::Buffer<ffi::F32> pts,
                         ffi::Span<const double> log_coef, ffi::Span<const double> exp_coef,
-                        ffi::Span<const double> params, ffi::Span<const double> flags, ffi::ResultBuffer<ffi::F32> y,
-                        ffi::ResultBuffer<ffi::PRED> bad, ffi::ResultBuffer<ffi::PRED> ok) {
-  return Sweep<ffi::F32, float>(x1, x2, pts, log_coef, exp_coef, params, flags, y, bad, ok,
+                        ffi::Span<const double> params, ffi::Span<const double> power,
+                        ffi::Span<const double> flags, ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::PRED> bad,
+                        ffi::ResultBuffer<ffi::PRED> ok) {
+  return Sweep<ffi::F32, float>(x1, x2, pts, log_coef, exp_coef, params, power, flags, y, bad, ok,
                                 Pick(wide::SweepF32, narrow::SweepF32));
 }
 
 ffi::Error SweepF64Impl(ffi::Buffer<ffi::F64> x1, ffi::Buffer<ffi::F64> x2, ffi::Buffer<ffi::F64> pts,
                         ffi::Span<const double> log_coef, ffi::Span<const double> exp_coef,
-                        ffi::Span<const double> params, ffi::Span<const double> flags, ffi::ResultBuffer<ffi::F64> y,
-                        ffi::ResultBuffer<ffi::PRED> bad, ffi::ResultBuffer<ffi::PRED> ok) {
-  return Sweep<ffi::F64, double>(x1, x2, pts, log_coef, exp_coef, params, flags, y, bad, ok,
+                        ffi::Span<const double> params, ffi::Span<const double> power,
+                        ffi::Span<const double> flags, ffi::ResultBuffer<ffi::F64> y, ffi::ResultBuffer<ffi::PRED> bad,
+                        ffi::ResultBuffer<ffi::PRED> ok) {
+  return Sweep<ffi::F64, double>(x1, x2, pts, log_coef, exp_coef, params, power, flags, y, bad, ok,
                                  Pick(wide::SweepF64, narrow::SweepF64));
 }
 
@@ -515,7 +623,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(OrthofusePointF64, PointF64Impl,
       .Arg<ffi::Buffer<DT>>()                                \
       .Attr<ffi::Span<const double>>("log_coef")             \
       .Attr<ffi::Span<const double>>("exp_coef")             \
-      .Attr<ffi::Span<const double>>("params")
+      .Attr<ffi::Span<const double>>("params")               \
+      .Attr<ffi::Span<const double>>("power")
 #define ORTHOFUSE_Y_BAD_OK(DT) .Ret<ffi::Buffer<DT>>().Ret<ffi::Buffer<ffi::PRED>>().Ret<ffi::Buffer<ffi::PRED>>()
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OrthofuseGeodesicF32, GeodesicF32Impl,

@@ -247,8 +247,10 @@ def _geodesic_matmul(x1, x2, t, f, *, restore, orthogonal):
 
     On the CPU with the compiled kernels this is one pass per block
     (``orthofuse_jax/_native/solve.cc``, ``GeodesicBlocks``: the Cayley maps inverted in double,
-    the log interpolant and its range check, the exponential with only the squarings a block needs,
-    the polar step and the restoration, with products in the input's precision), its blocks split
+    ``W^t`` by the direct power ``a_t(P) + K b_t(P)`` where ``t`` is in ``POWER_T_RANGE`` and
+    the angles within 2.4 rad (``polynomial.POWER_TIERS``; else the log interpolant and the
+    exponential with only the squarings a block needs), the polar step and the restoration, with
+    products in the input's precision), its blocks split
     over the process's CPUs; elsewhere, and for derivatives, the XLA composition
     (:func:`_pair_point`). Both decline (``ok`` False) the blocks outside the interpolant's range
     or the squarings' reach; their range checks differ only at its edge (an eigenvalue of
@@ -269,7 +271,7 @@ def _geodesic_matmul(x1, x2, t, f, *, restore, orthogonal):
 
     out = (jax.ShapeDtypeStruct(x1.shape, dtype), jax.ShapeDtypeStruct(batch, jnp.bool_),
            jax.ShapeDtypeStruct(batch, jnp.bool_))
-    return _with_kernel("geodesic", xla, x1, x2, coef, out=out, attrs=kernel_attributes(_MATMUL_SQUARINGS))
+    return _with_kernel("geodesic", xla, x1, x2, coef, out=out, attrs=kernel_attributes(_MATMUL_SQUARINGS, dtype))
 
 
 def _geodesic_sweep_matmul(x1, x2, ts, alpha, *, restore, orthogonal):
@@ -303,7 +305,7 @@ def _geodesic_sweep_matmul(x1, x2, ts, alpha, *, restore, orthogonal):
            jax.ShapeDtypeStruct(lead + batch, jnp.bool_))
     flags = np.asarray([_RESTORE_CODES[restore], float(orthogonal[0]), float(orthogonal[1])], np.float64)
     return _with_kernel("sweep", xla, x1, x2, pts, out=out,
-                        attrs={**kernel_attributes(_MATMUL_SQUARINGS), "flags": flags})
+                        attrs={**kernel_attributes(_MATMUL_SQUARINGS, dtype), "flags": flags})
 
 
 _CPU_CHUNK_BYTES = 1 * 2**20

@@ -1,8 +1,8 @@
 """The product-only exact merge as one compiled pass per block (``solve.cc``, ``GeodesicBlocks``).
 
 ``merge(..., method="geodesic", algorithm="matmul")`` (what ``"auto"`` picks for float32) runs,
-on the CPU, the Cayley maps, ``log(U1^T U2)`` by the interpolant, ``exp(t X)``, ``U1 E`` and the
-restoration in one kernel call per stack (:func:`orthofuse_jax.fusion.merge._geodesic_matmul`).
+on the CPU, the Cayley maps, ``W^t`` for ``W = U1^T U2`` (by the direct power, or for t outside
+its range ``exp(t log W)``), ``U1 W^t`` and the restoration in one kernel call per stack (:func:`orthofuse_jax.fusion.merge._geodesic_matmul`).
 Checked against scipy's float64 ``logm``/``expm`` and LAPACK solves (never against itself): block
 sizes 1-70 (partial SIMD vectors of 8 doubles and 16 floats, and the 8 x 8 transposes at
 multiples of 8), per-block t, orthogonal or raw inputs, all three restorations; which blocks it
@@ -101,6 +101,29 @@ def test_declined_blocks_are_those_the_interpolant_or_the_squarings_cannot_take(
     _, _, ok = _geodesic_matmul(jnp.zeros((1, n, n)), jnp.asarray(far), 20.0, 1.0, restore="cayley",
                                 orthogonal=(False, False))
     assert not bool(ok[0])
+
+
+@pytest.mark.parametrize("restore", ["none", "cayley", "exact"])
+def test_the_direct_power_is_exact_to_float64_round_off_where_it_applies(restore):
+    """For t (and f) in ``POWER_T_RANGE`` and rotations up to 2.4 rad the kernel takes ``W^t`` by
+    its direct power (``PowerBlock``: interpolation error ~1e-11 in float64, both tiers), where
+    the log and the exponential were ~1e-8 from scipy; outside that t range it takes them still."""
+    rng = np.random.default_rng(11)
+    n = 24
+    angles = np.array([0.3, 1.0, 1.7, 2.0, 2.3, 2.39])  # the first tier (<= 1.75 rad), then the second
+    x2 = rotations(rng, (len(angles),), n, 0.05)
+    x2[:, 1, 2] -= np.tan(angles / 2)
+    x2[:, 2, 1] += np.tan(angles / 2)
+    x1 = rotations(rng, (len(angles),), n, 0.02)
+    for t, f, tol in [(-1.0, 1.0, 1e-10), (-0.3, 1.2, 1e-10), (0.35, 1.91, 1e-10), (0.9, 1.4, 1e-10), (2.0, 1.0, 1e-10),
+                      (2.6, 1.0, 2e-7)]:
+        if restore == "exact" and t > 1:  # Y's angles then reach past what the restoration's log takes
+            continue
+        y, bad, ok = _geodesic_matmul(jnp.asarray(x1), jnp.asarray(x2), jnp.asarray(t), jnp.asarray(f), restore=restore,
+                                      orthogonal=(False, False))
+        assert np.all(np.asarray(ok)) and not np.any(np.asarray(bad)), t
+        want = reference(x1, x2, t, f, restore, (False, False))
+        np.testing.assert_allclose(np.asarray(y), want, atol=tol, rtol=0, err_msg=f"t = {t}")
 
 
 @pytest.mark.parametrize("threads", ["1", "3"])

@@ -90,3 +90,29 @@ def test_matmul_algorithm_flags_antipodal_blocks_like_eigh():
         geo.geodesic(u1, u2, 0.5, algorithm="matmul")
     with pytest.raises(ValueError, match="algorithm must be one of"):
         geo.log(u1, algorithm="qr")
+
+
+@pytest.mark.parametrize("dtype, bound", [(np.float32, 1e-8), (np.float64, 3e-11)])
+def test_the_power_interpolants_are_within_their_stated_error(dtype, bound):
+    """The compiled kernel's direct power ``W^t = a_t(P) + K b_t(P)`` interpolates
+    ``a_t(c) = cos(t phi)`` and ``b_t(c) = sin(t phi) / sin(phi)``, ``c = cos(phi)``, per tier
+    (``polynomial.POWER_TIERS``): the Chebyshev interpolants' largest error on the tier's angles
+    (an entry of ``W^t`` moves by ``|a - a_t| + sin(phi) |b - b_t|``), for t across
+    ``POWER_T_RANGE``, against the closed forms."""
+    from numpy.polynomial import chebyshev
+
+    from orthofuse_jax.geometry import polynomial
+
+    margin = polynomial._MARGIN
+    for theta_max, degree in polynomial.POWER_TIERS[np.dtype(dtype)]:
+        c_lo = np.cos(theta_max)
+        c0, h0 = (c_lo + 1) / 2, (1 - c_lo) / 2
+        phi = np.linspace(0.0, theta_max, 4001)
+        x = ((np.cos(phi) - c0) / h0 + 1 + margin) * 2 / (2 + margin) - 1  # c -> y -> the Chebyshev variable
+        worst = 0.0
+        for t in np.linspace(*polynomial.POWER_T_RANGE, 61):
+            ca, cb = polynomial._power_coefficients(t, theta_max, degree)
+            b_true = np.where(phi > 0, np.sin(t * phi) / np.where(phi > 0, np.sin(phi), 1.0), t)
+            err = np.abs(chebyshev.chebval(x, ca) - np.cos(t * phi)) + np.sin(phi) * np.abs(chebyshev.chebval(x, cb) - b_true)
+            worst = max(worst, float(err.max()))
+        assert worst <= bound, (theta_max, degree, worst)
