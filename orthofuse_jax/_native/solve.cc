@@ -160,46 +160,54 @@ struct PowerParams {
 
 // The monomial coefficients in y of a_t(c) = cos(t phi) and b_t(c) = sin(t phi) / sin(phi),
 // phi = arccos(c), c = c0 + h0 y, interpolated at the Chebyshev points of the first kind on
-// [-1 - margin, 1] (as polynomial._power_coefficients): values, Chebyshev coefficients in x, then
-// the Chebyshev polynomials expanded in y (x = alpha y + beta) by their recurrence. In long double:
-// the expansion's coefficients grow like 2^degree and cancel (in double ~1e-8 was lost at degree
-// 23, as much as the interpolation error itself). O(terms^2), once per tier and t.
+// [-1 - margin, 1] (as polynomial._power_coefficients): values at the nodes and the Chebyshev
+// coefficients in x (a DCT, its cosines T_m(x_j) by their recurrence) in double, then the series
+// expanded in powers of y (x = alpha y + beta) by the recurrence of the T_m, in long double: the
+// expansion's coefficients grow like 2^degree and cancel (in double ~1e-8 was lost at degree 23,
+// as much as the interpolation error itself). 2-4n transcendental functions and O(n^2) products:
+// about 1 us at 12 terms.
 void PowerCoefficients(const PowerTier& tier, double margin, double t, double* a, double* b) {
   typedef long double L;
   const int64_t n = tier.terms;
-  const L pi = 3.141592653589793238462643383279502884L;
-  L fa[kMaxPowerTerms], fb[kMaxPowerTerms], ca[kMaxPowerTerms] = {}, cb[kMaxPowerTerms] = {};
+  const double pi = 3.141592653589793;
+  double x[kMaxPowerTerms], fa[kMaxPowerTerms], fb[kMaxPowerTerms], ca[kMaxPowerTerms] = {}, cb[kMaxPowerTerms] = {};
   for (int64_t j = 0; j < n; ++j) {
-    const L x = std::cos(pi * (j + 0.5L) / n);
-    const L y = -1.0L - margin + (2.0L + margin) * (x + 1.0L) / 2.0L;
-    const L phi = std::acos(std::min(std::max(static_cast<L>(tier.c0) + static_cast<L>(tier.h0) * y, -1.0L), 1.0L));
-    fa[j] = std::cos(static_cast<L>(t) * phi);
-    fb[j] = phi > 0 ? std::sin(static_cast<L>(t) * phi) / std::sin(phi) : static_cast<L>(t);
+    x[j] = std::cos(pi * (static_cast<double>(j) + 0.5) / static_cast<double>(n));
+    const double y = -1.0 - margin + (2.0 + margin) * (x[j] + 1.0) / 2.0;
+    const double phi = std::acos(std::min(std::max(tier.c0 + tier.h0 * y, -1.0), 1.0));
+    fa[j] = std::cos(t * phi);
+    fb[j] = phi > 0 ? std::sin(t * phi) / std::sin(phi) : t;
+  }
+  for (int64_t j = 0; j < n; ++j) {  // c_m = (2 - [m = 0]) / n sum_j f_j T_m(x_j)
+    double prev = 1.0, cur = x[j];
+    ca[0] += fa[j];
+    cb[0] += fb[j];
+    for (int64_t m = 1; m < n; ++m) {
+      ca[m] += fa[j] * cur;
+      cb[m] += fb[j] * cur;
+      const double next = 2.0 * x[j] * cur - prev;
+      prev = cur;
+      cur = next;
+    }
   }
   for (int64_t m = 0; m < n; ++m) {
-    for (int64_t j = 0; j < n; ++j) {
-      const L c = std::cos(pi * m * (j + 0.5L) / n);
-      ca[m] += fa[j] * c;
-      cb[m] += fb[j] * c;
-    }
-    const L scale = (m == 0 ? 1.0L : 2.0L) / n;
+    const double scale = (m == 0 ? 1.0 : 2.0) / static_cast<double>(n);
     ca[m] *= scale;
     cb[m] *= scale;
   }
   const L alpha = 2.0L / (2.0L + margin), beta = static_cast<L>(margin) / (2.0L + margin);
-  L prev[kMaxPowerTerms] = {1.0L}, cur[kMaxPowerTerms] = {beta, alpha}, next[kMaxPowerTerms];
+  L prev[kMaxPowerTerms + 1] = {1.0L}, cur[kMaxPowerTerms + 1] = {beta, alpha}, next[kMaxPowerTerms + 1];
   L sa[kMaxPowerTerms] = {}, sb[kMaxPowerTerms] = {};
   sa[0] = ca[0];
   sb[0] = cb[0];
-  for (int64_t m = 1; m < n; ++m) {  // cur = T_m(alpha y + beta), coefficients of y^0 .. y^m
+  for (int64_t m = 1; m < n; ++m) {  // cur = T_m(alpha y + beta): coefficients of y^0 .. y^m
     for (int64_t k = 0; k <= m; ++k) {
       sa[k] += ca[m] * cur[k];
       sb[k] += cb[m] * cur[k];
     }
-    for (int64_t k = 0; k <= m + 1 && k < kMaxPowerTerms; ++k) {
+    for (int64_t k = 0; k <= m + 1; ++k)
       next[k] = 2.0L * beta * cur[k] + (k > 0 ? 2.0L * alpha * cur[k - 1] : 0.0L) - (k < m ? prev[k] : 0.0L);
-    }
-    for (int64_t k = 0; k <= m + 1 && k < kMaxPowerTerms; ++k) {
+    for (int64_t k = 0; k <= m + 1; ++k) {
       prev[k] = cur[k];
       cur[k] = next[k];
     }
@@ -210,20 +218,33 @@ void PowerCoefficients(const PowerTier& tier, double margin, double t, double* a
   }
 }
 
-// The coefficients of each tier for the last t asked (a kernel call's blocks mostly share t).
-struct PowerCache {
-  double t[kMaxPowerTiers];
-  double a[kMaxPowerTiers][kMaxPowerTerms], b[kMaxPowerTiers][kMaxPowerTerms];
-  PowerCache() {
-    for (double& v : t) v = std::numeric_limits<double>::quiet_NaN();
+// The power's coefficients per tier for the last kPowerSlots values of t asked (a merge's blocks
+// mostly share one t; a sweep's exact restoration asks for its points' f in turn, block after
+// block), replaced in turn. On the heap: 16 KB a tier.
+constexpr int kPowerSlots = 32;
+class PowerCache {
+ public:
+  PowerCache() : coef_(static_cast<size_t>(kMaxPowerTiers) * kPowerSlots * 2 * kMaxPowerTerms) {
+    for (auto& tier : t_)
+      for (double& v : tier) v = std::numeric_limits<double>::quiet_NaN();
   }
-  const double* A(const PowerParams& pw, int k, double tk) {
-    if (!(t[k] == tk)) {
-      PowerCoefficients(pw.tier[k], pw.margin, tk, a[k], b[k]);
-      t[k] = tk;
-    }
-    return a[k];
+  // a_t's coefficients (b_t's follow at +kMaxPowerTerms) for tier k.
+  const double* Get(const PowerParams& pw, int k, double t) {
+    double* slots = coef_.data() + static_cast<size_t>(k) * kPowerSlots * 2 * kMaxPowerTerms;
+    for (int i = 0; i < kPowerSlots; ++i)
+      if (t_[k][i] == t) return slots + i * 2 * kMaxPowerTerms;
+    const int i = next_[k];
+    next_[k] = (i + 1) % kPowerSlots;
+    double* c = slots + i * 2 * kMaxPowerTerms;
+    PowerCoefficients(pw.tier[k], pw.margin, t, c, c + kMaxPowerTerms);
+    t_[k][i] = t;
+    return c;
   }
+
+ private:
+  std::vector<double> coef_;
+  double t_[kMaxPowerTiers][kPowerSlots];
+  int next_[kMaxPowerTiers] = {};
 };
 
 // The exact merge's polynomials and limits (PolyParams in kernels.inc describes its algorithm).
