@@ -164,8 +164,8 @@ struct PowerParams {
 // coefficients in x (a DCT, its cosines T_m(x_j) by their recurrence) in double, then the series
 // expanded in powers of y (x = alpha y + beta) by the recurrence of the T_m, in long double: the
 // expansion's coefficients grow like 2^degree and cancel (in double ~1e-8 was lost at degree 23,
-// as much as the interpolation error itself). 2-4n transcendental functions and O(n^2) products:
-// about 1 us at 12 terms.
+// as much as the interpolation error itself). 5n transcendental functions and O(n^2) products:
+// 1.8 us at 12 terms, 9.8 at 32 (one core of the AMD EPYC of benchmarks/RESULTS.md).
 void PowerCoefficients(const PowerTier& tier, double margin, double t, double* a, double* b) {
   typedef long double L;
   const int64_t n = tier.terms;
