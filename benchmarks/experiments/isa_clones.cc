@@ -1,8 +1,8 @@
 // Times the compiled fast merge (CayleyF32) and exact merge (GeodesicF32) per block on one core,
 // built from orthofuse_jax/_native/solve.cc or a copy the driver (isa_clones.py) edited (SRC),
 // calling the build BUILD (wide: AVX-512, narrow: AVX2). Inputs: DIR/attrs.txt (the log and
-// exp polynomials and the power's tiers, as polynomial.kernel_attributes), DIR/x1_N.bin and DIR/x2_N.bin (B float32
-// blocks of N x N raw parameters).
+// exp polynomials and the power's tiers, as polynomial.kernel_attributes), DIR/x1_N.bin and
+// DIR/x2_N.bin (B float32 blocks of N x N raw parameters).
 #include <xmmintrin.h>
 #include SRC
 #ifndef BUILD
@@ -31,10 +31,9 @@ int main(int argc, char** argv) {
   auto lc = Read(fa), ec = Read(fa), pr = Read(fa), pw = Read(fa);
   // argv[5] == "log_exp": the exact merge without its direct power (the log and the exponential)
   const bool log_exp = argc > 5 && std::string(argv[5]) == "log_exp";
-  PolyParams pp{lc.data(), (int64_t)lc.size(), ec.data(), (int64_t)ec.size(), pr[0], pr[1], pr[2], pr[3],
-                (int64_t)pr[4], PowerParams{pw[0], pw[1], pw[2], pw[3], log_exp ? 0 : (int64_t)pw[4], {}}};
-  for (int64_t q = 0; q < pp.power.tiers; ++q)
-    pp.power.tier[q] = PowerTier{pw[5 + 3 * q], pw[6 + 3 * q], (int64_t)pw[7 + 3 * q]};
+  PolyParams pp;
+  if (ReadPoly("isa_clones", lc, ec, pr, pw, &pp).failure()) return 1;
+  if (log_exp) pp.power.tiers = 0;
   std::vector<float> x1(batch * n * n), x2(batch * n * n);
   for (auto [name, v] : {std::pair{"x1", &x1}, std::pair{"x2", &x2}}) {
     std::ifstream f(dir + "/" + name + "_" + std::to_string(n) + ".bin", std::ios::binary);

@@ -62,16 +62,27 @@ _KERNEL_LOWER = -1.0 - 0.75 * _MARGIN
 of ``Y - _KERNEL_LOWER I``), against ``-1.015``: within the fit's [-1.02, 1], like the T_16 bound."""
 
 
+def _interval(theta_max: float) -> tuple[float, float]:
+    """``(c0, h0)``: ``c = c0 + h0 y`` maps ``y`` in [-1, 1] onto the cosines [cos(theta_max), 1]."""
+    c_lo = np.cos(theta_max)
+    return (c_lo + 1.0) / 2.0, (1.0 - c_lo) / 2.0
+
+
+def _nodes(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``n`` Chebyshev points of the first kind ``x`` in [-1, 1] and the same points ``y`` on the
+    fit's [-1 - _MARGIN, 1]."""
+    x = np.cos(np.pi * (np.arange(n) + 0.5) / n)
+    return x, -1.0 - _MARGIN + (2.0 + _MARGIN) * (x + 1.0) / 2.0
+
+
 def _log_coefficients() -> tuple[tuple[float, ...], float, float]:
     """Monomial coefficients in y of the interpolant of arccos(c)/sin(arccos(c)), ``c = c0 + h0 y``.
 
     Computed once in float64 at import (Chebyshev points of the first kind on [-1.02, 1]).
     """
-    c_lo = np.cos(LOG_POLYNOMIAL_MAX_ANGLE)
-    c0, h0 = (c_lo + 1.0) / 2.0, (1.0 - c_lo) / 2.0
+    c0, h0 = _interval(LOG_POLYNOMIAL_MAX_ANGLE)
     n = _DEGREE + 1
-    x = np.cos(np.pi * (np.arange(n) + 0.5) / n)
-    y = -1.0 - _MARGIN + (2.0 + _MARGIN) * (x + 1.0) / 2.0
+    _, y = _nodes(n)
     phi = np.arccos(c0 + h0 * y)
     a = np.linalg.solve(np.vander(y, n, increasing=True), phi / np.sin(phi))
     return tuple(float(v) for v in a), float(c0), float(h0)
@@ -100,12 +111,11 @@ def _power_coefficients(t: float, theta_max: float, degree: int) -> tuple[np.nda
     ``phi = arccos c``, ``c = c0 + h0 y``, ``y = -1 - margin + (2 + margin)(x + 1) / 2``, interpolated
     at the ``degree + 1`` Chebyshev points of the first kind (float64; what the kernel's
     ``PowerCoefficients`` computes too, then expands in powers of ``y`` in long double)."""
-    c_lo = np.cos(theta_max)
-    c0, h0 = (c_lo + 1.0) / 2.0, (1.0 - c_lo) / 2.0
+    c0, h0 = _interval(theta_max)
     n = degree + 1
     k = np.arange(n)
-    x = np.cos(np.pi * (k + 0.5) / n)
-    phi = np.arccos(c0 + h0 * (-1.0 - _MARGIN + (2.0 + _MARGIN) * (x + 1.0) / 2.0))
+    _, y = _nodes(n)
+    phi = np.arccos(c0 + h0 * y)
     dct = (2.0 / n) * np.cos(np.outer(k, np.pi * (k + 0.5) / n))
     dct[0] *= 0.5
     return dct @ np.cos(t * phi), dct @ (np.sin(t * phi) / np.sin(phi))
@@ -119,8 +129,7 @@ def kernel_attributes(max_squarings: int, dtype=np.float32) -> dict[str, np.ndar
     tiers = POWER_TIERS[np.dtype(dtype)]
     power = [*POWER_T_RANGE, _MARGIN, _KERNEL_LOWER, float(len(tiers))]
     for theta_max, degree in tiers:
-        c_lo = np.cos(theta_max)
-        power += [(c_lo + 1.0) / 2.0, (1.0 - c_lo) / 2.0, float(degree + 1)]
+        power += [*_interval(theta_max), float(degree + 1)]
     return {"log_coef": np.asarray(_LOG_A, np.float64), "exp_coef": np.asarray(_EXP_A, np.float64),
             "params": np.asarray(params, np.float64), "power": np.asarray(power, np.float64)}
 
