@@ -2,7 +2,8 @@
 
 ``merge(..., method="geodesic", algorithm="matmul")`` (what ``"auto"`` picks for float32) runs,
 on the CPU, the Cayley maps, ``W^t`` for ``W = U1^T U2`` (by the direct power, or for t outside
-its range ``exp(t log W)``), ``U1 W^t`` and the restoration in one kernel call per stack (:func:`orthofuse_jax.fusion.merge._geodesic_matmul`).
+its range ``exp(t log W)``), ``U1 W^t`` and the restoration in one kernel call per stack
+(:func:`orthofuse_jax.fusion.merge._geodesic_matmul`).
 Checked against scipy's float64 ``logm``/``expm`` and LAPACK solves (never against itself): block
 sizes 1-70 (partial SIMD vectors of 8 doubles and 16 floats, and the 8 x 8 transposes at
 multiples of 8), per-block t, orthogonal or raw inputs, all three restorations; which blocks it

@@ -113,6 +113,7 @@ def test_the_power_interpolants_are_within_their_stated_error(dtype, bound):
         for t in np.linspace(*polynomial.POWER_T_RANGE, 61):
             ca, cb = polynomial._power_coefficients(t, theta_max, degree)
             b_true = np.where(phi > 0, np.sin(t * phi) / np.where(phi > 0, np.sin(phi), 1.0), t)
-            err = np.abs(chebyshev.chebval(x, ca) - np.cos(t * phi)) + np.sin(phi) * np.abs(chebyshev.chebval(x, cb) - b_true)
+            err = (np.abs(chebyshev.chebval(x, ca) - np.cos(t * phi))
+                   + np.sin(phi) * np.abs(chebyshev.chebval(x, cb) - b_true))
             worst = max(worst, float(err.max()))
         assert worst <= bound, (theta_max, degree, worst)
