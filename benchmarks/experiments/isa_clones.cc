@@ -1,44 +1,28 @@
 // Times the compiled fast merge (CayleyF32) and exact merge (GeodesicF32) per block on one core,
 // built from orthofuse_jax/_native/solve.cc or a copy the driver (isa_clones.py) edited (SRC),
-// calling the build BUILD (wide: AVX-512, narrow: AVX2). Inputs: DIR/attrs.txt (the log and
-// exp polynomials and the power's tiers, as polynomial.kernel_attributes), DIR/x1_N.bin and
-// DIR/x2_N.bin (B float32 blocks of N x N raw parameters).
-#include <xmmintrin.h>
+// calling the build BUILD (wide: AVX-512, narrow: AVX2). Inputs: as harness.h reads them; an
+// optional fifth argument "log_exp" switches the direct power off.
 #include SRC
 #ifndef BUILD
 #define BUILD wide
 #endif
 #include <chrono>
 #include <cstdio>
-#include <fstream>
 #include <string>
 #include <vector>
 
-static std::vector<double> Read(std::ifstream& f) {
-  int n;
-  f >> n;
-  std::vector<double> v(n);
-  for (auto& x : v) f >> x;
-  return v;
-}
+#include "harness.h"
 
 int main(int argc, char** argv) {
-  _mm_setcsr(_mm_getcsr() | 0x8040);  // flush-to-zero and denormals-are-zero, as XLA sets them
-  const std::string dir = argv[1];
-  const int n = std::atoi(argv[2]), reps = std::atoi(argv[3]);
-  const int64_t batch = std::atoll(argv[4]);
-  std::ifstream fa(dir + "/attrs.txt");
-  auto lc = Read(fa), ec = Read(fa), pr = Read(fa), pw = Read(fa);
+  HarnessInputs in;
+  if (!LoadInputs(argv, "isa_clones", &in)) return 1;
+  const int n = in.n, reps = in.reps;
+  const int64_t batch = in.batch;
+  PolyParams pp = in.pp;
   // argv[5] == "log_exp": the exact merge without its direct power (the log and the exponential)
-  const bool log_exp = argc > 5 && std::string(argv[5]) == "log_exp";
-  PolyParams pp;
-  if (ReadPoly("isa_clones", lc, ec, pr, pw, &pp).failure()) return 1;
-  if (log_exp) pp.power.tiers = 0;
-  std::vector<float> x1(batch * n * n), x2(batch * n * n);
-  for (auto [name, v] : {std::pair{"x1", &x1}, std::pair{"x2", &x2}}) {
-    std::ifstream f(dir + "/" + name + "_" + std::to_string(n) + ".bin", std::ios::binary);
-    f.read(reinterpret_cast<char*>(v->data()), v->size() * sizeof(float));
-  }
+  if (argc > 5 && std::string(argv[5]) == "log_exp") pp.power.tiers = 0;
+  const std::vector<float>& x1 = in.x1;
+  const std::vector<float>& x2 = in.x2;
   // fast: Cay(f/2 Cay((1-t) S1 + t S2)) at t = 0.6 (f = 1.96); exact: the same t and restoration
   std::vector<float> cc(4 * batch), cg(5 * batch);
   for (int64_t g = 0; g < batch; ++g) {

@@ -75,12 +75,25 @@ def xla_worker(sizes, blocks: int, reps: int) -> dict:
     return out
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def harness_parser(doc: str) -> argparse.ArgumentParser:
+    """The options of the C++ harnesses' drivers (this one and ``stages``)."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--sizes", default="20,40,64")
     p.add_argument("--blocks", type=int, default=320)
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--core", type=int, default=0, help="taskset core")
+    return p
+
+
+def build_harness(cc: Path, exe: Path, src: Path = SOLVE, build: str = "wide") -> None:
+    """Compiles the harness ``cc`` (which includes ``src``, a ``solve.cc``, and ``harness.h``) into ``exe``."""
+    subprocess.run(["g++", "-std=c++17", "-O3", "-pthread", "-Wno-psabi", "-isystem", str(INCLUDE),
+                    "-I", str(SOLVE.parent), f'-DSRC="{src}"', f"-DBUILD={build}", "-o", str(exe), str(cc)],
+                   check=True)
+
+
+def main(argv=None) -> None:
+    p = harness_parser(__doc__)
     p.add_argument("--worker", choices=["0", "1"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -101,9 +114,7 @@ def main(argv=None) -> None:
                 src = d / f"solve_{stem}.cc"
                 src.write_text(source.replace(WIDE_TARGET, pragma))
             exe = d / f"harness_{stem}"
-            subprocess.run(["g++", "-std=c++17", "-O3", "-pthread", "-Wno-psabi", "-isystem", str(INCLUDE),
-                            "-I", str(SOLVE.parent), f'-DSRC="{src}"', f"-DBUILD={build}", "-o", str(exe),
-                            str(Path(__file__).with_suffix(".cc"))], check=True)
+            build_harness(Path(__file__).with_suffix(".cc"), exe, src, build)
             # the exact merge as it is (the direct power) and, for the two builds, with the log and
             # the exponential instead (what it was until session 13)
             for mode in ("power", "log_exp") if pragma is None else ("power",):

@@ -1,25 +1,17 @@
 // Where a block's time goes in the compiled fast merge (CayleyBlocks) and exact merge
 // (GeodesicBlocks, float32 input, the direct power, curve_over_id) of the AVX-512 build: the same
 // steps, in the same order and buffers, with a clock read between them; and, as units, one
-// inversion in double (GaussJordan) and one float product (MulOut) alone. Driven by stages.py,
-// which writes the inputs as isa_clones.py does: DIR/attrs.txt, DIR/x1_N.bin, DIR/x2_N.bin.
-#include <xmmintrin.h>
+// inversion in double (GaussJordan), one float product (MulOut) and the range check (AboveLower)
+// alone. Driven by stages.py; its inputs as harness.h reads them.
 #include SRC
 #include <chrono>
 #include <cstdio>
-#include <fstream>
 #include <string>
 #include <vector>
 
-using Clock = std::chrono::steady_clock;
+#include "harness.h"
 
-static std::vector<double> Read(std::ifstream& f) {
-  int n;
-  f >> n;
-  std::vector<double> v(n);
-  for (auto& x : v) f >> x;
-  return v;
-}
+using Clock = std::chrono::steady_clock;
 
 // Seconds since *t0, and *t0 <- now.
 static inline double Lap(Clock::time_point* t0) {
@@ -151,20 +143,15 @@ __attribute__((target("avx512f"), noinline)) void Run(const float* x1, const flo
   if (declined) std::fprintf(stderr, "%d blocks declined\n", declined);
 }
 
-int main(int argc, char** argv) {
-  _mm_setcsr(_mm_getcsr() | 0x8040);  // flush-to-zero and denormals-are-zero, as XLA sets them
-  const std::string dir = argv[1];
-  const int n = std::atoi(argv[2]), reps = std::atoi(argv[3]);
-  const int64_t batch = std::atoll(argv[4]);
-  std::ifstream fa(dir + "/attrs.txt");
-  auto lc = Read(fa), ec = Read(fa), pr = Read(fa), pw = Read(fa);
-  PolyParams pp;
-  if (ReadPoly("stages", lc, ec, pr, pw, &pp).failure()) return 1;
-  std::vector<float> x1(batch * n * n), x2(batch * n * n), y(batch * n * n);
-  for (auto [name, v] : {std::pair{"x1", &x1}, std::pair{"x2", &x2}}) {
-    std::ifstream f(dir + "/" + name + "_" + std::to_string(n) + ".bin", std::ios::binary);
-    f.read(reinterpret_cast<char*>(v->data()), v->size() * sizeof(float));
-  }
+int main(int, char** argv) {
+  HarnessInputs in;
+  if (!LoadInputs(argv, "stages", &in)) return 1;
+  const int n = in.n, reps = in.reps;
+  const int64_t batch = in.batch;
+  const PolyParams& pp = in.pp;
+  const std::vector<float>& x1 = in.x1;
+  const std::vector<float>& x2 = in.x2;
+  std::vector<float> y(batch * n * n);
   std::vector<double> work(GeodesicWorkspace<float>(n, kMaxW) + 64);
   double* wk = reinterpret_cast<double*>((reinterpret_cast<uintptr_t>(work.data()) + 63) / 64 * 64);
   // the minimum over repetitions of each stage's total, per block

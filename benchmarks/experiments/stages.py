@@ -14,7 +14,6 @@ them: keep it in step with ``kernels.inc``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -22,25 +21,18 @@ import tempfile
 from pathlib import Path
 
 from .. import common
-from .isa_clones import INCLUDE, SOLVE, _inputs
+from .isa_clones import _inputs, build_harness, harness_parser
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", default="20,40,64")
-    p.add_argument("--blocks", type=int, default=320)
-    p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--core", type=int, default=0, help="taskset core")
-    args = p.parse_args(argv)
+    args = harness_parser(__doc__).parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     res = {"machine": common.machine(), "blocks": args.blocks, "reps": args.reps, "sizes": []}
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         _inputs(d, sizes, args.blocks)
         exe = d / "stages"
-        subprocess.run(["g++", "-std=c++17", "-O3", "-pthread", "-Wno-psabi", "-isystem", str(INCLUDE),
-                        "-I", str(SOLVE.parent), f'-DSRC="{SOLVE}"', "-o", str(exe),
-                        str(Path(__file__).with_suffix(".cc"))], check=True)
+        build_harness(Path(__file__).with_suffix(".cc"), exe)
         for n in sizes:
             out = subprocess.run(["taskset", "-c", str(args.core), str(exe), str(d), str(n), str(args.reps),
                                   str(args.blocks)], check=True, capture_output=True, text=True).stdout
