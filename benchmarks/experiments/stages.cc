@@ -103,10 +103,11 @@ __attribute__((target("avx512f"), noinline)) void Run(const float* x1, const flo
     MulOut(y2, y2, y4, n, nq);
     acc[kPowers] += Lap(&t0);
     const T* baby[4] = {nullptr, y1, y2, y3};
-    T *ha = r, *hb = s[5];
-    PatersonStockmeyer2(ca, cb, terms, baby, static_cast<const T*>(y4), &ha, &hb, tmp, v, n, nq);
+    const double* coef[2] = {ca, cb};
+    T *h[2] = {r, s[5]}, *o[2] = {tmp, v};
+    PatersonStockmeyer<2>(coef, terms, baby, 4, static_cast<const T*>(y4), h, o, n, nq);
     acc[kSeries] += Lap(&t0);
-    MulOut(static_cast<const T*>(k), static_cast<const T*>(hb), r, n, nq, static_cast<const T*>(ha));
+    MulOut(static_cast<const T*>(k), static_cast<const T*>(h[1]), r, n, nq, static_cast<const T*>(h[0]));
     acc[kKh] += Lap(&t0);
     MulOut(u, r, s[2], n, nq);
     acc[kU1E] += Lap(&t0);
