@@ -20,6 +20,7 @@ backends are unaffected.
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 
 _ENV = "PJRT_NPROC"
@@ -37,6 +38,8 @@ def _cpu_backend() -> bool:
 
 def _backends_started() -> bool:
     """Whether a JAX backend runs already (XLA has then read ``XLA_FLAGS`` and ``PJRT_NPROC``)."""
+    if "jax" not in sys.modules:  # no JAX yet, so no backend either (and no need to import it)
+        return False
     try:
         from jax._src import xla_bridge
 

@@ -63,23 +63,14 @@ def _check_t(ts, extrapolate: bool) -> None:
             raise CLIError(f"t={t:g} is outside [0, 1] (0 = concept, 1 = style); pass --extrapolate to extrapolate")
 
 
-def load_any(path):
-    """Read a reference-format or PEFT OFT adapter file (format detected from the keys)."""
-    from .fusion.io import adapter_from_tensors, read_tensors
-    from .fusion.peft import is_peft_oft, load_peft_oft
-
-    p = Path(path)
-    file = p / "adapter_model.safetensors" if p.is_dir() else p
-    tensors, _ = read_tensors(file)
-    if is_peft_oft(tensors):
-        return load_peft_oft(file, tensors=tensors)
-    return adapter_from_tensors(tensors, source=str(file))
-
-
 def _load_pair(args):
-    from .fusion.io import check_pair
+    from concurrent.futures import ThreadPoolExecutor
 
-    concept, style = load_any(args.concept), load_any(args.style)
+    from .fusion.io import check_pair, load_adapter
+
+    # numpy's checks and copies release the GIL: the two files load side by side
+    with ThreadPoolExecutor(2) as pool:
+        concept, style = pool.map(load_adapter, (args.concept, args.style))
     check_pair([concept, style], [args.concept, args.style])
     if args.float64:
         concept, style = concept.astype("float64"), style.astype("float64")
@@ -88,25 +79,6 @@ def _load_pair(args):
 
 def _merge_kwargs(args) -> dict:
     return dict(method=args.method, restore=args.restore, alpha=args.alpha, scales=args.scales)
-
-
-def _sub_adapter(adapter, key):
-    from .fusion.adapter import GSAdapter
-
-    st = adapter.stacks[key]
-    sc = {n: adapter.scales[n] for n in st.names if n in adapter.scales}
-    return GSAdapter(stacks={key: st}, scales=sc, orthogonal=adapter.orthogonal)
-
-
-def _orth_error(adapter) -> float:
-    import numpy as np
-
-    err = 0.0
-    for st in adapter.stacks.values():
-        for x in (st.L, st.R):
-            y = np.asarray(x, dtype=np.float64)
-            err = max(err, float(np.abs(np.swapaxes(y, -1, -2) @ y - np.eye(y.shape[-1])).max()))
-    return err
 
 
 def _enable_x64(args) -> None:
@@ -121,35 +93,28 @@ def _enable_x64(args) -> None:
 
 
 def cmd_fuse(args, *, quiet: bool = False) -> int:
-    from tqdm import tqdm
-
-    from .fusion.adapter import GSAdapter
+    from .fusion.adapter import to_cayley_params
     from .fusion.io import check_output_path, save_adapter
-    from .fusion.merge import merge
+    from .fusion.merge import max_orthogonality_error, merge
 
+    del quiet  # one call: nothing to report progress on
     _check_t([args.t], args.extrapolate)
     check_output_path(args.output, [args.concept, args.style])
     _enable_x64(args)
     concept, style = _load_pair(args)
     t0 = time.perf_counter()
-    stacks, scales = {}, {}
-    for key in tqdm(sorted(concept.stacks), desc="fuse", unit="stack", disable=quiet, file=sys.stderr):
-        try:
-            m = merge(
-                [_sub_adapter(concept, key), _sub_adapter(style, key)],
-                t=args.t,
-                extrapolate=args.extrapolate,
-                algorithm=args.algorithm,
-                **_merge_kwargs(args),
-            )
-        except ValueError as e:
-            raise CLIError(f"{args.concept} + {args.style}: {e}") from None
-        stacks.update(m.stacks)
-        scales.update(m.scales)
-    merged = GSAdapter(stacks=stacks, scales=scales, orthogonal=True)
+    try:
+        merged = merge([concept, style], t=args.t, extrapolate=args.extrapolate, algorithm=args.algorithm,
+                       **_merge_kwargs(args))
+    except ValueError as e:
+        raise CLIError(f"{args.concept} + {args.style}: {e}") from None
     merged = merged.map_stacks(lambda x: x.block_until_ready())
     elapsed = time.perf_counter() - t0
-    err = _orth_error(merged)
+    # The file's raw parameters first, then the check: it runs while the file is written.
+    del concept, style
+    params = to_cayley_params(merged.astype("float32"))
+    err = max_orthogonality_error(merged)
+    del merged
     meta = {
         "orthofuse_t": repr(float(args.t)),
         "orthofuse_method": args.method,
@@ -157,12 +122,12 @@ def cmd_fuse(args, *, quiet: bool = False) -> int:
         "orthofuse_alpha": repr(float(args.alpha)),
         "orthofuse_scales": args.scales,
     }
-    save_adapter(args.output, merged.astype("float32"), metadata=meta, inputs=[args.concept, args.style])
-    shapes = "/".join(str(s.b) for s in sorted(merged.stacks.values(), key=lambda s: s.b))
+    save_adapter(args.output, params, metadata=meta, inputs=[args.concept, args.style])
+    shapes = "/".join(str(s.b) for s in sorted(params.stacks.values(), key=lambda s: s.b))
     print(
-        f"fused {merged.num_layers} layers (block sizes {shapes}) at t={args.t:g} "
+        f"fused {params.num_layers} layers (block sizes {shapes}) at t={args.t:g} "
         f"[{args.method}, restore={args.restore}] in {elapsed:.2f} s; "
-        f"max orthogonality error {err:.1e}; wrote {args.output}"
+        f"max orthogonality error {float(err):.1e}; wrote {args.output}"
     )
     return 0
 
@@ -247,11 +212,12 @@ def cmd_inspect(args) -> int:
     import numpy as np
 
     from .fusion.adapter import to_orthogonal
+    from .fusion.io import load_adapter
     from .geometry import rotation_angles
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        adapter = load_any(args.file)
+        adapter = load_adapter(args.file)
     problems = [str(w.message) for w in caught]
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)

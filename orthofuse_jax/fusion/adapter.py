@@ -12,6 +12,7 @@ saves, SPEC 1.2/5) or orthogonal blocks (``orthogonal=True``; what merges return
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..geometry import cayley, inverse_cayley
+from ..geometry import cayley, cpu_only, skew, solve_pd
 from ..geometry._types import Array, Float
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "SCALE_NAME",
     "stack_key",
     "from_layers",
+    "from_stacks",
     "to_layers",
     "to_orthogonal",
     "to_cayley_params",
@@ -107,20 +109,43 @@ def from_layers(
     dtype=None,
 ) -> GSAdapter:
     """Group per-layer ``{name: (L, R)}`` into stacks by block shape; names sorted within a stack."""
-    groups: dict[str, list[str]] = {}
+    groups: dict[tuple[int, ...], list[str]] = {}
     for name, (L, R) in layers.items():
         L_shape, R_shape = np.shape(L), np.shape(R)
         if len(L_shape) != 3 or L_shape[1] != L_shape[2] or L_shape != R_shape:
             raise ValueError(f"layer {name!r}: L {L_shape} and R {R_shape} must both be [nb, b, b]")
-        groups.setdefault(stack_key(L_shape[0], L_shape[1]), []).append(name)
+        groups.setdefault(tuple(L_shape), []).append(name)
     stacks = {}
-    for key, names in groups.items():
+    for names in groups.values():
         names = sorted(names)  # canonical order, so adapters read from different files align
-        L = jnp.stack([jnp.asarray(layers[n][0], dtype=dtype) for n in names])
-        R = jnp.stack([jnp.asarray(layers[n][1], dtype=dtype) for n in names])
-        stacks[key] = LayerStack(L=L, R=R, names=tuple(names))
+        stacks[tuple(names)] = {side: _stack([layers[n][i] for n in names]) for i, side in enumerate("LR")}
+    return from_stacks(stacks, scales, orthogonal=orthogonal, dtype=dtype)
+
+
+def from_stacks(
+    stacks: Mapping[tuple[str, ...], Mapping[str, Array]],
+    scales: Mapping[str, Array] | None = None,
+    *,
+    orthogonal: bool = False,
+    dtype=None,
+) -> GSAdapter:
+    """An adapter from already stacked layers: ``{(names...): {"L": [layers, nb, b, b], "R": ...}}``.
+
+    Each stack becomes one device array (one copy from host memory); names must be sorted.
+    """
+    out = {}
+    for names, lr in stacks.items():
+        L, R = (jnp.asarray(lr[side], dtype=dtype) for side in ("L", "R"))
+        out[stack_key(L.shape[1], L.shape[2])] = LayerStack(L=L, R=R, names=tuple(names))
     sc = {k: jnp.asarray(v, dtype=dtype) for k, v in (scales or {}).items()}
-    return GSAdapter(stacks=stacks, scales=sc, orthogonal=orthogonal)
+    return GSAdapter(stacks=out, scales=sc, orthogonal=orthogonal)
+
+
+def _stack(xs):
+    """One array from same-shape arrays: on the host when all are numpy arrays, else with JAX."""
+    if all(isinstance(x, np.ndarray) for x in xs):
+        return np.stack(xs)
+    return jnp.stack([jnp.asarray(x) for x in xs])
 
 
 def to_layers(adapter: GSAdapter) -> dict[str, tuple[Array, Array]]:
@@ -143,11 +168,36 @@ def to_cayley_params(adapter: GSAdapter) -> GSAdapter:
     """Raw Cayley parameters ``invCay(L), invCay(R)`` such that ``Cay`` of them gives the blocks.
 
     This is how merged (orthogonal) adapters are stored in the reference format: the reference
-    loads them with ``method="cayley"`` and reproduces the blocks (SPEC 1.2, 5).
+    loads them with ``method="cayley"`` and reproduces the blocks (SPEC 1.2, 5). One compiled
+    program for the whole adapter; ``U + I`` has the positive definite symmetric part ``I + sym(U)``
+    for every rotation angle below pi, so its solve needs no pivoting (:func:`solve_pd`).
     """
     if not adapter.orthogonal:
         return adapter
-    return adapter.map_stacks(inverse_cayley, orthogonal=False)
+    return _cayley_params(adapter, cpu=on_cpu(adapter))
+
+
+@functools.partial(jax.jit, static_argnames="cpu")
+def _cayley_params(adapter: GSAdapter, cpu: bool) -> GSAdapter:
+    def params(u):
+        eye = jnp.eye(u.shape[-1], dtype=u.dtype)
+        return skew(solve_pd(u + eye, u - eye))
+
+    with cpu_only(cpu):
+        return adapter.map_stacks(params, orthogonal=False)
+
+
+def on_cpu(tree) -> bool:
+    """Whether every array of ``tree`` is a concrete array on the CPU (numpy arrays count as on the
+    default backend). Jitted functions take it as a static argument to trace the CPU's kernels alone
+    (:func:`~orthofuse_jax.geometry.cpu_only`)."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    if any(isinstance(x, jax.core.Tracer) for x in leaves):
+        return False
+    platforms = {d.platform for x in leaves if isinstance(x, jax.Array) for d in x.devices()}
+    if not any(isinstance(x, jax.Array) for x in leaves):
+        platforms = {jax.default_backend()}
+    return platforms == {"cpu"}
 
 
 def check_compatible(adapters: Iterable[GSAdapter], names: Iterable[str] | None = None) -> None:

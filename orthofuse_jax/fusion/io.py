@@ -34,14 +34,17 @@ import os
 import struct
 import tempfile
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
+import jax
 import numpy as np
 
-from .adapter import SCALE_NAME, GSAdapter, check_compatible, from_layers, to_cayley_params, to_layers
+from .adapter import SCALE_NAME, GSAdapter, check_compatible, from_stacks, to_cayley_params
 
 __all__ = [
+    "atomic_write",
     "atomic_write_bytes",
     "AdapterFileError",
     "NonSkewWarning",
@@ -77,75 +80,143 @@ class NonSkewWarning(UserWarning):
 # safetensors container
 
 
+class _SafetensorsFile:
+    """An open safetensors file whose header is parsed and checked; tensors are read on demand.
+
+    Every problem raises :class:`AdapterFileError` naming the file (and key): an unreadable or
+    truncated file, a corrupt header, a dtype other than F32/F64/F16/BF16, data offsets that
+    disagree with the shape, run past the end of the file or overlap another key's data.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = path = Path(path)
+        try:
+            self._file = open(path, "rb")
+        except OSError as e:
+            raise AdapterFileError(f"{path}: cannot read file ({e.strerror or e})") from None
+        try:
+            self._parse()
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _parse(self) -> None:
+        path = self.path
+        try:
+            size = os.fstat(self._file.fileno()).st_size
+            first = self._file.read(8)
+        except OSError as e:
+            raise AdapterFileError(f"{path}: cannot read file ({e.strerror or e})") from None
+        if len(first) < 8:
+            raise AdapterFileError(f"{path}: not a safetensors file (only {size} bytes, truncated?)")
+        (n,) = struct.unpack("<Q", first)
+        if n > _MAX_HEADER or 8 + n > size:
+            raise AdapterFileError(f"{path}: not a safetensors file or truncated (header length {n}, file {size} bytes)")
+        try:
+            header = json.loads(self._file.read(n).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise AdapterFileError(f"{path}: corrupt safetensors header ({type(e).__name__}: {e})") from None
+        if not isinstance(header, dict):
+            raise AdapterFileError(f"{path}: corrupt safetensors header (not a JSON object)")
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+            raise AdapterFileError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
+        self.metadata: dict[str, str] = dict(meta)
+        self._start, available = 8 + n, size - 8 - n
+        self.entries: dict[str, tuple[str, tuple[int, ...], int]] = {}
+        spans = []
+        for key, info in header.items():
+            where = f"{path}: key {key!r}"
+            if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+                raise AdapterFileError(f"{where}: corrupt header entry {str(info)[:80]}")
+            dt, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
+            if not isinstance(dt, str) or dt not in _DTYPES:
+                raise AdapterFileError(f"{where}: unsupported dtype {str(dt)[:20]!r} (expected a float type, e.g. F32)")
+            if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+                raise AdapterFileError(f"{where}: corrupt shape {shape!r}")
+            if (
+                not isinstance(offs, list)
+                or len(offs) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
+                or not 0 <= offs[0] <= offs[1]
+            ):
+                raise AdapterFileError(f"{where}: corrupt data_offsets {offs!r}")
+            itemsize = _DTYPES[dt][1]
+            count = math.prod(shape)
+            if offs[1] - offs[0] != count * itemsize:
+                raise AdapterFileError(
+                    f"{where}: data_offsets {offs} hold {offs[1] - offs[0]} bytes, shape {shape} {dt} needs "
+                    f"{count * itemsize}"
+                )
+            if offs[1] > available:
+                raise AdapterFileError(f"{where}: data ends at byte {offs[1]} but the file has {available} (truncated)")
+            spans.append((offs[0], offs[1], key))
+            self.entries[key] = (dt, tuple(shape), offs[0])
+        spans.sort()
+        for (a0, a1, ka), (b0, b1, kb) in zip(spans, spans[1:]):
+            if b0 < a1 and b1 > b0 and a1 > a0:
+                raise AdapterFileError(f"{path}: key {kb!r}: data overlaps key {ka!r}")
+
+    def dtype(self, key: str) -> np.dtype:
+        """The dtype ``read`` returns for ``key`` (F16 and BF16 widen to float32)."""
+        dt = self.entries[key][0]
+        return np.dtype(np.float32 if dt in ("F16", "BF16") else _DTYPES[dt][0])
+
+    def read_into(self, key: str, out: np.ndarray) -> None:
+        """Read ``key`` into the C-contiguous array ``out`` (its shape; converted to its dtype)."""
+        dt, shape, offset = self.entries[key]
+        raw_dtype = np.dtype(_DTYPES[dt][0]).newbyteorder("<")
+        if out.dtype == raw_dtype and out.flags.c_contiguous:
+            target = out  # straight from the file, no copy
+        else:
+            target = np.empty(shape, raw_dtype)
+        view = memoryview(target).cast("B")
+        done = 0
+        try:
+            while done < len(view):
+                got = os.preadv(self._file.fileno(), [view[done:]], self._start + offset + done)
+                if got == 0:
+                    raise AdapterFileError(f"{self.path}: key {key!r}: file ended while reading (truncated?)")
+                done += got
+        except OSError as e:
+            raise AdapterFileError(f"{self.path}: key {key!r}: cannot read ({e.strerror or e})") from None
+        if target is out:
+            return
+        if dt == "BF16":
+            target = (target.astype(np.uint32) << 16).view(np.float32)
+        out[...] = target
+
+    def read(self, key: str) -> np.ndarray:
+        out = np.empty(self.entries[key][1], self.dtype(key))
+        self.read_into(key, out)
+        return out
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> _SafetensorsFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def read_tensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Parse a safetensors file into ``({key: float array}, metadata)`` with strict checks.
 
-    Floating dtypes F32/F64/F16/BF16 are accepted (BF16 and F16 are widened to float32);
-    any other dtype, an inconsistent header, overlapping or out-of-range data offsets, or a
-    truncated file raise :class:`AdapterFileError` naming the file and key.
+    Floating dtypes F32/F64/F16/BF16 are accepted (BF16 and F16 are widened to float32); any
+    other dtype, an inconsistent header, overlapping or out-of-range data offsets, or a truncated
+    file raise :class:`AdapterFileError` naming the file and key.
     """
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise AdapterFileError(f"{path}: cannot read file ({e.strerror or e})") from None
-    if len(raw) < 8:
-        raise AdapterFileError(f"{path}: not a safetensors file (only {len(raw)} bytes, truncated?)")
-    (n,) = struct.unpack("<Q", raw[:8])
-    if n > _MAX_HEADER or 8 + n > len(raw):
-        raise AdapterFileError(f"{path}: not a safetensors file or truncated (header length {n}, file {len(raw)} bytes)")
-    try:
-        header = json.loads(raw[8 : 8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterFileError(f"{path}: corrupt safetensors header ({type(e).__name__}: {e})") from None
-    if not isinstance(header, dict):
-        raise AdapterFileError(f"{path}: corrupt safetensors header (not a JSON object)")
-    meta = header.pop("__metadata__", None) or {}
-    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
-        raise AdapterFileError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
-    data = memoryview(raw)[8 + n :]
-    tensors: dict[str, np.ndarray] = {}
-    spans = []
-    for key, info in header.items():
-        where = f"{path}: key {key!r}"
-        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
-            raise AdapterFileError(f"{where}: corrupt header entry {str(info)[:80]}")
-        dt, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
-        if not isinstance(dt, str) or dt not in _DTYPES:
-            raise AdapterFileError(f"{where}: unsupported dtype {str(dt)[:20]!r} (expected a float type, e.g. F32)")
-        if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
-            raise AdapterFileError(f"{where}: corrupt shape {shape!r}")
-        if (
-            not isinstance(offs, list)
-            or len(offs) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
-            or not 0 <= offs[0] <= offs[1]
-        ):
-            raise AdapterFileError(f"{where}: corrupt data_offsets {offs!r}")
-        np_dt, size = _DTYPES[dt]
-        count = math.prod(shape)
-        if offs[1] - offs[0] != count * size:
-            raise AdapterFileError(
-                f"{where}: data_offsets {offs} hold {offs[1] - offs[0]} bytes, shape {shape} {dt} needs {count * size}"
-            )
-        if offs[1] > len(data):
-            raise AdapterFileError(f"{where}: data ends at byte {offs[1]} but the file has {len(data)} (truncated)")
-        spans.append((offs[0], offs[1], key))
-        arr = np.frombuffer(data[offs[0] : offs[1]], dtype=np.dtype(np_dt).newbyteorder("<")).reshape(shape)
-        if dt == "BF16":
-            arr = (arr.astype(np.uint32) << 16).view(np.float32)
-        elif dt == "F16":
-            arr = arr.astype(np.float32)
-        tensors[key] = np.array(arr, dtype=arr.dtype.newbyteorder("="))
-    spans.sort()
-    for (a0, a1, ka), (b0, b1, kb) in zip(spans, spans[1:]):
-        if b0 < a1 and b1 > b0 and a1 > a0:
-            raise AdapterFileError(f"{path}: key {kb!r}: data overlaps key {ka!r}")
-    return tensors, dict(meta)
+    with _SafetensorsFile(path) as f:
+        return {key: f.read(key) for key in f.entries}, f.metadata
 
 
-def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
-    """Write ``payload`` to ``path`` atomically: temp file in the same directory, fsync, ``os.replace``."""
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """Write ``path`` atomically: ``write(f)`` into a temp file in the same folder, fsync, ``os.replace``.
+
+    On any failure the temp file is removed and ``path`` is left as it was.
+    """
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
@@ -154,7 +225,7 @@ def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file ordinary permissions
         with os.fdopen(fd, "wb") as f:
-            f.write(payload)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -166,15 +237,35 @@ def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
         raise
 
 
-def save_tensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> None:
-    """Atomically write float32 ``tensors`` as safetensors (temp file in the same directory + ``os.replace``)."""
-    from safetensors.numpy import save
+def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
+    """Write ``payload`` to ``path`` atomically (:func:`atomic_write`)."""
+    atomic_write(path, lambda f: f.write(payload))
 
+
+def save_tensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> None:
+    """Atomically write ``tensors`` as float32 safetensors (temp file in the same folder + ``os.replace``).
+
+    The header is built first and each tensor is then written straight from its array, so no
+    second copy of the file is held in memory.
+    """
     path = Path(path)
-    meta = {"format": "pt", **dict(metadata or {})}
-    payload = save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, metadata=meta)
+    arrays = {k: np.ascontiguousarray(v, dtype="<f4") for k, v in tensors.items()}
+    header: dict[str, object] = {"__metadata__": {"format": "pt", **dict(metadata or {})}}
+    offset = 0
+    for key, arr in arrays.items():
+        header[key] = {"dtype": "F32", "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
+    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+
+    def write(f: BinaryIO) -> None:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for arr in arrays.values():
+            f.write(memoryview(arr).cast("B"))
+
     try:
-        atomic_write_bytes(path, payload)
+        atomic_write(path, write)
     except OSError as e:
         raise AdapterFileError(f"{path}: cannot write file ({e.strerror or e})") from None
 
@@ -199,52 +290,88 @@ def _layer_of_scale_key(key: str) -> str | None:
     return None
 
 
-def _check_finite(path, key, arr) -> None:
-    bad = ~np.isfinite(arr)
-    if bad.any():
-        idx = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise AdapterFileError(
-            f"{path}: key {key!r}: {int(bad.sum())} non-finite value(s), first {arr[idx]!r} at index {idx}"
-        )
+def _first_non_finite(path, keyed: Mapping[str, np.ndarray]) -> None:
+    """Raise naming the first key (sorted) of ``keyed`` whose array holds a non-finite value."""
+    for key in sorted(keyed):
+        arr = keyed[key]
+        bad = ~np.isfinite(arr)
+        if bad.any():
+            idx = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise AdapterFileError(
+                f"{path}: key {key!r}: {int(bad.sum())} non-finite value(s), first {arr[idx]!r} at index {idx}"
+            )
 
 
-def _skew_or_warn(path, key, arr: np.ndarray, tol: float) -> np.ndarray:
-    sym = arr + np.swapaxes(arr, -1, -2)
-    asym = float(np.max(np.abs(sym))) if sym.size else 0.0
-    rel = asym / max(1.0, float(np.max(np.abs(arr))) if arr.size else 1.0)
-    if rel > tol:
+def _project_non_skew(path, stack: np.ndarray, keys: list[str], tol: float) -> np.ndarray:
+    """``stack [layers, nb, b, b]`` with every layer whose asymmetry exceeds ``tol`` projected to its
+    skew part, with a warning naming its key (``keys[i]`` for layer ``i``)."""
+    sym = np.abs(stack + np.swapaxes(stack, -1, -2)).max(axis=(1, 2, 3), initial=0.0)
+    rel = sym / np.maximum(1.0, np.abs(stack).max(axis=(1, 2, 3), initial=0.0))
+    bad = np.flatnonzero(rel > tol)
+    if bad.size == 0:
+        return stack
+    stack = np.array(stack)
+    for i in bad:
         warnings.warn(
-            f"{path}: key {key!r}: raw Cayley parameters are not skew-symmetric "
-            f"(max |A + A^T| = {asym:.3g}); projected to the skew part (A - A^T)/2",
+            f"{path}: key {keys[i]!r}: raw Cayley parameters are not skew-symmetric "
+            f"(max |A + A^T| = {float(sym[i]):.3g}); projected to the skew part (A - A^T)/2",
             NonSkewWarning,
             stacklevel=3,
         )
-        return 0.5 * (arr - np.swapaxes(arr, -1, -2))
-    return arr
+        stack[i] = 0.5 * (stack[i] - np.swapaxes(stack[i], -1, -2))
+    return stack
 
 
 def adapter_from_tensors(
     tensors: Mapping[str, np.ndarray], *, source: str = "<tensors>", skew_tol: float = SKEW_TOL
 ) -> GSAdapter:
-    """Build a raw-parameter :class:`GSAdapter` from reference-format ``{key: array}`` (checks as :func:`load_adapter`)."""
-    halves: dict[str, dict[str, np.ndarray]] = {}
-    scales: dict[str, np.ndarray] = {}
-    for key in sorted(tensors):
-        arr = tensors[key]
+    """Build a raw-parameter :class:`GSAdapter` from reference-format ``{key: array}`` (checks as :func:`load_adapter`).
+
+    Keys and shapes are checked key by key; the values are checked stack by stack, on the
+    stacked arrays (finiteness, then skew symmetry), and a problem is reported for the first
+    key in sorted order.
+    """
+    layout = {k: (np.shape(v), np.asarray(v).dtype) for k, v in tensors.items()}
+
+    def fill(keys, out):
+        np.stack([tensors[k] for k in keys], out=out, casting="same_kind")
+
+    return _build_adapter(source, layout, fill, lambda k: np.asarray(tensors[k]), skew_tol)
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype, align: int = 64) -> np.ndarray:
+    """``np.empty`` aligned to ``align`` bytes: JAX's CPU client adopts such memory without a copy."""
+    dtype = np.dtype(dtype)
+    size = math.prod(shape) * dtype.itemsize
+    raw = np.empty(size + align, np.uint8)
+    start = -raw.ctypes.data % align
+    return raw[start : start + size].view(dtype).reshape(shape)
+
+
+def _build_adapter(source, layout: Mapping[str, tuple], fill, get, skew_tol: float) -> GSAdapter:
+    """The reference-format reader behind :func:`adapter_from_tensors` and :func:`load_adapter`.
+
+    ``layout``: ``{key: (shape, dtype)}``; ``fill(keys, out)`` writes the tensors ``keys`` into the
+    rows of ``out``; ``get(key)`` returns one tensor. Keys and shapes are checked from ``layout``
+    before any value is read; then each stack is filled, checked and put on the device in turn,
+    so one stack at a time is held twice.
+    """
+    halves: dict[str, dict[str, tuple]] = {}
+    scale_keys: dict[str, str] = {}
+    for key in sorted(layout):
         if _MONARCH in key:
             layer, _, side = key.rpartition(_MONARCH)
             if side not in ("L", "R") or not layer:
                 raise AdapterFileError(f"{source}: key {key!r}: unexpected key (expected ...ort_monarch.L or .R)")
-            halves.setdefault(layer, {})[side] = arr
+            halves.setdefault(layer, {})[side] = layout[key][0]
         elif _layer_of_scale_key(key) is not None:
-            scales[key] = arr
+            scale_keys[key] = _layer_of_scale_key(key)
         else:
             raise AdapterFileError(
                 f"{source}: key {key!r}: unexpected key (expected <layer>.ort_monarch.L/R or <processor>.q_scale etc.)"
             )
     if not halves:
-        raise AdapterFileError(f"{source}: no GS layers (no '...ort_monarch.L' keys) among {len(tensors)} tensor(s)")
-    layers = {}
+        raise AdapterFileError(f"{source}: no GS layers (no '...ort_monarch.L' keys) among {len(layout)} tensor(s)")
     for layer, lr in halves.items():
         for side in ("L", "R"):
             if side not in lr:
@@ -253,41 +380,53 @@ def adapter_from_tensors(
                     f"{source}: key {layer + _MONARCH + side!r} is missing (its {other} is present)"
                 )
         for side in ("L", "R"):
-            key = layer + _MONARCH + side
-            a = lr[side]
-            if a.ndim != 3 or a.shape[1] != a.shape[2] or a.shape[0] < 1 or a.shape[1] < 1:
-                raise AdapterFileError(f"{source}: key {key!r}: shape {list(a.shape)} is not [nb, b, b]")
-        if lr["L"].shape != lr["R"].shape:
+            shape = tuple(lr[side])
+            if len(shape) != 3 or shape[1] != shape[2] or shape[0] < 1 or shape[1] < 1:
+                raise AdapterFileError(f"{source}: key {layer + _MONARCH + side!r}: shape {list(shape)} is not [nb, b, b]")
+        if tuple(lr["L"]) != tuple(lr["R"]):
             raise AdapterFileError(
-                f"{source}: key {layer + _MONARCH + 'R'!r}: shape {list(lr['R'].shape)} differs from L "
-                f"{list(lr['L'].shape)}"
+                f"{source}: key {layer + _MONARCH + 'R'!r}: shape {list(lr['R'])} differs from L {list(lr['L'])}"
             )
-        pair = []
-        for side in ("L", "R"):
-            key = layer + _MONARCH + side
-            _check_finite(source, key, lr[side])
-            pair.append(_skew_or_warn(source, key, lr[side], skew_tol))
-        layers[layer] = tuple(pair)
-    scale_vecs = {}
-    for key, arr in scales.items():
-        layer = _layer_of_scale_key(key)
-        if layer not in layers:
+    for key, layer in scale_keys.items():
+        if layer not in halves:
             raise AdapterFileError(f"{source}: key {key!r}: scale vector without its layer {layer + _MONARCH + 'L'!r}")
-        if arr.ndim != 1 or arr.shape[0] < 1:
-            raise AdapterFileError(f"{source}: key {key!r}: shape {list(arr.shape)} is not [h]")
-        _check_finite(source, key, arr)
-        scale_vecs[layer] = arr
-    dtype = np.result_type(*[p[0].dtype for p in layers.values()])
-    return from_layers(layers, scale_vecs, orthogonal=False, dtype=dtype)
+        shape = tuple(layout[key][0])
+        if len(shape) != 1 or shape[0] < 1:
+            raise AdapterFileError(f"{source}: key {key!r}: shape {list(shape)} is not [h]")
+    dtype = np.result_type(*[layout[k][1] for k in layout if k.endswith(_MONARCH + "L")])
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for layer in sorted(halves):
+        groups.setdefault(tuple(halves[layer]["L"]), []).append(layer)
+    stacks = {}
+    for shape, names in groups.items():
+        pair = {}
+        for side in ("L", "R"):
+            keys = [n + _MONARCH + side for n in names]
+            stack = _aligned_empty((len(names), *shape), dtype)
+            fill(keys, stack)
+            if not np.isfinite(stack).all():
+                _first_non_finite(source, {k: stack[i] for i, k in enumerate(keys)})
+            # On the CPU the device array takes over the (aligned) host memory instead of copying it.
+            pair[side] = jax.device_put(_project_non_skew(source, stack, keys, skew_tol))
+            del stack
+        stacks[tuple(names)] = pair
+    scales = {k: get(k) for k in scale_keys}
+    _first_non_finite(source, {k: v for k, v in scales.items() if not np.isfinite(v).all()})
+    return from_stacks(stacks, {scale_keys[k]: v for k, v in scales.items()}, orthogonal=False, dtype=dtype)
 
 
 def adapter_to_tensors(adapter: GSAdapter) -> dict[str, np.ndarray]:
-    """Reference-format ``{key: float32 array}``; orthogonal adapters become ``invCay`` raw parameters."""
+    """Reference-format ``{key: float32 array}``; orthogonal adapters become ``invCay`` raw parameters.
+
+    Each stack is copied to the host once; the per-layer arrays are views of those copies.
+    """
     raw = to_cayley_params(adapter)
     out: dict[str, np.ndarray] = {}
-    for name, (L, R) in to_layers(raw).items():
-        out[name + _MONARCH + "L"] = np.asarray(L, dtype=np.float32)
-        out[name + _MONARCH + "R"] = np.asarray(R, dtype=np.float32)
+    for stack in raw.stacks.values():
+        L, R = (np.asarray(x, dtype=np.float32) for x in (stack.L, stack.R))
+        for i, name in enumerate(stack.names):
+            out[name + _MONARCH + "L"] = L[i]
+            out[name + _MONARCH + "R"] = R[i]
     for name, s in adapter.scales.items():
         out[_scale_key(name)] = np.asarray(s, dtype=np.float32)
     for key, arr in out.items():
@@ -301,10 +440,12 @@ def adapter_to_tensors(adapter: GSAdapter) -> dict[str, np.ndarray]:
 
 
 def load_adapter(path: str | os.PathLike, *, skew_tol: float = SKEW_TOL) -> GSAdapter:
-    """Read a reference-format adapter file (SPEC 5) as raw Cayley parameters.
+    """Read an adapter file as raw Cayley parameters: the reference format, or PEFT OFT (detected from the keys).
 
     Args:
-      path: a ``.safetensors`` file as written by the reference's ``save_attn_procs``.
+      path: a ``.safetensors`` file as written by the reference's ``save_attn_procs``, or a PEFT
+        OFT ``adapter_model.safetensors`` or the folder holding it
+        (:func:`~orthofuse_jax.fusion.peft.load_peft_oft`).
       skew_tol: relative asymmetry above which raw parameters are projected with a warning.
     Returns:
       ``GSAdapter(orthogonal=False)`` in the file's float dtype (float32 for reference files),
@@ -312,9 +453,23 @@ def load_adapter(path: str | os.PathLike, *, skew_tol: float = SKEW_TOL) -> GSAd
     Raises:
       AdapterFileError: naming the file and key: unreadable or truncated file, missing or
         extra keys, bad shapes, non-finite values.
+
+    A reference file is read straight into one array per stack (no copy of the whole file is held).
     """
-    tensors, _ = read_tensors(path)
-    return adapter_from_tensors(tensors, source=str(path), skew_tol=skew_tol)
+    path = Path(path)
+    file = path / "adapter_model.safetensors" if path.is_dir() else path
+    with _SafetensorsFile(file) as f:
+        if any(k.endswith((".oft_R.weight", ".oft_r")) for k in f.entries):  # PEFT OFT
+            from .peft import load_peft_oft
+
+            return load_peft_oft(file, tensors={key: f.read(key) for key in f.entries})
+        layout = {k: (f.entries[k][1], f.dtype(k)) for k in f.entries}
+
+        def fill(keys, out):
+            for i, key in enumerate(keys):
+                f.read_into(key, out[i])
+
+        return _build_adapter(str(file), layout, fill, f.read, skew_tol)
 
 
 def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike] = ()) -> Path:

@@ -58,11 +58,12 @@ from ..geometry import (
     skew,
     spectral_map_with_flag,
 )
+from ..geometry import cpu_only
 from ..geometry._linalg import _with_kernel, cayley_map, mm, native_target, not_finite
 from ..geometry._types import Array, Block, Bool, Float
 from ..geometry.polynomial import _expm_taylor_with_ok, kernel_attributes, log_polynomial
 from ..geometry.spectral import _polar_step
-from .adapter import GSAdapter, LayerStack, check_compatible, to_orthogonal
+from .adapter import GSAdapter, LayerStack, check_compatible, on_cpu, to_orthogonal
 from .karcher import cayley_mean_blocks, karcher_mean_blocks_with_flag
 from .scales import SCALE_RULES, combine_scales
 
@@ -81,6 +82,7 @@ __all__ = [
     "merge",
     "sweep",
     "orthogonality_error",
+    "max_orthogonality_error",
     "merge_report",
 ]
 
@@ -398,22 +400,27 @@ def _blocks_with_fallback(x1, x2, t, alpha, *, sweep, fallback, **options):
     return y, bad, jnp.ones_like(ok)
 
 
-_STATIC = ("method", "restore", "angle_tol", "orthogonal", "algorithm", "fallback")
+_STATIC = ("method", "restore", "angle_tol", "orthogonal", "algorithm", "fallback", "cpu")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _pair_kernel(x1, x2, t, alpha, *, method, restore, angle_tol, orthogonal=(False, False), algorithm="eigh",
-                 fallback="cond"):
+                 fallback="cond", cpu=False):
     # x1, x2 are the adapters' own stacks, converted here: no converted copy outlives the kernel.
-    return _blocks_with_fallback(x1, x2, t, alpha, sweep=False, method=method, restore=restore, angle_tol=angle_tol,
-                                 orthogonal=orthogonal, algorithm=algorithm, fallback=fallback)
+    # cpu: the inputs are concrete arrays on the CPU, so only the CPU's kernels are traced.
+    with cpu_only(cpu):
+        return _blocks_with_fallback(x1, x2, t, alpha, sweep=False, method=method, restore=restore,
+                                     angle_tol=angle_tol, orthogonal=orthogonal, algorithm=algorithm,
+                                     fallback=fallback)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def _sweep_kernel(x1, x2, ts, alpha, *, method, restore, angle_tol, orthogonal=(False, False), algorithm="eigh",
-                  fallback="cond"):
-    return _blocks_with_fallback(x1, x2, ts, alpha, sweep=True, method=method, restore=restore, angle_tol=angle_tol,
-                                 orthogonal=orthogonal, algorithm=algorithm, fallback=fallback)
+                  fallback="cond", cpu=False):
+    with cpu_only(cpu):
+        return _blocks_with_fallback(x1, x2, ts, alpha, sweep=True, method=method, restore=restore,
+                                     angle_tol=angle_tol, orthogonal=orthogonal, algorithm=algorithm,
+                                     fallback=fallback)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("into",), keep_unused=True)
@@ -451,7 +458,7 @@ def _chunk_size(x: Array, target_bytes: int, min_blocks: int = 1) -> int | None:
 @functools.partial(
     jax.jit, static_argnames=("chunk", "sweep", *_STATIC), donate_argnums=(0, 1, 2)
 )
-def _chunk_kernel(y, bad, ok, x1, x2, start, t, alpha, *, chunk, sweep, **options):
+def _chunk_kernel(y, bad, ok, x1, x2, start, t, alpha, *, chunk, sweep, cpu=False, **options):
     """Blocks ``[start, start + chunk)`` of the flattened stacks, written into ``y, bad, ok`` in place.
 
     ``sweep=False``: one merge at ``t`` (:func:`_pair_blocks`); ``sweep=True``: every t of ``t``
@@ -460,7 +467,8 @@ def _chunk_kernel(y, bad, ok, x1, x2, start, t, alpha, *, chunk, sweep, **option
     """
     b, lead = x1.shape[-1], y.shape[: int(sweep)]
     part = lambda x: jax.lax.dynamic_slice_in_dim(x.reshape(-1, b, b), start, chunk)  # noqa: E731
-    yc, bc, oc = _blocks_with_fallback(part(x1), part(x2), t, alpha, sweep=sweep, **options)
+    with cpu_only(cpu):
+        yc, bc, oc = _blocks_with_fallback(part(x1), part(x2), t, alpha, sweep=sweep, **options)
     axis = len(lead)
     y = jax.lax.dynamic_update_slice_in_dim(y.reshape(*lead, -1, b, b), yc, start, axis).reshape(y.shape)
     flat = lambda f, fc: jax.lax.dynamic_update_slice_in_dim(f.reshape(*lead, -1), fc, start, axis).reshape(f.shape)  # noqa: E731
@@ -502,7 +510,7 @@ def _pair_or_sweep(x1, x2, t, alpha, *, sweep: bool, into=None, **options):
     the result then occupies (:func:`sweep`'s ``reuse``).
     """
     concrete = _is_concrete(x1, x2, t, alpha)
-    options = {**options, "fallback": "host" if concrete else "cond"}
+    options = {**options, "fallback": "host" if concrete else "cond", "cpu": concrete and on_cpu((x1, x2))}
     n_t = t.shape[0] if sweep else 1
     budget = _CPU_CHUNK_BYTES // n_t if sweep and n_t else _CPU_MERGE_CHUNK_BYTES
     min_blocks = 1 if sweep else _CPU_MIN_CHUNK_BLOCKS
@@ -946,6 +954,23 @@ def orthogonality_error(u: Block) -> Float[Array, "*batch"]:
     """Per-block ``||U^T U - I||_max``."""
     eye = jnp.eye(u.shape[-1], dtype=u.dtype)
     return jnp.max(jnp.abs(mm(jnp.swapaxes(u, -1, -2), u) - eye), axis=(-1, -2))
+
+
+def max_orthogonality_error(adapter: GSAdapter) -> Float[Array, ""]:
+    """``max ||U^T U - I||_max`` over every block of an adapter's stacks (raw adapters through ``Cay``),
+    in one compiled program; NaN if a block is not finite. A 0-d array, computed asynchronously:
+    ``float()`` of it waits for the result."""
+    return _max_orthogonality_error(to_orthogonal(adapter).stacks)
+
+
+@jax.jit
+def _max_orthogonality_error(stacks):
+    def stack_error(x):  # in chunks of about 4 MB: U^T U of a whole stack would be a stack-sized temporary
+        flat = x.reshape(-1, *x.shape[-2:])
+        chunk = max(1, min(flat.shape[0], 2**22 // (x.shape[-1] ** 2 * x.dtype.itemsize)))
+        return jnp.max(jax.lax.map(lambda u: jnp.max(orthogonality_error(u)), flat, batch_size=chunk))
+
+    return jnp.max(jnp.stack([stack_error(x) for s in stacks.values() for x in (s.L, s.R)]))
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ The products with one GS layer (``gs_apply``, ``gs_apply_transpose``, ``act``, `
 with ``jax.vmap`` (tests/geometry/test_jit_vmap.py checks vmap against a loop).
 """
 
+from ._linalg import cpu_only, solve_pd
 from .cayley import cayley, eye_like, inverse_cayley, relative_cayley, skew
 from .geodesic import (
     GeodesicPath,
@@ -55,6 +56,7 @@ __all__ = [
     "act",
     "block_diag",
     "cayley",
+    "cpu_only",
     "curve_speed",
     "expm_skew",
     "expm_skew_taylor",
@@ -86,6 +88,7 @@ __all__ = [
     "rotation_angles",
     "sign_stabilizer_element",
     "skew",
+    "solve_pd",
     "spectral_map",
     "spectral_map_with_flag",
     "stabilizer_dimension",

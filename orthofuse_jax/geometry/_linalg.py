@@ -10,6 +10,8 @@ about 10% of a product's time (benchmarks/RESULTS.md).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 
 import jax
@@ -61,6 +63,8 @@ def solve_pd(a, b):
     batch = jnp.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     a = jnp.broadcast_to(a, batch + a.shape[-2:])
     b = jnp.broadcast_to(b, batch + b.shape[-2:])
+    if _CPU_ONLY.get() and "cpu" in branches:
+        return branches["cpu"](a, b)
     return jax.lax.platform_dependent(a, b, **branches, default=jnp.linalg.solve)
 
 
@@ -182,7 +186,33 @@ def _with_kernel(kernel: str, xla, *args, out=None, attrs=None):
     def _(primals, tangents):
         return native(*primals), jax.jvp(xla, primals, tangents)[1]
 
+    if _CPU_ONLY.get():
+        return native(*args)
     return jax.lax.platform_dependent(*args, cpu=native, default=xla)
+
+
+_CPU_ONLY = contextvars.ContextVar("orthofuse_jax_cpu_only", default=False)
+
+
+def tracing_cpu_only() -> bool:
+    """Whether the current trace is for the CPU alone (:func:`cpu_only`)."""
+    return _CPU_ONLY.get()
+
+
+@contextlib.contextmanager
+def cpu_only(enabled: bool = True):
+    """Trace the compiled CPU kernels alone, without ``jax.lax.platform_dependent``'s XLA twin.
+
+    ``platform_dependent`` traces every branch, and the XLA twin of the exact merge is most of a
+    merge's tracing time. The merges enter this context inside jitted functions whose static
+    arguments say that their (concrete) inputs live on the CPU, so the choice is part of the jit
+    cache key; a program traced here can only be lowered for the CPU.
+    """
+    token = _CPU_ONLY.set(enabled)
+    try:
+        yield
+    finally:
+        _CPU_ONLY.reset(token)
 
 
 def native_target(kernel: str, dtype, n: int) -> str | None:

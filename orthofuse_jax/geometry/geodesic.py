@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
-from ._linalg import geodesic_point, mm, native_target, solve_pd
+from ._linalg import geodesic_point, mm, native_target, solve_pd, tracing_cpu_only
 from ._types import Array, Block, Bool, Float
 from .cayley import cayley, relative_cayley, skew
 from .polynomial import expm_skew_taylor
@@ -118,6 +118,8 @@ def geodesic_path_cayley(a1: Block, a2: Block, *, angle_tol: float = DEFAULT_ANG
 
     if native_target("cayley", a1.dtype, a1.shape[-1]) is None:
         s = relative_cayley(a1, a2)
+    elif tracing_cpu_only():
+        s = via_rotations(a1, a2)
     else:
         s = jax.lax.platform_dependent(a1, a2, cpu=via_rotations, default=relative_cayley)
     s, v, sigma, _, bad = _decompose_skew(s, angle_tol)
