@@ -133,3 +133,41 @@ def moft_merge_fast(
         L, R = merge_inside_cayley_space_batch(L1, R1, L2, R2, ts)
         out[b] = postprocess_blocks(L, R, tp)
     return out
+
+
+def fuse_files(concept: str, style: str, output: str, t: float, *, fast: bool = False) -> None:
+    """The reference's whole job as one process does it: load both adapter files with torch's
+    safetensors, merge (``moft_merge`` or ``moft_merge_fast``), save the merged blocks."""
+    from safetensors.torch import load_file, save_file
+
+    a, b = load_file(concept), load_file(style)
+    layers = sorted({k.rpartition(".ort_monarch.")[0] for k in a if ".ort_monarch." in k})
+    pairs = [[(d[f"{n}.ort_monarch.L"], d[f"{n}.ort_monarch.R"]) for n in layers] for d in (a, b)]
+    out: dict[str, torch.Tensor] = {}
+    if fast:
+        sizes = sorted({L.shape[-1] for L, _ in pairs[0]})
+        stacks = [{s: tuple(torch.stack([p[i] for p in ps if p[0].shape[-1] == s]) for i in (0, 1)) for s in sizes}
+                  for ps in pairs]
+        merged = moft_merge_fast(stacks[0], stacks[1], t)
+        for s in sizes:
+            names = [n for n, p in zip(layers, pairs[0]) if p[0].shape[-1] == s]
+            for j, n in enumerate(names):
+                out[f"{n}.ort_monarch.L"], out[f"{n}.ort_monarch.R"] = merged[s][0][j], merged[s][1][j]
+    else:
+        for n, (L, R) in zip(layers, moft_merge(pairs[0], pairs[1], t)):
+            out[f"{n}.ort_monarch.L"], out[f"{n}.ort_monarch.R"] = L, R
+    out.update({k: v for k, v in a.items() if ".ort_monarch." not in k})  # the concept's scales
+    save_file({k: v.contiguous() for k, v in out.items()}, output, metadata={"format": "pt"})
+
+
+if __name__ == "__main__":  # python -m benchmarks.reference_torch CONCEPT STYLE OUT [--t 0.6] [--fast]
+    import argparse
+
+    parser = argparse.ArgumentParser(description=fuse_files.__doc__)
+    parser.add_argument("concept")
+    parser.add_argument("style")
+    parser.add_argument("output")
+    parser.add_argument("--t", type=float, default=0.6)
+    parser.add_argument("--fast", action="store_true", help="moft_merge_fast instead of moft_merge")
+    args = parser.parse_args()
+    fuse_files(args.concept, args.style, args.output, args.t, fast=args.fast)

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -207,18 +206,27 @@ def test_version_names_the_kernels_build(capsys, monkeypatch):
     assert ("the portable build, used only with ORTHOFUSE_JAX_NATIVE=force" in capsys.readouterr().out) == built
 
 
-def test_optional_model_commands_are_registered(monkeypatch, capsys):
-    mod = types.ModuleType("orthofuse_jax.models.commands")
+def test_every_command_is_registered_without_importing_jax():
+    code = (
+        "import sys; from orthofuse_jax import cli; p = cli.build_parser(); "
+        "names = set(p._subparsers._group_actions[0].choices); "
+        "assert names == {'fuse', 'sweep', 'demo', 'inspect', 'generate', 'encode-prompt', 'train'}, names; "
+        "bad = [m for m in ('jax', 'flax', 'diffusers', 'torch', 'matplotlib') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
-    def register(sub):
-        p = sub.add_parser("generate")
-        p.set_defaults(func=lambda args: print("generated") or 0)
 
-    mod.register = register
-    monkeypatch.setitem(sys.modules, "orthofuse_jax.models.commands", mod)
-    assert build_parser().parse_args(["generate"]).func is not None
-    rc, out, _ = run(capsys, "generate")
-    assert rc == 0 and "generated" in out
+def test_a_missing_extra_is_named(monkeypatch, capsys):
+    from orthofuse_jax.cli import generate_commands
+
+    def run_generate(args):
+        raise ModuleNotFoundError("No module named 'flax'", name="flax")
+
+    monkeypatch.setattr(generate_commands, "run_generate", run_generate)
+    rc, _, err = run(capsys, "generate", "--model", "m", "--prompt", "p", "-o", "o.png")
+    assert rc == 2 and err.count("\n") == 1, err
+    assert "orthofuse-jax generate: error: flax is not installed" in err and "orthofuse-jax[sdxl]" in err, err
 
 
 # ------------------------------------------------------------------------------------------------ bad input

@@ -28,6 +28,7 @@ corruption maps to a clean error instead of a panic in a native extension.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -39,9 +40,12 @@ from pathlib import Path
 from typing import BinaryIO
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from .adapter import SCALE_NAME, GSAdapter, check_compatible, from_stacks, to_cayley_params
+from ..geometry import cpu_only, skew, solve_pd
+from ..geometry._linalg import mm
+from .adapter import SCALE_NAME, GSAdapter, check_compatible, from_stacks, on_cpu, to_cayley_params
 
 __all__ = [
     "atomic_write",
@@ -53,6 +57,7 @@ __all__ = [
     "adapter_from_tensors",
     "adapter_to_tensors",
     "save_adapter",
+    "save_merged",
     "save_tensors",
     "check_output_path",
     "check_pair",
@@ -504,17 +509,109 @@ def save_adapter(
 ) -> Path:
     """Write ``adapter`` in the reference format, atomically, never over one of ``inputs``.
 
-    Orthogonal (merged) adapters are stored as ``invCay`` of their blocks (module docstring).
-    ``metadata`` entries are added to ``{"format": "pt"}``. Nothing is written when a value
-    is non-finite or the path is refused.
+    Orthogonal (merged) adapters are stored as ``invCay`` of their blocks (module docstring),
+    converted in chunks of about 4 MB as the file is written, so the converted adapter is never
+    held whole. ``metadata`` entries are added to ``{"format": "pt"}``. Nothing is written when a
+    value is non-finite or the path is refused.
     """
     path = check_output_path(path, inputs)
+    _write_adapter(path, adapter, metadata, check=False)
+    return path
+
+
+def save_merged(
+    path: str | os.PathLike,
+    adapter: GSAdapter,
+    *,
+    metadata: Mapping[str, str] | None = None,
+    inputs: Iterable[str | os.PathLike] = (),
+) -> float:
+    """:func:`save_adapter` for a merged (orthogonal) adapter that also checks it: returns the largest
+    ``|U^T U - I|`` over its blocks (in their own precision), computed in the same chunked pass."""
+    if not adapter.orthogonal:
+        raise ValueError("save_merged needs an adapter of orthogonal blocks (a merge's result)")
+    path = check_output_path(path, inputs)
+    return _write_adapter(path, adapter, metadata, check=True)
+
+
+_CHUNK_BYTES = 2**22
+
+
+@functools.partial(jax.jit, static_argnames=("chunk", "check", "cpu"))
+def _file_rows(x, start, *, chunk: int, check: bool, cpu: bool):
+    """Rows ``[start, start + chunk)`` of an orthogonal stack as float32 raw parameters ``invCay(U)``,
+    and (``check``) their largest ``|U^T U - I|``."""
+    u = jax.lax.dynamic_slice_in_dim(x, start, chunk)
+    eye = jnp.eye(u.shape[-1], dtype=u.dtype)
+    with cpu_only(cpu):
+        params = skew(solve_pd(u + eye, u - eye)).astype(jnp.float32)
+    err = jnp.max(jnp.abs(mm(jnp.swapaxes(u, -1, -2), u) - eye)) if check else jnp.zeros((), u.dtype)
+    return params, err
+
+
+def _write_adapter(path: Path, adapter: GSAdapter, metadata, *, check: bool) -> float:
+    """Header first (keys stack by stack, side by side, then the scales), then the rows in chunks."""
+    plan = []  # (stack, side, layer rows per chunk)
+    header: dict[str, object] = {"__metadata__": {"format": "pt", **dict(metadata or {})}}
+    offset = 0
+    for stack in adapter.stacks.values():
+        row = math.prod(stack.L.shape[1:]) * 4
+        for side in ("L", "R"):
+            for name in stack.names:
+                header[name + _MONARCH + side] = {"dtype": "F32", "shape": list(stack.L.shape[1:]),
+                                                  "data_offsets": [offset, offset + row]}
+                offset += row
+            plan.append((stack, side, max(1, min(len(stack.names), _CHUNK_BYTES // row))))
+    scales = {_scale_key(n): np.ascontiguousarray(v, dtype="<f4") for n, v in adapter.scales.items()}
+    for key, arr in scales.items():
+        header[key] = {"dtype": "F32", "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
+    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    cpu = on_cpu(adapter)
+    errors = []
+
+    def rows():  # (keys, float32 rows) in file order; the next chunk is computed while one is written
+        for stack, side, chunk in plan:
+            x, n = getattr(stack, side), len(stack.names)
+            keys = [name + _MONARCH + side for name in stack.names]
+            if not adapter.orthogonal:
+                yield keys, np.asarray(x, dtype=np.float32)
+                continue
+            starts = [min(i, n - chunk) for i in range(0, n, chunk)]
+            pending = _file_rows(x, starts[0], chunk=chunk, check=check, cpu=cpu)
+            for i, start in enumerate(starts):
+                params, err = pending
+                if i + 1 < len(starts):
+                    pending = _file_rows(x, starts[i + 1], chunk=chunk, check=check, cpu=cpu)
+                errors.append(err)
+                done = i * chunk - start  # the last chunk may overlap the one before it
+                yield keys[start + done : start + chunk], np.asarray(params)[done:]
+
+    def write(f: BinaryIO) -> None:
+        f.write(struct.pack("<Q", len(head)))
+        f.write(head)
+        for keys, data in rows():
+            if not np.isfinite(data).all():
+                bad = next(i for i in range(len(keys)) if not np.isfinite(data[i]).all())
+                raise ValueError(
+                    f"key {keys[bad]!r}: {int((~np.isfinite(data[bad])).sum())} non-finite value(s) to be "
+                    "written (a block with an eigenvalue at -1 has no Cayley parameters); nothing written"
+                )
+            f.write(memoryview(np.ascontiguousarray(data)).cast("B"))
+        for key, arr in scales.items():
+            if not np.isfinite(arr).all():
+                raise ValueError(f"key {key!r}: {int((~np.isfinite(arr)).sum())} non-finite value(s) to be written; "
+                                 "nothing written")
+            f.write(memoryview(arr).cast("B"))
+
     try:
-        tensors = adapter_to_tensors(adapter)
+        atomic_write(path, write)
     except ValueError as e:
         raise AdapterFileError(f"{path}: {e}") from None
-    save_tensors(path, tensors, metadata)
-    return path
+    except OSError as e:
+        raise AdapterFileError(f"{path}: cannot write file ({e.strerror or e})") from None
+    return float(max((float(e) for e in errors), default=0.0))
 
 
 def check_pair(adapters: Iterable[GSAdapter], paths: Iterable[str | os.PathLike]) -> None:

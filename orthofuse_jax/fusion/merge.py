@@ -815,10 +815,11 @@ def merge(
         if k != 2:
             raise ValueError(f"t is for merging exactly two adapters, got {k}; pass weights instead")
         _check_t(t, extrapolate)
-        t = jnp.asarray(t, dtype=dtype)
+        xp = jnp if isinstance(t, jax.core.Tracer) else np  # concrete: no device programs for two numbers
+        t = xp.asarray(t, dtype=dtype)
         if t.ndim:
             raise ValueError(f"t must be a scalar, got shape {t.shape}; use sweep() for several values")
-        w = jnp.stack([1.0 - t, t])
+        w = xp.stack([1.0 - t, t])
     elif weights is None:
         if k == 1:
             w = jnp.ones((1,), dtype)
@@ -925,7 +926,7 @@ def sweep(
     check_compatible([adapter1, adapter2])
     _check_t(ts, extrapolate, "ts")
     dtype = adapter1.dtype
-    ts = jnp.asarray(ts, dtype=dtype)
+    ts = (jnp if isinstance(ts, jax.core.Tracer) else np).asarray(ts, dtype=dtype)
     if ts.ndim != 1:
         raise ValueError(f"ts must be a 1-D array of t values, got shape {ts.shape}")
     if reuse is not None:
@@ -941,7 +942,7 @@ def sweep(
         flags[key] = per
     if _is_concrete(adapter1, adapter2, ts):
         _raise_if_bad(flags, stacks, method, restore, ts=ts)
-    w = jnp.stack([1.0 - ts, ts], axis=-1)
+    w = (jnp if isinstance(ts, jax.core.Tracer) else np).stack([1.0 - ts, ts], axis=-1)
     sc = combine_scales([adapter1, adapter2], w, scales, dtype=dtype)
     return GSAdapter(stacks=stacks, scales=sc, orthogonal=True)
 

@@ -1,111 +1,121 @@
-"""Per-t statistics of a merge sweep between two adapters (paper Figs. 2, 5, 6).
+"""Per-t statistics of a merge sweep between two adapters (paper Figs. 2, 5, 6), streamed.
 
 For a sweep ``t -> Y(t)`` of merged blocks (before and after spectra restoration):
 
 * eigen-angle histograms: ``|arg lambda|`` of every eigenvalue of every merged block (each
-  rotation plane contributes its angle twice), on fixed bins over ``[0, pi]`` (Fig. 2);
-* speed ``||dY/dt||_F`` on the product of all blocks (Fig. 5), measured by forward-mode
-  differentiation (``jax.jvp``, as :func:`geometry.curve_speed`) of the curve the merge method traces
-  (SPEC 3.2, 3.3, 3.7); a plain geodesic has constant speed equal to the geodesic distance;
+  rotation plane contributes its angle twice), on fixed bins over ``[0, pi]`` (Fig. 2). The
+  angles before restoration come from the eigenvalues ``cos theta`` of the blocks' symmetric
+  parts (one real ``eigvalsh`` per block and t); restoration maps each angle by a known function
+  (``curve_over_id``: ``theta -> 2 arctan(eta sin theta)``; ``exact``: ``theta -> f theta``,
+  wrapped to ``[0, pi]``), which gives the angles after it;
+* speed ``||dY/dt||_F`` on the product of all blocks (Fig. 5), by central differences of the
+  sweep's own points at ``t +- h`` (``h = 1e-3`` in float32, ``1e-5`` in float64); a plain
+  geodesic has constant speed equal to the geodesic distance;
 * distance to the straight ambient path ``||Y(t) - ((1-t) U1 + t U2)||_F`` (Fig. 6);
-* the largest orthogonality error ``max |Y^T Y - I|`` and the largest rotation angle.
+* the largest orthogonality error ``max |Y^T Y - I|`` and the largest rotation angle;
 
-The merged points come from :func:`orthofuse_jax.fusion.merge.sweep`; the curve used for the
-speed is rebuilt here from the geometry primitives, and ``curve_mismatch`` reports how far it is
-from the sweep's points (a cross-check of both).
+The points before restoration come from :func:`orthofuse_jax.fusion.merge.sweep`, layer chunk
+by layer chunk; the points after it are the restoration applied to them, and each chunk's
+statistics are one compiled program. Only per-t sums and maxima are kept: memory does not grow
+with the number of layers or of t beyond one chunk's points and the statistics themselves.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from dataclasses import replace
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..geometry import cayley, geodesic, geodesic_distance, power, rotation_angles
+from ..geometry import cayley, log_with_flag, power, relative_rotation
 from ..geometry._linalg import mm
-from .adapter import GSAdapter, to_orthogonal
+from .adapter import GSAdapter
 
-__all__ = ["sweep_statistics", "merge_curve", "ANGLE_BINS"]
+__all__ = ["sweep_statistics", "ANGLE_BINS"]
 
 ANGLE_BINS = 36
 """Number of histogram bins over [0, pi]."""
 
+_CHUNK_BYTES = 2**25
+"""Target size of one layer chunk's sweep points (all t, before and after, t +- h included)."""
 
-def merge_curve(a1: Any, a2: Any, u1: Any, u2: Any, *, method: str, restore: str, alpha: float):
-    """``t -> Y(t)`` for one block stack: raw params ``a1, a2`` and blocks ``u1 = Cay(a1)``, ``u2 = Cay(a2)``.
+_STEP = {np.dtype(np.float32): 1e-3, np.dtype(np.float64): 1e-5}
+"""Central-difference step of the speed: truncation ~h^2, round-off ~eps/h, each ~1e-6 / 1e-10."""
 
-    ``geodesic``: ``U1 (U1^T U2)^t``; ``cayley``: ``Cay((1-t) A1 + t A2)``; then restoration
-    ``cayley``: ``Cay(eta Y)``, ``eta = 1/2 + 2t(1-t)`` (SPEC 3.7); ``exact``: ``exp(f log Y)``,
-    ``f = 1 + 4(alpha-1) t(1-t)``; ``none``: ``Y``.
+
+def _chunk_layers(n: int, layer_bytes: int) -> int:
+    """Layers per chunk: the largest divisor of ``n`` (so every chunk has one shape, one program)
+    whose points fit in :data:`_CHUNK_BYTES`."""
+    target = max(1, _CHUNK_BYTES // max(1, layer_bytes))
+    return max(d for d in range(1, min(n, target) + 1) if n % d == 0)
+
+
+def _restored_angles(theta, t, alpha, restore: str):
+    """The rotation angles after restoration, from those before (restoration acts per rotation plane)."""
+    f = (1.0 + 4.0 * (alpha - 1.0) * t * (1.0 - t)).reshape((-1,) + (1,) * (theta.ndim - 1))
+    if restore == "cayley":  # Cay(eta skew(Y)): skew(Y) has eigenvalues +-i sin(theta)
+        return 2.0 * jnp.arctan(0.5 * f * jnp.sin(theta))
+    if restore == "exact":  # exp(f log Y): the angle f theta, as the principal angle of e^(i f theta)
+        return jnp.abs(jnp.remainder(f * theta + jnp.pi, 2.0 * jnp.pi) - jnp.pi)
+    return theta
+
+
+@functools.partial(jax.jit, static_argnames=("restore", "orthogonal", "log_algorithm", "n_t"))
+def _chunk_stats(x1, x2, yb, ts, h, alpha, *, restore: str, orthogonal: tuple[bool, bool], log_algorithm: str,
+                 n_t: int):
+    """Per-t sums and maxima over one chunk of blocks (one side of one stack), in one program.
+
+    ``x1, x2`` ``[..., b, b]``: the inputs' blocks (raw parameters, or orthogonal where
+    ``orthogonal`` says so); ``yb`` ``[3T, ..., b, b]``: the sweep's points before restoration at
+    ``ts``, ``ts - h`` and ``ts + h``. The points after restoration are the restoration of ``yb``.
     """
-
-    def curve(t):
-        if method == "geodesic":
-            y = geodesic(u1, u2, t)
-        elif method == "cayley":
-            y = cayley((1 - t) * a1 + t * a2)
-        else:
-            raise ValueError(f"method must be 'geodesic' or 'cayley', got {method!r}")
-        if restore == "cayley":
-            y = cayley((0.5 + 2 * t * (1 - t)) * y)
-        elif restore == "exact":
-            y = power(y, 1 + 4 * (alpha - 1) * t * (1 - t))
-        elif restore != "none":
-            raise ValueError(f"restore must be 'none', 'cayley' or 'exact', got {restore!r}")
-        return y
-
-    return curve
-
-
-@jax.jit
-def _angles(y):
-    return jnp.nan_to_num(rotation_angles(y), nan=jnp.pi)
-
-
-@jax.jit
-def _distances(x1, x2, y, ref, ts):
-    mismatch = jnp.max(jnp.abs(ref - y))
-    tcol = ts.reshape(-1, 1, 1, 1, 1)
-    amb = jnp.sum((y - ((1 - tcol) * x1[None] + tcol * x2[None])) ** 2, axis=(1, 2, 3, 4))
-    eye = jnp.eye(y.shape[-1], dtype=y.dtype)
-    orth = jnp.max(jnp.abs(mm(jnp.swapaxes(y, -1, -2), y) - eye), axis=(1, 2, 3, 4))
-    return mismatch, amb, orth
-
-
-_geodesic_distance = jax.jit(geodesic_distance)
-
-
-def _stack_side_stats(r1, r2, x1, x2, y, ts, alpha, *, method, restore):
-    """Per-t sums/maxima for one block stack (one side, L or R) of a sweep ``y`` ``[T, layers, nb, b, b]``.
-
-    The curve and its derivative are evaluated op by op (not under one ``jit``): on a CPU backend a
-    single XLA program chaining Cayley solves, ``eigh`` and their tangents was seen to stall (SPEC 11).
-    """
-    curve = merge_curve(r1, r2, x1, x2, method=method, restore=restore, alpha=alpha)
-    if restore == "exact":
-        # eigh's derivative is undefined for the (always repeated) eigenvalues of -S^2 when the
-        # decomposed matrix itself moves with t: use central differences instead of jvp.
-        h = 1e-3 if ts.dtype == jnp.float32 else 1e-5
-        ref = jax.vmap(curve)(ts)
-        d = (jax.vmap(curve)(ts + h) - jax.vmap(curve)(ts - h)) / (2 * h)
-        sq = jnp.sum(d**2, axis=tuple(range(1, d.ndim)))
+    u1, u2 = (x if orth else cayley(x) for x, orth in ((x1, orthogonal[0]), (x2, orthogonal[1])))
+    t3 = jnp.concatenate([ts, ts - h, ts + h])
+    f = (1.0 + 4.0 * (alpha - 1.0) * t3 * (1.0 - t3)).reshape((-1,) + (1,) * (yb.ndim - 1))
+    if restore == "cayley":  # curve_over_id: Cay(eta Y), eta = f / 2
+        ya = cayley(0.5 * f * yb)
+    elif restore == "exact":  # exp(f log Y)
+        ya = power(yb, f[..., 0, 0])
     else:
+        ya = yb
+    edges = jnp.linspace(0.0, jnp.pi, ANGLE_BINS + 1, dtype=u1.dtype)
+    eye = jnp.eye(u1.shape[-1], dtype=u1.dtype)
+    tcol = ts.reshape((-1,) + (1,) * u1.ndim)
+    line = (1.0 - tcol) * u1 + tcol * u2
+    out = {}
+    for tag, y in (("before", yb), ("after", ya)):
+        mid, minus, plus = y[:n_t], y[n_t : 2 * n_t], y[2 * n_t :]
+        axes = tuple(range(1, mid.ndim))
+        out[f"sq_speed_{tag}"] = jnp.sum(((plus - minus) / (2.0 * h)) ** 2, axis=axes)
+        out[f"amb_{tag}"] = jnp.sum((mid - line) ** 2, axis=axes)
+        out[f"orth_{tag}"] = jnp.max(jnp.abs(mm(jnp.swapaxes(mid, -1, -2), mid) - eye), axis=axes)
+    # angles from the symmetric parts' eigenvalues cos(theta) (each rotation plane twice)
+    sym = 0.5 * (yb[:n_t] + jnp.swapaxes(yb[:n_t], -1, -2))
+    theta = {"before": jnp.arccos(jnp.clip(jnp.linalg.eigvalsh(sym), -1.0, 1.0))}
+    theta["after"] = _restored_angles(theta["before"], ts, alpha, restore)
+    for tag, th in theta.items():
+        flat = th.reshape(n_t, -1)
+        out[f"hist_{tag}"] = jax.vmap(lambda x: jnp.histogram(x, bins=edges)[0])(flat).astype(jnp.int32)
+        out[f"maxang_{tag}"] = jnp.max(flat, axis=1)
+    log, _ = log_with_flag(relative_rotation(u1, u2), algorithm=log_algorithm)
+    out["dist_sq"] = jnp.sum(log**2)
+    return out
 
-        def point(t):
-            y_t, dy = jax.jvp(curve, (t,), (jnp.ones_like(t),))  # = geometry.curve_speed, keeping the point
-            return y_t, jnp.sum(dy**2)
 
-        ref, sq = jax.vmap(point)(ts)
-    mismatch, amb, orth = _distances(x1, x2, y, ref, ts)
-    theta = _angles(y)
-    dist_sq = jnp.sum(_geodesic_distance(x1, x2) ** 2)
-    return sq, mismatch, amb, orth, theta, dist_sq
+@functools.partial(jax.jit, static_argnames="size")
+def _rows(x, start, *, size: int):
+    return jax.lax.dynamic_slice_in_dim(x, start, size)  # one program for every start (a static slice compiles per start)
 
 
-def _hist(theta: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    return np.stack([np.histogram(th.ravel(), bins=edges)[0] for th in theta])
+def _layer_slice(adapter: GSAdapter, key: str, start: int, stop: int) -> GSAdapter:
+    st = adapter.stacks[key]
+    if (start, stop) == (0, len(st.names)):
+        return replace(adapter, stacks={key: st}, scales={})
+    size = stop - start
+    part = replace(st, L=_rows(st.L, start, size=size), R=_rows(st.R, start, size=size), names=st.names[start:stop])
+    return replace(adapter, stacks={key: part}, scales={})
 
 
 def sweep_statistics(
@@ -117,96 +127,85 @@ def sweep_statistics(
     restore: str = "cayley",
     alpha: float = 2.0,
     scales: str = "concept",
-    before: GSAdapter | None = None,
-    after: GSAdapter | None = None,
+    algorithm: str = "auto",
+    extrapolate: bool = False,
 ) -> dict:
     """Statistics per ``t`` of the sweep from ``a1`` (t=0) to ``a2`` (t=1); a JSON-ready dict.
 
+    The sweep is computed and reduced one chunk of layers at a time (module docstring).
+
     Args:
       a1, a2: compatible adapters (raw parameters or orthogonal blocks).
-      ts: 1-D sequence of t values.
-      method, restore, alpha, scales: as in :func:`orthofuse_jax.fusion.merge.merge`.
-      before, after: the sweeps without and with restoration (``stacks [T, layers, nb, b, b]``)
-        if already computed; otherwise computed with :func:`merge.sweep`.
+      ts: 1-D sequence of t values (checked by :func:`~orthofuse_jax.fusion.merge.sweep`; the
+        points at ``t +- h`` may lie just outside [0, 1]).
+      method, restore, alpha, scales, algorithm, extrapolate: as in
+        :func:`orthofuse_jax.fusion.merge.merge`.
     Returns:
       dict with ``ts``, ``speed_before/after`` (product-manifold speed), ``geodesic_distance``,
       ``ambient_distance_before/after``, ``orthogonality_error_before/after``,
       ``max_angle_before/after``, ``angle_bins`` (edges) and ``angle_hist_before/after``
-      (counts, one row per t), ``curve_mismatch`` and ``speed_method``.
+      (counts, one row per t) and ``speed_method``.
+    Raises:
+      As :func:`~orthofuse_jax.fusion.merge.sweep`.
     """
     from .merge import sweep
 
     ts = np.asarray(ts, dtype=np.float64).reshape(-1)
-    kw = dict(method=method, alpha=alpha, scales=scales)
-    if before is None:
-        before = sweep(a1, a2, ts, restore="none", **kw)
-    if after is None:
-        after = before if restore == "none" else sweep(a1, a2, ts, restore=restore, **kw)
-    u1, u2 = to_orthogonal(a1), to_orthogonal(a2)
-    dtype = u1.dtype
-    edges = np.linspace(0.0, np.pi, ANGLE_BINS + 1)
-    T = len(ts)
-    acc = {k: np.zeros(T) for k in ("sq_speed_before", "sq_speed_after", "amb_before", "amb_after")}
-    acc.update({k: np.zeros(T) for k in ("orth_before", "orth_after", "maxang_before", "maxang_after")})
-    hists = {"before": np.zeros((T, ANGLE_BINS), dtype=np.int64), "after": np.zeros((T, ANGLE_BINS), dtype=np.int64)}
+    if not np.all(np.isfinite(ts)):
+        raise ValueError(f"ts must be finite, got {ts.tolist()}")
+    if not extrapolate and (np.any(ts < 0.0) or np.any(ts > 1.0)):
+        bad = ts[(ts < 0.0) | (ts > 1.0)][0]
+        raise ValueError(f"ts = {float(bad)} is outside [0, 1]; pass extrapolate=True to extrapolate along the path")
+    dtype = np.dtype(a1.dtype)
+    n_t = len(ts)
+    h = _STEP.get(dtype, 1e-3)
+    ts3 = np.concatenate([ts, ts - h, ts + h])
+    kw = dict(method=method, alpha=alpha, scales=scales, algorithm=algorithm, extrapolate=True)
+    log_algorithm = "eigh" if dtype.itemsize > 4 else "matmul"
+    acc = {k: np.zeros(n_t) for k in ("sq_speed_before", "sq_speed_after", "amb_before", "amb_after")}
+    acc.update({k: np.zeros(n_t) for k in ("orth_before", "orth_after", "maxang_before", "maxang_after")})
+    acc.update({f"hist_{tag}": np.zeros((n_t, ANGLE_BINS), dtype=np.int64) for tag in ("before", "after")})
     dist_sq = 0.0
-    mismatch = 0.0
-    speed_method = "jvp"
-    raw1, raw2 = to_raw(a1), to_raw(a2)
-    tj = jnp.asarray(ts, dtype=dtype)
-    for key, s1 in u1.stacks.items():
-        for side in ("L", "R"):
-            x1 = getattr(s1, side)
-            x2 = getattr(u2.stacks[key], side)
-            r1 = getattr(raw1.stacks[key], side)
-            r2 = getattr(raw2.stacks[key], side)
-            tags = [("before", before, "none")] + ([("after", after, restore)] if restore != "none" else [])
-            for tag, sw, rs in tags:
-                y = getattr(sw.stacks[key], side).astype(dtype)
-                sq, mis, amb, orth, theta, dsq = jax.device_get(
-                    _stack_side_stats(r1, r2, x1, x2, y, tj, jnp.asarray(alpha, dtype), method=method, restore=rs)
-                )
-                if tag == "before":
-                    dist_sq += float(dsq)
-                if rs == "exact":
-                    speed_method = "central-difference"
-                acc[f"sq_speed_{tag}"] += sq
-                acc[f"amb_{tag}"] += amb
-                acc[f"orth_{tag}"] = np.maximum(acc[f"orth_{tag}"], orth)
-                acc[f"maxang_{tag}"] = np.maximum(acc[f"maxang_{tag}"], theta.max(axis=(1, 2, 3)))
-                hists[tag] += _hist(theta, edges)
-                mismatch = max(mismatch, float(mis))
-    if restore == "none":
-        for k in ("sq_speed", "amb", "orth", "maxang"):
-            acc[f"{k}_after"] = acc[f"{k}_before"]
-        hists["after"] = hists["before"]
-    hist_b, hist_a = hists["before"], hists["after"]
+    orthogonal = (a1.orthogonal, a2.orthogonal)
+    tj, hj, alpha_j = jnp.asarray(ts, dtype), jnp.asarray(h, dtype), jnp.asarray(alpha, dtype)
+    for key, stack in a1.stacks.items():
+        n = len(stack.names)
+        layer_bytes = 2 * 2 * len(ts3) * stack.nb * stack.b**2 * dtype.itemsize  # L and R, before and after
+        chunk = _chunk_layers(n, layer_bytes)
+        for start in range(0, n, chunk):
+            c1, c2 = _layer_slice(a1, key, start, start + chunk), _layer_slice(a2, key, start, start + chunk)
+            before = sweep(c1, c2, ts3, restore="none", **kw)
+            for side in ("L", "R"):
+                x1, x2 = getattr(c1.stacks[key], side), getattr(c2.stacks[key], side)
+                yb = getattr(before.stacks[key], side)
+                part = jax.device_get(_chunk_stats(x1, x2, yb, tj, hj, alpha_j, restore=restore, n_t=n_t,
+                                                   orthogonal=orthogonal, log_algorithm=log_algorithm))
+                for name in ("sq_speed_before", "sq_speed_after", "amb_before", "amb_after",
+                             "hist_before", "hist_after"):
+                    acc[name] += part[name]
+                for name in ("orth_before", "orth_after", "maxang_before", "maxang_after"):
+                    acc[name] = np.maximum(acc[name], part[name])
+                dist_sq += float(part["dist_sq"])
+            del before
     return {
         "ts": ts.tolist(),
         "method": method,
         "restore": restore,
         "alpha": float(alpha),
         "layers": a1.num_layers,
-        "blocks": int(sum(2 * s.L.shape[0] * s.L.shape[1] for s in u1.stacks.values())),
+        "blocks": int(sum(2 * s.L.shape[0] * s.L.shape[1] for s in a1.stacks.values())),
         "geodesic_distance": float(np.sqrt(dist_sq)),
         "speed_before": np.sqrt(acc["sq_speed_before"]).tolist(),
         "speed_after": np.sqrt(acc["sq_speed_after"]).tolist(),
-        "speed_method": speed_method,
+        "speed_method": "central-difference",
+        "speed_step": h,
         "ambient_distance_before": np.sqrt(acc["amb_before"]).tolist(),
         "ambient_distance_after": np.sqrt(acc["amb_after"]).tolist(),
         "orthogonality_error_before": acc["orth_before"].tolist(),
         "orthogonality_error_after": acc["orth_after"].tolist(),
         "max_angle_before": acc["maxang_before"].tolist(),
         "max_angle_after": acc["maxang_after"].tolist(),
-        "angle_bins": edges.tolist(),
-        "angle_hist_before": hist_b.tolist(),
-        "angle_hist_after": hist_a.tolist(),
-        "curve_mismatch": mismatch,
+        "angle_bins": np.linspace(0.0, np.pi, ANGLE_BINS + 1).tolist(),
+        "angle_hist_before": acc["hist_before"].tolist(),
+        "angle_hist_after": acc["hist_after"].tolist(),
     }
-
-
-def to_raw(adapter: GSAdapter) -> GSAdapter:
-    """Raw Cayley parameters of an adapter (``invCay`` of orthogonal blocks)."""
-    from .adapter import to_cayley_params
-
-    return to_cayley_params(adapter)

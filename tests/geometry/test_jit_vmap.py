@@ -32,6 +32,7 @@ SKIPPED = {
     "perfect_shuffle_matrix",
     # not functions (GeodesicPath is covered through geodesic_path)
     "DEFAULT_ANGLE_TOL",
+    "cpu_only",  # a context manager for tracing
     "LOG_ALGORITHMS",
     "LOG_POLYNOMIAL_MAX_ANGLE",
     "GeodesicPath",
@@ -93,6 +94,11 @@ TABLE = {
     "perfect_shuffle": (lambda z: geo.perfect_shuffle(z, NB), lambda r: (r.standard_normal((2, N)),)),
     "perfect_unshuffle": (lambda z: geo.perfect_unshuffle(z, NB), lambda r: (r.standard_normal((2, N)),)),
     "power": (geo.power, lambda r: (_rot(r, 3.0), np.asarray(r.uniform(-1, 2)))),
+    # a matrix with a positive definite symmetric part (I + skew + small symmetric), any right-hand side
+    "solve_pd": (
+        lambda s, b: geo.solve_pd(jnp.eye(B, dtype=s.dtype) + s - jnp.swapaxes(s, -1, -2) + 0.1 * (s + jnp.swapaxes(s, -1, -2)), b),
+        lambda r: (0.5 * r.standard_normal((NB, B, B)), r.standard_normal((NB, B, B))),
+    ),
     "relative_cayley": (geo.relative_cayley, lambda r: (r.standard_normal((NB, B, B)), 0.5 * r.standard_normal((NB, B, B)))),
     "relative_rotation": (geo.relative_rotation, lambda r: (_rot(r), _rot(r))),
     "rotation_angles": (geo.rotation_angles, lambda r: (_rot(r),)),

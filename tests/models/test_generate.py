@@ -82,7 +82,7 @@ def _write_reference_adapter(path, adapter):
 def test_generate_cli_writes_png(tiny_model_dir, tmp_path, flax_unet):
     from PIL import Image
 
-    from orthofuse_jax.models.commands import main
+    from orthofuse_jax.cli import main
 
     rng = np.random.default_rng(0)
     emb = tmp_path / "emb.npz"
@@ -140,19 +140,19 @@ def test_corrupt_weights_are_named(tmp_path, tiny_unet_dir):
 
 def test_commands_import_is_light():
     code = (
-        "import sys, argparse, orthofuse_jax.models.commands as c;"
+        "import sys, argparse, orthofuse_jax.cli.generate_commands as c;"
         "p = argparse.ArgumentParser(); c.register(p.add_subparsers());"
         "a = p.parse_args(['generate', '--model', 'm', '--embeddings', 'e.npz', '-o', 'o.png']);"
         "assert a.steps == 50 and a.guidance == 5.0 and a.height == a.width == 1024 and a.dtype == 'fp32';"
         "assert a.func is c.run_generate;"
-        "assert 'flax' not in sys.modules and 'diffusers' not in sys.modules, 'heavy import'"
+        "assert not {'jax', 'flax', 'diffusers'} & set(sys.modules), 'heavy import'"
     )
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
 
 
 def test_generate_cli_missing_model_is_a_clear_error(tmp_path, capsys):
-    from orthofuse_jax.models.commands import main
+    from orthofuse_jax.cli import main
 
     emb = tmp_path / "emb.npz"
     np.savez(emb, prompt_embeds=np.zeros((77, 2048), np.float32), pooled=np.zeros(1280, np.float32))

@@ -113,7 +113,7 @@ def test_generate_from_prompt_matches_diffusers_pipeline(tiny_text_dir, torch_pi
 def test_encode_prompt_then_generate_cli(tiny_text_dir, tmp_path, capsys):
     from PIL import Image
 
-    from orthofuse_jax.models.commands import main
+    from orthofuse_jax.cli import main
     from orthofuse_jax.models.generate import load_embeddings
     from orthofuse_jax.models.text import prompt_embeddings
 
@@ -152,7 +152,7 @@ def _copy_model(src, dst):
     ids=["no-encoder-2", "no-vocab", "no-weights", "no-config"],
 )
 def test_missing_text_files_are_named(tiny_text_dir, tmp_path, capsys, damage, expected):
-    from orthofuse_jax.models.commands import main
+    from orthofuse_jax.cli import main
 
     root = _copy_model(tiny_text_dir, tmp_path / "model")
     damage(root)
@@ -179,7 +179,7 @@ def test_non_finite_text_encoder_weight_is_named(tiny_text_dir, tmp_path):
 
 
 def test_bad_prompt_arguments(tiny_text_dir, tmp_path, capsys):
-    from orthofuse_jax.models.commands import main
+    from orthofuse_jax.cli import main
 
     out = str(tmp_path / "x.png")
     base = ["generate", "--model", str(tiny_text_dir), "-o", out, "--steps", "1", "--no-progress"]
@@ -197,7 +197,7 @@ def test_bad_prompt_arguments(tiny_text_dir, tmp_path, capsys):
 def test_train_encodes_the_prompt_like_encode_prompt(tiny_text_dir, tmp_path, capsys):
     """train --prompt feeds the text encoders' embeddings: same adapter as with encode-prompt's .npz."""
     from orthofuse_jax.fusion.io import load_adapter, read_tensors
-    from orthofuse_jax.models.commands import main
+    from orthofuse_jax.cli import main
 
     lat = tmp_path / "concept.npz"
     np.savez(lat, latents=np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32))

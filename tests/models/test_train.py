@@ -304,7 +304,7 @@ def test_train_cli_joint_bf16_with_checkpoints(tiny_model_dir, tmp_path, capsys)
     from PIL import Image
 
     from orthofuse_jax.fusion.io import load_adapter
-    from orthofuse_jax.models.train_commands import main
+    from orthofuse_jax.cli import main
 
     rng = np.random.default_rng(0)
     imgs = tmp_path / "dog"
@@ -411,15 +411,10 @@ def test_resumed_run_is_the_uninterrupted_run_bit_for_bit(flax_unet, tmp_path):
 
 
 def _train_cli(argv):
-    """The ``train`` subcommand on its own parser (independent of the other subcommands)."""
-    import argparse
+    """``orthofuse-jax train ARGV``."""
+    from orthofuse_jax.cli import main
 
-    from orthofuse_jax.models.train_commands import register
-
-    parser = argparse.ArgumentParser(prog="orthofuse-jax")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["train", *map(str, argv)])
-    return args.func(args)
+    return main(["train", *map(str, argv)])
 
 
 def _digest(path):

@@ -65,32 +65,19 @@ def register(subparsers) -> argparse.ArgumentParser:
     e.add_argument("--negative-prompt", default=None, help="also encode a negative prompt")
     e.add_argument("-o", "--output", required=True, help="output .npz")
     e.set_defaults(func=run_encode_prompt)
-    from .train_commands import register as register_train
-
-    register_train(subparsers)
     return p
-
-
-def _error(command: str, e: Exception) -> int:
-    import sys
-
-    print(f"orthofuse-jax {command}: error: {' '.join(str(e).split())}", file=sys.stderr)
-    return 2
 
 
 def run_encode_prompt(args) -> int:
     """Run ``encode-prompt`` for parsed ``args``; returns the exit status (2 on a bad input)."""
     import os
 
-    try:
-        from ..fusion.io import check_output_path
-        from .text import prompt_embeddings, save_embeddings
+    from ..fusion.io import check_output_path
+    from ..models.text import prompt_embeddings, save_embeddings
 
-        check_output_path(args.output)
-        emb = prompt_embeddings(args.model, args.prompt, args.negative_prompt)
-        save_embeddings(args.output, emb, prompt=args.prompt)
-    except (OSError, ValueError) as e:
-        return _error("encode-prompt", e)
+    check_output_path(args.output)
+    emb = prompt_embeddings(args.model, args.prompt, args.negative_prompt)
+    save_embeddings(args.output, emb, prompt=args.prompt)
     shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in emb.items())
     print(f"wrote {os.fspath(args.output)} ({shapes})")
     return 0
@@ -104,44 +91,41 @@ def run_generate(args) -> int:
     import numpy as np
 
     from ..fusion.io import atomic_write_bytes, check_output_path
-    from .generate import generate, load_embeddings
+    from ..models.generate import generate, load_embeddings
 
-    try:
-        if args.embeddings is None and args.prompt is None:
-            raise ValueError("give --prompt (encoded with the model's text encoders) or --embeddings FILE.npz")
-        if args.embeddings is not None and args.negative_prompt is not None:
-            raise ValueError("--negative-prompt is encoded with the text encoders; with --embeddings put "
-                             "negative_prompt_embeds / negative_pooled in the .npz instead")
-        inputs = [x for x in (args.adapter, args.embeddings) if x]
-        out = os.fspath(args.output)
-        check_output_path(out, inputs)
-        check_output_path(os.path.splitext(out)[0] + ".npy", inputs)
-        adapter = None
-        if args.adapter:
-            from ..fusion.io import load_adapter
+    if args.embeddings is None and args.prompt is None:
+        raise ValueError("give --prompt (encoded with the model's text encoders) or --embeddings FILE.npz")
+    if args.embeddings is not None and args.negative_prompt is not None:
+        raise ValueError("--negative-prompt is encoded with the text encoders; with --embeddings put "
+                         "negative_prompt_embeds / negative_pooled in the .npz instead")
+    inputs = [x for x in (args.adapter, args.embeddings) if x]
+    out = os.fspath(args.output)
+    check_output_path(out, inputs)
+    check_output_path(os.path.splitext(out)[0] + ".npy", inputs)
+    adapter = None
+    if args.adapter:
+        from ..fusion.io import load_adapter
 
-            adapter = load_adapter(args.adapter)
-        model = args.model
-        if args.hub_id and not os.path.exists(model):
-            from . import _backbone
+        adapter = load_adapter(args.adapter)
+    model = args.model
+    if args.hub_id and not os.path.exists(model):
+        from ..models import _backbone
 
-            model = _backbone.download(model)
-        emb = load_embeddings(args.embeddings) if args.embeddings else args.prompt
-        image, latents = generate(
-            model,
-            emb,
-            negative_prompt=args.negative_prompt if args.embeddings is None else None,
-            adapter=adapter,
-            num_steps=args.steps,
-            guidance_scale=args.guidance,
-            height=args.height,
-            width=args.width,
-            seed=args.seed,
-            dtype=args.dtype,
-            progress=not args.no_progress,
-        )
-    except (OSError, ValueError) as e:
-        return _error("generate", e)
+        model = _backbone.download(model)
+    emb = load_embeddings(args.embeddings) if args.embeddings else args.prompt
+    image, latents = generate(
+        model,
+        emb,
+        negative_prompt=args.negative_prompt if args.embeddings is None else None,
+        adapter=adapter,
+        num_steps=args.steps,
+        guidance_scale=args.guidance,
+        height=args.height,
+        width=args.width,
+        seed=args.seed,
+        dtype=args.dtype,
+        progress=not args.no_progress,
+    )
     buf = io.BytesIO()
     if image is None:
         out = os.path.splitext(out)[0] + ".npy"
@@ -165,16 +149,3 @@ def run_generate(args) -> int:
     atomic_write_bytes(out, buf.getvalue())
     print(f"wrote {out}")
     return 0
-
-
-def main(argv=None) -> int:
-    """Standalone entry (``python -m orthofuse_jax.models.commands generate ...``)."""
-    parser = argparse.ArgumentParser(prog="orthofuse-jax")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

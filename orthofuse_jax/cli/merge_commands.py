@@ -1,37 +1,23 @@
-"""Command line: ``orthofuse-jax {fuse, sweep, demo, inspect}`` (+ optional model commands).
+"""``orthofuse-jax fuse``, ``sweep``, ``demo`` and ``inspect``: the merge commands.
 
 Default merge = the reference's ``moft_merge`` preset: exact block geodesic, ``curve_over_id``
 spectra restoration (``--method geodesic --restore cayley``), ``--t 0.6``. t = 0 is the concept
-(first) adapter, t = 1 the style (second).
-
-Every bad input (unreadable/truncated file, missing/extra keys, shape or block-count mismatch,
-non-finite values, a merged block with an eigenvalue -1, t outside [0, 1] without
-``--extrapolate``, output path equal to an input) ends with a one-line message on stderr and exit
-status 2, and leaves no output file (writes are atomic). Startup imports neither JAX nor Flax.
+(first) adapter, t = 1 the style (second). Importing this module imports no JAX; the commands do.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
-import importlib
-import importlib.util
 import json
 import math
-import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
-__all__ = ["main", "build_parser", "parse_ts"]
+from ._common import PROG, CLIError
 
-PROG = "orthofuse-jax"
-EXIT_BAD_INPUT = 2
-
-
-class CLIError(ValueError):
-    """A bad command-line input; reported as one line with exit status 2."""
+__all__ = ["register", "parse_ts", "cmd_fuse", "cmd_sweep", "cmd_demo", "cmd_inspect"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -66,7 +52,7 @@ def _check_t(ts, extrapolate: bool) -> None:
 def _load_pair(args):
     from concurrent.futures import ThreadPoolExecutor
 
-    from .fusion.io import check_pair, load_adapter
+    from ..fusion.io import check_pair, load_adapter
 
     # numpy's checks and copies release the GIL: the two files load side by side
     with ThreadPoolExecutor(2) as pool:
@@ -93,9 +79,8 @@ def _enable_x64(args) -> None:
 
 
 def cmd_fuse(args, *, quiet: bool = False) -> int:
-    from .fusion.adapter import to_cayley_params
-    from .fusion.io import check_output_path, save_adapter
-    from .fusion.merge import max_orthogonality_error, merge
+    from ..fusion.io import check_output_path, save_merged
+    from ..fusion.merge import merge
 
     del quiet  # one call: nothing to report progress on
     _check_t([args.t], args.extrapolate)
@@ -110,11 +95,7 @@ def cmd_fuse(args, *, quiet: bool = False) -> int:
         raise CLIError(f"{args.concept} + {args.style}: {e}") from None
     merged = merged.map_stacks(lambda x: x.block_until_ready())
     elapsed = time.perf_counter() - t0
-    # The file's raw parameters first, then the check: it runs while the file is written.
     del concept, style
-    params = to_cayley_params(merged.astype("float32"))
-    err = max_orthogonality_error(merged)
-    del merged
     meta = {
         "orthofuse_t": repr(float(args.t)),
         "orthofuse_method": args.method,
@@ -122,18 +103,18 @@ def cmd_fuse(args, *, quiet: bool = False) -> int:
         "orthofuse_alpha": repr(float(args.alpha)),
         "orthofuse_scales": args.scales,
     }
-    save_adapter(args.output, params, metadata=meta, inputs=[args.concept, args.style])
-    shapes = "/".join(str(s.b) for s in sorted(params.stacks.values(), key=lambda s: s.b))
+    err = save_merged(args.output, merged, metadata=meta, inputs=[args.concept, args.style])
+    shapes = "/".join(str(s.b) for s in sorted(merged.stacks.values(), key=lambda s: s.b))
     print(
-        f"fused {params.num_layers} layers (block sizes {shapes}) at t={args.t:g} "
+        f"fused {merged.num_layers} layers (block sizes {shapes}) at t={args.t:g} "
         f"[{args.method}, restore={args.restore}] in {elapsed:.2f} s; "
-        f"max orthogonality error {float(err):.1e}; wrote {args.output}"
+        f"max orthogonality error {err:.1e}; wrote {args.output}"
     )
     return 0
 
 
 def _write_json_atomic(path: Path, obj) -> None:
-    from .fusion.io import atomic_write_bytes
+    from ..fusion.io import atomic_write_bytes
 
     atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
 
@@ -142,9 +123,8 @@ _SWEEP_FILES = ("sweep.json", "angles.png", "speed.png", "ambient_distance.png",
 
 
 def cmd_sweep(args) -> int:
-    from .fusion.merge import sweep
-    from .fusion.stats import sweep_statistics
-    from .plots import write_sweep_plots
+    from ..fusion.stats import sweep_statistics
+    from ..plots import write_sweep_plots
 
     ts = parse_ts(args.ts)
     _check_t(ts, args.extrapolate)
@@ -159,10 +139,7 @@ def cmd_sweep(args) -> int:
     t0 = time.perf_counter()
     kw = _merge_kwargs(args)
     try:
-        run = functools.partial(sweep, concept, style, ts, extrapolate=args.extrapolate, algorithm=args.algorithm)
-        before = run(**{**kw, "restore": "none"})
-        after = before if args.restore == "none" else run(**kw)
-        stats = sweep_statistics(concept, style, ts, before=before, after=after, **kw)
+        stats = sweep_statistics(concept, style, ts, extrapolate=args.extrapolate, algorithm=args.algorithm, **kw)
     except ValueError as e:
         raise CLIError(f"{args.concept} + {args.style}: {e}") from None
     elapsed = time.perf_counter() - t0
@@ -188,7 +165,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .fusion.demo import write_demo_pair
+    from ..fusion.demo import write_demo_pair
 
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="orthofuse-demo-"))
     t0 = time.perf_counter()
@@ -211,9 +188,9 @@ def cmd_inspect(args) -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    from .fusion.adapter import to_orthogonal
-    from .fusion.io import load_adapter
-    from .geometry import rotation_angles
+    from ..fusion.adapter import to_orthogonal
+    from ..fusion.io import load_adapter
+    from ..geometry import rotation_angles
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -252,10 +229,6 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------------------------
-# parser
-
-
 def _add_merge_options(p) -> None:
     p.add_argument("--method", choices=["geodesic", "cayley"], default="geodesic",
                    help="geodesic: exact block-wise SO(b) geodesic (SPEC 3.2); cayley: fast Cayley-space "
@@ -275,56 +248,8 @@ def _add_merge_options(p) -> None:
     p.add_argument("--float64", action="store_true", help="merge in float64 (output is float32 either way)")
 
 
-def version_text() -> str:
-    """The package's version, JAX's, and which build of the compiled CPU kernels runs here (for bug
-    reports; imports no JAX)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    from . import __version__, _native
-
-    def dist(name: str) -> str:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return "not installed"
-
-    if _native.library_path() is None:
-        kernels = "not built (XLA and LAPACK)"
-    elif not _native.enabled():
-        kernels = "switched off by ORTHOFUSE_JAX_NATIVE (XLA and LAPACK)"
-    elif _native.isa() == "portable" and not _native.available():
-        kernels = "the portable build, used only with ORTHOFUSE_JAX_NATIVE=force (XLA and LAPACK)"
-    elif not _native.available():
-        kernels = "no build for this CPU (x86-64 without AVX2; XLA and LAPACK)"
-    else:
-        kernels = f"the {_native.isa()} build"
-    return (f"{PROG} {__version__} (jax {dist('jax')}, jaxlib {dist('jaxlib')}); "
-            f"compiled CPU kernels: {kernels}")
-
-
-class _VersionAction(argparse.Action):
-    """--version, computed when asked (argparse's own needs the text when the parser is built)."""
-
-    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
-        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        print(version_text())  # to stdout, as argparse's own version action
-        parser.exit()
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="Training-free fusion of orthogonal GS (Group-and-Shuffle) diffusion adapters (OrthoFuse). "
-                    "Default merge: --method geodesic --restore cayley --t 0.6 (the reference's moft_merge preset); "
-                    "t = 0 is the concept adapter, t = 1 the style adapter.",
-    )
-    parser.add_argument("--version", action=_VersionAction,
-                        help="print the version, JAX's, and which build of the compiled CPU kernels runs here")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-
+def register(sub) -> None:
+    """Add ``fuse``, ``sweep``, ``demo`` and ``inspect`` to an ``argparse`` subparsers object."""
     p = sub.add_parser("fuse", help="merge a concept and a style adapter into one GS adapter file",
                        description="Merge CONCEPT (t=0) and STYLE (t=1) adapters (reference safetensors format or "
                                    "PEFT OFT) and write the merged adapter in the reference format (raw Cayley "
@@ -356,64 +281,3 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="layers, block shapes, rotation angles and problems of an adapter file")
     p.add_argument("file", type=Path)
     p.set_defaults(func=cmd_inspect)
-
-    _register_optional(sub)
-    return parser
-
-
-def _register_optional(sub) -> None:
-    """Let ``orthofuse_jax.models.commands.register(subparsers)`` add commands (e.g. generate/train)."""
-    name = "orthofuse_jax.models.commands"
-    try:
-        mod = sys.modules.get(name)
-        if mod is None:
-            if importlib.util.find_spec(name) is None:
-                return
-            mod = importlib.import_module(name)
-    except (ImportError, ValueError):
-        return
-    register = getattr(mod, "register", None)
-    if callable(register):
-        register(sub)
-
-
-def _one_line(msg: str) -> str:
-    return " ".join(str(msg).split())
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    from ._runtime import enable_compile_cache, prefer_cublas_gemm
-    from .fusion.io import AdapterFileError
-
-    if getattr(args, "cublas_gemm", False):  # the merges: many small products (see prefer_cublas_gemm)
-        prefer_cublas_gemm()
-    enable_compile_cache()
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            rc = args.func(args)
-        except (CLIError, AdapterFileError, ValueError, OSError) as e:
-            _flush_warnings(caught)
-            print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        _flush_warnings(caught)
-    return int(rc or 0)
-
-
-def _flush_warnings(caught) -> None:
-    seen = set()
-    for w in caught:
-        if issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning)):
-            continue
-        msg = _one_line(w.message)
-        if msg not in seen:
-            seen.add(msg)
-            print(f"{PROG}: warning: {msg}", file=sys.stderr)
-    caught.clear()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

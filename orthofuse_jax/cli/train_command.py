@@ -109,7 +109,7 @@ def _dataset(args, which: str, vae_cache: dict):
 
     import numpy as np
 
-    from . import train_data as td
+    from ..models import train_data as td
 
     if which == "concept":
         images, latents = args.images, args.latents
@@ -135,10 +135,10 @@ def _dataset(args, which: str, vae_cache: dict):
                 "with prompt_embeds [77, 2048] and pooled [1280]"
             )
         if "text" not in vae_cache:
-            from .text import load_text_encoders
+            from ..models.text import load_text_encoders
 
             vae_cache["text"] = load_text_encoders(args.model)
-        from .text import encode_prompt
+        from ..models.text import encode_prompt
 
         pe, pooled = (a[0] for a in encode_prompt(vae_cache["text"], prompt))
     else:
@@ -156,7 +156,7 @@ def _dataset(args, which: str, vae_cache: dict):
         return td.LatentData(lat, data.get("latents_std"), pe, pooled, sizes, crop,
                              random_crop=which == "style", name=latents), prompt
     if "vae" not in vae_cache:
-        from .weights import load_vae
+        from ..models.weights import load_vae
 
         vae, vae_params, vae_cfg = load_vae(args.model)
         vae_cache["vae"] = (vae, vae_params, 2 ** (len(vae_cfg["block_out_channels"]) - 1))
@@ -197,87 +197,81 @@ def run_train(args) -> int:
     """Run ``train`` for parsed ``args``; returns the exit status (2 on a bad input)."""
     import json
     import os
-    import sys
     import time
 
-    prog = "orthofuse-jax train"
-    try:
-        if args.steps < 0 or args.batch_size < 1 or args.nblocks < 1:
-            raise ValueError("--steps must be >= 0, --batch-size and --nblocks >= 1")
-        if args.checkpoint_every < 0:
-            raise ValueError("--checkpoint-every must be >= 0")
-        if not 0.0 < args.style_fraction < 1.0:
-            raise ValueError(f"--style-fraction must be in (0, 1), got {args.style_fraction}")
-        from ..fusion.io import check_output_path
-        from .train import train_state_path
+    if args.steps < 0 or args.batch_size < 1 or args.nblocks < 1:
+        raise ValueError("--steps must be >= 0, --batch-size and --nblocks >= 1")
+    if args.checkpoint_every < 0:
+        raise ValueError("--checkpoint-every must be >= 0")
+    if not 0.0 < args.style_fraction < 1.0:
+        raise ValueError(f"--style-fraction must be in (0, 1), got {args.style_fraction}")
+    from ..fusion.io import check_output_path
+    from ..models.train import train_state_path
 
-        inputs = [x for x in (args.latents, args.style_latents, args.style_image, args.embeddings,
-                              args.style_embeddings) if x]
-        if args.resume:
-            inputs += [args.resume, train_state_path(args.resume)]
-        check_output_path(args.output, inputs)
-        check_output_path(train_state_path(args.output), inputs)
-        vae_cache: dict = {}
-        concept, concept_prompt = _dataset(args, "concept", vae_cache)
-        style, style_prompt = _dataset(args, "style", vae_cache)
-        vae_cache.clear()  # free the text encoders and the VAE before the UNet is loaded
-        datasets = [d for d in (concept, style) if d is not None]
-        if not datasets:
-            raise ValueError("no training data: give --images/--latents (concept) and/or --style-image/--style-latents")
-        mode = "joint" if len(datasets) == 2 else ("concept" if concept is not None else "style")
-        mix = [1 - args.style_fraction, args.style_fraction] if mode == "joint" else None
+    inputs = [x for x in (args.latents, args.style_latents, args.style_image, args.embeddings,
+                          args.style_embeddings) if x]
+    if args.resume:
+        inputs += [args.resume, train_state_path(args.resume)]
+    check_output_path(args.output, inputs)
+    check_output_path(train_state_path(args.output), inputs)
+    vae_cache: dict = {}
+    concept, concept_prompt = _dataset(args, "concept", vae_cache)
+    style, style_prompt = _dataset(args, "style", vae_cache)
+    vae_cache.clear()  # free the text encoders and the VAE before the UNet is loaded
+    datasets = [d for d in (concept, style) if d is not None]
+    if not datasets:
+        raise ValueError("no training data: give --images/--latents (concept) and/or --style-image/--style-latents")
+    mode = "joint" if len(datasets) == 2 else ("concept" if concept is not None else "style")
+    mix = [1 - args.style_fraction, args.style_fraction] if mode == "joint" else None
 
-        import jax.numpy as jnp
+    import jax.numpy as jnp
 
-        from .train import (
-            TrainConfig,
-            init_adapter,
-            init_train_state,
-            load_checkpoint,
-            run_training,
-            save_checkpoint,
-            scheduler_config,
-            train_fingerprint,
-        )
-        from .weights import load_unet
+    from ..models.train import (
+        TrainConfig,
+        init_adapter,
+        init_train_state,
+        load_checkpoint,
+        run_training,
+        save_checkpoint,
+        scheduler_config,
+        train_fingerprint,
+    )
+    from ..models.weights import load_unet
 
-        unet, params, config = load_unet(args.model, dtype=jnp.bfloat16 if args.bf16 else None)
-        from .generate import check_embeddings
+    unet, params, config = load_unet(args.model, dtype=jnp.bfloat16 if args.bf16 else None)
+    from ..models.generate import check_embeddings
 
-        for d in datasets:
-            check_embeddings({"prompt_embeds": d.prompt_embeds, "pooled": d.pooled}, config,
-                             source=f"text embeddings of {d.name}")
-        adapter0 = init_adapter(config, args.nblocks, scales=not args.no_scales)
-        cfg = TrainConfig(
-            steps=args.steps, nblocks=args.nblocks, learning_rate=args.lr, weight_decay=args.weight_decay,
-            max_grad_norm=args.max_grad_norm, batch_size=args.batch_size, seed=args.seed,
-            train_scales=not args.no_scales, bf16=args.bf16, checkpoint_every=args.checkpoint_every,
-            progress=not args.no_progress, noise_schedule=scheduler_config(args.model), apply=args.apply,
-        )
-        fingerprint = train_fingerprint(cfg, datasets, mix)
-        if args.resume:
-            sources = {"concept": "concept data (--images/--latents)", "style": "style data (--style-image/--style-latents)"}
-            kinds = ["concept", "style"] if mode == "joint" else [mode]
-            labels = {**_SETTING_FLAGS, **{f"data[{i}]": sources[k] for i, k in enumerate(kinds)}}
-            state0 = load_checkpoint(args.resume, config, cfg, fingerprint, labels=labels)
-            if state0.step >= args.steps:
-                raise ValueError(
-                    f"{args.resume}: the checkpoint is at step {state0.step}, not before --steps {args.steps} "
-                    "(--steps is the total step count; raise it to train further)"
-                )
-        else:
-            state0 = init_train_state(config, cfg, adapter=adapter0)
-        every = args.checkpoint_every
-        for step in (k for k in range(state0.step + 1, args.steps) if every and k % every == 0):
-            path = _checkpoint_path(args.output, step)  # every later checkpoint, refused before training
-            for p in (path, train_state_path(path)):
-                try:
-                    check_output_path(p, inputs)
-                except ValueError as e:
-                    raise ValueError(f"{e} (the step-{step} checkpoint of this run; choose another -o)") from None
-    except (FileNotFoundError, ValueError, OSError) as e:
-        print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+    for d in datasets:
+        check_embeddings({"prompt_embeds": d.prompt_embeds, "pooled": d.pooled}, config,
+                         source=f"text embeddings of {d.name}")
+    adapter0 = init_adapter(config, args.nblocks, scales=not args.no_scales)
+    cfg = TrainConfig(
+        steps=args.steps, nblocks=args.nblocks, learning_rate=args.lr, weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm, batch_size=args.batch_size, seed=args.seed,
+        train_scales=not args.no_scales, bf16=args.bf16, checkpoint_every=args.checkpoint_every,
+        progress=not args.no_progress, noise_schedule=scheduler_config(args.model), apply=args.apply,
+    )
+    fingerprint = train_fingerprint(cfg, datasets, mix)
+    if args.resume:
+        sources = {"concept": "concept data (--images/--latents)", "style": "style data (--style-image/--style-latents)"}
+        kinds = ["concept", "style"] if mode == "joint" else [mode]
+        labels = {**_SETTING_FLAGS, **{f"data[{i}]": sources[k] for i, k in enumerate(kinds)}}
+        state0 = load_checkpoint(args.resume, config, cfg, fingerprint, labels=labels)
+        if state0.step >= args.steps:
+            raise ValueError(
+                f"{args.resume}: the checkpoint is at step {state0.step}, not before --steps {args.steps} "
+                "(--steps is the total step count; raise it to train further)"
+            )
+    else:
+        state0 = init_train_state(config, cfg, adapter=adapter0)
+    every = args.checkpoint_every
+    for step in (k for k in range(state0.step + 1, args.steps) if every and k % every == 0):
+        path = _checkpoint_path(args.output, step)  # every later checkpoint, refused before training
+        for p in (path, train_state_path(path)):
+            try:
+                check_output_path(p, inputs)
+            except ValueError as e:
+                raise ValueError(f"{e} (the step-{step} checkpoint of this run; choose another -o)") from None
 
     meta = {
         "orthofuse_jax": "train",
@@ -327,14 +321,3 @@ def run_train(args) -> int:
               f"{new[-k:].mean():.4f} (last {k})")
     print(f"wrote {os.fspath(args.output)}")
     return 0
-
-
-def main(argv=None) -> int:
-    """Standalone entry (``python -m orthofuse_jax.models.train_commands train ...``)."""
-    from .commands import main as models_main  # registers generate and train
-
-    return models_main(argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
