@@ -5,9 +5,10 @@ For a sweep ``t -> Y(t)`` of merged blocks (before and after spectra restoration
 * eigen-angle histograms: ``|arg lambda|`` of every eigenvalue of every merged block (each
   rotation plane contributes its angle twice), on fixed bins over ``[0, pi]`` (Fig. 2). The
   angles before restoration come from the eigenvalues ``cos theta`` of the blocks' symmetric
-  parts (one real ``eigvalsh`` per block and t); restoration maps each angle by a known function
-  (``curve_over_id``: ``theta -> 2 arctan(eta sin theta)``; ``exact``: ``theta -> f theta``,
-  wrapped to ``[0, pi]``), which gives the angles after it;
+  parts (one real values-only ``eigvalsh`` per block and t, the sweep's largest cost);
+  restoration maps each angle by a known function (``curve_over_id``:
+  ``theta -> 2 arctan(eta sin theta)``; ``exact``: ``theta -> f theta``, wrapped to ``[0, pi]``),
+  which gives the angles after it;
 * speed ``||dY/dt||_F`` on the product of all blocks (Fig. 5), by central differences of the
   sweep's own points at ``t +- h`` (``h = 1e-3`` in float32, ``1e-5`` in float64); a plain
   geodesic has constant speed equal to the geodesic distance;
@@ -23,15 +24,16 @@ with the number of layers or of t beyond one chunk's points and the statistics t
 from __future__ import annotations
 
 import functools
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..geometry import cayley, log_with_flag, power, relative_rotation
+from ..geometry import cayley, cpu_only, log_with_flag, power, relative_rotation
 from ..geometry._linalg import mm
-from .adapter import GSAdapter
+from .adapter import GSAdapter, on_cpu
 
 __all__ = ["sweep_statistics", "ANGLE_BINS"]
 
@@ -52,25 +54,47 @@ def _chunk_layers(n: int, layer_bytes: int) -> int:
     return max(d for d in range(1, min(n, target) + 1) if n % d == 0)
 
 
-def _restored_angles(theta, t, alpha, restore: str):
-    """The rotation angles after restoration, from those before (restoration acts per rotation plane)."""
-    f = (1.0 + 4.0 * (alpha - 1.0) * t * (1.0 - t)).reshape((-1,) + (1,) * (theta.ndim - 1))
+def _angle_stats(sym: np.ndarray, ts: np.ndarray, alpha: float, restore: str) -> dict[str, np.ndarray]:
+    """Histograms and maxima per t of the rotation angles, before and after restoration.
+
+    ``sym`` ``[T, ..., b, b]``: the symmetric parts of the points before restoration; their
+    eigenvalues are ``cos theta`` (each rotation plane twice). LAPACK's values-only ``eigvalsh``
+    (numpy's; jaxlib's ``eigh`` also forms the eigenvectors, 1.5-2x slower), run beside the next
+    chunk's compiled statistics. Restoration maps each plane's angle: ``curve_over_id`` to
+    ``2 arctan(eta sin theta)``, ``exact`` to ``f theta`` (wrapped to ``[0, pi]``).
+    """
+    before = np.arccos(np.clip(np.linalg.eigvalsh(sym), -1.0, 1.0)).reshape(len(ts), -1)
+    f = (1.0 + 4.0 * (alpha - 1.0) * ts * (1.0 - ts))[:, None]
     if restore == "cayley":  # Cay(eta skew(Y)): skew(Y) has eigenvalues +-i sin(theta)
-        return 2.0 * jnp.arctan(0.5 * f * jnp.sin(theta))
-    if restore == "exact":  # exp(f log Y): the angle f theta, as the principal angle of e^(i f theta)
-        return jnp.abs(jnp.remainder(f * theta + jnp.pi, 2.0 * jnp.pi) - jnp.pi)
-    return theta
+        after = 2.0 * np.arctan(0.5 * f * np.sin(before))
+    elif restore == "exact":  # the principal angle of e^(i f theta)
+        after = np.abs(np.remainder(f * before + np.pi, 2.0 * np.pi) - np.pi)
+    else:
+        after = before
+    edges = np.linspace(0.0, np.pi, ANGLE_BINS + 1)
+    out = {}
+    for tag, th in (("before", before), ("after", after)):
+        out[f"hist_{tag}"] = np.stack([np.histogram(row, bins=edges)[0] for row in th])
+        out[f"maxang_{tag}"] = th.max(axis=1)
+    return out
 
 
-@functools.partial(jax.jit, static_argnames=("restore", "orthogonal", "log_algorithm", "n_t"))
+@functools.partial(jax.jit, static_argnames=("restore", "orthogonal", "log_algorithm", "n_t", "cpu"))
 def _chunk_stats(x1, x2, yb, ts, h, alpha, *, restore: str, orthogonal: tuple[bool, bool], log_algorithm: str,
-                 n_t: int):
+                 n_t: int, cpu: bool):
     """Per-t sums and maxima over one chunk of blocks (one side of one stack), in one program.
 
     ``x1, x2`` ``[..., b, b]``: the inputs' blocks (raw parameters, or orthogonal where
     ``orthogonal`` says so); ``yb`` ``[3T, ..., b, b]``: the sweep's points before restoration at
     ``ts``, ``ts - h`` and ``ts + h``. The points after restoration are the restoration of ``yb``.
+    ``cpu``: the inputs are concrete CPU arrays (only the CPU's kernels are traced).
     """
+    with cpu_only(cpu):
+        return _stats(x1, x2, yb, ts, h, alpha, restore=restore, orthogonal=orthogonal,
+                      log_algorithm=log_algorithm, n_t=n_t)
+
+
+def _stats(x1, x2, yb, ts, h, alpha, *, restore, orthogonal, log_algorithm, n_t):
     u1, u2 = (x if orth else cayley(x) for x, orth in ((x1, orthogonal[0]), (x2, orthogonal[1])))
     t3 = jnp.concatenate([ts, ts - h, ts + h])
     f = (1.0 + 4.0 * (alpha - 1.0) * t3 * (1.0 - t3)).reshape((-1,) + (1,) * (yb.ndim - 1))
@@ -80,7 +104,6 @@ def _chunk_stats(x1, x2, yb, ts, h, alpha, *, restore: str, orthogonal: tuple[bo
         ya = power(yb, f[..., 0, 0])
     else:
         ya = yb
-    edges = jnp.linspace(0.0, jnp.pi, ANGLE_BINS + 1, dtype=u1.dtype)
     eye = jnp.eye(u1.shape[-1], dtype=u1.dtype)
     tcol = ts.reshape((-1,) + (1,) * u1.ndim)
     line = (1.0 - tcol) * u1 + tcol * u2
@@ -91,14 +114,8 @@ def _chunk_stats(x1, x2, yb, ts, h, alpha, *, restore: str, orthogonal: tuple[bo
         out[f"sq_speed_{tag}"] = jnp.sum(((plus - minus) / (2.0 * h)) ** 2, axis=axes)
         out[f"amb_{tag}"] = jnp.sum((mid - line) ** 2, axis=axes)
         out[f"orth_{tag}"] = jnp.max(jnp.abs(mm(jnp.swapaxes(mid, -1, -2), mid) - eye), axis=axes)
-    # angles from the symmetric parts' eigenvalues cos(theta) (each rotation plane twice)
-    sym = 0.5 * (yb[:n_t] + jnp.swapaxes(yb[:n_t], -1, -2))
-    theta = {"before": jnp.arccos(jnp.clip(jnp.linalg.eigvalsh(sym), -1.0, 1.0))}
-    theta["after"] = _restored_angles(theta["before"], ts, alpha, restore)
-    for tag, th in theta.items():
-        flat = th.reshape(n_t, -1)
-        out[f"hist_{tag}"] = jax.vmap(lambda x: jnp.histogram(x, bins=edges)[0])(flat).astype(jnp.int32)
-        out[f"maxang_{tag}"] = jnp.max(flat, axis=1)
+    # the angles come from the symmetric parts' eigenvalues cos(theta), on the host (_angle_stats)
+    out["sym"] = 0.5 * (yb[:n_t] + jnp.swapaxes(yb[:n_t], -1, -2))
     log, _ = log_with_flag(relative_rotation(u1, u2), algorithm=log_algorithm)
     out["dist_sq"] = jnp.sum(log**2)
     return out
@@ -168,25 +185,38 @@ def sweep_statistics(
     dist_sq = 0.0
     orthogonal = (a1.orthogonal, a2.orthogonal)
     tj, hj, alpha_j = jnp.asarray(ts, dtype), jnp.asarray(h, dtype), jnp.asarray(alpha, dtype)
-    for key, stack in a1.stacks.items():
-        n = len(stack.names)
-        layer_bytes = 2 * 2 * len(ts3) * stack.nb * stack.b**2 * dtype.itemsize  # L and R, before and after
-        chunk = _chunk_layers(n, layer_bytes)
-        for start in range(0, n, chunk):
-            c1, c2 = _layer_slice(a1, key, start, start + chunk), _layer_slice(a2, key, start, start + chunk)
-            before = sweep(c1, c2, ts3, restore="none", **kw)
-            for side in ("L", "R"):
-                x1, x2 = getattr(c1.stacks[key], side), getattr(c2.stacks[key], side)
-                yb = getattr(before.stacks[key], side)
-                part = jax.device_get(_chunk_stats(x1, x2, yb, tj, hj, alpha_j, restore=restore, n_t=n_t,
-                                                   orthogonal=orthogonal, log_algorithm=log_algorithm))
-                for name in ("sq_speed_before", "sq_speed_after", "amb_before", "amb_after",
-                             "hist_before", "hist_after"):
-                    acc[name] += part[name]
-                for name in ("orth_before", "orth_after", "maxang_before", "maxang_after"):
-                    acc[name] = np.maximum(acc[name], part[name])
-                dist_sq += float(part["dist_sq"])
-            del before
+    pending: list = []
+
+    def collect(keep: int) -> None:  # fold finished angle statistics in, leaving ``keep`` pending
+        while len(pending) > keep:
+            part = pending.pop(0).result()
+            for tag in ("before", "after"):
+                acc[f"hist_{tag}"] += part[f"hist_{tag}"]
+                acc[f"maxang_{tag}"] = np.maximum(acc[f"maxang_{tag}"], part[f"maxang_{tag}"])
+
+    with ThreadPoolExecutor(1) as angles:  # the eigenvalues on the other core
+        for key, stack in a1.stacks.items():
+            n = len(stack.names)
+            layer_bytes = 2 * 2 * len(ts3) * stack.nb * stack.b**2 * dtype.itemsize  # L and R, before and after
+            chunk = _chunk_layers(n, layer_bytes)
+            for start in range(0, n, chunk):
+                c1, c2 = _layer_slice(a1, key, start, start + chunk), _layer_slice(a2, key, start, start + chunk)
+                before = sweep(c1, c2, ts3, restore="none", **kw)
+                for side in ("L", "R"):
+                    x1, x2 = getattr(c1.stacks[key], side), getattr(c2.stacks[key], side)
+                    yb = getattr(before.stacks[key], side)
+                    part = jax.device_get(_chunk_stats(x1, x2, yb, tj, hj, alpha_j, restore=restore, n_t=n_t,
+                                                       orthogonal=orthogonal, log_algorithm=log_algorithm,
+                                                       cpu=on_cpu((x1, x2, yb))))
+                    pending.append(angles.submit(_angle_stats, part.pop("sym"), ts, alpha, restore))
+                    for name in ("sq_speed_before", "sq_speed_after", "amb_before", "amb_after"):
+                        acc[name] += part[name]
+                    for name in ("orth_before", "orth_after"):
+                        acc[name] = np.maximum(acc[name], part[name])
+                    dist_sq += float(part["dist_sq"])
+                    collect(keep=2)
+                del before
+        collect(keep=0)
     return {
         "ts": ts.tolist(),
         "method": method,
