@@ -24,7 +24,9 @@ from typing import Any
 
 import numpy as np
 
-import orthofuse_jax  # noqa: F401  (first: sets PJRT_NPROC=1 before any JAX backend starts)
+import orthofuse_jax
+
+orthofuse_jax.configure_cpu_threads()  # before any JAX backend starts (jaxlib < 0.11)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 

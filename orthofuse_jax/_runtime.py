@@ -1,30 +1,40 @@
-"""Process-level runtime settings applied when the package is imported.
+"""Process-level runtime settings: CPU threads for old jaxlib, the compilation cache, GPU products.
 
-jaxlib 0.10.2's CPU LAPACK kernels (``solve``'s LU, ``eigh``, ...) split a batch across XLA's
+Nothing here runs at import; the command line applies what it needs before JAX starts, and
+library users call the same functions (or set the variables) themselves.
+
+jaxlib 0.10's CPU LAPACK kernels (``solve``'s LU, ``eigh``, ...) split a batch across XLA's
 intra-op thread pool and block a pool thread while they wait for the pieces
-(``jax::ParallelBatchMap``). When a compiled program runs as many independent LAPACK calls
-at once as the pool has threads -- e.g. the L and R stacks of one merge on a 2-core machine --
-every pool thread waits and nothing runs: the process hangs at 0 % CPU (reproduced here with
-``python -m benchmarks.experiments.jit_hang``; jaxlib 0.11 removed that parallel path, but it
-needs Python >= 3.12). A pool of one thread makes the kernels run inline, which cannot
-deadlock and, for the many small blocks of a GS adapter, is also faster than the default on 2
-cores (full SDXL exact merge in one ``jit``: 10.3 s with one thread, a hang with 2 or 4, 21-25 s
-with 8; benchmarks/RESULTS.md).
-
-So on import we set ``PJRT_NPROC=1`` (read by XLA when the CPU backend starts) unless the user
-set it, or set ``ORTHOFUSE_JAX_KEEP_THREADS=1`` to leave the runtime alone. If the CPU backend
-is already running with more threads, a :class:`RuntimeWarning` says how to fix it. GPU and TPU
-backends are unaffected.
+(``jax::ParallelBatchMap``). When a compiled program runs as many independent LAPACK calls at
+once as the pool has threads -- e.g. the L and R stacks of one merge on a 2-core machine -- every
+pool thread waits and nothing runs: the process hangs at 0 % CPU (jaxlib 0.11 removed that
+parallel path). A pool of one thread (``PJRT_NPROC=1``, read when the CPU backend starts) makes
+the kernels run inline, which cannot deadlock and, for the many small blocks of a GS adapter, is
+also faster on 2 cores. :func:`configure_cpu_threads` sets it where the installed jaxlib needs
+it; :func:`warn_cpu_threads` (called by the merges) warns a library user whose process could hang.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import warnings
 
 _ENV = "PJRT_NPROC"
 _OPT_OUT = "ORTHOFUSE_JAX_KEEP_THREADS"
+
+
+@functools.cache
+def jaxlib_needs_one_thread() -> bool:
+    """Whether the installed jaxlib has the batched LAPACK pool deadlock (versions before 0.11)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        major, minor = (int(x) for x in version("jaxlib").split(".")[:2])
+    except (PackageNotFoundError, ValueError):
+        return False
+    return (major, minor) < (0, 11)
 
 
 def _cpu_backend() -> bool:
@@ -49,22 +59,41 @@ def _backends_started() -> bool:
 
 
 def configure_cpu_threads() -> bool:
-    """Set ``PJRT_NPROC=1`` if it is still possible and wanted; return True if it is in effect."""
-    if os.environ.get(_OPT_OUT):
+    """Set ``PJRT_NPROC=1`` where the installed jaxlib needs it (before 0.11) and it can still take
+    effect (no JAX backend started yet); return True if it is in effect.
+
+    Call it before your first JAX computation, or export ``PJRT_NPROC=1`` yourself. A value you
+    set is kept, and ``ORTHOFUSE_JAX_KEEP_THREADS=1`` leaves the runtime alone.
+    """
+    if os.environ.get(_OPT_OUT) or not jaxlib_needs_one_thread():
         return False
     if _ENV in os.environ:
         return os.environ[_ENV] == "1"
-    if _backends_started() and _cpu_backend():
-        warnings.warn(
-            "orthofuse_jax was imported after JAX's CPU backend started, so jaxlib 0.10.2's batched "
-            "LAPACK kernels may deadlock on CPU; set PJRT_NPROC=1 before starting Python (or import "
-            "orthofuse_jax before running any JAX computation)",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+    if _backends_started():
         return False
     os.environ[_ENV] = "1"
     return True
+
+
+_warned = False
+
+
+def warn_cpu_threads() -> None:
+    """Warn once, naming the fix, where a merge on this process's CPU backend could hang (jaxlib
+    before 0.11, more than one XLA thread, ``PJRT_NPROC`` not 1)."""
+    global _warned
+    if _warned or os.environ.get(_OPT_OUT) or os.environ.get(_ENV) == "1" or not jaxlib_needs_one_thread():
+        return
+    if (os.cpu_count() or 1) < 2 or not _cpu_backend():
+        return
+    _warned = True
+    warnings.warn(
+        "jaxlib < 0.11's batched CPU LAPACK kernels can deadlock XLA's thread pool when several run at "
+        "once; export PJRT_NPROC=1 before starting Python, or call orthofuse_jax.configure_cpu_threads() "
+        "before the first JAX computation (ORTHOFUSE_JAX_KEEP_THREADS=1 silences this)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 _CACHE_ENV = "ORTHOFUSE_JAX_COMPILE_CACHE"

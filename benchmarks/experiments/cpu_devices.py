@@ -27,7 +27,9 @@ import numpy as np
 
 
 def _worker(devices: int, layers: int, method: str, reps: int) -> dict:
-    import orthofuse_jax  # noqa: F401  (sets PJRT_NPROC=1 before JAX starts)
+    import orthofuse_jax
+
+    orthofuse_jax.configure_cpu_threads()  # before JAX starts (jaxlib < 0.11)
     import jax
 
     from .. import common

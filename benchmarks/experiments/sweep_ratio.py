@@ -11,7 +11,9 @@ import statistics
 import sys
 import time
 
-import orthofuse_jax  # noqa: F401  (sets PJRT_NPROC=1 before jax starts)
+import orthofuse_jax
+
+orthofuse_jax.configure_cpu_threads()  # before jax starts (jaxlib < 0.11)
 
 import jax
 import numpy as np

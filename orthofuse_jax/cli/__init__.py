@@ -92,7 +92,9 @@ def _one_line(msg: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .._runtime import enable_compile_cache, prefer_cublas_gemm
+    from .._runtime import configure_cpu_threads, enable_compile_cache, prefer_cublas_gemm
+
+    configure_cpu_threads()  # before JAX starts (jaxlib < 0.11's LAPACK pool deadlock)
     from ..fusion.io import AdapterFileError
 
     if getattr(args, "cublas_gemm", False):  # the merges: many small products (see prefer_cublas_gemm)

@@ -58,6 +58,7 @@ from ..geometry import (
     skew,
     spectral_map_with_flag,
 )
+from .._runtime import warn_cpu_threads
 from ..geometry import cpu_only
 from ..geometry._linalg import _with_kernel, cayley_map, mm, native_target, not_finite
 from ..geometry._types import Array, Block, Bool, Float
@@ -802,6 +803,7 @@ def merge(
       MergeError: a merged or intermediate block has an eigenvalue at -1 (message names the layer).
     """
     _check_options(method, restore, scales)
+    warn_cpu_threads()
     adapters = list(adapters)
     algorithm = _resolve_algorithm(algorithm, sweep=False, dtype=adapters[0].dtype if adapters else jnp.float32)
     k = len(adapters)
@@ -922,6 +924,7 @@ def sweep(
       consumed by then.
     """
     _check_options(method, restore, scales)
+    warn_cpu_threads()
     algorithm = _resolve_algorithm(algorithm, sweep=True, dtype=adapter1.dtype, adapter=adapter1)
     check_compatible([adapter1, adapter2])
     _check_t(ts, extrapolate, "ts")
