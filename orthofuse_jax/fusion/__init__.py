@@ -9,6 +9,8 @@ Public API (implementation in private-by-convention modules):
 * adapter-level: :func:`merge`, :func:`sweep`, :func:`merge_report`, :class:`MergeError`.
 * baselines: :func:`multiply` / :class:`MultipliedAdapter` (App. H.2), :func:`lora_merge` (App. H.1).
 * scales: :func:`combine_scales`.
+* files: :func:`load_adapter` (reference format and PEFT OFT, detected from the keys),
+  :func:`save_adapter`, :func:`save_merged` (also checks the blocks' orthogonality).
 """
 
 from ..geometry import GeodesicPath, geodesic_path
@@ -24,6 +26,7 @@ from .adapter import (
     to_orthogonal,
 )
 from .baselines import LoraFactors, MultipliedAdapter, lora_merge, multiply
+from .io import AdapterFileError, load_adapter, save_adapter, save_merged
 from .karcher import cayley_mean_blocks, karcher_mean_blocks, karcher_mean_blocks_with_flag
 from .merge import (
     METHODS,
@@ -44,6 +47,7 @@ from .merge import (
 from .scales import SCALE_RULES, combine_scales
 
 __all__ = [
+    "AdapterFileError",
     "GSAdapter",
     "GeodesicPath",
     "LayerStack",
@@ -65,6 +69,7 @@ __all__ = [
     "geodesic_path",
     "karcher_mean_blocks",
     "karcher_mean_blocks_with_flag",
+    "load_adapter",
     "lora_merge",
     "merge",
     "merge_report",
@@ -73,6 +78,8 @@ __all__ = [
     "orthogonality_error",
     "restoration_factor",
     "restore_exact",
+    "save_adapter",
+    "save_merged",
     "stack_key",
     "sweep",
     "to_cayley_params",

@@ -253,21 +253,27 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], met
     The header is built first and each tensor is then written straight from its array, so no
     second copy of the file is held in memory.
     """
-    path = Path(path)
     arrays = {k: np.ascontiguousarray(v, dtype="<f4") for k, v in tensors.items()}
+    _write_float32(Path(path), {k: a.shape for k, a in arrays.items()}, arrays.values(), metadata)
+
+
+def _write_float32(path: Path, shapes: Mapping[str, tuple[int, ...]], data: Iterable[np.ndarray], metadata) -> None:
+    """Write a float32 safetensors file atomically: its header from ``shapes`` (keys in file
+    order), then ``data``, the tensors' float32 bytes in that order in any number of pieces."""
     header: dict[str, object] = {"__metadata__": {"format": "pt", **dict(metadata or {})}}
     offset = 0
-    for key, arr in arrays.items():
-        header[key] = {"dtype": "F32", "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
-        offset += arr.nbytes
+    for key, shape in shapes.items():
+        size = 4 * math.prod(shape)
+        header[key] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
     head = json.dumps(header, separators=(",", ":")).encode("utf-8")
     head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned, as safetensors writes it
 
     def write(f: BinaryIO) -> None:
         f.write(struct.pack("<Q", len(head)))
         f.write(head)
-        for arr in arrays.values():
-            f.write(memoryview(arr).cast("B"))
+        for piece in data:
+            f.write(memoryview(np.ascontiguousarray(piece, dtype="<f4")).cast("B"))
 
     try:
         atomic_write(path, write)
@@ -550,24 +556,16 @@ def _file_rows(x, start, *, chunk: int, check: bool, cpu: bool):
 
 
 def _write_adapter(path: Path, adapter: GSAdapter, metadata, *, check: bool) -> float:
-    """Header first (keys stack by stack, side by side, then the scales), then the rows in chunks."""
-    plan = []  # (stack, side, layer rows per chunk)
-    header: dict[str, object] = {"__metadata__": {"format": "pt", **dict(metadata or {})}}
-    offset = 0
+    """Keys stack by stack, side by side, then the scales; the rows converted chunk by chunk."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    plan = []  # (stack, side, layers per chunk)
     for stack in adapter.stacks.values():
         row = math.prod(stack.L.shape[1:]) * 4
         for side in ("L", "R"):
-            for name in stack.names:
-                header[name + _MONARCH + side] = {"dtype": "F32", "shape": list(stack.L.shape[1:]),
-                                                  "data_offsets": [offset, offset + row]}
-                offset += row
+            shapes.update({name + _MONARCH + side: tuple(stack.L.shape[1:]) for name in stack.names})
             plan.append((stack, side, max(1, min(len(stack.names), _CHUNK_BYTES // row))))
     scales = {_scale_key(n): np.ascontiguousarray(v, dtype="<f4") for n, v in adapter.scales.items()}
-    for key, arr in scales.items():
-        header[key] = {"dtype": "F32", "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
-        offset += arr.nbytes
-    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    shapes.update({k: v.shape for k, v in scales.items()})
     cpu = on_cpu(adapter)
     errors = []
 
@@ -587,30 +585,24 @@ def _write_adapter(path: Path, adapter: GSAdapter, metadata, *, check: bool) -> 
                 errors.append(err)
                 done = i * chunk - start  # the last chunk may overlap the one before it
                 yield keys[start + done : start + chunk], np.asarray(params)[done:]
+        for key, arr in scales.items():
+            yield [key], arr[None]
 
-    def write(f: BinaryIO) -> None:
-        f.write(struct.pack("<Q", len(head)))
-        f.write(head)
+    def checked():
         for keys, data in rows():
             if not np.isfinite(data).all():
                 bad = next(i for i in range(len(keys)) if not np.isfinite(data[i]).all())
-                raise ValueError(
-                    f"key {keys[bad]!r}: {int((~np.isfinite(data[bad])).sum())} non-finite value(s) to be "
-                    "written (a block with an eigenvalue at -1 has no Cayley parameters); nothing written"
-                )
-            f.write(memoryview(np.ascontiguousarray(data)).cast("B"))
-        for key, arr in scales.items():
-            if not np.isfinite(arr).all():
-                raise ValueError(f"key {key!r}: {int((~np.isfinite(arr)).sum())} non-finite value(s) to be written; "
-                                 "nothing written")
-            f.write(memoryview(arr).cast("B"))
+                why = " (a block with an eigenvalue at -1 has no Cayley parameters)" if _MONARCH in keys[bad] else ""
+                raise ValueError(f"key {keys[bad]!r}: {int((~np.isfinite(data[bad])).sum())} non-finite value(s) "
+                                 f"to be written{why}; nothing written")
+            yield data
 
     try:
-        atomic_write(path, write)
+        _write_float32(path, shapes, checked(), metadata)
     except ValueError as e:
+        if isinstance(e, AdapterFileError):
+            raise
         raise AdapterFileError(f"{path}: {e}") from None
-    except OSError as e:
-        raise AdapterFileError(f"{path}: cannot write file ({e.strerror or e})") from None
     return float(max((float(e) for e in errors), default=0.0))
 
 

@@ -40,8 +40,6 @@ from math import comb
 
 import jax.numpy as jnp
 import numpy as np
-import scipy.sparse as sp
-from scipy.sparse.csgraph import connected_components
 
 from ._types import Array, Blocks, Float
 from .gs import _apply_blocks, gs_apply
@@ -85,7 +83,7 @@ def stabilizer_dimension_formula(nb: int, b: int) -> int:
     return nb * (r * comb(q + 1, 2) + (nb - r) * comb(q, 2))
 
 
-def _linearised_orbit_map(nb: int, b: int) -> sp.csr_matrix:
+def _linearised_orbit_map(nb: int, b: int):
     """Sparse matrix of ``(a, b) -> P^T BD(a) P - BD(b)`` on a basis of so(b)^nb x so(b)^nb.
 
     Rows index the n*n entries of the image; the P^T . P part is evaluated with the library's
@@ -112,6 +110,8 @@ def _linearised_orbit_map(nb: int, b: int) -> sp.csr_matrix:
             cols += [k, k]
             vals += [np.full(len(k), sign), np.full(len(k), -sign)]
             col += len(iu)
+    import scipy.sparse as sp  # here, not at import: scipy.sparse takes 0.3 s to load
+
     return sp.csr_matrix(
         (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n * n, col)
     )
@@ -125,6 +125,8 @@ def stabilizer_dimension(nb: int, b: int, *, rtol: float = 1e-8) -> int:
     size are densified together and passed to a batched ``eigvalsh``. A singular value counts
     as zero when it is below ``rtol * sigma_max``.
     """
+    from scipy.sparse.csgraph import connected_components
+
     jac = _linearised_orbit_map(nb, b)
     if jac.shape[1] == 0:
         return 0

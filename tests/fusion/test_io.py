@@ -347,3 +347,19 @@ def test_output_directory_must_exist(tmp_path):
         save_adapter(tmp_path / "nope" / "o.safetensors", _adapter())
     assert isinstance(AdapterFileError("x"), ValueError)
     assert isinstance(_adapter(), GSAdapter)
+
+
+def test_save_merged_reports_the_orthogonality_error_of_the_blocks_written(tmp_path):
+    from orthofuse_jax.fusion import save_merged
+
+    rng = np.random.default_rng(3)
+    blocks = {}
+    for name in ("p.processor.to_q_moft", "p.processor.to_k_moft"):
+        q = np.linalg.qr(rng.standard_normal((2, 2, 5, 5)))[0]  # orthogonal blocks, float64
+        blocks[name] = (q[0], q[1])
+    u = from_layers(blocks, orthogonal=True, dtype=np.float64)
+    assert save_merged(tmp_path / "a.safetensors", u) < 1e-13
+    bent = u.map_stacks(lambda x: x.at[0, 1, 2, 3].add(1e-3))
+    want = max(float(np.abs(np.swapaxes(y, -1, -2) @ y - np.eye(5)).max())
+               for y in (np.asarray(s.L) for s in bent.stacks.values()))
+    np.testing.assert_allclose(save_merged(tmp_path / "b.safetensors", bent), want, rtol=1e-12)

@@ -85,6 +85,20 @@ def test_v016_exact_mode(tmp_path):
     np.testing.assert_allclose(_ours(a, name, x), _peft016_forward(x, vec.astype(np.float64), exact=True), atol=1e-6)
 
 
+def test_load_adapter_reads_peft_folders_and_files(tmp_path):
+    from orthofuse_jax.fusion import load_adapter
+
+    rng = np.random.default_rng(0)
+    vec = (0.4 * rng.standard_normal((R_BLOCKS, B * (B - 1) // 2))).astype(np.float32)
+    d = _write(tmp_path, {MOD + ".oft_R.weight": vec}, {"use_cayley_neumann": False})
+    want = load_peft_oft(d)
+    for path in (d, d / "adapter_model.safetensors"):  # the one loader: folder or file, format from the keys
+        got = load_adapter(path)
+        assert got.layer_names == want.layer_names
+        for (a, b) in zip(to_layers(got).values(), to_layers(want).values()):
+            np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]))
+
+
 def test_v016_neumann_mode_orientation(tmp_path):
     rng = np.random.default_rng(1)
     vec = (0.02 * rng.standard_normal((R_BLOCKS, B * (B - 1) // 2))).astype(np.float32)
