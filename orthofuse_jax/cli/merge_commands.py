@@ -80,7 +80,7 @@ def _enable_x64(args) -> None:
 
 def cmd_fuse(args, *, quiet: bool = False) -> int:
     from ..fusion.io import check_output_path, save_merged
-    from ..fusion.merge import merge
+    from ..fusion.merge import merge, restoration_factor
 
     del quiet  # one call: nothing to report progress on
     _check_t([args.t], args.extrapolate)
@@ -88,9 +88,13 @@ def cmd_fuse(args, *, quiet: bool = False) -> int:
     _enable_x64(args)
     concept, style = _load_pair(args)
     t0 = time.perf_counter()
+    kw = _merge_kwargs(args)
+    # curve_over_id's result Cay(eta Y) is stored as its Cayley parameters eta skew(Y): the merge
+    # stops before the restoration, and the file needs no inversion of the restored blocks.
+    eta = 0.5 * restoration_factor(args.t, args.alpha) if args.restore == "cayley" else None
     try:
         merged = merge([concept, style], t=args.t, extrapolate=args.extrapolate, algorithm=args.algorithm,
-                       **_merge_kwargs(args))
+                       **{**kw, "restore": "none" if eta is not None else args.restore})
     except ValueError as e:
         raise CLIError(f"{args.concept} + {args.style}: {e}") from None
     merged = merged.map_stacks(lambda x: x.block_until_ready())
@@ -103,7 +107,7 @@ def cmd_fuse(args, *, quiet: bool = False) -> int:
         "orthofuse_alpha": repr(float(args.alpha)),
         "orthofuse_scales": args.scales,
     }
-    err = save_merged(args.output, merged, metadata=meta, inputs=[args.concept, args.style])
+    err = save_merged(args.output, merged, metadata=meta, inputs=[args.concept, args.style], restore_eta=eta)
     shapes = "/".join(str(s.b) for s in sorted(merged.stacks.values(), key=lambda s: s.b))
     print(
         f"fused {merged.num_layers} layers (block sizes {shapes}) at t={args.t:g} "

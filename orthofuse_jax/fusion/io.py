@@ -313,12 +313,20 @@ def _first_non_finite(path, keyed: Mapping[str, np.ndarray]) -> None:
             )
 
 
-def _project_non_skew(path, stack: np.ndarray, keys: list[str], tol: float) -> np.ndarray:
-    """``stack [layers, nb, b, b]`` with every layer whose asymmetry exceeds ``tol`` projected to its
-    skew part, with a warning naming its key (``keys[i]`` for layer ``i``)."""
-    sym = np.abs(stack + np.swapaxes(stack, -1, -2)).max(axis=(1, 2, 3), initial=0.0)
-    rel = sym / np.maximum(1.0, np.abs(stack).max(axis=(1, 2, 3), initial=0.0))
-    bad = np.flatnonzero(rel > tol)
+def _checked_stack(path, stack: np.ndarray, keys: list[str], tol: float) -> np.ndarray:
+    """``stack [layers, nb, b, b]`` checked layer by layer (``keys[i]`` names layer ``i``): a
+    non-finite value raises, and a layer whose asymmetry exceeds ``tol`` is projected to its skew
+    part with a warning. The checks run on chunks of about 1 MB, so their temporaries stay in cache."""
+    n = stack.shape[0]
+    sym, big = np.empty(n), np.empty(n)
+    step = max(1, 2**20 // max(1, stack[0].nbytes))
+    for i in range(0, n, step):
+        part = stack[i : i + step]
+        sym[i : i + step] = np.abs(part + np.swapaxes(part, -1, -2)).max(axis=(1, 2, 3), initial=0.0)
+        big[i : i + step] = np.abs(part).max(axis=(1, 2, 3), initial=0.0)  # NaN or inf where not finite
+    if not np.isfinite(big).all():
+        _first_non_finite(path, {keys[i]: stack[i] for i in np.flatnonzero(~np.isfinite(big))})
+    bad = np.flatnonzero(sym / np.maximum(1.0, big) > tol)
     if bad.size == 0:
         return stack
     stack = np.array(stack)
@@ -415,10 +423,8 @@ def _build_adapter(source, layout: Mapping[str, tuple], fill, get, skew_tol: flo
             keys = [n + _MONARCH + side for n in names]
             stack = _aligned_empty((len(names), *shape), dtype)
             fill(keys, stack)
-            if not np.isfinite(stack).all():
-                _first_non_finite(source, {k: stack[i] for i, k in enumerate(keys)})
             # On the CPU the device array takes over the (aligned) host memory instead of copying it.
-            pair[side] = jax.device_put(_project_non_skew(source, stack, keys, skew_tol))
+            pair[side] = jax.device_put(_checked_stack(source, stack, keys, skew_tol))
             del stack
         stacks[tuple(names)] = pair
     scales = {k: get(k) for k in scale_keys}
@@ -531,31 +537,42 @@ def save_merged(
     *,
     metadata: Mapping[str, str] | None = None,
     inputs: Iterable[str | os.PathLike] = (),
+    restore_eta=None,
 ) -> float:
     """:func:`save_adapter` for a merged (orthogonal) adapter that also checks it: returns the largest
-    ``|U^T U - I|`` over its blocks (in their own precision), computed in the same chunked pass."""
+    ``|U^T U - I|`` over its blocks (in their own precision), computed in the same chunked pass.
+
+    ``restore_eta``: write ``Cay(eta U)`` instead of ``U`` -- the reference's ``curve_over_id``
+    restoration, ``eta = f(t) / 2`` -- as its exact Cayley parameters ``eta skew(U)``, without
+    forming the restored blocks or inverting them (the check is then of ``U``). Give ``U`` the
+    merge without restoration (``restore="none"``).
+    """
     if not adapter.orthogonal:
         raise ValueError("save_merged needs an adapter of orthogonal blocks (a merge's result)")
     path = check_output_path(path, inputs)
-    return _write_adapter(path, adapter, metadata, check=True)
+    return _write_adapter(path, adapter, metadata, check=True, eta=restore_eta)
 
 
 _CHUNK_BYTES = 2**22
 
 
 @functools.partial(jax.jit, static_argnames=("chunk", "check", "cpu"))
-def _file_rows(x, start, *, chunk: int, check: bool, cpu: bool):
-    """Rows ``[start, start + chunk)`` of an orthogonal stack as float32 raw parameters ``invCay(U)``,
-    and (``check``) their largest ``|U^T U - I|``."""
+def _file_rows(x, start, eta, *, chunk: int, check: bool, cpu: bool):
+    """Rows ``[start, start + chunk)`` of an orthogonal stack as float32 raw parameters: ``invCay(U)``,
+    or for ``eta`` given those of ``Cay(eta U)``, ``eta skew(U)``; and (``check``) the largest
+    ``|U^T U - I|`` of the rows."""
     u = jax.lax.dynamic_slice_in_dim(x, start, chunk)
     eye = jnp.eye(u.shape[-1], dtype=u.dtype)
-    with cpu_only(cpu):
-        params = skew(solve_pd(u + eye, u - eye)).astype(jnp.float32)
+    if eta is not None:
+        params = (jnp.asarray(eta, u.dtype) * skew(u)).astype(jnp.float32)
+    else:
+        with cpu_only(cpu):
+            params = skew(solve_pd(u + eye, u - eye)).astype(jnp.float32)
     err = jnp.max(jnp.abs(mm(jnp.swapaxes(u, -1, -2), u) - eye)) if check else jnp.zeros((), u.dtype)
     return params, err
 
 
-def _write_adapter(path: Path, adapter: GSAdapter, metadata, *, check: bool) -> float:
+def _write_adapter(path: Path, adapter: GSAdapter, metadata, *, check: bool, eta=None) -> float:
     """Keys stack by stack, side by side, then the scales; the rows converted chunk by chunk."""
     shapes: dict[str, tuple[int, ...]] = {}
     plan = []  # (stack, side, layers per chunk)
@@ -577,11 +594,11 @@ def _write_adapter(path: Path, adapter: GSAdapter, metadata, *, check: bool) -> 
                 yield keys, np.asarray(x, dtype=np.float32)
                 continue
             starts = [min(i, n - chunk) for i in range(0, n, chunk)]
-            pending = _file_rows(x, starts[0], chunk=chunk, check=check, cpu=cpu)
+            pending = _file_rows(x, starts[0], eta, chunk=chunk, check=check, cpu=cpu)
             for i, start in enumerate(starts):
                 params, err = pending
                 if i + 1 < len(starts):
-                    pending = _file_rows(x, starts[i + 1], chunk=chunk, check=check, cpu=cpu)
+                    pending = _file_rows(x, starts[i + 1], eta, chunk=chunk, check=check, cpu=cpu)
                 errors.append(err)
                 done = i * chunk - start  # the last chunk may overlap the one before it
                 yield keys[start + done : start + chunk], np.asarray(params)[done:]

@@ -55,7 +55,7 @@ def solve_pd(a, b):
                 return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(x.shape, x.dtype), vmap_method="broadcast_all")(a, x)
 
             branches["cpu"] = _no_pivot_solve(native)
-        gpu = gpu_solver(a.dtype, a.shape[-1])
+        gpu = None if _CPU_ONLY.get() else gpu_solver(a.dtype, a.shape[-1])
         if gpu is not None:
             branches["cuda"] = _no_pivot_solve(gpu)
     if not branches:
