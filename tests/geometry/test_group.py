@@ -105,7 +105,6 @@ def test_stabilizer_b_gt_nb_hand_derived():
 
 def _stab_dim_dense(nb: int, b: int) -> int:
     """Independent measurement: rank of the dense Jacobian of (a, b) -> P^T BD(a) P - BD(b)."""
-    n = nb * b
     p = shuffle_matrix64(nb, b)
     cols = []
     for side in (0, 1):

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from orthofuse_jax.fusion.adapter import from_layers, to_layers, to_orthogonal
+from orthofuse_jax.fusion.adapter import to_layers, to_orthogonal
 from orthofuse_jax.models import attention_layers, patch_unet_params
 from orthofuse_jax.models.train import (
     alphas_cumprod,
