@@ -13,8 +13,10 @@ reference alternate, rep by rep, so that both see the same machine state.
 
 "Cold" is a fresh compilation cache folder per run (a new machine, or right after
 ``pip install``); "warm" shares one folder filled by an untimed first run. The number of compiled
-programs a cold run writes to the cache is counted (one file per program). Output: a table on
-stdout and ``benchmarks/results/end_to_end.json``.
+programs a cold run writes to the cache is counted (one file per program). Floors, for targets a
+command misses: ``import jax`` alone, and the 16-point sweep's eigenvalues alone (one t of
+``eigvalsh`` over every SDXL block, times 16). Output: a table on stdout and
+``benchmarks/results/end_to_end.json``.
 """
 
 from __future__ import annotations
@@ -74,6 +76,27 @@ def summary(runs: list[dict]) -> dict:
         "peak_rss_gb": max(r["peak_rss_gb"] for r in runs),
         "n": len(runs),
     }
+
+
+def eigvalsh_floor(n_t: int = 16, reps: int = 3) -> dict:
+    """The sweep's floor: one t's values-only ``eigvalsh`` of every SDXL block (numpy's LAPACK, as
+    the sweep runs it, one thread), times ``n_t``. Random symmetric blocks of the SDXL sizes."""
+    import numpy as np
+
+    from .common import NB, SDXL_INVENTORY
+
+    rng = np.random.default_rng(0)
+    blocks = {b: rng.standard_normal((2 * layers * NB, b, b)).astype(np.float32) for b, layers in SDXL_INVENTORY.items()}
+    blocks = {b: x + np.swapaxes(x, -1, -2) for b, x in blocks.items()}
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for x in blocks.values():
+            np.linalg.eigvalsh(x)
+        times.append(time.perf_counter() - t0)
+    one = statistics.median(times)
+    return {"one_t_s": one, "n_t": n_t, "floor_s": one * n_t,
+            "blocks_per_t": sum(len(x) for x in blocks.values())}
 
 
 def count_programs(cache: Path) -> int:
@@ -155,15 +178,19 @@ def main(argv: list[str] | None = None) -> int:
         "import orthofuse_jax - import jax (s)": med["import_orthofuse_jax"] - med["import_jax"],
         "import orthofuse_jax.fusion - import jax (s)": med["import_fusion"] - med["import_jax"],
     }
+    floors = {"fuse: import jax (s)": med["import_jax"]}
     if "sweep16_warm" in med:
         ratios["sweep16_warm / fuse_warm"] = med["sweep16_warm"] / med["fuse_warm"]
+        floor = eigvalsh_floor()
+        floors["sweep16: eigvalsh of every block at 16 t, one core (s)"] = floor["floor_s"]
+        results["eigvalsh_floor"] = floor
     rows = [[k, f"{v['median_s']:.2f}", f"{v['min_s']:.2f}-{v['max_s']:.2f}", f"{v['peak_rss_gb']:.2f}",
              str(v.get("programs_compiled", "")), TARGETS.get(k, "")] for k, v in results.items()]
     print(table(rows, ["measurement", "median s", "range s", "peak RSS GB", "programs", "target"]))
-    for k, v in ratios.items():
+    for k, v in {**ratios, **floors}.items():
         print(f"{k}: {v:.2f}")
     payload = {"machine": machine(), "command": "python -m benchmarks.end_to_end " + " ".join(argv or sys.argv[1:]),
-               "targets": TARGETS, "ratios": ratios,
+               "targets": TARGETS, "ratios": ratios, "floors": floors,
                "results": results,
                "fuse_stdout": out["fuse_warm"][0]["stdout"].strip() if out["fuse_warm"] else ""}
     print(f"wrote {write_json('end_to_end', payload)}")
