@@ -95,15 +95,17 @@ def main(argv: list[str] | None = None) -> int:
     from .._runtime import configure_cpu_threads, enable_compile_cache, prefer_cublas_gemm
 
     configure_cpu_threads()  # before JAX starts (jaxlib < 0.11's LAPACK pool deadlock)
-    from ..fusion.io import AdapterFileError
+    from .._safetensors import AdapterFileError
 
     if getattr(args, "cublas_gemm", False):  # the merges: many small products (see prefer_cublas_gemm)
         prefer_cublas_gemm()
-    enable_compile_cache()
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
+            if getattr(args, "prefetch", None):  # start reading the inputs while JAX is imported
+                args.prefetch(args)
+            enable_compile_cache()  # imports JAX
             rc = args.func(args)
         except (CLIError, AdapterFileError, ValueError, OSError) as e:
             _flush_warnings(caught)

@@ -49,14 +49,30 @@ def _check_t(ts, extrapolate: bool) -> None:
             raise CLIError(f"t={t:g} is outside [0, 1] (0 = concept, 1 = style); pass --extrapolate to extrapolate")
 
 
-def _load_pair(args):
+def _prefetch(args) -> None:
+    """Read both input files into host arrays in two threads (numpy alone: ``pread`` and the checks
+    release the GIL), started before JAX is imported; :func:`_load_pair` collects them."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from ..fusion.io import check_pair, load_adapter
+    from .._safetensors import read_adapter_file
 
-    # numpy's checks and copies release the GIL: the two files load side by side
-    with ThreadPoolExecutor(2) as pool:
-        concept, style = pool.map(load_adapter, (args.concept, args.style))
+    pool = ThreadPoolExecutor(2)
+    args.prefetched = {path: pool.submit(read_adapter_file, path) for path in (args.concept, args.style)}
+    pool.shutdown(wait=False)
+
+
+def _load_pair(args):
+    from ..fusion.io import adapter_from_arrays, check_pair, load_adapter
+
+    if not hasattr(args, "prefetched"):
+        _prefetch(args)
+
+    def load(path):
+        arrays = args.prefetched[path].result()
+        return load_adapter(path) if arrays is None else adapter_from_arrays(arrays)  # None: PEFT OFT
+
+    concept, style = load(args.concept), load(args.style)
+    del args.prefetched
     check_pair([concept, style], [args.concept, args.style])
     if args.float64:
         concept, style = concept.astype("float64"), style.astype("float64")
@@ -263,7 +279,7 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", type=Path, required=True, help="output .safetensors (never an input)")
     p.add_argument("--t", type=float, default=0.6, help="position on the merge path (default 0.6)")
     _add_merge_options(p)
-    p.set_defaults(func=cmd_fuse, cublas_gemm=True)
+    p.set_defaults(func=cmd_fuse, cublas_gemm=True, prefetch=_prefetch)
 
     p = sub.add_parser("sweep", help="merge at many t in one vmapped call; write sweep.json and PNG plots",
                        description="Sweep t, write DIR/sweep.json (per-t statistics) and PNGs: eigen-angle "
@@ -273,7 +289,7 @@ def register(sub) -> None:
     p.add_argument("--ts", default="0:1:11", help="start:stop:count or comma list (default 0:1:11)")
     p.add_argument("--plot", type=Path, required=True, metavar="DIR", help="output directory")
     _add_merge_options(p)
-    p.set_defaults(func=cmd_sweep, cublas_gemm=True)
+    p.set_defaults(func=cmd_sweep, cublas_gemm=True, prefetch=_prefetch)
 
     p = sub.add_parser("demo", help="write a built-in concept/style pair, then fuse and sweep it",
                        description="Writes concept.safetensors and style.safetensors (deterministic, SDXL-shaped), "

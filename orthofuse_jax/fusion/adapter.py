@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._safetensors import SCALE_NAME
 from ..geometry import cayley, cpu_only, skew, solve_pd
 from ..geometry._types import Array, Float
 
@@ -36,8 +37,6 @@ __all__ = [
     "check_compatible",
 ]
 
-# GS layer name suffix -> the scale vector that the reference processor applies after it (SPEC 2).
-SCALE_NAME = {"to_q_moft": "q_scale", "to_k_moft": "k_scale", "to_v_moft": "v_scale", "to_out_moft": "out_scale"}
 
 
 def stack_key(nb: int, b: int) -> str:
