@@ -281,7 +281,7 @@ def register(sub) -> None:
     _add_merge_options(p)
     p.set_defaults(func=cmd_fuse, cublas_gemm=True, prefetch=_prefetch)
 
-    p = sub.add_parser("sweep", help="merge at many t in one vmapped call; write sweep.json and PNG plots",
+    p = sub.add_parser("sweep", help="per-t statistics of the merge path (streamed); write sweep.json and PNG plots",
                        description="Sweep t, write DIR/sweep.json (per-t statistics) and PNGs: eigen-angle "
                                    "histograms, speed along t, distance to the straight ambient path.")
     p.add_argument("concept", type=Path)
