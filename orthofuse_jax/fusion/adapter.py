@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._safetensors import SCALE_NAME
-from ..geometry import cayley, cpu_only, skew, solve_pd
+from ..geometry import cayley, cpu_only, rotation_parameters
 from ..geometry._types import Array, Float
 
 __all__ = [
@@ -167,9 +167,8 @@ def to_cayley_params(adapter: GSAdapter) -> GSAdapter:
     """Raw Cayley parameters ``invCay(L), invCay(R)`` such that ``Cay`` of them gives the blocks.
 
     This is how merged (orthogonal) adapters are stored in the reference format: the reference
-    loads them with ``method="cayley"`` and reproduces the blocks (SPEC 1.2, 5). One compiled
-    program for the whole adapter; ``U + I`` has the positive definite symmetric part ``I + sym(U)``
-    for every rotation angle below pi, so its solve needs no pivoting (:func:`solve_pd`).
+    loads them with ``method="cayley"`` and reproduces the blocks. One compiled program for the
+    whole adapter (:func:`~orthofuse_jax.geometry.rotation_parameters`: no pivoting).
     """
     if not adapter.orthogonal:
         return adapter
@@ -178,12 +177,8 @@ def to_cayley_params(adapter: GSAdapter) -> GSAdapter:
 
 @functools.partial(jax.jit, static_argnames="cpu")
 def _cayley_params(adapter: GSAdapter, cpu: bool) -> GSAdapter:
-    def params(u):
-        eye = jnp.eye(u.shape[-1], dtype=u.dtype)
-        return skew(solve_pd(u + eye, u - eye))
-
     with cpu_only(cpu):
-        return adapter.map_stacks(params, orthogonal=False)
+        return adapter.map_stacks(rotation_parameters, orthogonal=False)
 
 
 def on_cpu(tree) -> bool:

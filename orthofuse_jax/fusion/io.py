@@ -42,8 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..geometry import cpu_only, skew, solve_pd
-from ..geometry._linalg import mm
+from ..geometry import cpu_only, rotation_parameters, skew
 from .._safetensors import (
     MONARCH,
     SKEW_TOL,
@@ -56,6 +55,7 @@ from .._safetensors import (
     scale_key,
 )
 from .adapter import GSAdapter, check_compatible, from_stacks, on_cpu, to_cayley_params
+from .merge import orthogonality_error
 
 __all__ = [
     "atomic_write",
@@ -293,14 +293,13 @@ def _file_rows(x, start, eta, *, chunk: int, check: bool, cpu: bool):
     or for ``eta`` given those of ``Cay(eta U)``, ``eta skew(U)``; and (``check``) the largest
     ``|U^T U - I|`` of the rows."""
     u = jax.lax.dynamic_slice_in_dim(x, start, chunk)
-    eye = jnp.eye(u.shape[-1], dtype=u.dtype)
     if eta is not None:
-        params = (jnp.asarray(eta, u.dtype) * skew(u)).astype(jnp.float32)
+        params = jnp.asarray(eta, u.dtype) * skew(u)
     else:
         with cpu_only(cpu):
-            params = skew(solve_pd(u + eye, u - eye)).astype(jnp.float32)
-    err = jnp.max(jnp.abs(mm(jnp.swapaxes(u, -1, -2), u) - eye)) if check else jnp.zeros((), u.dtype)
-    return params, err
+            params = rotation_parameters(u)
+    err = jnp.max(orthogonality_error(u)) if check else jnp.zeros((), u.dtype)
+    return params.astype(jnp.float32), err
 
 
 def _write_adapter(path: Path, adapter: GSAdapter, metadata, *, check: bool, eta=None) -> float:

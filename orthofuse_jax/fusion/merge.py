@@ -83,7 +83,6 @@ __all__ = [
     "merge",
     "sweep",
     "orthogonality_error",
-    "max_orthogonality_error",
     "merge_report",
 ]
 
@@ -958,23 +957,6 @@ def orthogonality_error(u: Block) -> Float[Array, "*batch"]:
     """Per-block ``||U^T U - I||_max``."""
     eye = jnp.eye(u.shape[-1], dtype=u.dtype)
     return jnp.max(jnp.abs(mm(jnp.swapaxes(u, -1, -2), u) - eye), axis=(-1, -2))
-
-
-def max_orthogonality_error(adapter: GSAdapter) -> Float[Array, ""]:
-    """``max ||U^T U - I||_max`` over every block of an adapter's stacks (raw adapters through ``Cay``),
-    in one compiled program; NaN if a block is not finite. A 0-d array, computed asynchronously:
-    ``float()`` of it waits for the result."""
-    return _max_orthogonality_error(to_orthogonal(adapter).stacks)
-
-
-@jax.jit
-def _max_orthogonality_error(stacks):
-    def stack_error(x):  # in chunks of about 4 MB: U^T U of a whole stack would be a stack-sized temporary
-        flat = x.reshape(-1, *x.shape[-2:])
-        chunk = max(1, min(flat.shape[0], 2**22 // (x.shape[-1] ** 2 * x.dtype.itemsize)))
-        return jnp.max(jax.lax.map(lambda u: jnp.max(orthogonality_error(u)), flat, batch_size=chunk))
-
-    return jnp.max(jnp.stack([stack_error(x) for s in stacks.values() for x in (s.L, s.R)]))
 
 
 @dataclass(frozen=True)

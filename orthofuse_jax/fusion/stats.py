@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ..geometry import cayley, cpu_only, log_with_flag, power, relative_rotation
-from ..geometry._linalg import mm
 from .adapter import GSAdapter, on_cpu
+from .merge import orthogonality_error, sweep
 
 __all__ = ["sweep_statistics", "ANGLE_BINS"]
 
@@ -104,7 +104,6 @@ def _stats(x1, x2, yb, ts, h, alpha, *, restore, orthogonal, log_algorithm, n_t)
         ya = power(yb, f[..., 0, 0])
     else:
         ya = yb
-    eye = jnp.eye(u1.shape[-1], dtype=u1.dtype)
     tcol = ts.reshape((-1,) + (1,) * u1.ndim)
     line = (1.0 - tcol) * u1 + tcol * u2
     out = {}
@@ -113,7 +112,7 @@ def _stats(x1, x2, yb, ts, h, alpha, *, restore, orthogonal, log_algorithm, n_t)
         axes = tuple(range(1, mid.ndim))
         out[f"sq_speed_{tag}"] = jnp.sum(((plus - minus) / (2.0 * h)) ** 2, axis=axes)
         out[f"amb_{tag}"] = jnp.sum((mid - line) ** 2, axis=axes)
-        out[f"orth_{tag}"] = jnp.max(jnp.abs(mm(jnp.swapaxes(mid, -1, -2), mid) - eye), axis=axes)
+        out[f"orth_{tag}"] = jnp.max(orthogonality_error(mid), axis=axes[:-2])
     # the angles come from the symmetric parts' eigenvalues cos(theta), on the host (_angle_stats)
     out["sym"] = 0.5 * (yb[:n_t] + jnp.swapaxes(yb[:n_t], -1, -2))
     log, _ = log_with_flag(relative_rotation(u1, u2), algorithm=log_algorithm)
@@ -165,8 +164,6 @@ def sweep_statistics(
     Raises:
       As :func:`~orthofuse_jax.fusion.merge.sweep`.
     """
-    from .merge import sweep
-
     ts = np.asarray(ts, dtype=np.float64).reshape(-1)
     if not np.all(np.isfinite(ts)):
         raise ValueError(f"ts must be finite, got {ts.tolist()}")

@@ -9,7 +9,7 @@ with ``jax.vmap`` (tests/geometry/test_jit_vmap.py checks vmap against a loop).
 """
 
 from ._linalg import cpu_only, solve_pd
-from .cayley import cayley, eye_like, inverse_cayley, relative_cayley, skew
+from .cayley import cayley, eye_like, inverse_cayley, relative_cayley, rotation_parameters, skew
 from .geodesic import (
     GeodesicPath,
     curve_speed,
@@ -86,6 +86,7 @@ __all__ = [
     "relative_cayley",
     "relative_rotation",
     "rotation_angles",
+    "rotation_parameters",
     "sign_stabilizer_element",
     "skew",
     "solve_pd",

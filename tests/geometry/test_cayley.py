@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given
 
 from orthofuse_jax import geometry as geo
@@ -65,3 +66,17 @@ def test_cayley_properties(case):
     np.testing.assert_allclose(inv, ref_inv, rtol=0, atol=tol(case.dtype, f32=2e-6, f64=1e-13) * scale**2)
     np.testing.assert_allclose(out["roundtrip"], u_d, rtol=0, atol=t)
 
+
+
+@pytest.mark.parametrize("b", [3, 20, 64])
+def test_rotation_parameters_match_numpy_inverse_cayley(b):
+    rng = np.random.default_rng(b)
+    g = rng.standard_normal((6, b, b))
+    s = 0.5 * (g - np.swapaxes(g, -1, -2))
+    u = np.linalg.solve(np.eye(b) - s, np.eye(b) + s)  # rotations, angles below pi
+    want = np.linalg.solve(u + np.eye(b), u - np.eye(b))  # numpy, float64, pivoted
+    np.testing.assert_allclose(np.asarray(geo.rotation_parameters(jnp.asarray(u))), want, atol=1e-10)
+    np.testing.assert_allclose(want, s, atol=1e-10)  # and it is the skew matrix the rotation came from
+    got32 = np.asarray(geo.rotation_parameters(jnp.asarray(u, jnp.float32)))
+    assert got32.dtype == np.float32
+    np.testing.assert_allclose(got32, want, atol=2e-5 * max(1.0, np.abs(want).max()))

@@ -99,6 +99,7 @@ TABLE = {
         lambda s, b: geo.solve_pd(jnp.eye(B, dtype=s.dtype) + s - jnp.swapaxes(s, -1, -2) + 0.1 * (s + jnp.swapaxes(s, -1, -2)), b),
         lambda r: (0.5 * r.standard_normal((NB, B, B)), r.standard_normal((NB, B, B))),
     ),
+    "rotation_parameters": (geo.rotation_parameters, lambda r: (_rot(r, 2.0),)),
     "relative_cayley": (geo.relative_cayley, lambda r: (r.standard_normal((NB, B, B)), 0.5 * r.standard_normal((NB, B, B)))),
     "relative_rotation": (geo.relative_rotation, lambda r: (_rot(r), _rot(r))),
     "rotation_angles": (geo.rotation_angles, lambda r: (_rot(r),)),
