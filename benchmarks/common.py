@@ -1,6 +1,6 @@
 """Shared benchmark machinery: workloads, timing, peak memory, machine description, JSON.
 
-Timing protocol (issue 5): every measured function is called once to warm up (jit compile,
+Timing protocol: every measured function is called once to warm up (jit compile,
 allocator, caches), then ``reps >= 5`` times; we report the median wall time and, because this
 machine is shared, the median process CPU time and the load average next to it. Compile time is
 measured separately with ``jit(f).lower(...).compile()``. Peak resident memory is measured in a
@@ -31,10 +31,10 @@ orthofuse_jax.configure_cpu_threads()  # before any JAX backend starts (jaxlib <
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 NB = 32
-"""Blocks per GS layer in the SDXL adapters (SPEC 5)."""
+"""Blocks per GS layer in the SDXL adapters (docs/math.md §5)."""
 
 SDXL_INVENTORY: dict[int, int] = {20: 60, 40: 360, 64: 140}
-"""Block size b -> number of GS layers (each with an L and an R stack ``[32, b, b]``), SPEC 5."""
+"""Block size b -> number of GS layers (each with an L and an R stack ``[32, b, b]``), docs/math.md §5."""
 
 ANGLE_RANGE = (0.1, 1.0)
 """Rotation angles (radians) of the random adapter blocks, like trained adapters."""
@@ -57,7 +57,7 @@ def random_skew_blocks(
 
     ``S = V diag_2x2(sigma_k J) V^T`` with a Haar-random ``V`` (QR of a Gaussian), plane angles
     ``theta_k ~ U(angle_range)`` and ``sigma_k = tan(theta_k / 2)`` (``Cay`` doubles the half
-    angle, SPEC 1.2). Built in float64 in chunks so the peak memory stays small.
+    angle, docs/math.md §1.2). Built in float64 in chunks so the peak memory stays small.
     """
     total = int(np.prod(shape))
     out = np.empty((total, b, b), dtype=np.float32)
@@ -289,7 +289,7 @@ def run_worker(module: str, args: list[str], *, timeout: float = 1800) -> dict[s
 def _cpu_model() -> str:
     """``model name`` with the family and model numbers and whether AVX-512 is there: virtual
     machines often report only "AMD EPYC" or "Intel Xeon Processor", which hides the generation
-    (sessions 9 and 10 of issue 5 ran on different CPUs under similar names)."""
+    (two different CPUs have run these benchmarks under similar names)."""
     try:
         info = {}
         for line in Path("/proc/cpuinfo").read_text().splitlines():

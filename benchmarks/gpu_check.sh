@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 5's GPU table in ONE device call: about 4-5 minutes on an H100 (session 5, with the cuBLAS
+# The GPU speed table in ONE device call: about 4-5 minutes on an H100 ( with the cuBLAS
 # products that merge_sdxl --device cuda now asks for; merge_sdxl --triton-gemm keeps XLA's default,
 # about 2 more minutes of compiling); a session has 15.
 #

@@ -2,7 +2,7 @@
 
     python -m benchmarks.merge_sdxl [--reps 5] [--baseline-reps 5] [--t 0.6] [--sweep-points 16]
 
-Workload (issue 5, SPEC 5): two adapters with the full SDXL inventory -- 560 GS layers, nb = 32,
+Workload: two adapters with the full SDXL inventory -- 560 GS layers, nb = 32,
 b = 20 / 40 / 64 for 60 / 360 / 140 layers, L and R each -- raw Cayley parameters whose block
 rotations are 0.1 to 1 rad, float32 (about 0.3 GB per adapter).
 
@@ -29,7 +29,6 @@ in a fresh subprocess. Writes ``benchmarks/results/merge_sdxl.json`` and prints 
 from __future__ import annotations
 
 import argparse
-import functools
 import gc
 import json
 import os
@@ -51,7 +50,7 @@ TARGETS = {
     "exact_peak_rss_gb_max": 2.5,
 }
 GPU_TARGETS = {"exact_max_s": 0.050, "fast_max_s": 0.010}
-"""Issue 5's absolute targets on a GPU (full SDXL inventory)."""
+"""The absolute GPU targets (full SDXL inventory)."""
 
 
 def _ours(method: str, restore: str, algorithm: str = "auto"):

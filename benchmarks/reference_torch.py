@@ -5,16 +5,16 @@ authors' repository (``moft/utils/gs_orthogonal.py``, ``moft/inferencer_sdxl.py`
 on the same machine and the same inputs. It is not used by the library and is deliberately
 written the way the reference is, inefficiencies included:
 
-* :func:`moft_merge` -- preset ``moft_merge`` (SPEC 4.1): a Python loop over the 560 GS layers,
-  each one a :func:`blocked_geodesic_combination` (SPEC 3.2: general ``torch.linalg.eig`` of
+* :func:`moft_merge` -- preset ``moft_merge`` (docs/math.md §4): a Python loop over the 560 GS layers,
+  each one a :func:`blocked_geodesic_combination` (docs/math.md §3.1: general ``torch.linalg.eig`` of
   ``U2^T U1``, ``X = V diag(i Arg lambda) V^H``, complex ``matrix_exp``, real part) followed by
-  :func:`postprocess_blocks` ``curve_over_id`` with parameter t (SPEC 3.7).
-* :func:`moft_merge_fast` -- preset ``moft_merge_fast`` (SPEC 4.2): per block size, all layers
+  :func:`postprocess_blocks` ``curve_over_id`` with parameter t (docs/math.md §3.3).
+* :func:`moft_merge_fast` -- preset ``moft_merge_fast`` (docs/math.md §4): per block size, all layers
   stacked ``[B, 32, b, b]``; ``Cay(eta * Cay(t' A_c + (1 - t') A_s))`` with ``t' = 1 - t``
-  (SPEC 3.6 ``merge_inside_cayley_space_batch`` + ``postprocess_blocks_batch``).
+  (docs/math.md §3.2 ``merge_inside_cayley_space_batch`` + ``postprocess_blocks_batch``).
 
 Conventions: L/R inputs are raw Cayley parameters ``[..., nb, b, b]``; ``t = 0`` gives the concept
-(adapter 1), ``t = 1`` the style (adapter 2) for both presets (SPEC 3.8). Any float dtype works
+(adapter 1), ``t = 1`` the style (adapter 2) for both presets (docs/math.md §3.4). Any float dtype works
 (float64 for the parity test against the golden file, float32 for timing).
 """
 
@@ -37,24 +37,24 @@ __all__ = [
 
 
 def skew(a: torch.Tensor) -> torch.Tensor:
-    """``(A - A^T) / 2`` per block (SPEC 1.2)."""
+    """``(A - A^T) / 2`` per block (docs/math.md §1.2)."""
     return (a - a.transpose(-1, -2)) / 2
 
 
 def cayley(a: torch.Tensor) -> torch.Tensor:
-    """``Cay(A)`` exactly as the reference codes it: solve ``U (I - S) = I + S`` (SPEC 1.2)."""
+    """``Cay(A)`` exactly as the reference codes it: solve ``U (I - S) = I + S`` (docs/math.md §1.2)."""
     s = skew(a)
     eye = torch.eye(s.shape[-1], dtype=s.dtype, device=s.device)
     return torch.linalg.solve(eye - s, eye + s, left=False)
 
 
 def cast_to_already_orthogonal_mode(L: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """SPEC 3.1 for ``method="cayley"``: the orthogonal blocks ``Cay(L), Cay(R)``."""
+    """docs/math.md §3.1 for ``method="cayley"``: the orthogonal blocks ``Cay(L), Cay(R)``."""
     return cayley(L), cayley(R)
 
 
 def _blocked_geodesic(u1: torch.Tensor, u2: torch.Tensor, t: float) -> torch.Tensor:
-    """One stack of SPEC 3.2: ``U1 Re(expm(-t V diag(i Arg lambda) V^H))``, ``lambda, V = eig(U2^T U1)``."""
+    """One stack of docs/math.md §3.1: ``U1 Re(expm(-t V diag(i Arg lambda) V^H))``, ``lambda, V = eig(U2^T U1)``."""
     m = torch.bmm(u2.transpose(-1, -2), u1)
     lam, v = torch.linalg.eig(m)
     # log|lambda| discarded, only the imaginary part (= Arg lambda) kept; V^H used instead of V^{-1}.
@@ -66,7 +66,7 @@ def _blocked_geodesic(u1: torch.Tensor, u2: torch.Tensor, t: float) -> torch.Ten
 def blocked_geodesic_combination(
     L1: torch.Tensor, R1: torch.Tensor, L2: torch.Tensor, R2: torch.Tensor, t: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SPEC 3.2 on one GS layer given by raw Cayley parameters ``[nb, b, b]``; t = 0 -> adapter 1."""
+    """docs/math.md §3.1 on one GS layer given by raw Cayley parameters ``[nb, b, b]``; t = 0 -> adapter 1."""
     U1L, U1R = cast_to_already_orthogonal_mode(L1, R1)
     U2L, U2R = cast_to_already_orthogonal_mode(L2, R2)
     return _blocked_geodesic(U1L, U2L, t), _blocked_geodesic(U1R, U2R, t)
@@ -79,7 +79,7 @@ def _eta(p: float) -> float:
 
 @torch.no_grad()
 def postprocess_blocks(L: torch.Tensor, R: torch.Tensor, parameter: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """SPEC 3.7 ``curve_over_id`` on orthogonal blocks: ``Cay(eta U)``, ``eta = 0.5 + 2p(1-p)``."""
+    """docs/math.md §3.3 ``curve_over_id`` on orthogonal blocks: ``Cay(eta U)``, ``eta = 0.5 + 2p(1-p)``."""
     eta = _eta(parameter)
     return cayley(eta * L), cayley(eta * R)
 
@@ -88,7 +88,7 @@ def postprocess_blocks(L: torch.Tensor, R: torch.Tensor, parameter: float) -> tu
 def merge_inside_cayley_space_batch(
     L1: torch.Tensor, R1: torch.Tensor, L2: torch.Tensor, R2: torch.Tensor, ts: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """SPEC 3.6: ``Cay(ts[0] A1 + ts[1] A2)`` for L and R (exact-float ``sum(ts) == 1`` assert kept)."""
+    """docs/math.md §3.2: ``Cay(ts[0] A1 + ts[1] A2)`` for L and R (exact-float ``sum(ts) == 1`` assert kept)."""
     assert torch.all(ts >= 0) and torch.sum(ts) == 1
     return cayley(ts[0] * L1 + ts[1] * L2), cayley(ts[0] * R1 + ts[1] * R2)
 
@@ -99,7 +99,7 @@ def moft_merge(
     style: Sequence[tuple[torch.Tensor, torch.Tensor]],
     t: float,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Preset ``moft_merge`` (SPEC 4.1): one geodesic + ``curve_over_id(p=t)`` call per layer.
+    """Preset ``moft_merge`` (docs/math.md §4): one geodesic + ``curve_over_id(p=t)`` call per layer.
 
     Args:
       concept, style: per-layer raw Cayley parameters ``(L, R)``, each ``[nb, b, b]``, same order.
@@ -120,7 +120,7 @@ def moft_merge_fast(
     style: Mapping[int, tuple[torch.Tensor, torch.Tensor]],
     t: float,
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Preset ``moft_merge_fast`` (SPEC 4.2) on stacks ``{b: (L [B, nb, b, b], R)}``.
+    """Preset ``moft_merge_fast`` (docs/math.md §4) on stacks ``{b: (L [B, nb, b, b], R)}``.
 
     ``t' = 1 - t``; ``Cay(eta(t') Cay(t' A_c + (1 - t') A_s))`` for every stacked block.
     """

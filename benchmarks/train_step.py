@@ -12,7 +12,7 @@ text tokens, float32. Implementations, each in its own subprocess (peak RSS is p
   question inside JAX.
 * ``torch-ref``: diffusers' torch ``UNet2DConditionModel`` with an attention processor written as
   the reference's ``MOFTCrossAttnProcessor`` (Cayley by ``torch.linalg.solve`` at every call, the
-  SPEC 1.3 butterfly, scales after the projection), ``torch.optim.AdamW`` on the adapter only.
+  docs/math.md §1.3 butterfly, scales after the projection), ``torch.optim.AdamW`` on the adapter only.
 
 Configs: ``tiny`` (the test suite's SDXL-shaped UNet, 8x8 latents, nb 4) and ``medium`` (SDXL
 block types at reduced width: channels 64/128/256, depth 1/1/2, cross width 320, 32x32 latents,
@@ -150,7 +150,7 @@ def _torch_step(cfg, nb):
         def forward(self, x):
             return butterfly(x, cayley(self.R), cayley(self.L))
 
-    class Proc(torch.nn.Module):  # reference MOFTCrossAttnProcessor (SPEC 2)
+    class Proc(torch.nn.Module):  # reference MOFTCrossAttnProcessor (docs/math.md §2)
         def __init__(self, h, ctx):
             super().__init__()
             self.q, self.k, self.v, self.o = GS(h), GS(ctx), GS(ctx), GS(h)

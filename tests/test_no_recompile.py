@@ -1,4 +1,4 @@
-"""A second merge with the same shapes compiles nothing (issue 5).
+"""A second merge with the same shapes compiles nothing.
 
 Compilations are counted with jax's own instrumentation, not with a timer: every XLA backend
 compilation records the monitoring event ``/jax/core/compile/backend_compile_duration``

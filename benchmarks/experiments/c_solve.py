@@ -6,7 +6,7 @@ Times ``solve_pd`` (the package's no-pivot kernel, an XLA FFI custom call, jitte
 ``jnp.linalg.solve`` (jaxlib's LAPACK: OpenBLAS ``getrf`` + ``trsm``) and ``torch.linalg.solve``
 (MKL), one thread each, on the L stack of each SDXL block size (1920 x 20x20, 11520 x 40x40,
 4480 x 64x64; the Cayley matrices ``I - S``, ``I + S`` of rotations of 0.1-1 rad), with the error
-of each against float64 numpy. The first measurement (session 5) used a ctypes prototype of the
+of each against float64 numpy. A first measurement used a ctypes prototype of the
 same algorithm; git history has it.
 """
 

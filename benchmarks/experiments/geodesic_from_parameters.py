@@ -12,7 +12,7 @@ With ``U_i = Cay(A_i) = (I - A_i)^-1 (I + A_i)`` (skew ``A_i``) the relative rot
 Per block that is three solves with the restoration's (B', the point, curve_over_id) and about 12
 products (A1 A2; B'^2, its powers and a degree-23 odd polynomial for ``C``; ``C A1``, which both
 outer factors share), against the kernel's three inversions and about 19 products: about 25% less
-work, not the factor 2.5 that exact <= 2x fast asks for (benchmarks/RESULTS.md, session 11). Not
+work, not the factor 2.5 that exact <= 2x fast asks for (benchmarks/RESULTS.md). Not
 built: ``B'`` is not normal, so the log interpolant's range check (an LDL^T of a symmetric matrix)
 has no direct counterpart, and ``C``'s polynomial would depend on t.
 

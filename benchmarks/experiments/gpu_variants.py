@@ -1,4 +1,4 @@
-"""GPU: which eigh implementation for the full-SDXL merges, and the primitives' costs (issue 5).
+"""GPU: which eigh implementation for the full-SDXL merges, and the primitives' costs.
 
     python -m benchmarks.experiments.gpu_variants [--out DIR] [--layers-check 4] [--no-baseline] [--no-primitives]
 

@@ -6,16 +6,16 @@
 vector, tiles for 32 registers) and for AVX2 with FMA (``narrow``, 4 doubles, tiles for 16), and
 every call runs the one the CPU has. An AVX-512 CPU runs AVX2 code as well, so this measures
 both on one machine, and a third build: the AVX-512 code compiled for AVX2 (a copy of
-``solve.cc`` with the wide build's target pragma changed), which is what AVX2 CPUs ran until
-session 12 (then ``target_clones("avx512f", "avx2", "default")`` of one code). It builds
+``solve.cc`` with the wide build's target pragma changed), which is what one code compiled with
+``target_clones("avx512f", "avx2", "default")`` would run on AVX2 CPUs. It builds
 ``isa_clones.cc`` (a C++ harness calling the fast merge ``CayleyF32`` and the exact merge
 ``GeodesicF32`` on one core, FTZ/DAZ as in XLA) with g++ and the vendored XLA FFI headers and
 prints microseconds per block, with the same blocks (``common.random_skew_blocks``, t = 0.6,
 curve_over_id) for every build; then, on the same core, the package's ``merge()`` per block with
-XLA alone, with the kernels, and with the AVX2 build (``ORTHOFUSE_JAX_ISA=avx2``). Session 11
-found the AVX-512 code compiled for AVX2 7x (fast) and 22x (exact) slower than AVX-512 at b = 40,
-slower than XLA. Since session 13 the two builds' exact merge is also timed with the log and the
-exponential in place of its direct power (the harness's ``log_exp`` mode: no power tiers).
+XLA alone, with the kernels, and with the AVX2 build (``ORTHOFUSE_JAX_ISA=avx2``). The AVX-512 code
+compiled for AVX2 was 7x (fast) and 22x (exact) slower than AVX-512 at b = 40, slower than XLA.
+The two builds' exact merge is also timed with the log and the exponential in place of its direct
+power (the harness's ``log_exp`` mode: no power tiers).
 Writes ``results/experiments_isa_clones.json``.
 """
 
@@ -116,7 +116,7 @@ def main(argv=None) -> None:
             exe = d / f"harness_{stem}"
             build_harness(Path(__file__).with_suffix(".cc"), exe, src, build)
             # the exact merge as it is (the direct power) and, for the two builds, with the log and
-            # the exponential instead (what it was until session 13)
+            # the exponential instead (the exact merge's older form)
             for mode in ("power", "log_exp") if pragma is None else ("power",):
                 label = name if mode == "power" else f"{name}, log and exp"
                 res["builds"][label] = []

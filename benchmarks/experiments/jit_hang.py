@@ -7,7 +7,7 @@ Observed on the 2-core benchmark machine (jax 0.10.2, loaded by other jobs): ``m
 wrapper, one jitted kernel per stack and side) takes 0.23 s for 8 layers; the same merge inside
 one ``jax.jit`` was still in ``block_until_ready`` after 240 s -- but ran in 0.14 s when the process
 was pinned to a single core. Compilation finishes (about 14 s); it is the execution that stalls.
-SPEC 11 reports the same symptom for Cayley solve -> eigh -> Cayley solve in one jit.
+docs/math.md §9 reports the same symptom for Cayley solve -> eigh -> Cayley solve in one jit.
 The script dumps the Python stack and exits when the timeout expires.
 """
 

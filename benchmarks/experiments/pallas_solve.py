@@ -16,7 +16,7 @@ the identity), and its right-hand side in registers, and runs Gauss-Jordan on th
 two masked reductions (the pivot row and column) and one rank-one update. Memory traffic is one
 read of each input and one write of the result.
 
-Status: run on an H100 in session 7 (RESULTS.md): 1.3-2.7x faster than ``jnp.linalg.solve``
+Status: run on an H100 (RESULTS.md): 1.3-2.7x faster than ``jnp.linalg.solve``
 with 2 warps, so ``solve_pd`` uses it on CUDA devices (``orthofuse_jax/geometry/_pallas.py``, where
 the kernel now lives). On a GPU this also checks ``solve_pd``'s derivatives and ``vmap`` against
 ``jnp.linalg.solve``'s.

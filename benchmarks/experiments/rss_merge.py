@@ -5,7 +5,7 @@
 The parent starts a worker (``--worker``) that builds the two raw-parameter adapters stack by stack
 (as ``merge_sdxl --worker rss`` does), then calls the merge ``--calls`` times. For each call it
 reports the peak RSS (``VmHWM``, reset before the call through ``/proc/self/clear_refs``; the
-number issue 5 bounds) and the process CPU time (``time.process_time``). The first call includes
+number the memory target bounds) and the process CPU time (``time.process_time``). The first call includes
 compilation. ``--preconvert`` reproduces the old whole-adapter conversion for an A/B comparison.
 With ``--stages`` every per-stack kernel call is blocked on and followed by a line
 with the current and peak RSS, so the peak can be attributed to a stack (diagnostic only: the

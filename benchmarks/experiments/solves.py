@@ -23,7 +23,6 @@ max abs error against the plain ``solve`` formulation. Variants:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import numpy as np

@@ -20,7 +20,7 @@ the previous result is alive during the next call) in two fresh processes, side 
 In both, a third row times the same sweep writing into the previous call's result
 (``sweep(..., reuse=previous)``: its memory donated, no glibc knob needed).
 
-Each prints wall, user and system time (medians) and the sweep / merge ratio (issue 5: at most 4).
+Each prints wall, user and system time (medians) and the sweep / merge ratio (target: at most 4).
 Writes ``results/experiments_sweep_memory.json``.
 """
 

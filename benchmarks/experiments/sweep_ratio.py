@@ -1,7 +1,7 @@
 """16-point sweep vs one merge (geodesic + Cayley restoration) on a stack of b=40 layers.
 
 Usage: ``taskset -c 1 python -m benchmarks.experiments.sweep_ratio [LAYERS]`` (default 10).
-Prints (first call, median wall, median CPU) for both and the sweep / merge ratio (issue 5 target:
+Prints (first call, median wall, median CPU) for both and the sweep / merge ratio (target:
 at most 4). Pin to one core: unpinned runs on a busy machine are unreliable (RESULTS.md).
 """
 

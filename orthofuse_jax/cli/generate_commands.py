@@ -18,7 +18,7 @@ What the command needs:
   hidden states of both CLIP text encoders, concatenated), ``pooled [1280]`` (text_encoder_2
   projection); optional ``negative_prompt_embeds`` / ``negative_pooled``. ``orthofuse-jax
   encode-prompt`` writes such a file.
-* ``--adapter FILE.safetensors``: reference-format GS adapter (SPEC 5), e.g. a fused one.
+* ``--adapter FILE.safetensors``: reference-format GS adapter (docs/math.md §5), e.g. a fused one.
 
 The PNG (or ``.npy``) is written atomically; an output path equal to an input is refused.
 """

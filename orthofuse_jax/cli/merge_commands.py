@@ -251,8 +251,8 @@ def cmd_inspect(args) -> int:
 
 def _add_merge_options(p) -> None:
     p.add_argument("--method", choices=["geodesic", "cayley"], default="geodesic",
-                   help="geodesic: exact block-wise SO(b) geodesic (SPEC 3.2); cayley: fast Cayley-space "
-                        "merge (SPEC 3.3). Default: geodesic")
+                   help="geodesic: exact block-wise SO(b) geodesic (docs/math.md §3.1); cayley: fast Cayley-space "
+                        "merge (docs/math.md §3.2). Default: geodesic")
     p.add_argument("--restore", choices=["cayley", "exact", "none"], default="cayley",
                    help="spectra restoration: cayley = the reference's curve_over_id (eta = 1/2 + 2t(1-t)); "
                         "exact = exp(f(t) log Y), f = 1 + 4(alpha-1)t(1-t); none. Default: cayley")

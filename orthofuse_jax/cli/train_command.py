@@ -1,4 +1,4 @@
-"""``orthofuse-jax train``: train a GS adapter on a frozen local SDXL UNet (SPEC 6).
+"""``orthofuse-jax train``: train a GS adapter on a frozen local SDXL UNet (docs/math.md §6).
 
 Importing this module imports neither flax nor diffusers; the run function does.
 
@@ -20,7 +20,7 @@ style in style mode) and ``--style-embeddings`` (joint mode), ``.npz`` with ``pr
 once; ``--save-latents`` keeps the encodings for the next run. Latent ``.npz``: ``latents
 [N, 4, h, w]`` (x_0 times the VAE scaling factor), optional ``latents_std``, ``original_sizes``.
 
-Output: ``-o ADAPTER.safetensors`` in the reference checkpoint format (SPEC 5; readable by the
+Output: ``-o ADAPTER.safetensors`` in the reference checkpoint format (docs/math.md §5; readable by the
 reference's ``load_attn_procs`` and by ``fuse``), written atomically; ``--checkpoint-every N``
 also writes ``ADAPTER-step{N}.safetensors`` (reference: every 200 steps). Beside every adapter
 file goes ``ADAPTER[-step{N}].opt.npz``: the AdamW state, step, random-number state and losses

@@ -7,7 +7,7 @@ axis into a :class:`LayerStack` (``[layers, nb, b, b]``) so a merge of a whole S
 (560 layers, block sizes 20/40/64) is three batched calls, not a Python loop per layer.
 
 ``L, R`` are either raw Cayley parameters (``orthogonal=False``; what the reference trains and
-saves, SPEC 1.2/5) or orthogonal blocks (``orthogonal=True``; what merges return).
+saves, docs/math.md §1.2/5) or orthogonal blocks (``orthogonal=True``; what merges return).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Baselines from the paper: multiplying the orthogonal operators (App. H.2) and the LoRA ALS merge (App. H.1).
 
-Multiplication (App. H.2, the reference's unregistered ``MOFTDoubleCrossAttnProcessor``, SPEC 2):
+Multiplication (App. H.2, the reference's unregistered ``MOFTDoubleCrossAttnProcessor``, docs/math.md §2):
 the merged operator is ``Q_style Q_concept`` -- the concept rotation applied first -- and the scale
 vectors are multiplied. A product of two GS matrices is in general NOT a GS matrix (its sparsity
 pattern is denser), so it cannot be stored as one L/R pair. :class:`MultipliedAdapter` is the
@@ -8,7 +8,7 @@ composed representation: it keeps both (orthogonal) adapters and applies them in
 by layer, with :meth:`MultipliedAdapter.apply`; :meth:`MultipliedAdapter.dense` gives the n x n
 matrix for tests and small layers.
 
-LoRA fixed-rank merge (App. H.1, SPEC 7): ALS / block subspace iteration for the best rank-r
+LoRA fixed-rank merge (App. H.1, docs/math.md §7): ALS / block subspace iteration for the best rank-r
 approximation of ``sum_i c_i dW_i``, ``dW_i = up_i down_i``.
 """
 
@@ -51,7 +51,7 @@ class MultipliedAdapter:
         raise KeyError(f"layer {name!r} is not in the adapter")
 
     def apply(self, name: str, x: Float[Array, "*batch n"]) -> Float[Array, "*batch n"]:
-        """``y = x @ Q^T`` for the layer ``name`` (row convention of SPEC 1.3): ``Q_0`` first."""
+        """``y = x @ Q^T`` for the layer ``name`` (row convention of docs/math.md §1.3): ``Q_0`` first."""
         for a in self.factors:
             L, R = self._blocks(a, name)
             x = gs_apply(x, L, R)
@@ -108,7 +108,7 @@ def lora_merge(
     als_steps: int = 10,
     key: Array,
 ) -> LoraFactors:
-    """Fixed-rank LoRA merge (paper App. H.1, eq. (32); SPEC 7): best rank-``r`` approximation of ``sum c_i dW_i``.
+    """Fixed-rank LoRA merge (paper App. H.1, eq. (32); docs/math.md §7): best rank-``r`` approximation of ``sum c_i dW_i``.
 
     With ``M = sum_i c_i dW_i`` (``dW_i = up_i down_i``, ``[out, in]``) the block subspace (ALS)
     iteration of the reference is, in our orientation,
@@ -122,8 +122,8 @@ def lora_merge(
     products use the factors (``M D = sum_i c_i up_i (down_i D)``).
 
     Differences from the reference (``FixedRankBatch`` / ``riemannian_barycenter_approximation``):
-    its random start is unseeded (SPEC 9.17) -- here it is drawn from ``key``; its coefficients
-    are ``[t, 1 - t]`` with t weighting the concept (SPEC 3.8) -- here ``weights`` are in adapter
+    its random start is unseeded (docs/math.md §8) -- here it is drawn from ``key``; its coefficients
+    are ``[t, 1 - t]`` with t weighting the concept (docs/math.md §3.4) -- here ``weights`` are in adapter
     order like every merge; its ``in``/``out`` dimension names are swapped -- here ``down`` and
     ``up`` keep their PEFT/diffusers meaning; and it asserts ``c >= 0``, which is not needed for
     the approximation and not enforced here (the adapter-level t/weight checks belong to callers).

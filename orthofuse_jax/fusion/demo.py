@@ -1,6 +1,6 @@
 """A deterministic built-in concept/style pair of SDXL-shaped GS adapters (for ``orthofuse-jax demo``).
 
-Layer names, block counts and block sizes follow the reference's SDXL configuration (SPEC 2, 5):
+Layer names, block counts and block sizes follow the reference's SDXL configuration (docs/math.md §2, 5):
 nb = 32 blocks per layer; ``to_q/to_out`` act on the hidden size h (640 or 1280, b = 20 or 40);
 ``to_k/to_v`` on h for self-attention (``attn1``) and on the 2048-d text space for
 cross-attention (``attn2``, b = 64). Scale vectors have size h.
@@ -24,7 +24,7 @@ DEMO_SEED = 20260405
 _NB = 32
 _TEXT_DIM = 2048
 
-# (block prefix, attentions, transformer blocks per attention, hidden size)   SPEC 2
+# (block prefix, attentions, transformer blocks per attention, hidden size)   docs/math.md §2
 _SDXL_BLOCKS = (
     ("down_blocks.1", 2, 2, 640),
     ("down_blocks.2", 2, 10, 1280),

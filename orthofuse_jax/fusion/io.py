@@ -1,4 +1,4 @@
-"""Reference checkpoint I/O: safetensors files of GS adapters (SPEC 5).
+"""Reference checkpoint I/O: safetensors files of GS adapters (docs/math.md §5).
 
 File format (what the reference's ``unet.save_attn_procs`` writes and loads)::
 

@@ -1,6 +1,6 @@
 """Weighted means of N orthogonal blocks: the Karcher (Frechet) mean and the Cayley-space mean.
 
-Karcher mean (issue 3, "N-adapter merge"; paper's barycentric extension of the geodesic merge):
+Karcher mean (the N-adapter merge; paper's barycentric extension of the geodesic merge):
 the minimiser of ``sum_i w_i d(M, U_i)^2`` on SO(b) with ``d(A, B) = ||log(A^T B)||_F``, found by
 the classical fixed-point (Riemannian gradient) iteration
 
@@ -11,7 +11,7 @@ the classical fixed-point (Riemannian gradient) iteration
 It stops when ``max |G_k| <= tol`` or after ``max_iter`` steps and returns that residual, as
 optax's ``matrix_inverse_pth_root`` returns its error. Start: the input with the largest weight.
 
-Cayley-space mean (SPEC 3.3, paper eq. (38), for N adapters): ``Cay(sum_i w_i skew(A_i))`` on raw
+Cayley-space mean (docs/math.md §3.2, paper eq. (38), for N adapters): ``Cay(sum_i w_i skew(A_i))`` on raw
 Cayley parameters ``A_i``.
 
 .. note::
@@ -118,10 +118,10 @@ def karcher_mean_blocks(
 
 
 def cayley_mean_blocks(a: Float[Array, "k *batch b b"], weights: Float[Array, "k"]) -> Block:
-    """Weighted Cayley-space mean ``Cay(sum_i w_i skew(A_i))`` of raw Cayley parameters (SPEC 3.3, eq. (38)).
+    """Weighted Cayley-space mean ``Cay(sum_i w_i skew(A_i))`` of raw Cayley parameters (docs/math.md §3.2, eq. (38)).
 
     The reference (``merge_inside_cayley_space``) asserts ``sum(ts) == 1`` with an exact float
-    comparison (SPEC 9.4); here the weights are used as given and
+    comparison (docs/math.md §8); here the weights are used as given and
     :func:`orthofuse_jax.fusion.merge` checks them with a tolerance.
 
     Args:

@@ -2,17 +2,17 @@
 
 One convention everywhere: ``t = 0`` is the first (concept) adapter, ``t = 1`` the second (style);
 N adapters take a probability vector of weights in adapter order. Every merge acts block by block,
-independently on the L stack and the R stack; the perfect shuffle is untouched (SPEC 3).
+independently on the L stack and the R stack; the perfect shuffle is untouched (docs/math.md §3).
 
 Methods (``method=``):
 
-* ``"geodesic"`` -- the full OrthoFuse merge (SPEC 3.2, paper eq. (4)): ``Y(t) = U1 (U1^T U2)^t``,
+* ``"geodesic"`` -- the full OrthoFuse merge (docs/math.md §3.1, paper eq. (4)): ``Y(t) = U1 (U1^T U2)^t``,
   exact in real arithmetic (inverse Cayley + ``eigh``; :mod:`orthofuse_jax.geometry.spectral`).
   N adapters: the weighted Karcher mean (:mod:`orthofuse_jax.fusion.karcher`).
-* ``"cayley"`` -- the fast merge (SPEC 3.3, paper eq. (38)): ``Y(t) = Cay((1-t) skew(A1) + t skew(A2))``
+* ``"cayley"`` -- the fast merge (docs/math.md §3.2, paper eq. (38)): ``Y(t) = Cay((1-t) skew(A1) + t skew(A2))``
   on RAW Cayley parameters. N adapters: ``Cay(sum_i w_i skew(A_i))``.
 
-Spectra restoration (``restore=``), with the phase multiplier (paper eqs. (6)-(8), SPEC 3.7)
+Spectra restoration (``restore=``), with the phase multiplier (paper eqs. (6)-(8), docs/math.md §3.3)
 
     f(t) = 1 + 4 (alpha - 1) t (1 - t)            (two adapters; f(0) = f(1) = 1, f(1/2) = alpha)
     f(w) = 1 + 2 (alpha - 1) (1 - sum_i w_i^2)    (N adapters; equals f(t) for w = (1 - t, t):
@@ -20,19 +20,19 @@ Spectra restoration (``restore=``), with the phase multiplier (paper eqs. (6)-(8
 
 * ``"none"``: ``Y``.
 * ``"cayley"``: ``Cay(eta Y)``, ``eta = f / 2``; with ``alpha = 2`` this is exactly the reference's
-  ``curve_over_id`` (``eta = 0.5 + 2 p (1 - p)``, SPEC 3.7) used by both presets (``p = t`` for
+  ``curve_over_id`` (``eta = 0.5 + 2 p (1 - p)``, docs/math.md §3.3) used by both presets (``p = t`` for
   ``moft_merge``, ``p = 1 - t`` for ``moft_merge_fast``; eta is symmetric so both equal ``p = t``).
   Like the reference it does not restore the endpoints exactly (``theta -> theta - theta^3/4`` at
   t = 0, 1) and caps rotations at pi/2.
 * ``"exact"``: ``exp(f log Y)`` (paper eq. (6)), computed as a real spectral map of the rotation
   angles; ``f = 1`` at the endpoints, so t = 0 and t = 1 return the inputs.
 
-Reference bugs we do not reproduce (SPEC 9): the eig-based log with ``V^H`` for ``V^{-1}`` (9.1) and
+Reference bugs we do not reproduce (docs/math.md §8): the eig-based log with ``V^H`` for ``V^{-1}`` (9.1) and
 the branch cut at -1 (9.2) -- we use the real principal log, and a block with an eigenvalue at -1
 (no real log) raises :class:`MergeError` naming the layer (NaN under ``jit``) instead of silently
 returning a non-orthogonal block; the opposite t conventions (9.10) -- one convention here; the
 exact-float ``sum(ts) == 1`` assertion (9.4) -- a tolerance here; in-place mutation (9.7) -- all
-functions are pure. The style scales are dropped only under ``scales="concept"`` (9.11, SPEC 3.9).
+functions are pure. The style scales are dropped only under ``scales="concept"`` (9.11, docs/math.md §3.5).
 """
 
 from __future__ import annotations
@@ -104,10 +104,10 @@ def _t_blocks(t, dtype) -> Array:
 
 
 def geodesic_blocks(u1: Block, u2: Block, t, *, angle_tol: float = DEFAULT_ANGLE_TOL) -> Block:
-    """Exact SO(b) geodesic ``U1 (U1^T U2)^t`` (SPEC 3.2, paper eq. (4)); ``t = 0 -> U1``, ``t = 1 -> U2``.
+    """Exact SO(b) geodesic ``U1 (U1^T U2)^t`` (docs/math.md §3.1, paper eq. (4)); ``t = 0 -> U1``, ``t = 1 -> U2``.
 
     The reference computes ``U1 Re(expm(-t V diag(i Arg lambda) V^H))`` from a complex ``eig`` of
-    ``U2^T U1``, which is wrong for repeated eigenvalues and at -1 (SPEC 9.1-9.2); this is the real
+    ``U2^T U1``, which is wrong for repeated eigenvalues and at -1 (docs/math.md §8); this is the real
     principal-log form (:func:`orthofuse_jax.geometry.geodesic`). Raises
     :class:`~orthofuse_jax.geometry.NegativeEigenvalueError` on concrete input whose relative
     rotation has an eigenvalue -1; NaN blocks under ``jit``.
@@ -120,18 +120,18 @@ def geodesic_blocks(u1: Block, u2: Block, t, *, angle_tol: float = DEFAULT_ANGLE
 
 
 def cayley_space_blocks(a1: Block, a2: Block, t) -> Block:
-    """Fast merge ``Cay((1 - t) skew(A1) + t skew(A2))`` on RAW Cayley parameters (SPEC 3.3, eq. (38)).
+    """Fast merge ``Cay((1 - t) skew(A1) + t skew(A2))`` on RAW Cayley parameters (docs/math.md §3.2, eq. (38)).
 
     Our convention: ``t = 0 -> Cay(A1)``, ``t = 1 -> Cay(A2)``. The reference's
     ``merge_inside_cayley_space([A1, A2], [t', 1 - t'])`` is this function at ``t = 1 - t'``
-    (SPEC 3.8).
+    (docs/math.md §3.4).
     """
     t = jnp.asarray(t, dtype=a1.dtype)
     return cayley_map(a1, a2, c1=1.0 - t, c2=t)
 
 
 def curve_over_id(u: Block, p) -> Block:
-    """The reference's spectra restoration ``Cay(eta U)``, ``eta = 0.5 + 2 p (1 - p)`` (SPEC 3.7).
+    """The reference's spectra restoration ``Cay(eta U)``, ``eta = 0.5 + 2 p (1 - p)`` (docs/math.md §3.3).
 
     ``U`` is an orthogonal block; ``Cay`` takes its skew part, so this is ``Cay(eta (U - U^T)/2)``
     and maps each rotation angle ``theta`` to ``2 arctan(eta sin theta)``. The reference asserts
@@ -151,19 +151,19 @@ def cayley_restored(s: Block, eta) -> Block:
 
     The matrix solved against has symmetric part ``I - S^2 = I + S^T S >= I``: it is never
     singular and its inverse has norm at most 1, so this one solve (XLA; GPUs and TPUs) is as
-    well conditioned as the reference's two (SPEC 3.3 + 3.7, preset ``moft_merge_fast``). On the
+    well conditioned as the reference's two (docs/math.md §3.2 + 3.7, preset ``moft_merge_fast``). On the
     CPU the compiled kernel instead inverts ``I - S`` and ``I - eta skew(Cay(S))`` in place, in
     double (:func:`~orthofuse_jax.geometry._linalg.cayley_map`).
 
     Args:
       s: skew blocks ``[..., b, b]`` (e.g. ``(1 - t) skew(A1) + t skew(A2)``).
-      eta: scalar or array broadcasting against ``s.shape[:-2]`` (``0.5 + 2p(1-p)`` in SPEC 3.7).
+      eta: scalar or array broadcasting against ``s.shape[:-2]`` (``0.5 + 2p(1-p)`` in docs/math.md §3.3).
     """
     return cayley_map(s, c=2.0 * jnp.asarray(eta, dtype=s.dtype), square=True)
 
 
 def restoration_factor(t, alpha=2.0):
-    """Phase multiplier ``f(t) = 1 + 4 (alpha - 1) t (1 - t)`` (paper eq. (8), SPEC 3.7)."""
+    """Phase multiplier ``f(t) = 1 + 4 (alpha - 1) t (1 - t)`` (paper eq. (8), docs/math.md §3.3)."""
     return 1.0 + 4.0 * (alpha - 1.0) * t * (1.0 - t)
 
 
@@ -437,7 +437,7 @@ def _chunk_size(x: Array, target_bytes: int, min_blocks: int = 1) -> int | None:
 
     The merge kernel holds several block-sized temporaries per input block (the Cayley and
     inverse-Cayley solves, ``eigh``, the rotation): about 7 stacks' worth for a whole stack, 0.5 GB
-    for the 64x64 SDXL stack. In chunks of 0.5-1 MB they are negligible (issue 5), and they stay
+    for the 64x64 SDXL stack. In chunks of 0.5-1 MB they are negligible, and they stay
     in cache: on CPU the batched LAPACK calls loop over the blocks anyway, so the merge even gets
     faster. Only concrete CPU stacks are chunked, by a Python loop over one compiled chunk kernel:
     an XLA while loop (``lax.map``) would cost a thread hand-off per operation per chunk, which on
@@ -676,7 +676,7 @@ def _stack_inputs(
     (``invCay`` of orthogonal blocks), as :func:`~orthofuse_jax.fusion.adapter.to_orthogonal` and
     :func:`~orthofuse_jax.fusion.adapter.to_cayley_params` do for a whole adapter. Converting one
     stack at a time keeps one stack's converted copy alive instead of whole converted adapters
-    (0.6 GB for two float32 SDXL adapters, issue 5). With ``convert=False`` only the cast is done:
+    (0.6 GB for two float32 SDXL adapters). With ``convert=False`` only the cast is done:
     the two-adapter kernels convert inside, chunk by chunk.
     """
     out = []

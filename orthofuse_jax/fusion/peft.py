@@ -1,4 +1,4 @@
-"""Read PEFT (huggingface/peft) OFT adapters as GS adapters with ``L = I`` (SPEC 11).
+"""Read PEFT (huggingface/peft) OFT adapters as GS adapters with ``L = I`` (docs/math.md §9).
 
 An OFT adapter rotates each adapted layer's input features by a block-diagonal orthogonal matrix
 ``BD(R)``; as a GS matrix ``Q = P^T BD(L) P BD(R)`` that is ``L = I`` (raw parameters 0) and R

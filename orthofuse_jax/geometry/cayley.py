@@ -1,4 +1,4 @@
-"""Skew projection and the Cayley map on stacks of blocks (SPEC 1.2).
+"""Skew projection and the Cayley map on stacks of blocks (docs/math.md §1.2).
 
 Convention (the reference's ``method="cayley"``)::
 
@@ -36,7 +36,7 @@ def skew(a: Block) -> Block:
 
 
 def cayley(a: Block) -> Block:
-    """``Cay(A) = (I - S)^{-1} (I + S)`` with ``S = skew(A)`` (SPEC 1.2), per block.
+    """``Cay(A) = (I - S)^{-1} (I + S)`` with ``S = skew(A)`` (docs/math.md §1.2), per block.
 
     Only the skew part of ``a`` matters, as in the reference: ``cayley(eta * U)`` for an
     orthogonal ``U`` is ``Cay(eta (U - U^T)/2)``, the form used by ``curve_over_id``.

@@ -1,6 +1,6 @@
 """Geodesics on SO(b) (and on the product of blocks) with the Frobenius metric.
 
-    gamma(t) = U1 (U1^T U2)^t = U1 exp(t log(U1^T U2))          (SPEC 3.2, paper eq. (4))
+    gamma(t) = U1 (U1^T U2)^t = U1 exp(t log(U1^T U2))          (docs/math.md §3.1, paper eq. (4))
 
 ``gamma(0) = U1``, ``gamma(1) = U2``; its speed is constant and equal to the geodesic
 distance ``d(U1, U2) = ||log(U1^T U2)||_F``. The fractional power is computed by the real

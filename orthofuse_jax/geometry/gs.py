@@ -1,4 +1,4 @@
-"""Group-and-Shuffle (GS) orthogonal matrices ``Q = P^T BD(L) P BD(R)`` (SPEC 1.3).
+"""Group-and-Shuffle (GS) orthogonal matrices ``Q = P^T BD(L) P BD(R)`` (docs/math.md §1.3).
 
 ``L`` and ``R`` are stacks of ``nb`` orthogonal ``b x b`` blocks; R acts first on the input,
 then the perfect shuffle, then L, then the inverse shuffle. The layer maps a batch of row
@@ -36,7 +36,7 @@ def _apply_blocks(blocks: Blocks, x: Float[Array, "*batch n"], transpose: bool) 
 
 
 def gs_apply(x: Float[Array, "*batch n"], L: Blocks, R: Blocks) -> Float[Array, "*batch n"]:
-    """Apply ``Q`` to every row: ``y = x @ Q^T`` in ``O(n b)`` per row (SPEC 1.3).
+    """Apply ``Q`` to every row: ``y = x @ Q^T`` in ``O(n b)`` per row (docs/math.md §1.3).
 
     Args:
       x: row vectors, shape ``(..., n)``.

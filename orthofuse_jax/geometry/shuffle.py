@@ -1,4 +1,4 @@
-"""The perfect shuffle permutation P of the GS construction (SPEC 1.3).
+"""The perfect shuffle permutation P of the GS construction (docs/math.md §1.3).
 
 For ``n = nb * b`` the shuffle is the permutation
 

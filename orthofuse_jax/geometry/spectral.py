@@ -1,4 +1,4 @@
-"""Functions of rotation angles of orthogonal blocks, in real arithmetic (SPEC 9.3, 11).
+"""Functions of rotation angles of orthogonal blocks, in real arithmetic (docs/math.md §8, 11).
 
 Every ``U`` in ``SO(b)`` without an eigenvalue ``-1`` is ``Cay(S)`` for a skew ``S``. On each
 eigenspace of ``-S^2 = V diag(sigma^2) V^T`` (symmetric positive semidefinite, so a real

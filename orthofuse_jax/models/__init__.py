@@ -1,10 +1,10 @@
 """Flax SDXL integration (optional extra ``orthofuse-jax[sdxl]``).
 
 * :func:`patch_unet_params` / :func:`unpatch_unet_params` -- fold a GS adapter into the attention
-  kernels of a Flax UNet (``K_eff = (Q^T K) * s``, SPEC 2) and undo it.
+  kernels of a Flax UNet (``K_eff = (Q^T K) * s``, docs/math.md §2) and undo it.
 * :func:`attention_layers` -- reference layer name -> Flax parameter path table from a UNet config.
 * :func:`load_unet` / :func:`load_vae` -- diffusers PyTorch safetensors -> Flax params (no torch).
-* :func:`generate` / :func:`denoise` / :func:`euler_schedule` -- SDXL Euler sampling with CFG (SPEC 4).
+* :func:`generate` / :func:`denoise` / :func:`euler_schedule` -- SDXL Euler sampling with CFG (docs/math.md §4).
 * :func:`prompt_embeddings` / :func:`load_text_encoders` / :func:`encode_prompt` -- SDXL's two
   Flax CLIP text encoders (transformers 4.57), as diffusers' SDXL pipeline encodes prompts.
 * :func:`apply_onthefly` -- the reference's per-call application of the adapter (tests, benchmarks).

@@ -2,7 +2,7 @@
 touches one file.
 
 Backbone: diffusers 0.35.2, the last release that ships Flax models (``FlaxUNet2DConditionModel``,
-``FlaxAutoencoderKL``); it runs with jax 0.10.2 / flax 0.12.8 (SPEC 11). Weights are read from the
+``FlaxAutoencoderKL``); it runs with jax 0.10.2 / flax 0.12.8 (docs/math.md §9). Weights are read from the
 diffusers PyTorch layout (``config.json`` + ``diffusion_pytorch_model.safetensors``) with numpy
 only, using diffusers' own rename/transpose rule (``rename_key_and_reshape_tensor``) against the
 *shapes* of the Flax parameters (``jax.eval_shape``), so nothing is randomly initialised and torch

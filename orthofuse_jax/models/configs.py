@@ -2,7 +2,7 @@
 
 ``SDXL_BASE_UNET`` holds the keys of ``stabilityai/stable-diffusion-xl-base-1.0/unet/config.json``
 that shape the Flax UNet (the other keys are at diffusers' defaults); with random weights it gives
-the SDXL parameter tree (560 GS attention projections, SPEC 5) without a download.
+the SDXL parameter tree (560 GS attention projections, docs/math.md §5) without a download.
 
 ``TINY_SDXL_UNET`` and ``MEDIUM_SDXL_UNET`` mirror SDXL where it matters for the adapters:
 cross-attention whose context width differs from the hidden widths (so the k/v adapters of attn2 are

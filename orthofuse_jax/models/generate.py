@@ -1,4 +1,4 @@
-"""SDXL sampling with a (patched) Flax UNet: Euler, classifier-free guidance, VAE decode (SPEC 4).
+"""SDXL sampling with a (patched) Flax UNet: Euler, classifier-free guidance, VAE decode (docs/math.md §4).
 
 The reference samples with diffusers' ``EulerDiscreteScheduler`` of SDXL base 1.0: scaled-linear
 betas 0.00085 -> 0.012 over 1000 training steps, epsilon prediction, ``"leading"`` spacing with
@@ -137,7 +137,7 @@ def denoise(
 ):
     """Euler sampling loop over a jitted UNet step; returns latents ``[1, C, H/f, W/f]`` (float32).
 
-    ``prompt_embeds`` ``[T, D]``, ``pooled`` ``[P]``; negatives default to zeros (SPEC 4).
+    ``prompt_embeds`` ``[T, D]``, ``pooled`` ``[P]``; negatives default to zeros (docs/math.md §4).
     ``latents``: initial unit-variance noise (default ``normal(PRNGKey(seed))``); it is
     multiplied by ``init_noise_sigma`` here.
     """
@@ -237,7 +237,7 @@ def _scheduler_config(model: str) -> dict:
         return {}
     with open(path) as f:
         cfg = json.load(f)
-    # Whatever the folder's scheduler class, the reference samples with Euler (SPEC 4); only its
+    # Whatever the folder's scheduler class, the reference samples with Euler (docs/math.md §4); only its
     # beta/timestep settings are taken from the file.
     if cfg.get("prediction_type", "epsilon") != "epsilon" or cfg.get("use_karras_sigmas", False):
         raise ValueError(f"{path}: only epsilon prediction without Karras sigmas is supported")
@@ -260,7 +260,7 @@ def generate(
     allow_download: bool = False,
     latents=None,
 ):
-    """Sample one image with the SDXL UNet in ``model`` and ``adapter`` folded in (SPEC 4 defaults).
+    """Sample one image with the SDXL UNet in ``model`` and ``adapter`` folded in (docs/math.md §4 defaults).
 
     ``embeddings``: a prompt string (encoded with ``model``'s text encoders, ``negative_prompt``
     as the SDXL pipeline treats it: see :func:`~orthofuse_jax.models.text.prompt_embeddings`) or

@@ -1,4 +1,4 @@
-"""Where the GS layers sit: reference layer names <-> Flax UNet parameter paths (SPEC 2, 5).
+"""Where the GS layers sit: reference layer names <-> Flax UNet parameter paths (docs/math.md §2, 5).
 
 The reference names a GS layer after its attention processor, e.g.
 ``down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor.to_q_moft``; the projection it
@@ -7,7 +7,7 @@ rotates is the Flax ``Dense`` at ``down_blocks_1/attentions_0/transformer_blocks
 block, transformer depth, channels, cross-attention width), never listed per layer.
 
 For every layer the GS size ``n`` is the projection's INPUT width (``cross_attention_dim`` for
-to_k/to_v of attn2) and the scale has the OUTPUT width (SPEC 2 table).
+to_k/to_v of attn2) and the scale has the OUTPUT width (docs/math.md §2 table).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def _add_transformer(table, block: str, a: int, k: int, hidden: int, cross: int,
 def attention_layers(config: Mapping) -> dict[str, AttentionLayer]:
     """Table ``{reference layer name: AttentionLayer}`` of a diffusers UNet2DCondition config.
 
-    For SDXL base this lists 560 layers (140 attentions x q/k/v/out, SPEC 2).
+    For SDXL base this lists 560 layers (140 attentions x q/k/v/out, docs/math.md §2).
     """
     down = list(config["down_block_types"])
     up = list(config["up_block_types"])

@@ -2,7 +2,7 @@
 
 Every call of an adapted attention projection ``Dense`` is intercepted
 (``flax.linen.intercept_methods``): its input is rotated by the butterfly ``x -> Q x`` and its
-output scaled before the bias, ``y = s * (W (Q x)) + b`` (SPEC 2). The UNet parameters are not
+output scaled before the bias, ``y = s * (W (Q x)) + b`` (docs/math.md §2). The UNet parameters are not
 touched, so this is the independent counterpart of :func:`~orthofuse_jax.models.patch_unet_params`.
 """
 

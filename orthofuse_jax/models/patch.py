@@ -1,4 +1,4 @@
-"""Fold a GS adapter into Flax UNet attention kernels, and unfold it again (SPEC 2, 9.19).
+"""Fold a GS adapter into Flax UNet attention kernels, and unfold it again (docs/math.md §2, 9.19).
 
 The reference applies ``W_eff = diag(s) W Q`` at every call. For a Flax ``Dense`` kernel
 ``K = W^T`` (in x out) the folded kernel is
@@ -118,7 +118,7 @@ def _check_finite(adapter: GSAdapter):
 
 def _fold_one(K, L, R, s, inverse: bool):
     """``(Q^T K) * s`` or ``Q (K / s)`` on the rows of ``K`` ``(n, out)``, with the shuffle folded
-    into the two batched block products (SPEC 1.3: ``Q = P^T BD(L) P BD(R)``)."""
+    into the two batched block products (docs/math.md §1.3: ``Q = P^T BD(L) P BD(R)``)."""
     nb, b = L.shape[-3], L.shape[-1]
     n, out = K.shape
     if not inverse:
@@ -162,12 +162,12 @@ def _apply(params, adapter: GSAdapter, *, config, table, inverse: bool):
 
 
 def patch_unet_params(params, adapter: GSAdapter, *, config: Mapping | None = None, table=None):
-    """Fold ``adapter`` into a copy of the Flax UNet ``params``: ``K_eff = (Q^T K) * s`` (SPEC 2).
+    """Fold ``adapter`` into a copy of the Flax UNet ``params``: ``K_eff = (Q^T K) * s`` (docs/math.md §2).
 
     Args:
       params: Flax ``FlaxUNet2DConditionModel`` parameter tree (dict or FrozenDict); not modified.
       adapter: raw (Cayley parameters) or orthogonal :class:`GSAdapter`; layers named as in the
-        reference checkpoint (SPEC 5). Layers without a scale use unit scales.
+        reference checkpoint (docs/math.md §5). Layers without a scale use unit scales.
       config: the UNet config; the name -> path table is derived from it (default: read off
         ``params``).
       table: an explicit ``{name: AttentionLayer}`` table (overrides ``config``).

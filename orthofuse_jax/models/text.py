@@ -1,4 +1,4 @@
-"""SDXL prompt encoding with the two Flax CLIP text encoders (SPEC 4).
+"""SDXL prompt encoding with the two Flax CLIP text encoders (docs/math.md §4).
 
 SDXL conditions its UNet on two CLIP text encoders, as diffusers' ``StableDiffusionXLPipeline
 .encode_prompt`` does it:

@@ -1,9 +1,9 @@
-"""Train GS orthogonal adapters on a frozen Flax SDXL UNet with optax (SPEC 6).
+"""Train GS orthogonal adapters on a frozen Flax SDXL UNet with optax (docs/math.md §6).
 
 The trainable state is a :class:`~orthofuse_jax.fusion.adapter.GSAdapter` of raw Cayley
 parameters (``L = R = 0``, so every block is ``Cay(0) = I``) and per-channel scales (ones) for
-every ``to_q/to_k/to_v/to_out`` projection of every ``attn1``/``attn2`` (SPEC 2); at step 0 the
-model is exactly the base model. The loss is the epsilon-prediction MSE (SPEC 6)
+every ``to_q/to_k/to_v/to_out`` projection of every ``attn1``/``attn2`` (docs/math.md §2); at step 0 the
+model is exactly the base model. The loss is the epsilon-prediction MSE (docs/math.md §6)
 
     x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps,   t ~ U{0..T-1},   eps ~ N(0, I)
     loss = mean( (eps_theta(x_t, t, c) - eps)^2 )
@@ -14,7 +14,7 @@ loss, ``K_eff = (Q^T K) * s`` (the same product reassociated, :mod:`.patch`), so
 ``L, R`` through ``Q = P^T BD(Cay(L)) P BD(Cay(R))`` and the scales through ``K_eff``; the base
 parameters are arguments that are never differentiated.
 
-Skewness is kept exactly, as in the reference (SPEC 1.2): the loss sees ``L`` only through
+Skewness is kept exactly, as in the reference (docs/math.md §1.2): the loss sees ``L`` only through
 ``skew(L) = (L - L^T)/2``, whose VJP ``(G - G^T)/2`` is exactly antisymmetric in floating point
 (halving is exact), and AdamW (moments, bias correction, decoupled weight decay, global-norm
 clipping) acts elementwise or by a common factor, so zero-initialised parameters stay exactly
@@ -22,13 +22,13 @@ skew with a zero diagonal and checkpoints hold ``A = S``.
 
 Optimiser: ``optax.adamw`` with the reference's ``torch.optim.AdamW`` defaults (lr 1e-4, betas
 (0.9, 0.999), eps 1e-8, weight decay 1e-4 on every adapter parameter, scales included); the
-reference parses ``max_grad_norm`` but never applies it (SPEC 9.13) -- here it is applied when
+reference parses ``max_grad_norm`` but never applies it (docs/math.md §8) -- here it is applied when
 given. Optional bfloat16 compute: the UNet runs in bf16, the adapter, the fold and the loss stay
 float32.
 
 Resuming: the loop is a function of a :class:`TrainState` (step, adapter, optax state, PRNG key,
 numpy data-RNG state, losses). :func:`save_checkpoint` writes the adapter in the reference format
-(SPEC 5, unchanged) and the rest to ``ADAPTER.opt.npz`` beside it; :func:`load_checkpoint` checks
+(docs/math.md §5, unchanged) and the rest to ``ADAPTER.opt.npz`` beside it; :func:`load_checkpoint` checks
 it against the model and the run's :func:`train_fingerprint`; :func:`run_training` continues it. A
 run stopped at step ``m`` and resumed to ``n`` is the uninterrupted ``n``-step computation (bit for
 bit on CPU in float32, tested). The state file holds AdamW's ``mu, nu``: about twice the adapter.
@@ -78,7 +78,7 @@ __all__ = [
     "load_checkpoint",
 ]
 
-# SDXL base 1.0 scheduler settings used by the reference's DDPMScheduler (SPEC 4, 6).
+# SDXL base 1.0 scheduler settings used by the reference's DDPMScheduler (docs/math.md §4, 6).
 DDPM_SDXL = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
 
 
@@ -105,10 +105,10 @@ def init_adapter(
     dtype=jnp.float32,
     scales: bool = True,
 ) -> GSAdapter:
-    """Zero-initialised trainable adapter for every attention projection of a UNet (SPEC 1.1, 2).
+    """Zero-initialised trainable adapter for every attention projection of a UNet (docs/math.md §1.1, 2).
 
     ``L = R = 0`` ``[nb, n/nb, n/nb]`` (``n`` = the projection's input width) and unit scales of the
-    output width, named as in the reference checkpoint (SPEC 5).
+    output width, named as in the reference checkpoint (docs/math.md §5).
 
     Args:
       config_or_table: a diffusers UNet config, or a ``{name: AttentionLayer}`` table.
@@ -211,7 +211,7 @@ def add_noise(x0, noise, t, abar):
 def diffusion_loss(
     adapter: GSAdapter, params, batch: Mapping, key, *, unet, plan: FoldPlan, abar, compute_dtype=None, apply: str = "fold"
 ):
-    """Epsilon-prediction MSE of the UNet with ``adapter`` folded in (SPEC 6); returns a scalar.
+    """Epsilon-prediction MSE of the UNet with ``adapter`` folded in (docs/math.md §6); returns a scalar.
 
     Args:
       adapter: raw-parameter :class:`GSAdapter` (the differentiated argument).
@@ -287,7 +287,7 @@ def make_optimizer(
     weight_decay: float = 1e-4,
     max_grad_norm: float | None = None,
 ):
-    """``optax.adamw`` with the reference defaults (SPEC 6), after optional global-norm clipping.
+    """``optax.adamw`` with the reference defaults (docs/math.md §6), after optional global-norm clipping.
 
     ``max_grad_norm`` = None (the reference's behaviour: parsed, never applied) or a positive
     bound on ``||g||_2`` over all adapter parameters (``optax.clip_by_global_norm``).
@@ -320,7 +320,7 @@ def make_train_step(loss_fn: Callable, optimizer, *, donate: bool = True):
 
 @dataclass
 class TrainConfig:
-    """Options of :func:`train` (defaults = the reference recipe, SPEC 6, except ``steps``)."""
+    """Options of :func:`train` (defaults = the reference recipe, docs/math.md §6, except ``steps``)."""
 
     steps: int = 1000
     nblocks: int = 32
@@ -342,7 +342,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class TrainState:
-    """Everything a run needs to continue as if it had never stopped (SPEC 6 loop state).
+    """Everything a run needs to continue as if it had never stopped (docs/math.md §6 loop state).
 
     Attributes:
       step: updates done so far (the next step is ``step + 1``).
@@ -607,7 +607,7 @@ def save_checkpoint(
 ) -> tuple[str, str]:
     """Write ``state`` as a reference-format adapter at ``path`` plus its state file beside it.
 
-    The adapter file is exactly what :func:`~orthofuse_jax.fusion.io.save_adapter` writes (SPEC 5;
+    The adapter file is exactly what :func:`~orthofuse_jax.fusion.io.save_adapter` writes (docs/math.md §5;
     ``metadata`` goes into its safetensors header, no extra tensors). The state file
     (:func:`train_state_path`) is an ``.npz`` of the flattened optimiser state, one array per
     ``tree_flatten_with_path`` key (``opt_state/0/mu/stacks/nb32_b20/L``, ...), ``key`` (raw PRNG

@@ -1,4 +1,4 @@
-"""Training data for GS adapters: latents + text embeddings, from images or precomputed (SPEC 6).
+"""Training data for GS adapters: latents + text embeddings, from images or precomputed (docs/math.md §6).
 
 Everything the training step sees is a :class:`LatentData`: VAE latents ``x_0`` (already times the
 VAE scaling factor; optionally with the posterior std so every step draws a fresh
@@ -13,7 +13,7 @@ whole set, and the original image sizes for SDXL's ``time_ids``.
   an approximation of encoding each pixel crop (the VAE's receptive field sees beyond the crop
   border) that saves a VAE pass per step.
 * ``time_ids = [orig_h, orig_w, 0, 0, target_h, target_w]``: crop corner (0, 0) as in the reference
-  (SPEC 9.14); original size in SDXL's (h, w) order (the reference's style set writes (w, h)).
+  (docs/math.md §8); original size in SDXL's (h, w) order (the reference's style set writes (w, h)).
 
 Prompt embeddings come from :mod:`orthofuse_jax.models.text` (the model's CLIP text encoders) or
 from ``.npz`` files (``prompt_embeds [77, 2048]``, ``pooled [1280]``), the format of
@@ -226,7 +226,7 @@ def _to_unit(img) -> np.ndarray:
 
 
 def preprocess_concept(path: str, resolution: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """Centre crop to the short side, Lanczos resize to ``resolution``, ``[-1, 1]`` (SPEC 6)."""
+    """Centre crop to the short side, Lanczos resize to ``resolution``, ``[-1, 1]`` (docs/math.md §6)."""
     from PIL import Image
 
     with Image.open(path) as im:
@@ -239,7 +239,7 @@ def preprocess_concept(path: str, resolution: int) -> tuple[np.ndarray, tuple[in
 
 def preprocess_style(path: str, resolution: int, multiple: int = 8) -> tuple[np.ndarray, tuple[int, int]]:
     """Resize so the short side is ``resolution`` (bilinear, antialiased), sides rounded down to
-    ``multiple`` pixels so the latent grid is whole; ``[-1, 1]`` (SPEC 6, before the random crop)."""
+    ``multiple`` pixels so the latent grid is whole; ``[-1, 1]`` (docs/math.md §6, before the random crop)."""
     from PIL import Image
 
     with Image.open(path) as im:

@@ -1,6 +1,6 @@
 """The benchmark baseline (benchmarks/reference_torch.py) reproduces the reference code's outputs.
 
-The golden file holds float64 outputs of the authors' PyTorch code (SPEC 1.4, golden README); the
+The golden file holds float64 outputs of the authors' PyTorch code (docs/math.md §1.4, golden README); the
 transcription must match them, otherwise the speed-ups in benchmarks/RESULTS.md would be measured
 against the wrong algorithm.
 """
@@ -64,7 +64,7 @@ def test_fast_preset_matches_golden(golden, dtype):
         b = cL.shape[-1]
         for i, t in enumerate(golden["t"]):
             t = float(t)
-            # Cayley-space merge alone, concept weight 1 - t (SPEC 3.3 / golden README).
+            # Cayley-space merge alone, concept weight 1 - t (docs/math.md §3.2 / golden README).
             ts = torch.tensor([1 - t, t], dtype=dtype)
             L, R = ref.merge_inside_cayley_space_batch(cL, cR, sL, sR, ts)
             np.testing.assert_allclose(L.numpy(), golden[f"c{k}_fast_L_{i}"], atol=_tol(dtype), rtol=0)

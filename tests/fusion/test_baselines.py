@@ -1,4 +1,4 @@
-"""LoRA fixed-rank ALS merge (SPEC 7) against numpy's truncated SVD."""
+"""LoRA fixed-rank ALS merge (docs/math.md §7) against numpy's truncated SVD."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Reference checkpoint I/O (SPEC 5): round trips, reference interop in torch, and bad input."""
+"""Reference checkpoint I/O (docs/math.md §5): round trips, reference interop in torch, and bad input."""
 
 from __future__ import annotations
 

@@ -125,7 +125,7 @@ def test_cayley_space_blocks_closed_form():
 
 @pytest.mark.parametrize("p", [0.0, 0.25, 0.6, 1.0])
 def test_curve_over_id_angle_map(p):
-    """SPEC 3.7: a rotation by theta becomes one by 2 arctan(eta sin theta), eta = 0.5 + 2p(1-p)."""
+    """docs/math.md §3.3: a rotation by theta becomes one by 2 arctan(eta sin theta), eta = 0.5 + 2p(1-p)."""
     thetas = np.array([0.1, 0.5, 1.0, 2.5])
     u = np.stack([rot2(th) for th in thetas])
     eta = 0.5 + 2 * p * (1 - p)
@@ -410,7 +410,7 @@ def test_multiply_baseline_is_composition():
     assert np.abs(q_merge - np.asarray(prod.dense("blk0.q"))).max() > 1e-3
 
 
-# -- SDXL-sized run under a hard timeout (SPEC 11: a fused jit with complex eigh once hung) -------
+# -- SDXL-sized run under a hard timeout (docs/math.md §9: a fused jit with complex eigh once hung) -------
 
 _SDXL_SCRIPT = textwrap.dedent(
     """
@@ -438,7 +438,7 @@ _SDXL_SCRIPT = textwrap.dedent(
 
 # The fast preset at the full SDXL shape (560 layers: 60 x b20, 360 x b40, 140 x b64); the largest
 # fused kernel (geodesic + exact restoration: 2 inverse-Cayley solves and 2 eigh per stack) on
-# thousands of blocks of each SDXL block size (the SPEC 11 hang appeared from 64 blocks on).
+# thousands of blocks of each SDXL block size (the docs/math.md §9 hang appeared from 64 blocks on).
 _SDXL_SPECS = [
     ([(60, 20), (360, 40), (140, 64)], "cayley", "cayley"),
     ([(30, 20), (60, 40), (30, 64)], "geodesic", "exact"),
@@ -502,7 +502,7 @@ def test_cayley_restored_equals_two_step_reference(dtype, tol):
     np.testing.assert_allclose(got, ref, atol=tol, rtol=0)
 
 
-# -- chunked CPU merge (issue 5: peak memory) -------------------------------------------------
+# -- chunked CPU merge (peak memory) -----------------------------------------------------------
 
 
 def _counting_chunk_kernel(monkeypatch, sweep: bool):

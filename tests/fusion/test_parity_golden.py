@@ -1,6 +1,6 @@
 """Parity with the reference PyTorch OrthoFuse merges (tests/data/reference_merges.npz, float64).
 
-Mapping of the golden file's conventions to ours (its README, SPEC 3.8): ``t`` is the user-facing t
+Mapping of the golden file's conventions to ours (its README, docs/math.md §3.4): ``t`` is the user-facing t
 (0 = concept) everywhere; ``fast`` is the Cayley-space merge with concept weight ``1 - t`` = our
 ``cayley_space`` at t; ``*rst`` adds ``curve_over_id`` with ``p = t`` (geodesic) or ``p = 1 - t``
 (fast), which is our ``restore="cayley"`` because eta is symmetric in p.
@@ -98,7 +98,7 @@ def test_endpoint_inputs_reproduce_reference_layers():
             np.testing.assert_allclose(np.asarray(y), DATA[f"c{case}_{key}"], rtol=0, atol=1e-12)
 
 
-# SPEC 1.4: golden values written in the spec itself (independent of the npz file).
+# docs/math.md §1.4: golden values written in the spec itself (independent of the npz file).
 def _spec14_params():
     j = np.arange(4)[:, None, None]
     r = np.arange(3)[None, :, None]
@@ -110,7 +110,7 @@ def _spec14_params():
     return cL, cR, sL, sR
 
 
-SPEC14 = {
+WRITTEN_GOLDEN = {
     ("geodesic", "none"): [0.85425147, 1.02243718, 0.30031656, -0.72939588, -0.91862124, -0.08990343,
                            0.79028991, 0.93799697, 0.54669473, -0.18011806, -0.79992836, -0.75129401],
     ("geodesic", "cayley"): [0.82603881, 0.98002044, 0.35349507, -0.62873828, -0.90123955, 0.01082373,
@@ -122,7 +122,7 @@ SPEC14 = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("method,restore", list(SPEC14))
+@pytest.mark.parametrize("method,restore", list(WRITTEN_GOLDEN))
 def test_spec_1_4_golden_values(method, restore):
     cL, cR, sL, sR = _spec14_params()
     concept = from_layers({"l": (cL, cR)}, dtype=np.float64)
@@ -130,7 +130,7 @@ def test_spec_1_4_golden_values(method, restore):
     x = jnp.sin(jnp.arange(1, 13, dtype=jnp.float64))
     s = _only(merge([concept, style], t=0.6, method=method, restore=restore))
     y = gs_apply(x, s.L[0], s.R[0])
-    np.testing.assert_allclose(np.asarray(y), SPEC14[(method, restore)], rtol=0, atol=2e-8)
+    np.testing.assert_allclose(np.asarray(y), WRITTEN_GOLDEN[(method, restore)], rtol=0, atol=2e-8)
     if method == "geodesic":
         want = {
             "none": [0.97213475, -0.11720346, -0.20302062, 0.09369551, 0.98812310, -0.12179445, 0.21488410,

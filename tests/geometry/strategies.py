@@ -25,7 +25,7 @@ THOROUGH = os.environ.get("ORTHOFUSE_HYPOTHESIS_PROFILE", "ci") == "thorough"
 
 
 def tol(dtype, *, f32: float = 1e-5, f64: float = 1e-12) -> float:
-    """Per-dtype absolute tolerance (the accuracy targets of issue 2 by default)."""
+    """Per-dtype absolute tolerance (the project's accuracy targets by default)."""
     return f32 if np.dtype(dtype) == np.float32 else f64
 
 
@@ -116,7 +116,7 @@ def random_rotations(rng: np.random.Generator, shape: tuple[int, ...], b: int, m
 
 
 def shuffle_index(nb: int, b: int) -> np.ndarray:
-    """``idx`` with ``(P z)[v*b + u] = z[u*nb + v]`` written out by loops (SPEC 1.3)."""
+    """``idx`` with ``(P z)[v*b + u] = z[u*nb + v]`` written out by loops (docs/math.md §1.3)."""
     idx = np.empty(nb * b, dtype=np.int64)
     for v in range(nb):
         for u in range(b):

@@ -1,4 +1,4 @@
-"""Skew projection and the Cayley map ``Cay(A) = (I+S)(I-S)^{-1}`` (SPEC 1.2)."""
+"""Skew projection and the Cayley map ``Cay(A) = (I+S)(I-S)^{-1}`` (docs/math.md §1.2)."""
 
 from __future__ import annotations
 

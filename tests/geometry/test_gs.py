@@ -1,4 +1,4 @@
-"""GS matrices ``Q = P^T BD(L) P BD(R)`` against dense numpy references (SPEC 1.3, 1.4)."""
+"""GS matrices ``Q = P^T BD(L) P BD(R)`` against dense numpy references (docs/math.md §1.3, 1.4)."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def _pair(case):
 
 
 def _element_form(L: np.ndarray, R: np.ndarray) -> np.ndarray:
-    """SPEC 1.3 element form ``Q[c*nb+v, j*b+i] = sum_{u: (u*nb+v)//b == j} L[v,c,u] R[j,(u*nb+v)%b,i]``."""
+    """docs/math.md §1.3 element form ``Q[c*nb+v, j*b+i] = sum_{u: (u*nb+v)//b == j} L[v,c,u] R[j,(u*nb+v)%b,i]``."""
     nb, b = L.shape[0], L.shape[-1]
     q = np.zeros((nb * b, nb * b))
     for c in range(b):
@@ -72,7 +72,7 @@ def test_gs_apply_and_dense_match_numpy(case, seed):
 
 @given(case=rotation_stacks(shapes=SHAPES, dtype=np.float64))
 def test_dense_reference_matches_spec_element_form(case):
-    # cross-check of the two independent references (matrix product vs SPEC element form),
+    # cross-check of the two independent references (matrix product vs the element form of docs/math.md §1.3),
     # then of the library against the element form
     L, R = _pair(case)
     q = _element_form(L, R)
@@ -149,7 +149,7 @@ def test_gs_sdxl_shape_orthogonal_and_matches_numpy():
     assert orth_err(qf) <= 1e-5
 
 
-# --- SPEC 1.4 golden values (reference code, float64, method "cayley") ---------------------
+# --- docs/math.md §1.4 golden values (reference code, float64, method "cayley") ---------------------
 
 _J, _R, _C = np.meshgrid(np.arange(4), np.arange(3), np.arange(3), indexing="ij")
 _X = np.sin(np.arange(12) + 1.0)

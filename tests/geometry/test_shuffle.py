@@ -1,4 +1,4 @@
-"""Perfect shuffle P against the SPEC 1.3 index formula ``(P z)[v*b+u] = z[u*nb+v]``."""
+"""Perfect shuffle P against the docs/math.md §1.3 index formula ``(P z)[v*b+u] = z[u*nb+v]``."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def test_dense_matrix_and_indices_consistent(shape, dtype, seed):
 
 
 def test_shuffle_not_symmetric_for_sdxl_shape():
-    # SPEC 1.3: for b != nb P is not symmetric, the direction matters
+    # docs/math.md §1.3: for b != nb P is not symmetric, the direction matters
     p = np.asarray(perfect_shuffle_matrix(32, 20, dtype=np.float64))
     np.testing.assert_array_equal(p, shuffle_matrix64(32, 20))
     assert np.abs(p - p.T).max() == 1.0

@@ -91,7 +91,7 @@ def test_spectral_functions_against_scipy(case, t):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_orthogonality_and_exp_log_at_three_radians(dtype):
-    # the accuracy targets of issue 2 at the edge of the range: every block has angle exactly 3
+    # the accuracy targets at the edge of the range: every block has angle exactly 3
     # (shape [1, 4, 4]: the compiled kernel of the property test above is reused)
     t = tol(dtype)
     for seed in range(16):

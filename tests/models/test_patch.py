@@ -1,5 +1,5 @@
 """patch_unet_params / unpatch_unet_params against dense products, the torch reference processor
-and the on-the-fly Flax wrapper (SPEC 2)."""
+and the on-the-fly Flax wrapper (docs/math.md §2)."""
 
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def test_sdxl_table_has_560_layers():
     counts = {}
     for s in table.values():
         counts[(s.n_in, s.n_out)] = counts.get((s.n_in, s.n_out), 0) + 1
-    # SPEC 5: per-n counts; attn2 k/v are 2048 wide
+    # docs/math.md §5: per-n counts; attn2 k/v are 2048 wide
     assert counts == {(640, 640): 60, (1280, 1280): 360, (2048, 640): 20, (2048, 1280): 120}
     assert "mid_block.attentions.0.transformer_blocks.9.attn2.processor.to_out_moft" in table
     assert "up_blocks.0.attentions.2.transformer_blocks.9.attn1.processor.to_q_moft" in table
@@ -84,7 +84,7 @@ def test_patch_matches_dense_product(flax_unet):
     patched = patch_unet_params(params, adapter)
     orth = to_orthogonal(adapter)
     for name, (L, R) in to_layers(orth).items():
-        # independent dense Q from the element formula of SPEC 1.3, float64 numpy
+        # independent dense Q from the element formula of docs/math.md §1.3, float64 numpy
         L, R = np.asarray(L, np.float64), np.asarray(R, np.float64)
         nb, b = L.shape[0], L.shape[-1]
         n = nb * b

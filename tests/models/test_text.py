@@ -1,4 +1,4 @@
-"""Prompt encoding with the Flax CLIP text encoders vs diffusers' torch SDXL pipeline (issue 4, 6)."""
+"""Prompt encoding with the Flax CLIP text encoders vs diffusers' torch SDXL pipeline."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""GS adapter training (SPEC 6): Cayley gradients vs finite differences, AdamW vs torch, a short
+"""GS adapter training (docs/math.md §6): Cayley gradients vs finite differences, AdamW vs torch, a short
 training run on a fixed batch, the reference checkpoint round trip and the ``train`` CLI."""
 
 from __future__ import annotations
@@ -221,7 +221,7 @@ def test_fifty_steps_lower_the_loss_and_keep_blocks_orthogonal(trained):
     for st in adapter.stacks.values():
         for A in (np.asarray(st.L), np.asarray(st.R)):
             assert A.dtype == np.float32
-            np.testing.assert_array_equal(A, -A.swapaxes(-1, -2))  # exactly skew (SPEC 1.2)
+            np.testing.assert_array_equal(A, -A.swapaxes(-1, -2))  # exactly skew (docs/math.md §1.2)
             moved = max(moved, float(np.abs(A).max()))
     assert moved > 1e-2
     orth = to_orthogonal(adapter)
@@ -251,7 +251,7 @@ def test_checkpoint_round_trip_through_fuse_and_patch(trained, tmp_path, torch_u
 
     adapter, params, cfg = trained["adapter"], trained["params"], trained["cfg"]
     path = save_adapter(tmp_path / "concept.safetensors", adapter)
-    # reference keys (SPEC 5), loadable by torch
+    # reference keys (docs/math.md §5), loadable by torch
     keys = set(load_file(path))
     assert "down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor.to_q_moft.ort_monarch.L" in keys
     assert "mid_block.attentions.0.transformer_blocks.1.attn2.processor.out_scale" in keys
@@ -348,7 +348,7 @@ def test_train_cli_joint_bf16_with_checkpoints(tiny_model_dir, tmp_path, capsys)
 
 
 # ------------------------------------------------------------------------------------------------
-# saving and resuming (issue #6): a run stopped halfway and resumed is the uninterrupted run
+# saving and resuming: a run stopped halfway and resumed is the uninterrupted run
 
 
 def _joint_data(seed=0):

@@ -1,7 +1,7 @@
-"""The reference's on-the-fly GS attention processor, transcribed in torch (SPEC 1.3, 2).
+"""The reference's on-the-fly GS attention processor, transcribed in torch (docs/math.md §1.3, 2).
 
-Independent of orthofuse_jax: the butterfly multiply is the numpy transcription of SPEC 1.3 in
-torch, blocks come from the torch Cayley transform (SPEC 1.2) of the raw parameters.
+Independent of orthofuse_jax: the butterfly multiply is the numpy transcription of docs/math.md §1.3 in
+torch, blocks come from the torch Cayley transform (docs/math.md §1.2) of the raw parameters.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ def cayley(A: torch.Tensor) -> torch.Tensor:
 
 
 def butterfly(x: torch.Tensor, R: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
-    """``y = x @ Q^T`` with ``Q = P^T BD(L) P BD(R)`` (SPEC 1.3 numpy transcription)."""
+    """``y = x @ Q^T`` with ``Q = P^T BD(L) P BD(R)`` (docs/math.md §1.3 numpy transcription)."""
     nb, b = R.shape[0], R.shape[-1]
     B = x.shape[:-1]
     n = nb * b
@@ -29,7 +29,7 @@ def butterfly(x: torch.Tensor, R: torch.Tensor, L: torch.Tensor) -> torch.Tensor
 
 
 class MOFTProcessor:
-    """q = q_scale * to_q(Q_q x), ..., out = out_scale * (W_out (Q_out o)) + b_out (SPEC 2)."""
+    """q = q_scale * to_q(Q_q x), ..., out = out_scale * (W_out (Q_out o)) + b_out (docs/math.md §2)."""
 
     def __init__(self, blocks: dict, scales: dict):
         # blocks: {"to_q_moft": (L, R) orthogonal}, scales: {"to_q_moft": s or None}
