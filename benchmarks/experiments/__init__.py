@@ -1,1 +1,0 @@
-"""Alternative formulations of the Cayley / log / power solves, timed at SDXL batch sizes."""
