@@ -19,7 +19,9 @@ setup(
         Extension(
             "orthofuse_jax._native._solve",
             sources=["orthofuse_jax/_native/solve.cc"],
-            depends=["orthofuse_jax/_native/kernels.inc"],  # included twice: the AVX-512 and AVX2 builds
+            depends=[
+                "orthofuse_jax/_native/kernels.inc"
+            ],  # included twice: the AVX-512 and AVX2 builds
             language="c++",
             # -isystem: the vendored XLA headers' own warnings are not ours
             extra_compile_args=["-std=c++17", "-O3", "-pthread", "-Wno-psabi", "-isystem", include],

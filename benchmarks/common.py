@@ -228,7 +228,9 @@ def first_and_median(fn: Callable[[], Any], reps: int = 5) -> dict[str, float]:
     return {"first": first, "median": float(np.median(wall)), "min": min(wall)}
 
 
-def compile_time(jitted, *args, keep: dict | None = None, key: str | None = None, **kwargs) -> dict[str, float]:
+def compile_time(
+    jitted, *args, keep: dict | None = None, key: str | None = None, **kwargs
+) -> dict[str, float]:
     """Seconds to trace+lower and to compile ``jitted(*args)`` (ahead of time, not cached).
 
     The compiled executable is not in ``jitted``'s cache; pass ``keep`` (a dict) and ``key`` to
@@ -276,7 +278,9 @@ def run_worker(module: str, args: list[str], *, timeout: float = 1800) -> dict[s
         cwd=root,
     )
     if proc.returncode != 0:
-        raise RuntimeError(f"worker {module} {args} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+        raise RuntimeError(
+            f"worker {module} {args} failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
+        )
     lines = [ln for ln in proc.stdout.strip().splitlines() if ln.startswith("{")]
     return json.loads(lines[-1])
 
@@ -297,7 +301,11 @@ def _cpu_model() -> str:
             if key.strip() in ("model name", "cpu family", "model", "flags"):
                 info.setdefault(key.strip(), value.strip())
         if "model name" in info:
-            extra = [f"family {info['cpu family']} model {info['model']}"] if "cpu family" in info else []
+            extra = (
+                [f"family {info['cpu family']} model {info['model']}"]
+                if "cpu family" in info
+                else []
+            )
             extra += ["AVX-512"] if "avx512f" in info.get("flags", "").split() else []
             return info["model name"] + (f" ({', '.join(extra)})" if extra else "")
     except OSError:
@@ -314,7 +322,7 @@ def machine() -> dict[str, Any]:
     from orthofuse_jax import _native
 
     info: dict[str, Any] = {
-        "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "date_utc": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
         "cpu_model": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
@@ -373,7 +381,7 @@ def fmt_s(x: float | None) -> str:
 def table(rows: list[list[str]], header: list[str]) -> str:
     """A GitHub-markdown table."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(header), sep, *(line(r) for r in rows)])
 

@@ -37,7 +37,10 @@ def _random_params(unet, seed=0):
     shapes = jax.eval_shape(unet.init_weights, jax.random.PRNGKey(0))
     leaves, treedef = jax.tree_util.tree_flatten(shapes)
     keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-    vals = [jax.random.normal(k, s.shape, jnp.float32) * (0.5 / max(1, s.shape[0]) ** 0.5) for k, s in zip(keys, leaves)]
+    vals = [
+        jax.random.normal(k, s.shape, jnp.float32) * (0.5 / max(1, s.shape[0]) ** 0.5)
+        for k, s in zip(keys, leaves)
+    ]
     return jax.tree_util.tree_unflatten(treedef, vals)
 
 
@@ -78,7 +81,10 @@ def bench(name: str, rounds: int, calls: int) -> dict:
     x = jax.random.normal(k[0], (2, 4, s, s))
     t = jnp.array([981.0, 981.0])
     ctx = jax.random.normal(k[1], (2, tokens, cfg["cross_attention_dim"]))
-    added = {"text_embeds": jax.random.normal(k[2], (2, text_dim)), "time_ids": jnp.ones((2, 6)) * s * 8}
+    added = {
+        "text_embeds": jax.random.normal(k[2], (2, text_dim)),
+        "time_ids": jnp.ones((2, 6)) * s * 8,
+    }
 
     step = jax.jit(lambda p: unet.apply({"params": p}, x, t, ctx, added).sample)
     otf = jax.jit(lambda p, a: apply_onthefly(unet, p, a, x, t, ctx, added, config=cfg).sample)
@@ -100,7 +106,7 @@ def bench(name: str, rounds: int, calls: int) -> dict:
     wall = {v: [] for v in names}
     cpu = {v: [] for v in names}
     for r in range(rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for v in order:
             c0, t0 = time.process_time(), time.perf_counter()
             for _ in range(calls):
@@ -136,30 +142,40 @@ def bench(name: str, rounds: int, calls: int) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--configs", nargs="+", default=["tiny", "medium"], choices=sorted(CONFIGS))
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--calls", type=int, default=2)
     args = ap.parse_args()
     results = [bench(c, args.rounds, args.calls) for c in args.configs]
     out = dict(
-        machine=dict(platform=platform.platform(), cpus=os.cpu_count(), python=platform.python_version()),
+        machine=dict(
+            platform=platform.platform(), cpus=os.cpu_count(), python=platform.python_version()
+        ),
         results=results,
     )
     os.makedirs(os.path.join(os.path.dirname(__file__), "results"), exist_ok=True)
     path = os.path.join(os.path.dirname(__file__), "results", "denoise_step.json")
     with open(path, "w") as f:
         json.dump(out, f, indent=2)
-    print(f"Denoising step (CFG batch 2, float32) -- {os.cpu_count()} CPUs, {args.rounds} interleaved rounds")
+    print(
+        f"Denoising step (CFG batch 2, float32) -- {os.cpu_count()} CPUs, {args.rounds} interleaved rounds"
+    )
     print("ratios: median of paired per-round wall ratios | fastest call | median process CPU time")
-    print(f"{'config':<8}{'layers':>7}{'base ms':>9}{'patched ms':>11}{'otf ms':>8}"
-          f"{'patched/base':>24}{'on-the-fly/base':>24}{'fold ms':>9}")
+    print(
+        f"{'config':<8}{'layers':>7}{'base ms':>9}{'patched ms':>11}{'otf ms':>8}"
+        f"{'patched/base':>24}{'on-the-fly/base':>24}{'fold ms':>9}"
+    )
     for r in results:
         m = r["step_s_median"]
         pr = f"{r['ratio_patched_over_base']:.3f}|{r['ratio_min_patched_over_base']:.3f}|{r['ratio_cpu_patched_over_base']:.3f}"
         orr = f"{r['ratio_onthefly_over_base']:.3f}|{r['ratio_min_onthefly_over_base']:.3f}|{r['ratio_cpu_onthefly_over_base']:.3f}"
-        print(f"{r['config']:<8}{r['adapted_layers']:>7}{m['base'] * 1e3:>9.1f}{m['patched'] * 1e3:>11.1f}"
-              f"{m['onthefly'] * 1e3:>8.1f}{pr:>24}{orr:>24}{r['fold_s'] * 1e3:>9.0f}")
+        print(
+            f"{r['config']:<8}{r['adapted_layers']:>7}{m['base'] * 1e3:>9.1f}{m['patched'] * 1e3:>11.1f}"
+            f"{m['onthefly'] * 1e3:>8.1f}{pr:>24}{orr:>24}{r['fold_s'] * 1e3:>9.0f}"
+        )
     print(f"wrote {path}")
 
 

@@ -63,7 +63,12 @@ def run(cmd: list[str], env: dict[str, str], cwd: str | None = None) -> dict:
         stdout, stderr = out.read().decode(), err.read().decode()
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}:\n{stderr[-3000:]}")
-    return {"wall_s": wall, "peak_rss_gb": usage.ru_maxrss * 1024 / 1e9, "stdout": stdout, "stderr": stderr}
+    return {
+        "wall_s": wall,
+        "peak_rss_gb": usage.ru_maxrss * 1024 / 1e9,
+        "stdout": stdout,
+        "stderr": stderr,
+    }
 
 
 def summary(runs: list[dict]) -> dict:
@@ -86,7 +91,10 @@ def eigvalsh_floor(n_t: int = 16, reps: int = 3) -> dict:
     from .common import NB, SDXL_INVENTORY
 
     rng = np.random.default_rng(0)
-    blocks = {b: rng.standard_normal((2 * layers * NB, b, b)).astype(np.float32) for b, layers in SDXL_INVENTORY.items()}
+    blocks = {
+        b: rng.standard_normal((2 * layers * NB, b, b)).astype(np.float32)
+        for b, layers in SDXL_INVENTORY.items()
+    }
     blocks = {b: x + np.swapaxes(x, -1, -2) for b, x in blocks.items()}
     times = []
     for _ in range(reps):
@@ -95,25 +103,43 @@ def eigvalsh_floor(n_t: int = 16, reps: int = 3) -> dict:
             np.linalg.eigvalsh(x)
         times.append(time.perf_counter() - t0)
     one = statistics.median(times)
-    return {"one_t_s": one, "n_t": n_t, "floor_s": one * n_t,
-            "blocks_per_t": sum(len(x) for x in blocks.values())}
+    return {
+        "one_t_s": one,
+        "n_t": n_t,
+        "floor_s": one * n_t,
+        "blocks_per_t": sum(len(x) for x in blocks.values()),
+    }
 
 
 def count_programs(cache: Path) -> int:
-    return sum(1 for p in cache.rglob("*") if p.is_file() and not p.name.endswith(("-atime", ".lock")))
+    return sum(
+        1 for p in cache.rglob("*") if p.is_file() and not p.name.endswith(("-atime", ".lock"))
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=5, help="runs per measurement (median; default 5)")
-    parser.add_argument("--sweep-reps", type=int, default=3, help="runs of the 16-point sweep (default 3)")
-    parser.add_argument("--out", default=None, help="work folder (default: a temporary one, removed after)")
-    parser.add_argument("--skip", default="", help="comma list of measurements to skip (e.g. sweep16_warm)")
+    parser.add_argument(
+        "--reps", type=int, default=5, help="runs per measurement (median; default 5)"
+    )
+    parser.add_argument(
+        "--sweep-reps", type=int, default=3, help="runs of the 16-point sweep (default 3)"
+    )
+    parser.add_argument(
+        "--out", default=None, help="work folder (default: a temporary one, removed after)"
+    )
+    parser.add_argument(
+        "--skip", default="", help="comma list of measurements to skip (e.g. sweep16_warm)"
+    )
     args = parser.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
     work = Path(args.out or tempfile.mkdtemp(prefix="orthofuse-e2e-"))
     work.mkdir(parents=True, exist_ok=True)
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("ORTHOFUSE_JAX_COMPILE_CACHE", "JAX_COMPILATION"))}
+    base_env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("ORTHOFUSE_JAX_COMPILE_CACHE", "JAX_COMPILATION"))
+    }
     base_env["PYTHONPATH"] = str(ROOT) + os.pathsep + base_env.get("PYTHONPATH", "")
     warm_cache = work / "cache-warm"
 
@@ -134,11 +160,34 @@ def main(argv: list[str] | None = None) -> int:
         run([sys.executable, "-c", code], base_env)
     c, s = str(pair / "concept.safetensors"), str(pair / "style.safetensors")
     fuse = [SCRIPT, "fuse", c, s, "-o", str(work / "fused.safetensors"), "--t", "0.6"]
-    reference = [sys.executable, "-m", "benchmarks.reference_torch", c, s, str(work / "fused_ref.safetensors"), "--t", "0.6"]
+    reference = [
+        sys.executable,
+        "-m",
+        "benchmarks.reference_torch",
+        c,
+        s,
+        str(work / "fused_ref.safetensors"),
+        "--t",
+        "0.6",
+    ]
     results: dict[str, dict] = {}
-    out: dict[str, list[dict]] = {k: [] for k in ("fuse_warm", "reference_exact", "fuse_cold", "fuse_cayley_warm",
-                                                   "reference_fast", "demo_warm", "demo_cold", "sweep16_warm",
-                                                   "import_jax", "import_orthofuse_jax", "import_fusion", "help")}
+    out: dict[str, list[dict]] = {
+        k: []
+        for k in (
+            "fuse_warm",
+            "reference_exact",
+            "fuse_cold",
+            "fuse_cayley_warm",
+            "reference_fast",
+            "demo_warm",
+            "demo_cold",
+            "sweep16_warm",
+            "import_jax",
+            "import_orthofuse_jax",
+            "import_fusion",
+            "help",
+        )
+    }
     programs: dict[str, list[int]] = {"fuse_cold": [], "demo_cold": []}
 
     run(fuse, env(warm_cache))  # fills the warm cache
@@ -184,15 +233,29 @@ def main(argv: list[str] | None = None) -> int:
         floor = eigvalsh_floor()
         floors["sweep16: eigvalsh of every block at 16 t, one core (s)"] = floor["floor_s"]
         results["eigvalsh_floor"] = floor
-    rows = [[k, f"{v['median_s']:.2f}", f"{v['min_s']:.2f}-{v['max_s']:.2f}", f"{v['peak_rss_gb']:.2f}",
-             str(v.get("programs_compiled", "")), TARGETS.get(k, "")] for k, v in results.items()]
+    rows = [
+        [
+            k,
+            f"{v['median_s']:.2f}",
+            f"{v['min_s']:.2f}-{v['max_s']:.2f}",
+            f"{v['peak_rss_gb']:.2f}",
+            str(v.get("programs_compiled", "")),
+            TARGETS.get(k, ""),
+        ]
+        for k, v in results.items()
+    ]
     print(table(rows, ["measurement", "median s", "range s", "peak RSS GB", "programs", "target"]))
     for k, v in {**ratios, **floors}.items():
         print(f"{k}: {v:.2f}")
-    payload = {"machine": machine(), "command": "python -m benchmarks.end_to_end " + " ".join(argv or sys.argv[1:]),
-               "targets": TARGETS, "ratios": ratios, "floors": floors,
-               "results": results,
-               "fuse_stdout": out["fuse_warm"][0]["stdout"].strip() if out["fuse_warm"] else ""}
+    payload = {
+        "machine": machine(),
+        "command": "python -m benchmarks.end_to_end " + " ".join(argv or sys.argv[1:]),
+        "targets": TARGETS,
+        "ratios": ratios,
+        "floors": floors,
+        "results": results,
+        "fuse_stdout": out["fuse_warm"][0]["stdout"].strip() if out["fuse_warm"] else "",
+    }
     print(f"wrote {write_json('end_to_end', payload)}")
     if args.out is None:
         shutil.rmtree(work, ignore_errors=True)

@@ -60,7 +60,9 @@ def _setup(names=None):
     for name, spec in table.items():
         shape = (spec.n_in, spec.n_out)
         if shape not in buffers:
-            buffers[shape] = jax.random.normal(jax.random.PRNGKey(len(buffers)), shape, jnp.float32) * 0.02
+            buffers[shape] = (
+                jax.random.normal(jax.random.PRNGKey(len(buffers)), shape, jnp.float32) * 0.02
+            )
         node = params
         for p in spec.path[:-1]:
             node = node.setdefault(p, {})
@@ -95,7 +97,12 @@ def worker_structured(repeats: int, names=None) -> dict:
         jax.block_until_ready(out)
         times.append(time.perf_counter() - t0)
         del out
-    return dict(layers=len(table), first_s=first, steady_s=min(times), peak_rss_increase_mb=_peak_mb() - rss0)
+    return dict(
+        layers=len(table),
+        first_s=first,
+        steady_s=min(times),
+        peak_rss_increase_mb=_peak_mb() - rss0,
+    )
 
 
 def worker_dense(names) -> dict:
@@ -134,11 +141,18 @@ def worker_dense(names) -> dict:
     for name in table:
         spec = table[name]
         t0 = time.perf_counter()
-        outs.append(jax.block_until_ready(fold(get(spec.path), *blocks[name], adapter.scales[name])))
+        outs.append(
+            jax.block_until_ready(fold(get(spec.path), *blocks[name], adapter.scales[name]))
+        )
         per_class.setdefault(f"{spec.n_in}x{spec.n_out}", []).append(time.perf_counter() - t0)
     total = time.perf_counter() - t_all
     del outs
-    return dict(layers=len(table), total_s=total, per_class_s=per_class, peak_rss_increase_mb=_peak_mb() - rss0)
+    return dict(
+        layers=len(table),
+        total_s=total,
+        per_class_s=per_class,
+        peak_rss_increase_mb=_peak_mb() - rss0,
+    )
 
 
 def _sample(per_class: int) -> list[str]:
@@ -161,10 +175,16 @@ def _run_worker(mode: str, arg: str) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--dense-sample", type=int, default=3, help="layers per (n, out) class for the dense timing")
-    ap.add_argument("--dense-full", action="store_true", help="time the dense fold on all 560 layers")
+    ap.add_argument(
+        "--dense-sample", type=int, default=3, help="layers per (n, out) class for the dense timing"
+    )
+    ap.add_argument(
+        "--dense-full", action="store_true", help="time the dense fold on all 560 layers"
+    )
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker-arg", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -196,7 +216,9 @@ def main():
     else:
         dense_total = sum(counts[k] * (sum(v) / len(v)) for k, v in dense["per_class_s"].items())
     result = dict(
-        machine=dict(platform=platform.platform(), cpus=os.cpu_count(), python=platform.python_version()),
+        machine=dict(
+            platform=platform.platform(), cpus=os.cpu_count(), python=platform.python_version()
+        ),
         layers=full["layers"],
         counts_by_kernel_shape=counts,
         structured_full=full,
@@ -219,13 +241,19 @@ def main():
     print(f"Fold a full SDXL GS adapter (560 kernels, nb={NB}) -- {os.cpu_count()} CPUs")
     print(f"{'method':<34}{'time (s)':>12}{'peak RSS +MB':>15}")
     print(f"{'structured, first call (+compile)':<34}{full['first_s']:>12.2f}{'':>15}")
-    print(f"{'structured, steady':<34}{full['steady_s']:>12.2f}{full['peak_rss_increase_mb']:>15.0f}")
+    print(
+        f"{'structured, steady':<34}{full['steady_s']:>12.2f}{full['peak_rss_increase_mb']:>15.0f}"
+    )
     label = "dense per layer" + ("" if args.dense_full else " (extrapolated)")
     print(f"{label:<34}{dense_total:>12.2f}{dense['peak_rss_increase_mb']:>15.0f}")
-    print(f"ratio dense / structured: {result['ratio_dense_over_structured']:.1f}x "
-          f"(same {dense['layers']} layers measured: {result['ratio_on_same_sample']:.1f}x)")
-    print("per-layer dense time by kernel shape (n x out):",
-          {k: round(v, 4) for k, v in result["dense"]["mean_per_layer_s"].items()})
+    print(
+        f"ratio dense / structured: {result['ratio_dense_over_structured']:.1f}x "
+        f"(same {dense['layers']} layers measured: {result['ratio_on_same_sample']:.1f}x)"
+    )
+    print(
+        "per-layer dense time by kernel shape (n x out):",
+        {k: round(v, 4) for k, v in result["dense"]["mean_per_layer_s"].items()},
+    )
     print(f"wrote {path}")
 
 

@@ -25,14 +25,14 @@ from collections.abc import Mapping, Sequence
 import torch
 
 __all__ = [
-    "skew",
-    "cayley",
-    "cast_to_already_orthogonal_mode",
     "blocked_geodesic_combination",
+    "cast_to_already_orthogonal_mode",
+    "cayley",
     "merge_inside_cayley_space_batch",
-    "postprocess_blocks",
     "moft_merge",
     "moft_merge_fast",
+    "postprocess_blocks",
+    "skew",
 ]
 
 
@@ -48,7 +48,9 @@ def cayley(a: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve(eye - s, eye + s, left=False)
 
 
-def cast_to_already_orthogonal_mode(L: torch.Tensor, R: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def cast_to_already_orthogonal_mode(
+    L: torch.Tensor, R: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """docs/math.md §3.1 for ``method="cayley"``: the orthogonal blocks ``Cay(L), Cay(R)``."""
     return cayley(L), cayley(R)
 
@@ -78,7 +80,9 @@ def _eta(p: float) -> float:
 
 
 @torch.no_grad()
-def postprocess_blocks(L: torch.Tensor, R: torch.Tensor, parameter: float) -> tuple[torch.Tensor, torch.Tensor]:
+def postprocess_blocks(
+    L: torch.Tensor, R: torch.Tensor, parameter: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """docs/math.md §3.3 ``curve_over_id`` on orthogonal blocks: ``Cay(eta U)``, ``eta = 0.5 + 2p(1-p)``."""
     eta = _eta(parameter)
     return cayley(eta * L), cayley(eta * R)
@@ -146,13 +150,21 @@ def fuse_files(concept: str, style: str, output: str, t: float, *, fast: bool = 
     out: dict[str, torch.Tensor] = {}
     if fast:
         sizes = sorted({L.shape[-1] for L, _ in pairs[0]})
-        stacks = [{s: tuple(torch.stack([p[i] for p in ps if p[0].shape[-1] == s]) for i in (0, 1)) for s in sizes}
-                  for ps in pairs]
+        stacks = [
+            {
+                s: tuple(torch.stack([p[i] for p in ps if p[0].shape[-1] == s]) for i in (0, 1))
+                for s in sizes
+            }
+            for ps in pairs
+        ]
         merged = moft_merge_fast(stacks[0], stacks[1], t)
         for s in sizes:
             names = [n for n, p in zip(layers, pairs[0]) if p[0].shape[-1] == s]
             for j, n in enumerate(names):
-                out[f"{n}.ort_monarch.L"], out[f"{n}.ort_monarch.R"] = merged[s][0][j], merged[s][1][j]
+                out[f"{n}.ort_monarch.L"], out[f"{n}.ort_monarch.R"] = (
+                    merged[s][0][j],
+                    merged[s][1][j],
+                )
     else:
         for n, (L, R) in zip(layers, moft_merge(pairs[0], pairs[1], t)):
             out[f"{n}.ort_monarch.L"], out[f"{n}.ort_monarch.R"] = L, R
@@ -160,7 +172,9 @@ def fuse_files(concept: str, style: str, output: str, t: float, *, fast: bool = 
     save_file({k: v.contiguous() for k, v in out.items()}, output, metadata={"format": "pt"})
 
 
-if __name__ == "__main__":  # python -m benchmarks.reference_torch CONCEPT STYLE OUT [--t 0.6] [--fast]
+if (
+    __name__ == "__main__"
+):  # python -m benchmarks.reference_torch CONCEPT STYLE OUT [--t 0.6] [--fast]
     import argparse
 
     parser = argparse.ArgumentParser(description=fuse_files.__doc__)

@@ -51,7 +51,9 @@ def _inputs(cfg, seed=0):
     s = cfg["sample_size"]
     return dict(
         latents=rng.standard_normal((1, 4, s, s)).astype(np.float32),
-        prompt_embeds=rng.standard_normal((1, TOKENS, cfg["cross_attention_dim"])).astype(np.float32),
+        prompt_embeds=rng.standard_normal((1, TOKENS, cfg["cross_attention_dim"])).astype(
+            np.float32
+        ),
         text_embeds=rng.standard_normal((1, _text_dim(cfg))).astype(np.float32),
         time_ids=np.array([[s * 8, s * 8, 0, 0, s * 8, s * 8]], np.float32),
     )
@@ -78,7 +80,11 @@ def _jax_step(cfg, nb, impl):
     leaves, treedef = jax.tree_util.tree_flatten(shapes)
     keys = jax.random.split(jax.random.PRNGKey(0), len(leaves))
     params = jax.tree_util.tree_unflatten(
-        treedef, [jax.random.normal(k, s.shape) * (0.5 / max(1, s.shape[0]) ** 0.5) for k, s in zip(keys, leaves)]
+        treedef,
+        [
+            jax.random.normal(k, s.shape) * (0.5 / max(1, s.shape[0]) ** 0.5)
+            for k, s in zip(keys, leaves)
+        ],
     )
     adapter = init_adapter(cfg, nb)
     if impl == "jax-fold":
@@ -94,8 +100,16 @@ def _jax_step(cfg, nb, impl):
             a = abar[t][:, None, None, None]
             xt = jnp.sqrt(a) * x0 + jnp.sqrt(1 - a) * noise
             orth = adapter.map_stacks(cayley, orthogonal=True)  # as in the fold
-            pred = apply_onthefly(unet, params, orth, xt, t, batch["prompt_embeds"],
-                                  {"text_embeds": batch["text_embeds"], "time_ids": batch["time_ids"]}, config=cfg).sample
+            pred = apply_onthefly(
+                unet,
+                params,
+                orth,
+                xt,
+                t,
+                batch["prompt_embeds"],
+                {"text_embeds": batch["text_embeds"], "time_ids": batch["time_ids"]},
+                config=cfg,
+            ).sample
             return jnp.mean((pred - noise) ** 2)
 
     opt = make_optimizer()
@@ -154,9 +168,20 @@ def _torch_step(cfg, nb):
         def __init__(self, h, ctx):
             super().__init__()
             self.q, self.k, self.v, self.o = GS(h), GS(ctx), GS(ctx), GS(h)
-            self.qs, self.ks, self.vs, self.os = (torch.nn.Parameter(torch.ones(h)) for _ in range(4))
+            self.qs, self.ks, self.vs, self.os = (
+                torch.nn.Parameter(torch.ones(h)) for _ in range(4)
+            )
 
-        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *a, **k):
+        def __call__(
+            self,
+            attn,
+            hidden_states,
+            encoder_hidden_states=None,
+            attention_mask=None,
+            temb=None,
+            *a,
+            **k,
+        ):
             x = hidden_states
             e = x if encoder_hidden_states is None else encoder_hidden_states
             q = self.qs * attn.to_q(self.q(x))
@@ -170,7 +195,7 @@ def _torch_step(cfg, nb):
             return attn.to_out[1](out)
 
     procs = {}
-    for name, mod in unet.attn_processors.items():
+    for name in unet.attn_processors:
         attn = unet.get_submodule(name.rsplit(".processor", 1)[0])
         h = attn.to_q.in_features
         procs[name] = Proc(h, attn.to_k.in_features)
@@ -187,8 +212,12 @@ def _torch_step(cfg, nb):
         noise = torch.randn(x["latents"].shape, generator=gen)
         a = abar[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x["latents"] + (1 - a).sqrt() * noise
-        pred = unet(xt, t, x["prompt_embeds"],
-                    added_cond_kwargs={"text_embeds": x["text_embeds"], "time_ids": x["time_ids"]}).sample
+        pred = unet(
+            xt,
+            t,
+            x["prompt_embeds"],
+            added_cond_kwargs={"text_embeds": x["text_embeds"], "time_ids": x["time_ids"]},
+        ).sample
         loss = torch.nn.functional.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -215,22 +244,38 @@ def worker(config: str, impl: str, steps: int) -> dict:
         wall.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     return dict(
-        config=config, impl=impl, nb=nb, adapter_params=n_params, setup_s=setup_s, first_step_s=first_s,
-        step_median_s=statistics.median(wall), step_min_s=min(wall), cpu_median_s=statistics.median(cpu),
-        steps_per_s=1.0 / statistics.median(wall), first_loss=first_loss, last_loss=loss,
-        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, rss_before_mb=rss0,
+        config=config,
+        impl=impl,
+        nb=nb,
+        adapter_params=n_params,
+        setup_s=setup_s,
+        first_step_s=first_s,
+        step_median_s=statistics.median(wall),
+        step_min_s=min(wall),
+        cpu_median_s=statistics.median(cpu),
+        steps_per_s=1.0 / statistics.median(wall),
+        first_loss=first_loss,
+        last_loss=loss,
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        rss_before_mb=rss0,
         load1=os.getloadavg()[0],
     )
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--configs", nargs="+", default=["tiny", "medium"], choices=list(CONFIGS))
     ap.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
     ap.add_argument("--steps", type=int, default=10, help="timed steps after two warm-up steps")
-    ap.add_argument("--torch-threads", type=int, default=1,
-                    help="torch intra-op threads (default 1: on a shared 2-core host, OpenMP barriers "
-                         "under contention made 2-thread torch steps 5-10x slower and growing)")
+    ap.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: on a shared 2-core host, OpenMP barriers "
+        "under contention made 2-thread torch steps 5-10x slower and growing)",
+    )
     ap.add_argument("--timeout", type=float, default=900, help="seconds per worker")
     ap.add_argument("--worker", nargs=2, metavar=("CONFIG", "IMPL"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -242,19 +287,34 @@ def main(argv=None) -> int:
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    env = dict(os.environ, TRAIN_STEP_TORCH_THREADS=str(args.torch_threads), PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ,
+        TRAIN_STEP_TORCH_THREADS=str(args.torch_threads),
+        PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
     rows = []
     for config in args.configs:
         for impl in args.impls:
-            proc = subprocess.run([sys.executable, __file__, "--worker", config, impl, "--steps", str(args.steps)],
-                                  capture_output=True, text=True, env=env, cwd=root, timeout=args.timeout)
+            proc = subprocess.run(
+                [sys.executable, __file__, "--worker", config, impl, "--steps", str(args.steps)],
+                capture_output=True,
+                text=True,
+                env=env,
+                cwd=root,
+                timeout=args.timeout,
+            )
             if proc.returncode != 0:
                 print(f"{config}/{impl} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
                 continue
-            rows.append(json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1]))
+            rows.append(
+                json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][-1])
+            )
             r = rows[-1]
-            print(f"  {config:6s} {impl:12s} {r['steps_per_s']:7.2f} steps/s  first step {r['first_step_s']:.1f} s  "
-                  f"peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+            print(
+                f"  {config:6s} {impl:12s} {r['steps_per_s']:7.2f} steps/s  first step {r['first_step_s']:.1f} s  "
+                f"peak RSS {r['peak_rss_mb']:.0f} MB",
+                flush=True,
+            )
     by = {(r["config"], r["impl"]): r for r in rows}
     for r in rows:
         ref = by.get((r["config"], "torch-ref"))
@@ -265,15 +325,22 @@ def main(argv=None) -> int:
         import jax
         import torch
 
-        versions = dict(jax=jax.__version__, torch=torch.__version__, torch_threads=torch.get_num_threads())
+        versions = dict(
+            jax=jax.__version__, torch=torch.__version__, torch_threads=torch.get_num_threads()
+        )
     except ImportError:
         versions = {}
     payload = dict(
-        benchmark="train_step", steps=args.steps, cpu_count=os.cpu_count(), platform=platform.platform(),
-        date_utc=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), load1_end=os.getloadavg()[0],
+        benchmark="train_step",
+        steps=args.steps,
+        cpu_count=os.cpu_count(),
+        platform=platform.platform(),
+        date_utc=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        load1_end=os.getloadavg()[0],
         torch_threads_used=args.torch_threads,
         note="CPU shared with other jobs: compare ratios within one run; cpu_median_s is process CPU time",
-        **versions, results=rows,
+        **versions,
+        results=rows,
     )
     out = root / "benchmarks" / "results" / "train_step.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -285,8 +352,10 @@ def main(argv=None) -> int:
     print("|" + "---|" * 8)
     for r in rows:
         sp = f"{r['speedup_vs_torch']:.2f}" if r["speedup_vs_torch"] else "-"
-        print(f"| {r['config']} | {r['impl']} | {r['steps_per_s']:.2f} | {r['step_median_s'] * 1e3:.1f} ms | "
-              f"{r['cpu_median_s'] * 1e3:.1f} ms | {r['first_step_s']:.1f} s | {r['peak_rss_mb']:.0f} MB | {sp} |")
+        print(
+            f"| {r['config']} | {r['impl']} | {r['steps_per_s']:.2f} | {r['step_median_s'] * 1e3:.1f} ms | "
+            f"{r['cpu_median_s'] * 1e3:.1f} ms | {r['first_step_s']:.1f} s | {r['peak_rss_mb']:.0f} MB | {sp} |"
+        )
     print(f"wrote {out}")
     return 0
 

@@ -82,7 +82,12 @@ def warn_cpu_threads() -> None:
     """Warn once, naming the fix, where a merge on this process's CPU backend could hang (jaxlib
     before 0.11, more than one XLA thread, ``PJRT_NPROC`` not 1)."""
     global _warned
-    if _warned or os.environ.get(_OPT_OUT) or os.environ.get(_ENV) == "1" or not jaxlib_needs_one_thread():
+    if (
+        _warned
+        or os.environ.get(_OPT_OUT)
+        or os.environ.get(_ENV) == "1"
+        or not jaxlib_needs_one_thread()
+    ):
         return
     if (os.cpu_count() or 1) < 2 or not _cpu_backend():
         return
@@ -134,7 +139,9 @@ def enable_compile_cache() -> str | None:
     # Our kernels compile in well under JAX's default 1 s threshold each, but there are many.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    if jax.config.jax_compilation_cache_max_size == -1:  # unbounded by default: keep the least recently used 1 GB
+    if (
+        jax.config.jax_compilation_cache_max_size == -1
+    ):  # unbounded by default: keep the least recently used 1 GB
         jax.config.update("jax_compilation_cache_max_size", 2**30)
     return path
 

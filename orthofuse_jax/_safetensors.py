@@ -21,29 +21,39 @@ from typing import NamedTuple
 import numpy as np
 
 __all__ = [
-    "AdapterFileError",
-    "NonSkewWarning",
-    "SafetensorsFile",
-    "ReferenceArrays",
-    "read_tensors",
-    "read_reference",
-    "read_adapter_file",
+    "MONARCH",
     "SCALE_NAME",
     "SKEW_TOL",
-    "MONARCH",
-    "scale_key",
+    "AdapterFileError",
+    "NonSkewWarning",
+    "ReferenceArrays",
+    "SafetensorsFile",
     "is_peft_keys",
+    "read_adapter_file",
+    "read_reference",
+    "read_tensors",
+    "scale_key",
 ]
 
 SKEW_TOL = 1e-6
 """Relative asymmetry ``max|A + A^T| / max(1, max|A|)`` above which raw parameters are projected (with a warning)."""
 
 # GS layer name suffix -> the scale vector that the reference processor applies after it.
-SCALE_NAME = {"to_q_moft": "q_scale", "to_k_moft": "k_scale", "to_v_moft": "v_scale", "to_out_moft": "out_scale"}
+SCALE_NAME = {
+    "to_q_moft": "q_scale",
+    "to_k_moft": "k_scale",
+    "to_v_moft": "v_scale",
+    "to_out_moft": "out_scale",
+}
 
 MONARCH = ".ort_monarch."
 _SCALE_TO_LAYER = {v: k for k, v in SCALE_NAME.items()}
-_DTYPES = {"F32": (np.float32, 4), "F64": (np.float64, 8), "F16": (np.float16, 2), "BF16": (np.uint16, 2)}
+_DTYPES = {
+    "F32": (np.float32, 4),
+    "F64": (np.float64, 8),
+    "F16": (np.float16, 2),
+    "BF16": (np.uint16, 2),
+}
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -87,19 +97,29 @@ class SafetensorsFile:
         except OSError as e:
             raise AdapterFileError(f"{path}: cannot read file ({e.strerror or e})") from None
         if len(first) < 8:
-            raise AdapterFileError(f"{path}: not a safetensors file (only {size} bytes, truncated?)")
+            raise AdapterFileError(
+                f"{path}: not a safetensors file (only {size} bytes, truncated?)"
+            )
         (n,) = struct.unpack("<Q", first)
         if n > _MAX_HEADER or 8 + n > size:
-            raise AdapterFileError(f"{path}: not a safetensors file or truncated (header length {n}, file {size} bytes)")
+            raise AdapterFileError(
+                f"{path}: not a safetensors file or truncated (header length {n}, file {size} bytes)"
+            )
         try:
             header = json.loads(self._file.read(n).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise AdapterFileError(f"{path}: corrupt safetensors header ({type(e).__name__}: {e})") from None
+            raise AdapterFileError(
+                f"{path}: corrupt safetensors header ({type(e).__name__}: {e})"
+            ) from None
         if not isinstance(header, dict):
             raise AdapterFileError(f"{path}: corrupt safetensors header (not a JSON object)")
         meta = header.pop("__metadata__", None) or {}
-        if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
-            raise AdapterFileError(f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)")
+        if not isinstance(meta, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
+        ):
+            raise AdapterFileError(
+                f"{path}: corrupt safetensors header (__metadata__ must map strings to strings)"
+            )
         self.metadata: dict[str, str] = dict(meta)
         self._start, available = 8 + n, size - 8 - n
         self.entries: dict[str, tuple[str, tuple[int, ...], int]] = {}
@@ -110,8 +130,12 @@ class SafetensorsFile:
                 raise AdapterFileError(f"{where}: corrupt header entry {str(info)[:80]}")
             dt, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
             if not isinstance(dt, str) or dt not in _DTYPES:
-                raise AdapterFileError(f"{where}: unsupported dtype {str(dt)[:20]!r} (expected a float type, e.g. F32)")
-            if not isinstance(shape, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape):
+                raise AdapterFileError(
+                    f"{where}: unsupported dtype {str(dt)[:20]!r} (expected a float type, e.g. F32)"
+                )
+            if not isinstance(shape, list) or not all(
+                isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape
+            ):
                 raise AdapterFileError(f"{where}: corrupt shape {shape!r}")
             if (
                 not isinstance(offs, list)
@@ -128,7 +152,9 @@ class SafetensorsFile:
                     f"{count * itemsize}"
                 )
             if offs[1] > available:
-                raise AdapterFileError(f"{where}: data ends at byte {offs[1]} but the file has {available} (truncated)")
+                raise AdapterFileError(
+                    f"{where}: data ends at byte {offs[1]} but the file has {available} (truncated)"
+                )
             spans.append((offs[0], offs[1], key))
             self.entries[key] = (dt, tuple(shape), offs[0])
         spans.sort()
@@ -155,10 +181,14 @@ class SafetensorsFile:
             while done < len(view):
                 got = os.preadv(self._file.fileno(), [view[done:]], self._start + offset + done)
                 if got == 0:
-                    raise AdapterFileError(f"{self.path}: key {key!r}: file ended while reading (truncated?)")
+                    raise AdapterFileError(
+                        f"{self.path}: key {key!r}: file ended while reading (truncated?)"
+                    )
                 done += got
         except OSError as e:
-            raise AdapterFileError(f"{self.path}: key {key!r}: cannot read ({e.strerror or e})") from None
+            raise AdapterFileError(
+                f"{self.path}: key {key!r}: cannot read ({e.strerror or e})"
+            ) from None
         if target is out:
             return
         if dt == "BF16":
@@ -238,8 +268,12 @@ def _checked_stack(path, stack: np.ndarray, keys: list[str], tol: float) -> np.n
     step = max(1, 2**20 // max(1, stack[0].nbytes))
     for i in range(0, n, step):
         part = stack[i : i + step]
-        sym[i : i + step] = np.abs(part + np.swapaxes(part, -1, -2)).max(axis=(1, 2, 3), initial=0.0)
-        big[i : i + step] = np.abs(part).max(axis=(1, 2, 3), initial=0.0)  # NaN or inf where not finite
+        sym[i : i + step] = np.abs(part + np.swapaxes(part, -1, -2)).max(
+            axis=(1, 2, 3), initial=0.0
+        )
+        big[i : i + step] = np.abs(part).max(
+            axis=(1, 2, 3), initial=0.0
+        )  # NaN or inf where not finite
     if not np.isfinite(big).all():
         _first_non_finite(path, {keys[i]: stack[i] for i in np.flatnonzero(~np.isfinite(big))})
     bad = np.flatnonzero(sym / np.maximum(1.0, big) > tol)
@@ -266,7 +300,9 @@ def _aligned_empty(shape: tuple[int, ...], dtype, align: int = 64) -> np.ndarray
     return raw[start : start + size].view(dtype).reshape(shape)
 
 
-def read_reference(source, layout: Mapping[str, tuple], fill, get, skew_tol: float = SKEW_TOL) -> ReferenceArrays:
+def read_reference(
+    source, layout: Mapping[str, tuple], fill, get, skew_tol: float = SKEW_TOL
+) -> ReferenceArrays:
     """A reference-format adapter as checked host arrays, one per stack and side.
 
     ``layout``: ``{key: (shape, dtype)}``; ``fill(keys, out)`` writes the tensors ``keys`` into the
@@ -281,7 +317,9 @@ def read_reference(source, layout: Mapping[str, tuple], fill, get, skew_tol: flo
         if MONARCH in key:
             layer, _, side = key.rpartition(MONARCH)
             if side not in ("L", "R") or not layer:
-                raise AdapterFileError(f"{source}: key {key!r}: unexpected key (expected ...ort_monarch.L or .R)")
+                raise AdapterFileError(
+                    f"{source}: key {key!r}: unexpected key (expected ...ort_monarch.L or .R)"
+                )
             halves.setdefault(layer, {})[side] = layout[key][0]
         elif _layer_of_scale_key(key) is not None:
             scale_keys[key] = _layer_of_scale_key(key)
@@ -290,7 +328,9 @@ def read_reference(source, layout: Mapping[str, tuple], fill, get, skew_tol: flo
                 f"{source}: key {key!r}: unexpected key (expected <layer>.ort_monarch.L/R or <processor>.q_scale etc.)"
             )
     if not halves:
-        raise AdapterFileError(f"{source}: no GS layers (no '...ort_monarch.L' keys) among {len(layout)} tensor(s)")
+        raise AdapterFileError(
+            f"{source}: no GS layers (no '...ort_monarch.L' keys) among {len(layout)} tensor(s)"
+        )
     for layer, lr in halves.items():
         for side in ("L", "R"):
             if side not in lr:
@@ -301,14 +341,18 @@ def read_reference(source, layout: Mapping[str, tuple], fill, get, skew_tol: flo
         for side in ("L", "R"):
             shape = tuple(lr[side])
             if len(shape) != 3 or shape[1] != shape[2] or shape[0] < 1 or shape[1] < 1:
-                raise AdapterFileError(f"{source}: key {layer + MONARCH + side!r}: shape {list(shape)} is not [nb, b, b]")
+                raise AdapterFileError(
+                    f"{source}: key {layer + MONARCH + side!r}: shape {list(shape)} is not [nb, b, b]"
+                )
         if tuple(lr["L"]) != tuple(lr["R"]):
             raise AdapterFileError(
                 f"{source}: key {layer + MONARCH + 'R'!r}: shape {list(lr['R'])} differs from L {list(lr['L'])}"
             )
     for key, layer in scale_keys.items():
         if layer not in halves:
-            raise AdapterFileError(f"{source}: key {key!r}: scale vector without its layer {layer + MONARCH + 'L'!r}")
+            raise AdapterFileError(
+                f"{source}: key {key!r}: scale vector without its layer {layer + MONARCH + 'L'!r}"
+            )
         shape = tuple(layout[key][0])
         if len(shape) != 1 or shape[0] < 1:
             raise AdapterFileError(f"{source}: key {key!r}: shape {list(shape)} is not [h]")
@@ -335,7 +379,9 @@ def is_peft_keys(keys) -> bool:
     return any(k.endswith((".oft_R.weight", ".oft_r")) for k in keys)
 
 
-def read_adapter_file(path: str | os.PathLike, skew_tol: float = SKEW_TOL) -> ReferenceArrays | None:
+def read_adapter_file(
+    path: str | os.PathLike, skew_tol: float = SKEW_TOL
+) -> ReferenceArrays | None:
     """A reference-format file (or ``adapter_model.safetensors`` of a folder) read straight into one
     array per stack; ``None`` for a PEFT OFT file, which :func:`orthofuse_jax.fusion.load_adapter` reads."""
     path = Path(path)

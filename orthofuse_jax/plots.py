@@ -12,7 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["plot_angle_histograms", "plot_speed", "plot_ambient_distance", "plot_summary", "write_sweep_plots"]
+__all__ = [
+    "plot_ambient_distance",
+    "plot_angle_histograms",
+    "plot_speed",
+    "plot_summary",
+    "write_sweep_plots",
+]
 
 
 def _plt():
@@ -49,7 +55,9 @@ def plot_angle_histograms(stats: dict, ax=None):
         c = colors[j % len(colors)]
         hb = np.asarray(stats["angle_hist_before"][i], dtype=float)
         ha = np.asarray(stats["angle_hist_after"][i], dtype=float)
-        ax.plot(centers, hb / max(hb.sum(), 1), "--", color=c, lw=1.2, label=f"t={ts[i]:.2f} before")
+        ax.plot(
+            centers, hb / max(hb.sum(), 1), "--", color=c, lw=1.2, label=f"t={ts[i]:.2f} before"
+        )
         ax.plot(centers, ha / max(ha.sum(), 1), "-", color=c, lw=1.8, label=f"t={ts[i]:.2f} after")
     ax.set_xlabel("eigen-angle |arg λ| of merged blocks (rad)")
     ax.set_ylabel("fraction of eigenvalues")
@@ -76,8 +84,12 @@ def _plot_before_after(stats: dict, key: str, ylabel: str, title: str, ax):
 
 def plot_speed(stats: dict, ax=None):
     """Speed ``||dY/dt||_F`` along t, with the geodesic distance (constant geodesic speed) for reference."""
-    fig, ax = _plot_before_after(stats, "speed", "speed ||dY/dt||_F", "Speed along the merge path (Fig. 5)", ax)
-    ax.axhline(stats["geodesic_distance"], color="gray", lw=0.8, label="geodesic distance d(U1, U2)")
+    fig, ax = _plot_before_after(
+        stats, "speed", "speed ||dY/dt||_F", "Speed along the merge path (Fig. 5)", ax
+    )
+    ax.axhline(
+        stats["geodesic_distance"], color="gray", lw=0.8, label="geodesic distance d(U1, U2)"
+    )
     ax.legend(fontsize=7)
     return fig
 
@@ -104,7 +116,9 @@ def plot_summary(stats: dict):
     plot_ambient_distance(stats, axes[1, 0])
     ax = axes[1, 1]
     ts = stats["ts"]
-    ax.semilogy(ts, np.maximum(stats["orthogonality_error_after"], 1e-18), "o-", label="max |Y^T Y - I|")
+    ax.semilogy(
+        ts, np.maximum(stats["orthogonality_error_after"], 1e-18), "o-", label="max |Y^T Y - I|"
+    )
     ax.set_xlabel("t  (0 = concept, 1 = style)")
     ax.set_ylabel("orthogonality error")
     ax.set_title("Orthogonality of merged blocks", fontsize=10)

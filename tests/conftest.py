@@ -16,11 +16,13 @@ import os
 # Before any JAX computation: one XLA CPU thread avoids jaxlib 0.10.2's LAPACK pool deadlock
 # (orthofuse_jax/_runtime.py); importing orthofuse_jax sets the same default.
 os.environ.setdefault("PJRT_NPROC", "1")
-os.environ.setdefault("ORTHOFUSE_JAX_COMPILE_CACHE", "off")  # in-process CLI tests must not write to ~/.cache; test_cli covers the cache
+os.environ.setdefault(
+    "ORTHOFUSE_JAX_COMPILE_CACHE", "off"
+)  # in-process CLI tests must not write to ~/.cache; test_cli covers the cache
 
-import jax  # noqa: E402
-import pytest  # noqa: E402
-from hypothesis import HealthCheck, settings  # noqa: E402
+import jax
+import pytest
+from hypothesis import HealthCheck, settings
 
 jax.config.update("jax_enable_x64", True)
 

@@ -41,7 +41,9 @@ def write(path, t):
 
 @pytest.fixture()
 def pair(tmp_path):
-    return write(tmp_path / "concept.safetensors", tensors(0)), write(tmp_path / "style.safetensors", tensors(1))
+    return write(tmp_path / "concept.safetensors", tensors(0)), write(
+        tmp_path / "style.safetensors", tensors(1)
+    )
 
 
 def run(capsys, *argv):
@@ -81,13 +83,19 @@ def test_fuse_default_preset_matches_scipy(capsys, pair, tmp_path):
     assert rc == 0, err
     assert "fused 2 layers" in stdout and "max orthogonality error" in stdout and str(out) in stdout
     got, meta = read_tensors(out)
-    assert meta["format"] == "pt" and meta["orthofuse_method"] == "geodesic" and meta["orthofuse_restore"] == "cayley"
+    assert (
+        meta["format"] == "pt"
+        and meta["orthofuse_method"] == "geodesic"
+        and meta["orthofuse_restore"] == "cayley"
+    )
     c, s = tensors(0), tensors(1)
     t = 0.6
     eta = 0.5 + 2 * t * (1 - t)
     for key in c:
         if ".ort_monarch." not in key:
-            np.testing.assert_array_equal(got[key], c[key])  # scales: concept rule (the reference's)
+            np.testing.assert_array_equal(
+                got[key], c[key]
+            )  # scales: concept rule (the reference's)
             continue
         for j in range(c[key].shape[0]):
             u1, u2 = _cay(c[key][j].astype(np.float64)), _cay(s[key][j].astype(np.float64))
@@ -102,7 +110,17 @@ def test_fuse_algorithms_agree(capsys, pair, tmp_path):
     outs = {}
     for algorithm in ("eigh", "matmul"):
         outs[algorithm] = tmp_path / f"{algorithm}.safetensors"
-        rc, _, err = run(capsys, "fuse", *pair, "-o", outs[algorithm], "--restore", "exact", "--algorithm", algorithm)
+        rc, _, err = run(
+            capsys,
+            "fuse",
+            *pair,
+            "-o",
+            outs[algorithm],
+            "--restore",
+            "exact",
+            "--algorithm",
+            algorithm,
+        )
         assert rc == 0, err
     (a, _), (b, _) = read_tensors(outs["eigh"]), read_tensors(outs["matmul"])
     assert a.keys() == b.keys()
@@ -115,8 +133,22 @@ def test_fuse_algorithms_agree(capsys, pair, tmp_path):
 
 def test_fuse_cayley_exact_and_extrapolate(capsys, pair, tmp_path):
     out = tmp_path / "f.safetensors"
-    rc, stdout, err = run(capsys, "fuse", *pair, "-o", out, "--method", "cayley", "--restore", "exact", "--t", "1.2",
-                          "--extrapolate", "--scales", "geometric")
+    rc, stdout, err = run(
+        capsys,
+        "fuse",
+        *pair,
+        "-o",
+        out,
+        "--method",
+        "cayley",
+        "--restore",
+        "exact",
+        "--t",
+        "1.2",
+        "--extrapolate",
+        "--scales",
+        "geometric",
+    )
     assert rc == 0, err
     assert out.exists()
 
@@ -127,9 +159,21 @@ def test_sweep_writes_json_and_pngs(capsys, pair, tmp_path):
     assert rc == 0, err
     st = json.loads((d / "sweep.json").read_text())
     assert st["ts"] == [0.0, 0.5, 1.0]
-    for k in ("speed_before", "speed_after", "ambient_distance_after", "angle_hist_after", "orthogonality_error_after"):
+    for k in (
+        "speed_before",
+        "speed_after",
+        "ambient_distance_after",
+        "angle_hist_after",
+        "orthogonality_error_after",
+    ):
         assert len(st[k]) == 3
-    assert {p.name for p in d.iterdir()} == {"sweep.json", "angles.png", "speed.png", "ambient_distance.png", "summary.png"}
+    assert {p.name for p in d.iterdir()} == {
+        "sweep.json",
+        "angles.png",
+        "speed.png",
+        "ambient_distance.png",
+        "summary.png",
+    }
     assert "geodesic distance" in stdout
 
 
@@ -140,7 +184,9 @@ def test_inspect_reports_layers_and_max_angle(capsys, pair):
     c = tensors(0)
     worst = max(
         float(np.max(np.abs(np.angle(np.linalg.eigvals(_cay(blk.astype(np.float64)))))))
-        for k, v in c.items() if ".ort_monarch." in k for blk in v
+        for k, v in c.items()
+        if ".ort_monarch." in k
+        for blk in v
     )
     assert f"max rotation angle overall: {worst:.3f} rad" in stdout
     # the fixture stores only q_scale: the k layer has no scale vector, which is reported
@@ -177,7 +223,9 @@ def test_startup_imports_no_flax_or_diffusers():
         "bad = [m for m in ('flax', 'diffusers', 'torch') if m in sys.modules]; "
         "assert not bad, bad"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+    subprocess.run(
+        [sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1]
+    )
 
 
 def test_version_names_the_kernels_build(capsys, monkeypatch):
@@ -188,7 +236,9 @@ def test_version_names_the_kernels_build(capsys, monkeypatch):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(["--version"])
     out = capsys.readouterr().out
-    assert e.value.code == 0 and out.startswith(f"orthofuse-jax {version('orthofuse-jax')} (jax {version('jax')}")
+    assert e.value.code == 0 and out.startswith(
+        f"orthofuse-jax {version('orthofuse-jax')} (jax {version('jax')}"
+    )
     built = _native.library_path() is not None
     assert (f"the {_native.isa()} build" in out) == (built and _native.vectors_native())
     monkeypatch.setenv("ORTHOFUSE_JAX_NATIVE", "0")
@@ -203,7 +253,9 @@ def test_version_names_the_kernels_build(capsys, monkeypatch):
     monkeypatch.setattr(_native, "isa", lambda: "portable")
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--version"])
-    assert ("the portable build, used only with ORTHOFUSE_JAX_NATIVE=force" in capsys.readouterr().out) == built
+    assert (
+        "the portable build, used only with ORTHOFUSE_JAX_NATIVE=force" in capsys.readouterr().out
+    ) == built
 
 
 def test_every_command_is_registered_without_importing_jax():
@@ -214,7 +266,9 @@ def test_every_command_is_registered_without_importing_jax():
         "bad = [m for m in ('jax', 'flax', 'diffusers', 'torch', 'matplotlib') if m in sys.modules]; "
         "assert not bad, bad"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+    subprocess.run(
+        [sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1]
+    )
 
 
 def test_a_missing_extra_is_named(monkeypatch, capsys):
@@ -226,7 +280,10 @@ def test_a_missing_extra_is_named(monkeypatch, capsys):
     monkeypatch.setattr(generate_commands, "run_generate", run_generate)
     rc, _, err = run(capsys, "generate", "--model", "m", "--prompt", "p", "-o", "o.png")
     assert rc == 2 and err.count("\n") == 1, err
-    assert "orthofuse-jax generate: error: flax is not installed" in err and "orthofuse-jax[sdxl]" in err, err
+    assert (
+        "orthofuse-jax generate: error: flax is not installed" in err
+        and "orthofuse-jax[sdxl]" in err
+    ), err
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -246,7 +303,9 @@ def test_extra_key(capsys, pair, tmp_path):
     t[PROC.format(2) + ".v_scale"] = np.ones(4, np.float32)
     bad = write(tmp_path / "bad.safetensors", t)
     out = tmp_path / "o.safetensors"
-    assert_bad(capsys, ["fuse", pair[0], bad, "-o", out], bad, PROC.format(2) + ".v_scale", absent=[out])
+    assert_bad(
+        capsys, ["fuse", pair[0], bad, "-o", out], bad, PROC.format(2) + ".v_scale", absent=[out]
+    )
 
 
 def test_extra_layer_in_style(capsys, pair, tmp_path):
@@ -254,7 +313,9 @@ def test_extra_layer_in_style(capsys, pair, tmp_path):
     shapes[PROC.format(2) + ".to_v_moft"] = (1, 4)
     bad = write(tmp_path / "bad.safetensors", tensors(1, shapes))
     out = tmp_path / "o.safetensors"
-    assert_bad(capsys, ["fuse", pair[0], bad, "-o", out], bad, PROC.format(2) + ".to_v_moft", absent=[out])
+    assert_bad(
+        capsys, ["fuse", pair[0], bad, "-o", out], bad, PROC.format(2) + ".to_v_moft", absent=[out]
+    )
 
 
 def test_nb_mismatch(capsys, pair, tmp_path):
@@ -262,7 +323,9 @@ def test_nb_mismatch(capsys, pair, tmp_path):
     shapes[PROC.format(1) + ".to_q_moft"] = (3, 2)
     bad = write(tmp_path / "bad.safetensors", tensors(1, shapes))
     out = tmp_path / "o.safetensors"
-    assert_bad(capsys, ["fuse", pair[0], bad, "-o", out], bad, PROC.format(1) + ".to_q_moft", absent=[out])
+    assert_bad(
+        capsys, ["fuse", pair[0], bad, "-o", out], bad, PROC.format(1) + ".to_q_moft", absent=[out]
+    )
 
 
 def test_non_finite(capsys, pair, tmp_path):
@@ -316,7 +379,7 @@ def test_sweep_t_outside_range(capsys, pair, tmp_path):
 def test_truncated_file(capsys, pair, tmp_path, cut):
     raw = pair[1].read_bytes()
     bad = tmp_path / "trunc.safetensors"
-    bad.write_bytes(raw[:cut] if cut >= 0 else raw[:cut])
+    bad.write_bytes(raw[:cut])
     out = tmp_path / "o.safetensors"
     assert_bad(capsys, ["fuse", pair[0], bad, "-o", out], bad, absent=[out])
     assert_bad(capsys, ["inspect", bad], bad)
@@ -324,7 +387,12 @@ def test_truncated_file(capsys, pair, tmp_path, cut):
 
 def test_missing_input_file(capsys, pair, tmp_path):
     out = tmp_path / "o.safetensors"
-    assert_bad(capsys, ["fuse", pair[0], tmp_path / "nope.safetensors", "-o", out], "nope.safetensors", absent=[out])
+    assert_bad(
+        capsys,
+        ["fuse", pair[0], tmp_path / "nope.safetensors", "-o", out],
+        "nope.safetensors",
+        absent=[out],
+    )
 
 
 def test_output_equal_to_input(capsys, pair, tmp_path):
@@ -334,7 +402,11 @@ def test_output_equal_to_input(capsys, pair, tmp_path):
     os.symlink(pair[1], link)
     assert_bad(capsys, ["fuse", *pair, "-o", link], "input")
     assert pair[0].read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["concept.safetensors", "link.safetensors", "style.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "concept.safetensors",
+        "link.safetensors",
+        "style.safetensors",
+    ]
 
 
 @pytest.mark.slow
@@ -356,8 +428,13 @@ def _fuse_in_subprocess(pair, out, cache, xdg):
     if cache is not None:
         env["ORTHOFUSE_JAX_COMPILE_CACHE"] = str(cache)
     code = "import sys; from orthofuse_jax.cli import main; sys.exit(main(sys.argv[1:]))"
-    proc = subprocess.run([sys.executable, "-c", code, "fuse", str(pair[0]), str(pair[1]), "-o", str(out)],
-                          env=env, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "fuse", str(pair[0]), str(pair[1]), "-o", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert proc.returncode == 0, proc.stderr
 
 
@@ -370,7 +447,9 @@ def test_compile_cache_is_filled_once_then_reused(pair, tmp_path):
     first = sorted(p.name for p in cache.iterdir())
     assert first, "the first run wrote no compiled kernels into the cache"
     _fuse_in_subprocess(pair, tmp_path / "b.safetensors", None, xdg)
-    assert sorted(p.name for p in cache.iterdir()) == first, "the second run compiled something again"
+    assert sorted(p.name for p in cache.iterdir()) == first, (
+        "the second run compiled something again"
+    )
     a, b = load_file(tmp_path / "a.safetensors"), load_file(tmp_path / "b.safetensors")
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
@@ -384,30 +463,45 @@ def test_compile_cache_folder_and_off(pair, tmp_path):
 
 
 def _runtime_in_subprocess(code: str, **env_updates) -> str:
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "ORTHOFUSE_JAX_KEEP_XLA_FLAGS")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("XLA_FLAGS", "ORTHOFUSE_JAX_KEEP_XLA_FLAGS")
+    }
     env.update(env_updates)
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          cwd=Path(__file__).resolve().parents[1])
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip()
 
 
-_PREFER = ("import os; from orthofuse_jax import prefer_cublas_gemm; "
-           "print(prefer_cublas_gemm(), repr(os.environ.get('XLA_FLAGS')))")
+_PREFER = (
+    "import os; from orthofuse_jax import prefer_cublas_gemm; "
+    "print(prefer_cublas_gemm(), repr(os.environ.get('XLA_FLAGS')))"
+)
 
 
 def test_prefer_cublas_gemm_adds_the_flag_once_and_respects_the_user():
     assert _runtime_in_subprocess(_PREFER) == "True '--xla_gpu_enable_triton_gemm=false'"
     # other flags are kept, the user's own triton choice wins, and the opt-out leaves XLA_FLAGS alone
     assert _runtime_in_subprocess(_PREFER, XLA_FLAGS="--xla_dump_to=/tmp/x") == (
-        "True '--xla_dump_to=/tmp/x --xla_gpu_enable_triton_gemm=false'")
+        "True '--xla_dump_to=/tmp/x --xla_gpu_enable_triton_gemm=false'"
+    )
     assert _runtime_in_subprocess(_PREFER, XLA_FLAGS="--xla_gpu_enable_triton_gemm=true") == (
-        "False '--xla_gpu_enable_triton_gemm=true'")
+        "False '--xla_gpu_enable_triton_gemm=true'"
+    )
     assert _runtime_in_subprocess(_PREFER, ORTHOFUSE_JAX_KEEP_XLA_FLAGS="1") == "False None"
     # once a backend runs, XLA has read its flags: nothing is changed
-    late = ("import os, jax; jax.numpy.zeros(1).block_until_ready(); "
-            "from orthofuse_jax import prefer_cublas_gemm; "
-            "print(prefer_cublas_gemm(), repr(os.environ.get('XLA_FLAGS')))")
+    late = (
+        "import os, jax; jax.numpy.zeros(1).block_until_ready(); "
+        "from orthofuse_jax import prefer_cublas_gemm; "
+        "print(prefer_cublas_gemm(), repr(os.environ.get('XLA_FLAGS')))"
+    )
     assert _runtime_in_subprocess(late) == "False None"
 
 
@@ -446,6 +540,8 @@ def test_prefer_cublas_gemm_too_late_warns_only_on_a_gpu(monkeypatch, recwarn):
     assert orthofuse_jax.prefer_cublas_gemm() is False and "XLA_FLAGS" not in os.environ
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    with pytest.warns(RuntimeWarning, match="after JAX's GPU backend started.*xla_gpu_enable_triton_gemm=false"):
+    with pytest.warns(
+        RuntimeWarning, match="after JAX's GPU backend started.*xla_gpu_enable_triton_gemm=false"
+    ):
         assert orthofuse_jax.prefer_cublas_gemm() is False
     assert "XLA_FLAGS" not in os.environ

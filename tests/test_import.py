@@ -30,7 +30,14 @@ print(json.dumps({
 
 
 def _probe(env: dict[str, str]) -> dict:
-    out = subprocess.run([sys.executable, "-c", _PROBE], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -41,7 +48,9 @@ def test_import_has_no_side_effects():
     assert got["env_changed"] == []  # PJRT_NPROC and XLA_FLAGS are for the command line to set
     assert got["config_changed"] == []
     # heavy optional parts load where they are used, not on import
-    assert not {"matplotlib", "flax", "optax", "diffusers", "transformers", "torch", "PIL"} & set(got["new_modules"])
+    assert not {"matplotlib", "flax", "optax", "diffusers", "transformers", "torch", "PIL"} & set(
+        got["new_modules"]
+    )
 
 
 def test_the_thread_workaround_is_applied_by_the_cli_and_named_to_library_users(tmp_path):
@@ -54,24 +63,43 @@ def test_the_thread_workaround_is_applied_by_the_cli_and_named_to_library_users(
         "except RuntimeWarning as e:\n    print('warned:', e)\n"
         "print('needs' if needs else 'fine')"
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("PJRT_NPROC", "ORTHOFUSE_JAX_KEEP_THREADS")}
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("PJRT_NPROC", "ORTHOFUSE_JAX_KEEP_THREADS")
+    }
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True
+    )
     first, needs = out.stdout.strip().splitlines()
     if needs == "needs":
-        assert first.startswith("warned:") and "PJRT_NPROC=1" in first and "configure_cpu_threads()" in first
+        assert (
+            first.startswith("warned:")
+            and "PJRT_NPROC=1" in first
+            and "configure_cpu_threads()" in first
+        )
     else:
         assert first == "quiet"
     env["PJRT_NPROC"] = "1"
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, check=True
+    )
     assert out.stdout.splitlines()[0] == "quiet"
     # the command line sets it before JAX starts
     from safetensors.numpy import save_file
 
     a = np.zeros((2, 3, 3), np.float32)
     path = tmp_path / "a.safetensors"
-    save_file({"p.processor.to_q_moft.ort_monarch.L": a, "p.processor.to_q_moft.ort_monarch.R": a}, str(path))
+    save_file(
+        {"p.processor.to_q_moft.ort_monarch.L": a, "p.processor.to_q_moft.ort_monarch.R": a},
+        str(path),
+    )
     code = "import os, sys; from orthofuse_jax.cli import main; main(['inspect', sys.argv[1]]); print(os.environ.get('PJRT_NPROC'))"
     del env["PJRT_NPROC"]
-    out = subprocess.run([sys.executable, "-c", code, str(path)], env=env, cwd=ROOT, capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(path)],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert out.stdout.strip().splitlines()[-1] == ("1" if needs == "needs" else "None")

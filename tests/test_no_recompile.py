@@ -41,11 +41,13 @@ def _adapter(seed, inventory=((3, 4), (5, 2)), nb=4, dtype=np.float32, angle=0.5
     rng = np.random.default_rng(seed)
     stacks = {}
     for b, n in inventory:
-        mk = lambda: rng.standard_normal((n, nb, b, b))  # noqa: E731
+        mk = lambda: rng.standard_normal((n, nb, b, b))
         L, R = mk(), mk()
         L, R = angle * (L - np.swapaxes(L, -1, -2)) / 4, angle * (R - np.swapaxes(R, -1, -2)) / 4
         names = tuple(f"b{b}.layer{i}" for i in range(n))
-        stacks[stack_key(nb, b)] = LayerStack(L=jnp.asarray(L, dtype), R=jnp.asarray(R, dtype), names=names)
+        stacks[stack_key(nb, b)] = LayerStack(
+            L=jnp.asarray(L, dtype), R=jnp.asarray(R, dtype), names=names
+        )
     return GSAdapter(stacks=stacks, scales={}, orthogonal=False)
 
 
@@ -58,7 +60,8 @@ def test_listener_sees_compilations():
 
 
 @pytest.mark.parametrize(
-    "method,restore", [("geodesic", "cayley"), ("cayley", "cayley"), ("geodesic", "exact"), ("geodesic", "none")]
+    "method,restore",
+    [("geodesic", "cayley"), ("cayley", "cayley"), ("geodesic", "exact"), ("geodesic", "none")],
 )
 def test_second_merge_with_same_shapes_does_not_recompile(method, restore):
     a1, a2, b1, b2 = (_adapter(s) for s in range(4))
@@ -77,12 +80,23 @@ def test_declined_blocks_compile_their_eigh_kernel_once():
     from orthofuse_jax.geometry import cayley, log_polynomial
 
     def declined(x, y):
-        return [int((~log_polynomial(jnp.swapaxes(cayley(getattr(x.stacks[k], w)), -1, -2)
-                                     @ cayley(getattr(y.stacks[k], w)))[1]).sum())
-                for k in x.stacks for w in "LR"]
+        return [
+            int(
+                (
+                    ~log_polynomial(
+                        jnp.swapaxes(cayley(getattr(x.stacks[k], w)), -1, -2)
+                        @ cayley(getattr(y.stacks[k], w))
+                    )[1]
+                ).sum()
+            )
+            for k in x.stacks
+            for w in "LR"
+        ]
 
     a1, a2, b1, b2 = (_adapter(s, angle=1.0) for s in (0, 1, 4, 5))
-    assert all(sum(d[i:i + 2]) for d in [declined(a1, a2)] for i in (0, 2))  # every stack shape declines
+    assert all(
+        sum(d[i : i + 2]) for d in [declined(a1, a2)] for i in (0, 2)
+    )  # every stack shape declines
     assert sum(declined(b1, b2)) > 0
     with count_compiles() as first:
         jax.block_until_ready(merge([a1, a2], t=0.6, restore="cayley"))
@@ -106,7 +120,7 @@ def test_sweep_second_call_does_not_recompile():
 def test_jitted_merge_cache_holds_one_entry():
     a1, a2, b1, b2 = (_adapter(s) for s in range(4))
     f = jax.jit(functools.partial(merge, method="geodesic", restore="cayley"))
-    run = lambda x, y, t: jax.block_until_ready(f([x, y], t=t))  # noqa: E731
+    run = lambda x, y, t: jax.block_until_ready(f([x, y], t=t))
     run(a1, a2, jnp.float32(0.6))
     assert f._cache_size() == 1
     with count_compiles() as second:

@@ -40,7 +40,9 @@ def _assert_highest(fn, *args):
     precisions = _dot_precisions(jax.make_jaxpr(fn)(*args).jaxpr, [])
     assert precisions, "no matrix product traced: the check would be vacuous"
     bad = [p for p in precisions if p != HIGHEST]
-    assert not bad, f"{len(bad)} of {len(precisions)} dot_general(s) without HIGHEST precision: {bad[:3]}"
+    assert not bad, (
+        f"{len(bad)} of {len(precisions)} dot_general(s) without HIGHEST precision: {bad[:3]}"
+    )
 
 
 def _rot(seed, shape=(3, 2, 4, 4)):
@@ -50,7 +52,9 @@ def _rot(seed, shape=(3, 2, 4, 4)):
 
 GEOMETRY = {
     "geodesic": lambda u1, u2: geo.geodesic(u1, u2, 0.3),
-    "geodesic_path.at": lambda u1, u2: jax.vmap(geo.geodesic_path(u1, u2).at)(jnp.linspace(0.0, 1.0, 3)),
+    "geodesic_path.at": lambda u1, u2: jax.vmap(geo.geodesic_path(u1, u2).at)(
+        jnp.linspace(0.0, 1.0, 3)
+    ),
     "geodesic_distance": lambda u1, u2: geo.geodesic_distance(u1, u2),
     "geodesic_speed": lambda u1, u2: geo.geodesic_speed(u1, u2, 0.4),
     "log": lambda u1, u2: geo.log(u1),
@@ -67,7 +71,9 @@ GEOMETRY = {
     "gs_apply": lambda u1, u2: geo.gs_apply(jnp.ones((2, 8)), u1[0], u2[0]),
     "gs_apply_transpose": lambda u1, u2: geo.gs_apply_transpose(jnp.ones((2, 8)), u1[0], u2[0]),
     "jvp of geodesic": lambda u1, u2: jax.jvp(lambda t: geo.geodesic(u1, u2, t), (0.3,), (1.0,)),
-    "grad of geodesic_distance": lambda u1, u2: jax.grad(lambda a: geo.geodesic_distance(a, u2).sum())(u1),
+    "grad of geodesic_distance": lambda u1, u2: jax.grad(
+        lambda a: geo.geodesic_distance(a, u2).sum()
+    )(u1),
 }
 
 
@@ -78,7 +84,10 @@ def test_geometry_products_are_highest_precision(name):
 
 def _adapter(seed):
     rng = np.random.default_rng(seed)
-    layers = {f"l{i}": (0.3 * rng.normal(size=(2, 4, 4)), 0.3 * rng.normal(size=(2, 4, 4))) for i in range(2)}
+    layers = {
+        f"l{i}": (0.3 * rng.normal(size=(2, 4, 4)), 0.3 * rng.normal(size=(2, 4, 4)))
+        for i in range(2)
+    }
     return from_layers(layers, {}, dtype=np.float32)
 
 
@@ -87,17 +96,35 @@ def _adapter(seed):
 def test_merges_are_highest_precision(method, restore):
     a1, a2, a3 = _adapter(0), _adapter(1), _adapter(2)
     for algorithm in ("eigh", "matmul"):
-        _assert_highest(lambda x, y, t: merge([x, y], t=t, method=method, restore=restore, algorithm=algorithm),
-                        a1, a2, 0.4)
-        _assert_highest(lambda x, y, ts: sweep(x, y, ts, method=method, restore=restore, algorithm=algorithm),
-                        a1, a2, jnp.linspace(0, 1, 3))
+        _assert_highest(
+            lambda x, y, t: merge([x, y], t=t, method=method, restore=restore, algorithm=algorithm),
+            a1,
+            a2,
+            0.4,
+        )
+        _assert_highest(
+            lambda x, y, ts: sweep(x, y, ts, method=method, restore=restore, algorithm=algorithm),
+            a1,
+            a2,
+            jnp.linspace(0, 1, 3),
+        )
     # three adapters: Karcher mean (geodesic) or Cayley-space mean
-    _assert_highest(lambda w: merge([a1, a2, a3], w, method=method, restore=restore), jnp.asarray([0.2, 0.3, 0.5]))
+    _assert_highest(
+        lambda w: merge([a1, a2, a3], w, method=method, restore=restore),
+        jnp.asarray([0.2, 0.3, 0.5]),
+    )
 
 
 def test_lora_merge_is_highest_precision():
     rng = np.random.default_rng(0)
-    loras = [(jnp.asarray(rng.normal(size=(2, 6)), jnp.float32), jnp.asarray(rng.normal(size=(5, 2)), jnp.float32))
-             for _ in range(2)]
-    _assert_highest(lambda w: lora_merge(loras, w, rank=2, als_steps=2, key=jax.random.PRNGKey(0)).up,
-                    jnp.asarray([0.5, 0.5]))
+    loras = [
+        (
+            jnp.asarray(rng.normal(size=(2, 6)), jnp.float32),
+            jnp.asarray(rng.normal(size=(5, 2)), jnp.float32),
+        )
+        for _ in range(2)
+    ]
+    _assert_highest(
+        lambda w: lora_merge(loras, w, rank=2, als_steps=2, key=jax.random.PRNGKey(0)).up,
+        jnp.asarray([0.5, 0.5]),
+    )

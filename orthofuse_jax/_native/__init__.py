@@ -26,7 +26,13 @@ import ctypes
 import importlib.util
 import os
 
-_KERNELS = {"solve": "Solve", "cayley": "Cayley", "point": "Point", "geodesic": "Geodesic", "sweep": "Sweep"}
+_KERNELS = {
+    "solve": "Solve",
+    "cayley": "Cayley",
+    "point": "Point",
+    "geodesic": "Geodesic",
+    "sweep": "Sweep",
+}
 _DTYPES = {"float32": "F32", "float64": "F64"}
 _state: dict = {}
 

@@ -22,7 +22,7 @@ from . import generate_commands, merge_commands, train_command
 from ._common import EXIT_BAD_INPUT, PROG, CLIError
 from .merge_commands import parse_ts
 
-__all__ = ["main", "build_parser", "parse_ts", "version_text", "CLIError", "EXIT_BAD_INPUT"]
+__all__ = ["EXIT_BAD_INPUT", "CLIError", "build_parser", "main", "parse_ts", "version_text"]
 
 
 def version_text() -> str:
@@ -48,14 +48,18 @@ def version_text() -> str:
         kernels = "no build for this CPU (x86-64 without AVX2; XLA and LAPACK)"
     else:
         kernels = f"the {_native.isa()} build"
-    return (f"{PROG} {__version__} (jax {dist('jax')}, jaxlib {dist('jaxlib')}); "
-            f"compiled CPU kernels: {kernels}")
+    return (
+        f"{PROG} {__version__} (jax {dist('jax')}, jaxlib {dist('jaxlib')}); "
+        f"compiled CPU kernels: {kernels}"
+    )
 
 
 class _VersionAction(argparse.Action):
     """--version, computed when asked (argparse's own needs the text when the parser is built)."""
 
-    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+    def __init__(
+        self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None
+    ):
         super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
 
     def __call__(self, parser, namespace, values, option_string=None):
@@ -67,11 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Training-free fusion of orthogonal GS (Group-and-Shuffle) diffusion adapters (OrthoFuse). "
-                    "Default merge: --method geodesic --restore cayley --t 0.6 (the reference's moft_merge preset); "
-                    "t = 0 is the concept adapter, t = 1 the style adapter.",
+        "Default merge: --method geodesic --restore cayley --t 0.6 (the reference's moft_merge preset); "
+        "t = 0 is the concept adapter, t = 1 the style adapter.",
     )
-    parser.add_argument("--version", action=_VersionAction,
-                        help="print the version, JAX's, and which build of the compiled CPU kernels runs here")
+    parser.add_argument(
+        "--version",
+        action=_VersionAction,
+        help="print the version, JAX's, and which build of the compiled CPU kernels runs here",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -81,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_EXTRAS = {m: "sdxl" for m in ("flax", "optax", "diffusers", "transformers", "PIL", "huggingface_hub")}
+_EXTRAS = {
+    m: "sdxl" for m in ("flax", "optax", "diffusers", "transformers", "PIL", "huggingface_hub")
+}
 """Top-level modules of the optional extras, and the extra that installs each."""
 
 
@@ -97,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     configure_cpu_threads()  # before JAX starts (jaxlib < 0.11's LAPACK pool deadlock)
     from .._safetensors import AdapterFileError
 
-    if getattr(args, "cublas_gemm", False):  # the merges: many small products (see prefer_cublas_gemm)
+    if getattr(
+        args, "cublas_gemm", False
+    ):  # the merges: many small products (see prefer_cublas_gemm)
         prefer_cublas_gemm()
 
     with warnings.catch_warnings(record=True) as caught:
@@ -116,8 +127,11 @@ def main(argv: list[str] | None = None) -> int:
             if top not in _EXTRAS:
                 raise
             _flush_warnings(caught)
-            print(f"{PROG} {args.command}: error: {top} is not installed; this command needs the "
-                  f"{_EXTRAS[top]} extra: pip install 'orthofuse-jax[{_EXTRAS[top]}]'", file=sys.stderr)
+            print(
+                f"{PROG} {args.command}: error: {top} is not installed; this command needs the "
+                f"{_EXTRAS[top]} extra: pip install 'orthofuse-jax[{_EXTRAS[top]}]'",
+                file=sys.stderr,
+            )
             return EXIT_BAD_INPUT
         _flush_warnings(caught)
     return int(rc or 0)

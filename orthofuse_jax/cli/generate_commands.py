@@ -22,11 +22,12 @@ What the command needs:
 
 The PNG (or ``.npy``) is written atomically; an output path equal to an input is refused.
 """
+
 from __future__ import annotations
 
 import argparse
 
-__all__ = ["register", "run_generate", "run_encode_prompt"]
+__all__ = ["register", "run_encode_prompt", "run_generate"]
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -37,20 +38,46 @@ def register(subparsers) -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", required=True, help="local diffusers SDXL folder (unet/, optional vae/)")
-    p.add_argument("--hub-id", action="store_true", help="treat --model as a hub id and download it")
-    p.add_argument("--adapter", default=None, help="GS adapter .safetensors (reference format); none = base UNet")
-    p.add_argument("--prompt", default=None, help="prompt text, encoded with the model's CLIP text encoders")
-    p.add_argument("--negative-prompt", default=None, help="negative prompt (default: zero embeddings, as SDXL)")
-    p.add_argument("--embeddings", default=None,
-                   help=".npz with prompt_embeds [77,2048] and pooled [1280] instead of encoding --prompt")
-    p.add_argument("-o", "--output", required=True, help="output PNG (latents .npy when the model has no vae/)")
+    p.add_argument(
+        "--model", required=True, help="local diffusers SDXL folder (unet/, optional vae/)"
+    )
+    p.add_argument(
+        "--hub-id", action="store_true", help="treat --model as a hub id and download it"
+    )
+    p.add_argument(
+        "--adapter",
+        default=None,
+        help="GS adapter .safetensors (reference format); none = base UNet",
+    )
+    p.add_argument(
+        "--prompt", default=None, help="prompt text, encoded with the model's CLIP text encoders"
+    )
+    p.add_argument(
+        "--negative-prompt",
+        default=None,
+        help="negative prompt (default: zero embeddings, as SDXL)",
+    )
+    p.add_argument(
+        "--embeddings",
+        default=None,
+        help=".npz with prompt_embeds [77,2048] and pooled [1280] instead of encoding --prompt",
+    )
+    p.add_argument(
+        "-o", "--output", required=True, help="output PNG (latents .npy when the model has no vae/)"
+    )
     p.add_argument("--steps", type=int, default=50, help="Euler steps (default 50)")
-    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5.0)")
+    p.add_argument(
+        "--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5.0)"
+    )
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="UNet compute dtype (default fp32)")
+    p.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="UNet compute dtype (default fp32)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run_generate)
     e = subparsers.add_parser(
@@ -60,7 +87,9 @@ def register(subparsers) -> argparse.ArgumentParser:
         "text_encoder_2/ as diffusers' StableDiffusionXLPipeline does; the .npz is what generate and "
         "train take as --embeddings, so the text encoders need not be loaded again.",
     )
-    e.add_argument("--model", required=True, help="local diffusers SDXL folder (text_encoder*/, tokenizer*/)")
+    e.add_argument(
+        "--model", required=True, help="local diffusers SDXL folder (text_encoder*/, tokenizer*/)"
+    )
     e.add_argument("--prompt", required=True)
     e.add_argument("--negative-prompt", default=None, help="also encode a negative prompt")
     e.add_argument("-o", "--output", required=True, help="output .npz")
@@ -94,10 +123,14 @@ def run_generate(args) -> int:
     from ..models.generate import generate, load_embeddings
 
     if args.embeddings is None and args.prompt is None:
-        raise ValueError("give --prompt (encoded with the model's text encoders) or --embeddings FILE.npz")
+        raise ValueError(
+            "give --prompt (encoded with the model's text encoders) or --embeddings FILE.npz"
+        )
     if args.embeddings is not None and args.negative_prompt is not None:
-        raise ValueError("--negative-prompt is encoded with the text encoders; with --embeddings put "
-                         "negative_prompt_embeds / negative_pooled in the .npz instead")
+        raise ValueError(
+            "--negative-prompt is encoded with the text encoders; with --embeddings put "
+            "negative_prompt_embeds / negative_pooled in the .npz instead"
+        )
     inputs = [x for x in (args.adapter, args.embeddings) if x]
     out = os.fspath(args.output)
     check_output_path(out, inputs)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ._common import PROG, CLIError
 
-__all__ = ["register", "parse_ts", "cmd_fuse", "cmd_sweep", "cmd_demo", "cmd_inspect"]
+__all__ = ["cmd_demo", "cmd_fuse", "cmd_inspect", "cmd_sweep", "parse_ts", "register"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -38,7 +38,9 @@ def parse_ts(text: str) -> list[float]:
             return [a + (b - a) * i / (n - 1) for i in range(n)]
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise CLIError(f"--ts {text!r}: expected start:stop:count (e.g. 0:1:11) or a comma list") from None
+        raise CLIError(
+            f"--ts {text!r}: expected start:stop:count (e.g. 0:1:11) or a comma list"
+        ) from None
 
 
 def _check_t(ts, extrapolate: bool) -> None:
@@ -46,7 +48,9 @@ def _check_t(ts, extrapolate: bool) -> None:
         if not math.isfinite(t):
             raise CLIError(f"t={t} is not a finite number")
         if not extrapolate and not 0.0 <= t <= 1.0:
-            raise CLIError(f"t={t:g} is outside [0, 1] (0 = concept, 1 = style); pass --extrapolate to extrapolate")
+            raise CLIError(
+                f"t={t:g} is outside [0, 1] (0 = concept, 1 = style); pass --extrapolate to extrapolate"
+            )
 
 
 def _prefetch(args) -> None:
@@ -57,7 +61,9 @@ def _prefetch(args) -> None:
     from .._safetensors import read_adapter_file
 
     pool = ThreadPoolExecutor(2)
-    args.prefetched = {path: pool.submit(read_adapter_file, path) for path in (args.concept, args.style)}
+    args.prefetched = {
+        path: pool.submit(read_adapter_file, path) for path in (args.concept, args.style)
+    }
     pool.shutdown(wait=False)
 
 
@@ -69,7 +75,9 @@ def _load_pair(args):
 
     def load(path):
         arrays = args.prefetched[path].result()
-        return load_adapter(path) if arrays is None else adapter_from_arrays(arrays)  # None: PEFT OFT
+        return (
+            load_adapter(path) if arrays is None else adapter_from_arrays(arrays)
+        )  # None: PEFT OFT
 
     concept, style = load(args.concept), load(args.style)
     del args.prefetched
@@ -109,8 +117,13 @@ def cmd_fuse(args, *, quiet: bool = False) -> int:
     # stops before the restoration, and the file needs no inversion of the restored blocks.
     eta = 0.5 * restoration_factor(args.t, args.alpha) if args.restore == "cayley" else None
     try:
-        merged = merge([concept, style], t=args.t, extrapolate=args.extrapolate, algorithm=args.algorithm,
-                       **{**kw, "restore": "none" if eta is not None else args.restore})
+        merged = merge(
+            [concept, style],
+            t=args.t,
+            extrapolate=args.extrapolate,
+            algorithm=args.algorithm,
+            **{**kw, "restore": "none" if eta is not None else args.restore},
+        )
     except ValueError as e:
         raise CLIError(f"{args.concept} + {args.style}: {e}") from None
     merged = merged.map_stacks(lambda x: x.block_until_ready())
@@ -123,7 +136,9 @@ def cmd_fuse(args, *, quiet: bool = False) -> int:
         "orthofuse_alpha": repr(float(args.alpha)),
         "orthofuse_scales": args.scales,
     }
-    err = save_merged(args.output, merged, metadata=meta, inputs=[args.concept, args.style], restore_eta=eta)
+    err = save_merged(
+        args.output, merged, metadata=meta, inputs=[args.concept, args.style], restore_eta=eta
+    )
     shapes = "/".join(str(s.b) for s in sorted(merged.stacks.values(), key=lambda s: s.b))
     print(
         f"fused {merged.num_layers} layers (block sizes {shapes}) at t={args.t:g} "
@@ -153,13 +168,17 @@ def cmd_sweep(args) -> int:
         raise CLIError(f"{out}: --plot must be a directory, a file is in the way")
     for inp in (args.concept, args.style):
         if Path(inp).resolve().parent == out.resolve() and Path(inp).name in _SWEEP_FILES:
-            raise CLIError(f"{out / Path(inp).name}: output path is the input file {inp}; refusing to overwrite an input")
+            raise CLIError(
+                f"{out / Path(inp).name}: output path is the input file {inp}; refusing to overwrite an input"
+            )
     _enable_x64(args)
     concept, style = _load_pair(args)
     t0 = time.perf_counter()
     kw = _merge_kwargs(args)
     try:
-        stats = sweep_statistics(concept, style, ts, extrapolate=args.extrapolate, algorithm=args.algorithm, **kw)
+        stats = sweep_statistics(
+            concept, style, ts, extrapolate=args.extrapolate, algorithm=args.algorithm, **kw
+        )
     except ValueError as e:
         raise CLIError(f"{args.concept} + {args.style}: {e}") from None
     elapsed = time.perf_counter() - t0
@@ -168,9 +187,13 @@ def cmd_sweep(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     _write_json_atomic(out / "sweep.json", stats)
     pngs = write_sweep_plots(stats, out)
-    print(f"swept {len(ts)} values of t over {stats['layers']} layers in {elapsed:.2f} s "
-          f"[{args.method}, restore={args.restore}]")
-    print("     t   speed(before)  speed(after)  ambient-dist(after)  orth-err(after)  max-angle(after)")
+    print(
+        f"swept {len(ts)} values of t over {stats['layers']} layers in {elapsed:.2f} s "
+        f"[{args.method}, restore={args.restore}]"
+    )
+    print(
+        "     t   speed(before)  speed(after)  ambient-dist(after)  orth-err(after)  max-angle(after)"
+    )
     for i, t in enumerate(stats["ts"]):
         print(
             f"  {t:5.2f}  {stats['speed_before'][i]:13.4f}  {stats['speed_after'][i]:12.4f}  "
@@ -190,9 +213,20 @@ def cmd_demo(args) -> int:
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="orthofuse-demo-"))
     t0 = time.perf_counter()
     concept, style = write_demo_pair(out, full_sdxl=args.full_sdxl)
-    print(f"wrote demo adapters ({'full SDXL, 560' if args.full_sdxl else 'SDXL-shaped, 16'} layers): {concept}, {style}")
-    common = dict(concept=concept, style=style, method="geodesic", restore="cayley", alpha=2.0,
-                  scales="concept", extrapolate=False, float64=False, algorithm="auto")
+    print(
+        f"wrote demo adapters ({'full SDXL, 560' if args.full_sdxl else 'SDXL-shaped, 16'} layers): {concept}, {style}"
+    )
+    common = dict(
+        concept=concept,
+        style=style,
+        method="geodesic",
+        restore="cayley",
+        alpha=2.0,
+        scales="concept",
+        extrapolate=False,
+        float64=False,
+        algorithm="auto",
+    )
     fuse_args = argparse.Namespace(t=0.6, output=out / "fused.safetensors", **common)
     print(f"$ {PROG} fuse {concept} {style} -o {fuse_args.output} --t 0.6")
     cmd_fuse(fuse_args, quiet=True)
@@ -233,9 +267,13 @@ def cmd_inspect(args) -> int:
         )
         for name, a in zip(st.names, per_layer):
             if a > np.pi - 1e-3:
-                problems.append(f"layer {name!r}: a block rotates by ~pi (eigenvalue -1): no geodesic merge")
+                problems.append(
+                    f"layer {name!r}: a block rotates by ~pi (eigenvalue -1): no geodesic merge"
+                )
             elif a > np.pi / 2:
-                problems.append(f"layer {name!r}: max rotation {a:.2f} rad > pi/2 (curve_over_id saturates there)")
+                problems.append(
+                    f"layer {name!r}: max rotation {a:.2f} rad > pi/2 (curve_over_id saturates there)"
+                )
     if adapter.scales:
         sc = np.concatenate([np.asarray(v).ravel() for v in adapter.scales.values()])
         print(f"  scales: min {sc.min():.4f}  max {sc.max():.4f}  mean {sc.mean():.4f}")
@@ -250,40 +288,71 @@ def cmd_inspect(args) -> int:
 
 
 def _add_merge_options(p) -> None:
-    p.add_argument("--method", choices=["geodesic", "cayley"], default="geodesic",
-                   help="geodesic: exact block-wise SO(b) geodesic (docs/math.md §3.1); cayley: fast Cayley-space "
-                        "merge (docs/math.md §3.2). Default: geodesic")
-    p.add_argument("--restore", choices=["cayley", "exact", "none"], default="cayley",
-                   help="spectra restoration: cayley = the reference's curve_over_id (eta = 1/2 + 2t(1-t)); "
-                        "exact = exp(f(t) log Y), f = 1 + 4(alpha-1)t(1-t); none. Default: cayley")
-    p.add_argument("--alpha", type=float, default=2.0, help="phase multiplier at t=1/2 for --restore exact (default 2)")
-    p.add_argument("--scales", choices=["concept", "geometric", "linear"], default="concept",
-                   help="scale vectors: concept (the reference's behaviour), per-channel weighted geometric "
-                        "mean, or linear interpolation. Default: concept")
+    p.add_argument(
+        "--method",
+        choices=["geodesic", "cayley"],
+        default="geodesic",
+        help="geodesic: exact block-wise SO(b) geodesic (docs/math.md §3.1); cayley: fast Cayley-space "
+        "merge (docs/math.md §3.2). Default: geodesic",
+    )
+    p.add_argument(
+        "--restore",
+        choices=["cayley", "exact", "none"],
+        default="cayley",
+        help="spectra restoration: cayley = the reference's curve_over_id (eta = 1/2 + 2t(1-t)); "
+        "exact = exp(f(t) log Y), f = 1 + 4(alpha-1)t(1-t); none. Default: cayley",
+    )
+    p.add_argument(
+        "--alpha",
+        type=float,
+        default=2.0,
+        help="phase multiplier at t=1/2 for --restore exact (default 2)",
+    )
+    p.add_argument(
+        "--scales",
+        choices=["concept", "geometric", "linear"],
+        default="concept",
+        help="scale vectors: concept (the reference's behaviour), per-channel weighted geometric "
+        "mean, or linear interpolation. Default: concept",
+    )
     p.add_argument("--extrapolate", action="store_true", help="allow t outside [0, 1]")
-    p.add_argument("--algorithm", choices=["auto", "eigh", "matmul"], default="auto",
-                   help="how logs and exponentials of rotations are taken: matmul = products only (eigh for "
-                        "blocks beyond 2.4 rad; fastest, most of all on GPUs), eigh = the spectral formula; "
-                        "auto = matmul for a float32 fuse, eigh for sweeps and --float64. Default: auto")
-    p.add_argument("--float64", action="store_true", help="merge in float64 (output is float32 either way)")
+    p.add_argument(
+        "--algorithm",
+        choices=["auto", "eigh", "matmul"],
+        default="auto",
+        help="how logs and exponentials of rotations are taken: matmul = products only (eigh for "
+        "blocks beyond 2.4 rad; fastest, most of all on GPUs), eigh = the spectral formula; "
+        "auto = matmul for a float32 fuse, eigh for sweeps and --float64. Default: auto",
+    )
+    p.add_argument(
+        "--float64", action="store_true", help="merge in float64 (output is float32 either way)"
+    )
 
 
 def register(sub) -> None:
     """Add ``fuse``, ``sweep``, ``demo`` and ``inspect`` to an ``argparse`` subparsers object."""
-    p = sub.add_parser("fuse", help="merge a concept and a style adapter into one GS adapter file",
-                       description="Merge CONCEPT (t=0) and STYLE (t=1) adapters (reference safetensors format or "
-                                   "PEFT OFT) and write the merged adapter in the reference format (raw Cayley "
-                                   "parameters invCay(Y), so the reference's method='cayley' reproduces Y).")
+    p = sub.add_parser(
+        "fuse",
+        help="merge a concept and a style adapter into one GS adapter file",
+        description="Merge CONCEPT (t=0) and STYLE (t=1) adapters (reference safetensors format or "
+        "PEFT OFT) and write the merged adapter in the reference format (raw Cayley "
+        "parameters invCay(Y), so the reference's method='cayley' reproduces Y).",
+    )
     p.add_argument("concept", type=Path)
     p.add_argument("style", type=Path)
-    p.add_argument("-o", "--output", type=Path, required=True, help="output .safetensors (never an input)")
+    p.add_argument(
+        "-o", "--output", type=Path, required=True, help="output .safetensors (never an input)"
+    )
     p.add_argument("--t", type=float, default=0.6, help="position on the merge path (default 0.6)")
     _add_merge_options(p)
     p.set_defaults(func=cmd_fuse, cublas_gemm=True, prefetch=_prefetch)
 
-    p = sub.add_parser("sweep", help="per-t statistics of the merge path (streamed); write sweep.json and PNG plots",
-                       description="Sweep t, write DIR/sweep.json (per-t statistics) and PNGs: eigen-angle "
-                                   "histograms, speed along t, distance to the straight ambient path.")
+    p = sub.add_parser(
+        "sweep",
+        help="per-t statistics of the merge path (streamed); write sweep.json and PNG plots",
+        description="Sweep t, write DIR/sweep.json (per-t statistics) and PNGs: eigen-angle "
+        "histograms, speed along t, distance to the straight ambient path.",
+    )
     p.add_argument("concept", type=Path)
     p.add_argument("style", type=Path)
     p.add_argument("--ts", default="0:1:11", help="start:stop:count or comma list (default 0:1:11)")
@@ -291,13 +360,23 @@ def register(sub) -> None:
     _add_merge_options(p)
     p.set_defaults(func=cmd_sweep, cublas_gemm=True, prefetch=_prefetch)
 
-    p = sub.add_parser("demo", help="write a built-in concept/style pair, then fuse and sweep it",
-                       description="Writes concept.safetensors and style.safetensors (deterministic, SDXL-shaped), "
-                                   "fused.safetensors (t=0.6, geodesic + curve_over_id) and sweep/ (JSON + PNGs).")
-    p.add_argument("--out", type=Path, default=None, help="output directory (default: a new temporary directory)")
+    p = sub.add_parser(
+        "demo",
+        help="write a built-in concept/style pair, then fuse and sweep it",
+        description="Writes concept.safetensors and style.safetensors (deterministic, SDXL-shaped), "
+        "fused.safetensors (t=0.6, geodesic + curve_over_id) and sweep/ (JSON + PNGs).",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output directory (default: a new temporary directory)",
+    )
     p.add_argument("--full-sdxl", action="store_true", help="all 560 SDXL layers instead of 16")
     p.set_defaults(func=cmd_demo, cublas_gemm=True)
 
-    p = sub.add_parser("inspect", help="layers, block shapes, rotation angles and problems of an adapter file")
+    p = sub.add_parser(
+        "inspect", help="layers, block shapes, rotation angles and problems of an adapter file"
+    )
     p.add_argument("file", type=Path)
     p.set_defaults(func=cmd_inspect)

@@ -55,42 +55,110 @@ def register(subparsers) -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", required=True, help="local diffusers SDXL folder (unet/, vae/ for images, scheduler/)")
-    p.add_argument("-o", "--output", required=True, help="output adapter .safetensors (reference format)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="local diffusers SDXL folder (unet/, vae/ for images, scheduler/)",
+    )
+    p.add_argument(
+        "-o", "--output", required=True, help="output adapter .safetensors (reference format)"
+    )
     src = p.add_argument_group("data")
     src.add_argument("--images", default=None, help="concept images folder (searched recursively)")
     src.add_argument("--latents", default=None, help="concept latents .npz instead of --images")
     src.add_argument("--style-image", default=None, help="single style image (random crops)")
-    src.add_argument("--style-latents", default=None, help="style latents .npz instead of --style-image")
-    src.add_argument("--prompt", default=None, help='concept prompt, e.g. "a photo of <sks> dog" (encoded by the text encoders)')
-    src.add_argument("--style-prompt", default=None, help="style prompt text (default: from the caption file)")
-    src.add_argument("--caption-file", default=None, help="style captions json (default: data.json next to the image)")
-    src.add_argument("--style-suffix", default=" in <style> style", help="appended to the caption (reference)")
-    src.add_argument("--embeddings", default=None, help=".npz text embeddings of the concept prompt (style prompt in style mode)")
-    src.add_argument("--style-embeddings", default=None, help=".npz text embeddings of the style prompt (joint mode)")
-    src.add_argument("--style-fraction", type=float, default=0.5, help="share of style steps in joint mode (default 0.5)")
-    src.add_argument("--resolution", type=int, default=1024, help="training resolution in pixels (default 1024)")
-    src.add_argument("--save-latents", default=None, metavar="PREFIX",
-                     help="write the VAE encodings to PREFIX-concept.npz / PREFIX-style.npz for reuse")
+    src.add_argument(
+        "--style-latents", default=None, help="style latents .npz instead of --style-image"
+    )
+    src.add_argument(
+        "--prompt",
+        default=None,
+        help='concept prompt, e.g. "a photo of <sks> dog" (encoded by the text encoders)',
+    )
+    src.add_argument(
+        "--style-prompt", default=None, help="style prompt text (default: from the caption file)"
+    )
+    src.add_argument(
+        "--caption-file",
+        default=None,
+        help="style captions json (default: data.json next to the image)",
+    )
+    src.add_argument(
+        "--style-suffix", default=" in <style> style", help="appended to the caption (reference)"
+    )
+    src.add_argument(
+        "--embeddings",
+        default=None,
+        help=".npz text embeddings of the concept prompt (style prompt in style mode)",
+    )
+    src.add_argument(
+        "--style-embeddings",
+        default=None,
+        help=".npz text embeddings of the style prompt (joint mode)",
+    )
+    src.add_argument(
+        "--style-fraction",
+        type=float,
+        default=0.5,
+        help="share of style steps in joint mode (default 0.5)",
+    )
+    src.add_argument(
+        "--resolution", type=int, default=1024, help="training resolution in pixels (default 1024)"
+    )
+    src.add_argument(
+        "--save-latents",
+        default=None,
+        metavar="PREFIX",
+        help="write the VAE encodings to PREFIX-concept.npz / PREFIX-style.npz for reuse",
+    )
     opt = p.add_argument_group("optimisation (reference defaults)")
     opt.add_argument("--nblocks", type=int, default=32, help="GS blocks per layer (default 32)")
     opt.add_argument("--steps", type=int, default=1000, help="optimisation steps (default 1000)")
     opt.add_argument("--batch-size", type=int, default=1, help="default 1")
     opt.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
-    opt.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW decoupled weight decay (default 1e-4)")
-    opt.add_argument("--max-grad-norm", type=float, default=None,
-                     help="clip the global gradient norm (default: off, as the reference)")
-    opt.add_argument("--no-scales", action="store_true", help="do not train per-channel scales (moft_scale=False)")
-    opt.add_argument("--bf16", action="store_true", help="run the UNet in bfloat16 (adapter and loss stay float32)")
+    opt.add_argument(
+        "--weight-decay",
+        type=float,
+        default=1e-4,
+        help="AdamW decoupled weight decay (default 1e-4)",
+    )
+    opt.add_argument(
+        "--max-grad-norm",
+        type=float,
+        default=None,
+        help="clip the global gradient norm (default: off, as the reference)",
+    )
+    opt.add_argument(
+        "--no-scales",
+        action="store_true",
+        help="do not train per-channel scales (moft_scale=False)",
+    )
+    opt.add_argument(
+        "--bf16",
+        action="store_true",
+        help="run the UNet in bfloat16 (adapter and loss stay float32)",
+    )
     opt.add_argument("--seed", type=int, default=8, help="default 8 (reference)")
-    opt.add_argument("--apply", choices=("fold", "onthefly"), default="fold",
-                     help="fold the adapter into the kernels once per step (default) or rotate every "
-                          "projection input as the reference does (same loss; often faster for few tokens)")
+    opt.add_argument(
+        "--apply",
+        choices=("fold", "onthefly"),
+        default="fold",
+        help="fold the adapter into the kernels once per step (default) or rotate every "
+        "projection input as the reference does (same loss; often faster for few tokens)",
+    )
     out = p.add_argument_group("output")
-    out.add_argument("--checkpoint-every", type=int, default=0, help="also save every N steps (0: off)")
-    out.add_argument("--resume", default=None, metavar="CKPT",
-                     help="continue the run that wrote CKPT.safetensors (and CKPT.opt.npz beside it) up to --steps")
-    out.add_argument("--log-json", default=None, help="write per-step losses and settings to this JSON file")
+    out.add_argument(
+        "--checkpoint-every", type=int, default=0, help="also save every N steps (0: off)"
+    )
+    out.add_argument(
+        "--resume",
+        default=None,
+        metavar="CKPT",
+        help="continue the run that wrote CKPT.safetensors (and CKPT.opt.npz beside it) up to --steps",
+    )
+    out.add_argument(
+        "--log-json", default=None, help="write per-step losses and settings to this JSON file"
+    )
     out.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run_train)
     return p
@@ -126,7 +194,11 @@ def _dataset(args, which: str, vae_cache: dict):
         return None, prompt
     if images is not None and latents is not None:
         raise ValueError(f"give either images or latents for the {which}, not both")
-    what = "--embeddings" if which == "concept" or not (args.images or args.latents) else "--style-embeddings"
+    what = (
+        "--embeddings"
+        if which == "concept" or not (args.images or args.latents)
+        else "--style-embeddings"
+    )
     if emb_path is None:
         if prompt is None:
             flag = "--prompt" if which == "concept" else "--style-prompt (or a caption file)"
@@ -152,9 +224,19 @@ def _dataset(args, which: str, vae_cache: dict):
         crop = (res // 8, res // 8) if which == "style" else tuple(lat.shape[2:])
         if which == "style" and (crop[0] > lat.shape[2] or crop[1] > lat.shape[3]):
             crop = tuple(lat.shape[2:])
-        sizes = data.get("original_sizes", np.tile([[lat.shape[2] * 8, lat.shape[3] * 8]], (lat.shape[0], 1)))
-        return td.LatentData(lat, data.get("latents_std"), pe, pooled, sizes, crop,
-                             random_crop=which == "style", name=latents), prompt
+        sizes = data.get(
+            "original_sizes", np.tile([[lat.shape[2] * 8, lat.shape[3] * 8]], (lat.shape[0], 1))
+        )
+        return td.LatentData(
+            lat,
+            data.get("latents_std"),
+            pe,
+            pooled,
+            sizes,
+            crop,
+            random_crop=which == "style",
+            name=latents,
+        ), prompt
     if "vae" not in vae_cache:
         from ..models.weights import load_vae
 
@@ -170,8 +252,17 @@ def _dataset(args, which: str, vae_cache: dict):
     lat, std = np.stack(means), np.stack(stds)
     if args.save_latents:
         td.save_latents(f"{args.save_latents}-{which}.npz", lat, std, np.asarray(sizes))
-    return td.LatentData(lat, std, pe, pooled, np.asarray(sizes), (res // f, res // f),
-                         random_crop=which == "style", vae_scale_factor=f, name=images), prompt
+    return td.LatentData(
+        lat,
+        std,
+        pe,
+        pooled,
+        np.asarray(sizes),
+        (res // f, res // f),
+        random_crop=which == "style",
+        vae_scale_factor=f,
+        name=images,
+    ), prompt
 
 
 # What a fingerprint entry (models.train.train_fingerprint) is called on the command line.
@@ -208,8 +299,17 @@ def run_train(args) -> int:
     from ..fusion.io import check_output_path
     from ..models.train import train_state_path
 
-    inputs = [x for x in (args.latents, args.style_latents, args.style_image, args.embeddings,
-                          args.style_embeddings) if x]
+    inputs = [
+        x
+        for x in (
+            args.latents,
+            args.style_latents,
+            args.style_image,
+            args.embeddings,
+            args.style_embeddings,
+        )
+        if x
+    ]
     if args.resume:
         inputs += [args.resume, train_state_path(args.resume)]
     check_output_path(args.output, inputs)
@@ -220,7 +320,9 @@ def run_train(args) -> int:
     vae_cache.clear()  # free the text encoders and the VAE before the UNet is loaded
     datasets = [d for d in (concept, style) if d is not None]
     if not datasets:
-        raise ValueError("no training data: give --images/--latents (concept) and/or --style-image/--style-latents")
+        raise ValueError(
+            "no training data: give --images/--latents (concept) and/or --style-image/--style-latents"
+        )
     mode = "joint" if len(datasets) == 2 else ("concept" if concept is not None else "style")
     mix = [1 - args.style_fraction, args.style_fraction] if mode == "joint" else None
 
@@ -242,18 +344,33 @@ def run_train(args) -> int:
     from ..models.generate import check_embeddings
 
     for d in datasets:
-        check_embeddings({"prompt_embeds": d.prompt_embeds, "pooled": d.pooled}, config,
-                         source=f"text embeddings of {d.name}")
+        check_embeddings(
+            {"prompt_embeds": d.prompt_embeds, "pooled": d.pooled},
+            config,
+            source=f"text embeddings of {d.name}",
+        )
     adapter0 = init_adapter(config, args.nblocks, scales=not args.no_scales)
     cfg = TrainConfig(
-        steps=args.steps, nblocks=args.nblocks, learning_rate=args.lr, weight_decay=args.weight_decay,
-        max_grad_norm=args.max_grad_norm, batch_size=args.batch_size, seed=args.seed,
-        train_scales=not args.no_scales, bf16=args.bf16, checkpoint_every=args.checkpoint_every,
-        progress=not args.no_progress, noise_schedule=scheduler_config(args.model), apply=args.apply,
+        steps=args.steps,
+        nblocks=args.nblocks,
+        learning_rate=args.lr,
+        weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        train_scales=not args.no_scales,
+        bf16=args.bf16,
+        checkpoint_every=args.checkpoint_every,
+        progress=not args.no_progress,
+        noise_schedule=scheduler_config(args.model),
+        apply=args.apply,
     )
     fingerprint = train_fingerprint(cfg, datasets, mix)
     if args.resume:
-        sources = {"concept": "concept data (--images/--latents)", "style": "style data (--style-image/--style-latents)"}
+        sources = {
+            "concept": "concept data (--images/--latents)",
+            "style": "style data (--style-image/--style-latents)",
+        }
         kinds = ["concept", "style"] if mode == "joint" else [mode]
         labels = {**_SETTING_FLAGS, **{f"data[{i}]": sources[k] for i, k in enumerate(kinds)}}
         state0 = load_checkpoint(args.resume, config, cfg, fingerprint, labels=labels)
@@ -266,12 +383,16 @@ def run_train(args) -> int:
         state0 = init_train_state(config, cfg, adapter=adapter0)
     every = args.checkpoint_every
     for step in (k for k in range(state0.step + 1, args.steps) if every and k % every == 0):
-        path = _checkpoint_path(args.output, step)  # every later checkpoint, refused before training
+        path = _checkpoint_path(
+            args.output, step
+        )  # every later checkpoint, refused before training
         for p in (path, train_state_path(path)):
             try:
                 check_output_path(p, inputs)
             except ValueError as e:
-                raise ValueError(f"{e} (the step-{step} checkpoint of this run; choose another -o)") from None
+                raise ValueError(
+                    f"{e} (the step-{step} checkpoint of this run; choose another -o)"
+                ) from None
 
     meta = {
         "orthofuse_jax": "train",
@@ -292,7 +413,9 @@ def run_train(args) -> int:
         meta["resumed_from"] = os.path.basename(os.fspath(args.resume))
 
     def save(path, state):
-        save_checkpoint(path, state, fingerprint, metadata={**meta, "step": str(state.step)}, inputs=inputs)
+        save_checkpoint(
+            path, state, fingerprint, metadata={**meta, "step": str(state.step)}, inputs=inputs
+        )
 
     def on_checkpoint(state):
         path = _checkpoint_path(args.output, state.step)
@@ -302,22 +425,32 @@ def run_train(args) -> int:
 
     start = state0.step
     t0 = time.perf_counter()
-    final = run_training(unet, params, config, datasets, cfg, mix=mix, state=state0, on_checkpoint=on_checkpoint)
+    final = run_training(
+        unet, params, config, datasets, cfg, mix=mix, state=state0, on_checkpoint=on_checkpoint
+    )
     elapsed = time.perf_counter() - t0
     save(args.output, final)
     losses = final.losses
     if args.log_json:
         from ..fusion.io import atomic_write_bytes
 
-        log = {"mode": mode, "steps": args.steps, "start_step": start, "seconds": elapsed, "losses": losses.tolist(),
-               "metadata": meta}
+        log = {
+            "mode": mode,
+            "steps": args.steps,
+            "start_step": start,
+            "seconds": elapsed,
+            "losses": losses.tolist(),
+            "metadata": meta,
+        }
         atomic_write_bytes(args.log_json, json.dumps(log).encode())
     new = losses[start:]
     n = len(new)
     if n:
         k = max(1, n // 10)
         since = f" (resumed at step {start})" if start else ""
-        print(f"{mode}: {n} steps in {elapsed:.1f} s{since}; loss {new[:k].mean():.4f} (first {k}) -> "
-              f"{new[-k:].mean():.4f} (last {k})")
+        print(
+            f"{mode}: {n} steps in {elapsed:.1f} s{since}; loss {new[:k].mean():.4f} (first {k}) -> "
+            f"{new[-k:].mean():.4f} (last {k})"
+        )
     print(f"wrote {os.fspath(args.output)}")
     return 0

@@ -46,18 +46,18 @@ from .merge import (
 from .scales import SCALE_RULES, combine_scales
 
 __all__ = [
+    "METHODS",
+    "RESTORES",
+    "SCALE_NAME",
+    "SCALE_RULES",
     "AdapterFileError",
     "GSAdapter",
     "GeodesicPath",
     "LayerStack",
     "LoraFactors",
-    "METHODS",
     "MergeError",
     "MergeReport",
     "MultipliedAdapter",
-    "RESTORES",
-    "SCALE_NAME",
-    "SCALE_RULES",
     "cayley_mean_blocks",
     "cayley_space_blocks",
     "check_compatible",

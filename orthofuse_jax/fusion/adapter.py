@@ -25,18 +25,17 @@ from ..geometry import cayley, cpu_only, rotation_parameters
 from ..geometry._types import Array, Float
 
 __all__ = [
-    "LayerStack",
-    "GSAdapter",
     "SCALE_NAME",
-    "stack_key",
+    "GSAdapter",
+    "LayerStack",
+    "check_compatible",
     "from_layers",
     "from_stacks",
+    "stack_key",
+    "to_cayley_params",
     "to_layers",
     "to_orthogonal",
-    "to_cayley_params",
-    "check_compatible",
 ]
-
 
 
 def stack_key(nb: int, b: int) -> str:
@@ -74,7 +73,7 @@ class GSAdapter:
     """
 
     stacks: dict[str, LayerStack]
-    scales: dict[str, Float[Array, "h"]]
+    scales: dict[str, Float[Array, " h"]]
     orthogonal: bool = field(default=False, metadata=dict(static=True))
 
     @property
@@ -89,13 +88,19 @@ class GSAdapter:
     def dtype(self):
         return next(iter(self.stacks.values())).L.dtype
 
-    def map_stacks(self, fn: Callable[[Array], Array], *, orthogonal: bool | None = None) -> GSAdapter:
+    def map_stacks(
+        self, fn: Callable[[Array], Array], *, orthogonal: bool | None = None
+    ) -> GSAdapter:
         """Apply ``fn`` to every L and R stack (same function for both)."""
         stacks = {k: replace(s, L=fn(s.L), R=fn(s.R)) for k, s in self.stacks.items()}
-        return replace(self, stacks=stacks, orthogonal=self.orthogonal if orthogonal is None else orthogonal)
+        return replace(
+            self, stacks=stacks, orthogonal=self.orthogonal if orthogonal is None else orthogonal
+        )
 
     def astype(self, dtype) -> GSAdapter:
-        stacks = {k: replace(s, L=s.L.astype(dtype), R=s.R.astype(dtype)) for k, s in self.stacks.items()}
+        stacks = {
+            k: replace(s, L=s.L.astype(dtype), R=s.R.astype(dtype)) for k, s in self.stacks.items()
+        }
         scales = {k: v.astype(dtype) for k, v in self.scales.items()}
         return replace(self, stacks=stacks, scales=scales)
 
@@ -117,7 +122,9 @@ def from_layers(
     stacks = {}
     for names in groups.values():
         names = sorted(names)  # canonical order, so adapters read from different files align
-        stacks[tuple(names)] = {side: _stack([layers[n][i] for n in names]) for i, side in enumerate("LR")}
+        stacks[tuple(names)] = {
+            side: _stack([layers[n][i] for n in names]) for i, side in enumerate("LR")
+        }
     return from_stacks(stacks, scales, orthogonal=orthogonal, dtype=dtype)
 
 
@@ -205,14 +212,20 @@ def check_compatible(adapters: Iterable[GSAdapter], names: Iterable[str] | None 
         missing = sorted(set(ref_layers) - set(got))
         extra = sorted(set(got) - set(ref_layers))
         if missing:
-            raise ValueError(f"{lab}: layer {missing[0]!r} of {labels[0]} is missing ({len(missing)} missing in all)")
+            raise ValueError(
+                f"{lab}: layer {missing[0]!r} of {labels[0]} is missing ({len(missing)} missing in all)"
+            )
         if extra:
-            raise ValueError(f"{lab}: layer {extra[0]!r} is not in {labels[0]} ({len(extra)} extra in all)")
-        for n, (k, shp) in ref_layers.items():
+            raise ValueError(
+                f"{lab}: layer {extra[0]!r} is not in {labels[0]} ({len(extra)} extra in all)"
+            )
+        for n, (_, shp) in ref_layers.items():
             if got[n][1] != shp:
                 raise ValueError(
                     f"{lab}: layer {n!r} has blocks {tuple(got[n][1])}, {labels[0]} has {tuple(shp)} (nb, b, b)"
                 )
         for k, s in ref.stacks.items():
             if a.stacks[k].names != s.names:
-                raise ValueError(f"{lab}: layers of shape {k} are in a different order than in {labels[0]}")
+                raise ValueError(
+                    f"{lab}: layers of shape {k} are in a different order than in {labels[0]}"
+                )

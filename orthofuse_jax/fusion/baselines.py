@@ -21,11 +21,11 @@ import jax
 import jax.numpy as jnp
 
 from ..geometry import gs_apply, gs_dense
-from ..geometry._types import Array, Float
 from ..geometry._linalg import mm
+from ..geometry._types import Array, Float
 from .adapter import GSAdapter, check_compatible, to_orthogonal
 
-__all__ = ["MultipliedAdapter", "multiply", "LoraFactors", "lora_merge"]
+__all__ = ["LoraFactors", "MultipliedAdapter", "lora_merge", "multiply"]
 
 
 @jax.tree_util.register_dataclass
@@ -146,7 +146,13 @@ def lora_merge(
     ups = [jnp.asarray(u) for _, u in loras]
     n_in, n_out = downs[0].shape[1], ups[0].shape[0]
     for i, (d, u) in enumerate(zip(downs, ups)):
-        if d.ndim != 2 or u.ndim != 2 or d.shape[1] != n_in or u.shape[0] != n_out or d.shape[0] != u.shape[1]:
+        if (
+            d.ndim != 2
+            or u.ndim != 2
+            or d.shape[1] != n_in
+            or u.shape[0] != n_out
+            or d.shape[0] != u.shape[1]
+        ):
             raise ValueError(
                 f"LoRA {i}: down {d.shape} and up {u.shape} must be [r, {n_in}] and [{n_out}, r] with equal r"
             )

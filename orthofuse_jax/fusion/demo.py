@@ -18,7 +18,7 @@ import numpy as np
 
 from .adapter import SCALE_NAME, GSAdapter, from_layers
 
-__all__ = ["sdxl_processor_names", "sdxl_layer_shapes", "demo_pair", "write_demo_pair", "DEMO_SEED"]
+__all__ = ["DEMO_SEED", "demo_pair", "sdxl_layer_shapes", "sdxl_processor_names", "write_demo_pair"]
 
 DEMO_SEED = 20260405
 _NB = 32
@@ -47,7 +47,9 @@ def sdxl_processor_names(full_sdxl: bool = False) -> list[tuple[str, int]]:
         for a in range(n_att):
             for k in range(n_tb):
                 for attn in ("attn1", "attn2"):
-                    out.append((f"{prefix}.attentions.{a}.transformer_blocks.{k}.{attn}.processor", h))
+                    out.append(
+                        (f"{prefix}.attentions.{a}.transformer_blocks.{k}.{attn}.processor", h)
+                    )
     if not full_sdxl:
         small = set(_SMALL)
         out = [p for p in out if p[0] in small]
@@ -83,13 +85,18 @@ def demo_pair(*, full_sdxl: bool = False, seed: int = DEMO_SEED) -> tuple[GSAdap
         layers, scales = {}, {}
         for name in sorted(shapes):
             nb, b, h = shapes[name]
-            layers[name] = (_random_rotation_params(rng, nb, b), _random_rotation_params(rng, nb, b))
+            layers[name] = (
+                _random_rotation_params(rng, nb, b),
+                _random_rotation_params(rng, nb, b),
+            )
             scales[name] = (1.0 + 0.05 * rng.standard_normal(h)).astype(np.float32)
         out.append(from_layers(layers, scales, dtype=np.float32))
     return out[0], out[1]
 
 
-def write_demo_pair(directory: str | Path, *, full_sdxl: bool = False, seed: int = DEMO_SEED) -> tuple[Path, Path]:
+def write_demo_pair(
+    directory: str | Path, *, full_sdxl: bool = False, seed: int = DEMO_SEED
+) -> tuple[Path, Path]:
     """Write ``concept.safetensors`` and ``style.safetensors`` (reference format) into ``directory``."""
     from .io import save_adapter
 

@@ -42,7 +42,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..geometry import cpu_only, rotation_parameters, skew
 from .._safetensors import (
     MONARCH,
     SKEW_TOL,
@@ -54,25 +53,26 @@ from .._safetensors import (
     read_tensors,
     scale_key,
 )
+from ..geometry import cpu_only, rotation_parameters, skew
 from .adapter import GSAdapter, check_compatible, from_stacks, on_cpu, to_cayley_params
 from .merge import orthogonality_error
 
 __all__ = [
-    "atomic_write",
-    "atomic_write_bytes",
+    "SKEW_TOL",
     "AdapterFileError",
     "NonSkewWarning",
-    "load_adapter",
-    "read_tensors",
+    "adapter_from_arrays",
     "adapter_from_tensors",
     "adapter_to_tensors",
-    "adapter_from_arrays",
+    "atomic_write",
+    "atomic_write_bytes",
+    "check_output_path",
+    "check_pair",
+    "load_adapter",
+    "read_tensors",
     "save_adapter",
     "save_merged",
     "save_tensors",
-    "check_output_path",
-    "check_pair",
-    "SKEW_TOL",
 ]
 
 # ----------------------------------------------------------------------------------------------
@@ -109,7 +109,11 @@ def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
     atomic_write(path, lambda f: f.write(payload))
 
 
-def save_tensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> None:
+def save_tensors(
+    path: str | os.PathLike,
+    tensors: Mapping[str, np.ndarray],
+    metadata: Mapping[str, str] | None = None,
+) -> None:
     """Atomically write ``tensors`` as float32 safetensors (temp file in the same folder + ``os.replace``).
 
     The header is built first and each tensor is then written straight from its array, so no
@@ -119,14 +123,20 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], met
     _write_float32(Path(path), {k: a.shape for k, a in arrays.items()}, arrays.values(), metadata)
 
 
-def _write_float32(path: Path, shapes: Mapping[str, tuple[int, ...]], data: Iterable[np.ndarray], metadata) -> None:
+def _write_float32(
+    path: Path, shapes: Mapping[str, tuple[int, ...]], data: Iterable[np.ndarray], metadata
+) -> None:
     """Write a float32 safetensors file atomically: its header from ``shapes`` (keys in file
     order), then ``data``, the tensors' float32 bytes in that order in any number of pieces."""
     header: dict[str, object] = {"__metadata__": {"format": "pt", **dict(metadata or {})}}
     offset = 0
     for key, shape in shapes.items():
         size = 4 * math.prod(shape)
-        header[key] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        header[key] = {
+            "dtype": "F32",
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     head = json.dumps(header, separators=(",", ":")).encode("utf-8")
     head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned, as safetensors writes it
@@ -161,13 +171,18 @@ def adapter_from_tensors(
     def fill(keys, out):
         np.stack([tensors[k] for k in keys], out=out, casting="same_kind")
 
-    return adapter_from_arrays(read_reference(source, layout, fill, lambda k: np.asarray(tensors[k]), skew_tol))
+    return adapter_from_arrays(
+        read_reference(source, layout, fill, lambda k: np.asarray(tensors[k]), skew_tol)
+    )
 
 
 def adapter_from_arrays(arrays: ReferenceArrays) -> GSAdapter:
     """The raw-parameter adapter of checked host arrays (:func:`orthofuse_jax._safetensors.read_reference`);
     on the CPU every stack's device array takes over its (aligned) host memory instead of copying it."""
-    stacks = {names: {side: jax.device_put(x) for side, x in lr.items()} for names, lr in arrays.stacks.items()}
+    stacks = {
+        names: {side: jax.device_put(x) for side, x in lr.items()}
+        for names, lr in arrays.stacks.items()
+    }
     return from_stacks(stacks, arrays.scales, orthogonal=False, dtype=arrays.dtype)
 
 
@@ -234,7 +249,9 @@ def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike
         if not same and os.path.realpath(out) == os.path.realpath(inp):
             same = True
         if same:
-            raise AdapterFileError(f"{out}: output path is the input file {inp}; refusing to overwrite an input")
+            raise AdapterFileError(
+                f"{out}: output path is the input file {inp}; refusing to overwrite an input"
+            )
     if out.is_dir():
         raise AdapterFileError(f"{out}: output path is a directory")
     parent = out.parent if str(out.parent) else Path(".")
@@ -339,9 +356,15 @@ def _write_adapter(path: Path, adapter: GSAdapter, metadata, *, check: bool, eta
         for keys, data in rows():
             if not np.isfinite(data).all():
                 bad = next(i for i in range(len(keys)) if not np.isfinite(data[i]).all())
-                why = " (a block with an eigenvalue at -1 has no Cayley parameters)" if MONARCH in keys[bad] else ""
-                raise ValueError(f"key {keys[bad]!r}: {int((~np.isfinite(data[bad])).sum())} non-finite value(s) "
-                                 f"to be written{why}; nothing written")
+                why = (
+                    " (a block with an eigenvalue at -1 has no Cayley parameters)"
+                    if MONARCH in keys[bad]
+                    else ""
+                )
+                raise ValueError(
+                    f"key {keys[bad]!r}: {int((~np.isfinite(data[bad])).sum())} non-finite value(s) "
+                    f"to be written{why}; nothing written"
+                )
             yield data
 
     try:

@@ -27,22 +27,24 @@ import jax
 import jax.numpy as jnp
 
 from ..geometry import DEFAULT_ANGLE_TOL, cayley, expm_skew, log_with_flag, skew
-from ..geometry._types import Array, Block, Bool, Float
 from ..geometry._linalg import mm
+from ..geometry._types import Array, Block, Bool, Float
 
-__all__ = ["karcher_mean_blocks", "karcher_mean_blocks_with_flag", "cayley_mean_blocks"]
+__all__ = ["cayley_mean_blocks", "karcher_mean_blocks", "karcher_mean_blocks_with_flag"]
 
 
 def _weights(weights, k: int, dtype) -> Array:
     w = jnp.asarray(weights, dtype=dtype)
     if w.shape != (k,):
-        raise ValueError(f"weights must have shape ({k},) to match the {k} stacked inputs, got {w.shape}")
+        raise ValueError(
+            f"weights must have shape ({k},) to match the {k} stacked inputs, got {w.shape}"
+        )
     return w
 
 
 def karcher_mean_blocks_with_flag(
     u: Float[Array, "k *batch b b"],
-    weights: Float[Array, "k"],
+    weights: Float[Array, " k"],
     *,
     tol: float = 1e-6,
     max_iter: int = 50,
@@ -73,14 +75,16 @@ def karcher_mean_blocks_with_flag(
         g, res, bad_new = tangent(m)
         return m, g, res, it + 1, bad | bad_new
 
-    m, _, res, it, bad = jax.lax.while_loop(cond, body, (m0, g0, r0, jnp.zeros((), jnp.int32), bad0))
+    m, _, res, it, bad = jax.lax.while_loop(
+        cond, body, (m0, g0, r0, jnp.zeros((), jnp.int32), bad0)
+    )
     m = jnp.where(bad[..., None, None], jnp.nan, m)
     return m, res, it, bad
 
 
 def karcher_mean_blocks(
     u: Float[Array, "k *batch b b"],
-    weights: Float[Array, "k"],
+    weights: Float[Array, " k"],
     *,
     tol: float = 1e-6,
     max_iter: int = 50,
@@ -113,11 +117,13 @@ def karcher_mean_blocks(
       >>> bool(jnp.allclose(mean, u[0], atol=1e-6)), int(it)
       (True, 0)
     """
-    m, res, it, _ = karcher_mean_blocks_with_flag(u, weights, tol=tol, max_iter=max_iter, angle_tol=angle_tol)
+    m, res, it, _ = karcher_mean_blocks_with_flag(
+        u, weights, tol=tol, max_iter=max_iter, angle_tol=angle_tol
+    )
     return m, res, it
 
 
-def cayley_mean_blocks(a: Float[Array, "k *batch b b"], weights: Float[Array, "k"]) -> Block:
+def cayley_mean_blocks(a: Float[Array, "k *batch b b"], weights: Float[Array, " k"]) -> Block:
     """Weighted Cayley-space mean ``Cay(sum_i w_i skew(A_i))`` of raw Cayley parameters (docs/math.md §3.2, eq. (38)).
 
     The reference (``merge_inside_cayley_space``) asserts ``sum(ts) == 1`` with an exact float

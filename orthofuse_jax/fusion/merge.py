@@ -46,9 +46,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._runtime import warn_cpu_threads
 from ..geometry import (
     DEFAULT_ANGLE_TOL,
     cayley,
+    cpu_only,
     geodesic,
     geodesic_path,
     geodesic_path_cayley,
@@ -58,8 +60,6 @@ from ..geometry import (
     skew,
     spectral_map_with_flag,
 )
-from .._runtime import warn_cpu_threads
-from ..geometry import cpu_only
 from ..geometry._linalg import _with_kernel, cayley_map, mm, native_target, not_finite
 from ..geometry._types import Array, Block, Bool, Float
 from ..geometry.polynomial import _expm_taylor_with_ok, kernel_attributes, log_polynomial
@@ -69,21 +69,21 @@ from .karcher import cayley_mean_blocks, karcher_mean_blocks_with_flag
 from .scales import SCALE_RULES, combine_scales
 
 __all__ = [
+    "ALGORITHMS",
     "METHODS",
     "RESTORES",
-    "ALGORITHMS",
     "MergeError",
     "MergeReport",
-    "geodesic_blocks",
+    "cayley_restored",
     "cayley_space_blocks",
     "curve_over_id",
-    "cayley_restored",
+    "geodesic_blocks",
+    "merge",
+    "merge_report",
+    "orthogonality_error",
     "restoration_factor",
     "restore_exact",
-    "merge",
     "sweep",
-    "orthogonality_error",
-    "merge_report",
 ]
 
 METHODS = ("geodesic", "cayley")
@@ -192,7 +192,9 @@ def _restore_with_flag(y: Block, f, restore: str, angle_tol: float, algorithm: s
         return y, bad, ok
     if algorithm == "matmul":  # exp(f log Y) with products only
         x, ok = log_polynomial(y)
-        e, ok_e = _expm_taylor_with_ok(jnp.asarray(f, y.dtype)[..., None, None] * x, _MATMUL_SQUARINGS)
+        e, ok_e = _expm_taylor_with_ok(
+            jnp.asarray(f, y.dtype)[..., None, None] * x, _MATMUL_SQUARINGS
+        )
         y, ok = _polar_step(e), ok & ok_e
         return y, not_finite(y) & ok, ok
     y, bad = spectral_map_with_flag(y, lambda th: f * th, angle_tol=angle_tol)
@@ -263,17 +265,39 @@ def _geodesic_matmul(x1, x2, t, f, *, restore, orthogonal):
     x1 = jnp.broadcast_to(x1, batch + x1.shape[-2:])
     x2 = jnp.broadcast_to(x2, batch + x2.shape[-2:])
     flags = (_RESTORE_CODES[restore], float(orthogonal[0]), float(orthogonal[1]))
-    coef = jnp.stack([jnp.broadcast_to(jnp.asarray(v, dtype), batch) for v in (t, f, *flags)], axis=-1)
+    coef = jnp.stack(
+        [jnp.broadcast_to(jnp.asarray(v, dtype), batch) for v in (t, f, *flags)], axis=-1
+    )
 
     def xla(x1, x2, coef):
-        x1, x2, path = _inputs_and_path(x1, x2, method="geodesic", angle_tol=DEFAULT_ANGLE_TOL,
-                                        orthogonal=orthogonal, algorithm="matmul")
-        return _pair_point(x1, x2, coef[..., 0], path, f=coef[..., 1], method="geodesic", restore=restore,
-                           angle_tol=DEFAULT_ANGLE_TOL, algorithm="matmul")
+        x1, x2, path = _inputs_and_path(
+            x1,
+            x2,
+            method="geodesic",
+            angle_tol=DEFAULT_ANGLE_TOL,
+            orthogonal=orthogonal,
+            algorithm="matmul",
+        )
+        return _pair_point(
+            x1,
+            x2,
+            coef[..., 0],
+            path,
+            f=coef[..., 1],
+            method="geodesic",
+            restore=restore,
+            angle_tol=DEFAULT_ANGLE_TOL,
+            algorithm="matmul",
+        )
 
-    out = (jax.ShapeDtypeStruct(x1.shape, dtype), jax.ShapeDtypeStruct(batch, jnp.bool_),
-           jax.ShapeDtypeStruct(batch, jnp.bool_))
-    return _with_kernel("geodesic", xla, x1, x2, coef, out=out, attrs=kernel_attributes(_MATMUL_SQUARINGS, dtype))
+    out = (
+        jax.ShapeDtypeStruct(x1.shape, dtype),
+        jax.ShapeDtypeStruct(batch, jnp.bool_),
+        jax.ShapeDtypeStruct(batch, jnp.bool_),
+    )
+    return _with_kernel(
+        "geodesic", xla, x1, x2, coef, out=out, attrs=kernel_attributes(_MATMUL_SQUARINGS, dtype)
+    )
 
 
 def _geodesic_sweep_matmul(x1, x2, ts, alpha, *, restore, orthogonal):
@@ -295,19 +319,42 @@ def _geodesic_sweep_matmul(x1, x2, ts, alpha, *, restore, orthogonal):
     pts = jnp.stack([ts, restoration_factor(ts, jnp.asarray(alpha, dtype))], axis=-1)
 
     def xla(x1, x2, pts):
-        x1, x2, path = _inputs_and_path(x1, x2, method="geodesic", angle_tol=DEFAULT_ANGLE_TOL,
-                                        orthogonal=orthogonal, algorithm="matmul")
-        point = functools.partial(_pair_point, method="geodesic", restore=restore, angle_tol=DEFAULT_ANGLE_TOL,
-                                  algorithm="matmul")
+        x1, x2, path = _inputs_and_path(
+            x1,
+            x2,
+            method="geodesic",
+            angle_tol=DEFAULT_ANGLE_TOL,
+            orthogonal=orthogonal,
+            algorithm="matmul",
+        )
+        point = functools.partial(
+            _pair_point,
+            method="geodesic",
+            restore=restore,
+            angle_tol=DEFAULT_ANGLE_TOL,
+            algorithm="matmul",
+        )
         y, bad, ok = jax.vmap(lambda p: point(x1, x2, p[0], path, f=p[1]))(pts)
         return y, bad, jnp.broadcast_to(ok, bad.shape)
 
     lead = ts.shape
-    out = (jax.ShapeDtypeStruct(lead + x1.shape, dtype), jax.ShapeDtypeStruct(lead + batch, jnp.bool_),
-           jax.ShapeDtypeStruct(lead + batch, jnp.bool_))
-    flags = np.asarray([_RESTORE_CODES[restore], float(orthogonal[0]), float(orthogonal[1])], np.float64)
-    return _with_kernel("sweep", xla, x1, x2, pts, out=out,
-                        attrs={**kernel_attributes(_MATMUL_SQUARINGS, dtype), "flags": flags})
+    out = (
+        jax.ShapeDtypeStruct(lead + x1.shape, dtype),
+        jax.ShapeDtypeStruct(lead + batch, jnp.bool_),
+        jax.ShapeDtypeStruct(lead + batch, jnp.bool_),
+    )
+    flags = np.asarray(
+        [_RESTORE_CODES[restore], float(orthogonal[0]), float(orthogonal[1])], np.float64
+    )
+    return _with_kernel(
+        "sweep",
+        xla,
+        x1,
+        x2,
+        pts,
+        out=out,
+        attrs={**kernel_attributes(_MATMUL_SQUARINGS, dtype), "flags": flags},
+    )
 
 
 _CPU_CHUNK_BYTES = 1 * 2**20
@@ -339,12 +386,18 @@ def _inputs_and_path(x1, x2, *, method, angle_tol, orthogonal, algorithm):
     converted ``x2`` is then unused.
     """
     if method == "geodesic" and algorithm == "matmul":
-        x1, x2 = _as_method_input(x1, orthogonal[0], method), _as_method_input(x2, orthogonal[1], method)
+        x1, x2 = (
+            _as_method_input(x1, orthogonal[0], method),
+            _as_method_input(x2, orthogonal[1], method),
+        )
         x, ok = log_polynomial(relative_rotation(x1, x2))
         return x1, x2, _MatmulPath(start=x1, log=x, ok=ok)
     if method == "geodesic" and not any(orthogonal):
         return x1, x2, geodesic_path_cayley(x1, x2, angle_tol=angle_tol)
-    x1, x2 = _as_method_input(x1, orthogonal[0], method), _as_method_input(x2, orthogonal[1], method)
+    x1, x2 = (
+        _as_method_input(x1, orthogonal[0], method),
+        _as_method_input(x2, orthogonal[1], method),
+    )
     path = geodesic_path(x1, x2, angle_tol=angle_tol) if method == "geodesic" else None
     return x1, x2, path
 
@@ -353,27 +406,42 @@ def _pair_blocks(x1, x2, t, alpha, *, method, restore, angle_tol, orthogonal, al
     f = restoration_factor(jnp.asarray(t, x1.dtype), alpha)
     if method == "geodesic" and algorithm == "matmul":
         return _geodesic_matmul(x1, x2, t, f, restore=restore, orthogonal=orthogonal)
-    x1, x2, path = _inputs_and_path(x1, x2, method=method, angle_tol=angle_tol, orthogonal=orthogonal,
-                                    algorithm=algorithm)
-    return _pair_point(x1, x2, t, path, f=f, method=method, restore=restore, angle_tol=angle_tol,
-                       algorithm=algorithm)
+    x1, x2, path = _inputs_and_path(
+        x1, x2, method=method, angle_tol=angle_tol, orthogonal=orthogonal, algorithm=algorithm
+    )
+    return _pair_point(
+        x1,
+        x2,
+        t,
+        path,
+        f=f,
+        method=method,
+        restore=restore,
+        angle_tol=angle_tol,
+        algorithm=algorithm,
+    )
 
 
 def _sweep_blocks(x1, x2, ts, alpha, *, method, restore, angle_tol, orthogonal, algorithm):
     if method == "geodesic" and algorithm == "matmul":
         return _geodesic_sweep_matmul(x1, x2, ts, alpha, restore=restore, orthogonal=orthogonal)
     # The t-independent decomposition (inverse Cayley of U1^T U2 and its eigh) is done once here.
-    x1, x2, path = _inputs_and_path(x1, x2, method=method, angle_tol=angle_tol, orthogonal=orthogonal,
-                                    algorithm=algorithm)
+    x1, x2, path = _inputs_and_path(
+        x1, x2, method=method, angle_tol=angle_tol, orthogonal=orthogonal, algorithm=algorithm
+    )
     if method == "geodesic" and algorithm == "eigh" and restore in ("none", "cayley"):
         # every t at once: the compiled point kernel reads the path once per block, not per t
         tb = ts.reshape(ts.shape + (1,) * (x1.ndim - 2))
-        y = path.at_restored(tb, 0.5 * restoration_factor(tb, alpha) if restore == "cayley" else None)
+        y = path.at_restored(
+            tb, 0.5 * restoration_factor(tb, alpha) if restore == "cayley" else None
+        )
         bad = path.bad | not_finite(y)
         return y, bad, jnp.ones_like(bad)
     if method == "cayley":
         x1, x2 = skew(x1), skew(x2)
-    point = functools.partial(_pair_point, method=method, restore=restore, angle_tol=angle_tol, algorithm=algorithm)
+    point = functools.partial(
+        _pair_point, method=method, restore=restore, angle_tol=angle_tol, algorithm=algorithm
+    )
     y, bad, ok = jax.vmap(lambda t: point(x1, x2, t, path, f=restoration_factor(t, alpha)))(ts)
     return y, bad, jnp.broadcast_to(ok, bad.shape)
 
@@ -404,23 +472,67 @@ _STATIC = ("method", "restore", "angle_tol", "orthogonal", "algorithm", "fallbac
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _pair_kernel(x1, x2, t, alpha, *, method, restore, angle_tol, orthogonal=(False, False), algorithm="eigh",
-                 fallback="cond", cpu=False):
+def _pair_kernel(
+    x1,
+    x2,
+    t,
+    alpha,
+    *,
+    method,
+    restore,
+    angle_tol,
+    orthogonal=(False, False),
+    algorithm="eigh",
+    fallback="cond",
+    cpu=False,
+):
     # x1, x2 are the adapters' own stacks, converted here: no converted copy outlives the kernel.
     # cpu: the inputs are concrete arrays on the CPU, so only the CPU's kernels are traced.
     with cpu_only(cpu):
-        return _blocks_with_fallback(x1, x2, t, alpha, sweep=False, method=method, restore=restore,
-                                     angle_tol=angle_tol, orthogonal=orthogonal, algorithm=algorithm,
-                                     fallback=fallback)
+        return _blocks_with_fallback(
+            x1,
+            x2,
+            t,
+            alpha,
+            sweep=False,
+            method=method,
+            restore=restore,
+            angle_tol=angle_tol,
+            orthogonal=orthogonal,
+            algorithm=algorithm,
+            fallback=fallback,
+        )
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _sweep_kernel(x1, x2, ts, alpha, *, method, restore, angle_tol, orthogonal=(False, False), algorithm="eigh",
-                  fallback="cond", cpu=False):
+def _sweep_kernel(
+    x1,
+    x2,
+    ts,
+    alpha,
+    *,
+    method,
+    restore,
+    angle_tol,
+    orthogonal=(False, False),
+    algorithm="eigh",
+    fallback="cond",
+    cpu=False,
+):
     with cpu_only(cpu):
-        return _blocks_with_fallback(x1, x2, ts, alpha, sweep=True, method=method, restore=restore,
-                                     angle_tol=angle_tol, orthogonal=orthogonal, algorithm=algorithm,
-                                     fallback=fallback)
+        return _blocks_with_fallback(
+            x1,
+            x2,
+            ts,
+            alpha,
+            sweep=True,
+            method=method,
+            restore=restore,
+            angle_tol=angle_tol,
+            orthogonal=orthogonal,
+            algorithm=algorithm,
+            fallback=fallback,
+        )
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("into",), keep_unused=True)
@@ -445,7 +557,11 @@ def _chunk_size(x: Array, target_bytes: int, min_blocks: int = 1) -> int | None:
     stack. A divisor of the block count is preferred, so no chunk overlaps the one before it.
     A chunk holds at least ``min_blocks`` blocks.
     """
-    if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer) or {d.platform for d in x.devices()} != {"cpu"}:
+    if (
+        not isinstance(x, jax.Array)
+        or isinstance(x, jax.core.Tracer)
+        or {d.platform for d in x.devices()} != {"cpu"}
+    ):
         return None
     n, b = int(np.prod(x.shape[:-2], dtype=np.int64)), x.shape[-1]
     target = max(min_blocks, target_bytes // (b * b * x.dtype.itemsize))
@@ -455,9 +571,7 @@ def _chunk_size(x: Array, target_bytes: int, min_blocks: int = 1) -> int | None:
     return divisor if 4 * divisor >= target else target
 
 
-@functools.partial(
-    jax.jit, static_argnames=("chunk", "sweep", *_STATIC), donate_argnums=(0, 1, 2)
-)
+@functools.partial(jax.jit, static_argnames=("chunk", "sweep", *_STATIC), donate_argnums=(0, 1, 2))
 def _chunk_kernel(y, bad, ok, x1, x2, start, t, alpha, *, chunk, sweep, cpu=False, **options):
     """Blocks ``[start, start + chunk)`` of the flattened stacks, written into ``y, bad, ok`` in place.
 
@@ -466,12 +580,16 @@ def _chunk_kernel(y, bad, ok, x1, x2, start, t, alpha, *, chunk, sweep, cpu=Fals
     that :func:`_run_chunked` created and donates, never the caller's.
     """
     b, lead = x1.shape[-1], y.shape[: int(sweep)]
-    part = lambda x: jax.lax.dynamic_slice_in_dim(x.reshape(-1, b, b), start, chunk)  # noqa: E731
+    part = lambda x: jax.lax.dynamic_slice_in_dim(x.reshape(-1, b, b), start, chunk)
     with cpu_only(cpu):
         yc, bc, oc = _blocks_with_fallback(part(x1), part(x2), t, alpha, sweep=sweep, **options)
     axis = len(lead)
-    y = jax.lax.dynamic_update_slice_in_dim(y.reshape(*lead, -1, b, b), yc, start, axis).reshape(y.shape)
-    flat = lambda f, fc: jax.lax.dynamic_update_slice_in_dim(f.reshape(*lead, -1), fc, start, axis).reshape(f.shape)  # noqa: E731
+    y = jax.lax.dynamic_update_slice_in_dim(y.reshape(*lead, -1, b, b), yc, start, axis).reshape(
+        y.shape
+    )
+    flat = lambda f, fc: jax.lax.dynamic_update_slice_in_dim(
+        f.reshape(*lead, -1), fc, start, axis
+    ).reshape(f.shape)
     return y, flat(bad, bc), flat(ok, oc)
 
 
@@ -490,7 +608,9 @@ def _run_chunked(x1, x2, t, alpha, chunk: int, *, sweep: bool = False, into=None
     ok = jnp.zeros((*lead, *x1.shape[:-2]), bool)
     for i in range(-(-n // chunk)):
         start = min(i * chunk, n - chunk)
-        y, bad, ok = _chunk_kernel(y, bad, ok, x1, x2, start, t, alpha, chunk=chunk, sweep=sweep, **options)
+        y, bad, ok = _chunk_kernel(
+            y, bad, ok, x1, x2, start, t, alpha, chunk=chunk, sweep=sweep, **options
+        )
     return y, bad, ok
 
 
@@ -510,15 +630,25 @@ def _pair_or_sweep(x1, x2, t, alpha, *, sweep: bool, into=None, **options):
     the result then occupies (:func:`sweep`'s ``reuse``).
     """
     concrete = _is_concrete(x1, x2, t, alpha)
-    options = {**options, "fallback": "host" if concrete else "cond", "cpu": concrete and on_cpu((x1, x2))}
+    options = {
+        **options,
+        "fallback": "host" if concrete else "cond",
+        "cpu": concrete and on_cpu((x1, x2)),
+    }
     n_t = t.shape[0] if sweep else 1
     budget = _CPU_CHUNK_BYTES // n_t if sweep and n_t else _CPU_MERGE_CHUNK_BYTES
     min_blocks = 1 if sweep else _CPU_MIN_CHUNK_BLOCKS
-    fast = (options["method"], options["restore"]) == ("cayley", "cayley") and not any(options["orthogonal"])
+    fast = (options["method"], options["restore"]) == ("cayley", "cayley") and not any(
+        options["orthogonal"]
+    )
     exact = (options["method"], options["algorithm"]) == ("geodesic", "matmul")
-    kernel = ("sweep" if sweep else "geodesic") if exact else "cayley" if fast and not sweep else None
+    kernel = (
+        ("sweep" if sweep else "geodesic") if exact else "cayley" if fast and not sweep else None
+    )
     one_pass = kernel is not None and native_target(kernel, x1.dtype, x1.shape[-1]) is not None
-    chunk = _chunk_size(x1, max(1, budget), min_blocks) if n_t and concrete and not one_pass else None
+    chunk = (
+        _chunk_size(x1, max(1, budget), min_blocks) if n_t and concrete and not one_pass else None
+    )
     into = into if sweep and concrete else None
     if chunk is not None:
         return _run_chunked(x1, x2, t, alpha, chunk, sweep=sweep, into=into, **options)
@@ -531,7 +661,9 @@ def _fill_declined(y, bad, ok, redo):
     """Blocks the product-only path declined (``ok`` False, concrete) from ``redo()``, the same
     merge with ``algorithm="eigh"``; called after every stack was dispatched, so on a GPU the one
     host round trip per stack does not stall the queue."""
-    if isinstance(ok, jax.core.Tracer) or bool(np.all(np.asarray(ok))):  # traced: redone in the kernel
+    if isinstance(ok, jax.core.Tracer) or bool(
+        np.all(np.asarray(ok))
+    ):  # traced: redone in the kernel
         return y, bad
     ye, be, _ = redo()
     keep = jnp.asarray(ok)
@@ -547,7 +679,9 @@ def _mean_kernel(xs, w, alpha, *, method, restore, angle_tol, tol, max_iter):
         y = cayley_restored(jnp.sum(wb * skew(xs), axis=0), 0.5 * f)
         return (y, not_finite(y), *no_iterations)
     if method == "geodesic":
-        y, res, it, bad = karcher_mean_blocks_with_flag(xs, w, tol=tol, max_iter=max_iter, angle_tol=angle_tol)
+        y, res, it, bad = karcher_mean_blocks_with_flag(
+            xs, w, tol=tol, max_iter=max_iter, angle_tol=angle_tol
+        )
     else:
         y = cayley_mean_blocks(xs, w)
         bad = not_finite(y)
@@ -599,9 +733,13 @@ def _native_sweep(adapter, dtype) -> bool:
         return False
     arrays = [x for x in jax.tree_util.tree_leaves(adapter) if isinstance(x, jax.Array)]
     concrete = [x for x in arrays if not isinstance(x, jax.core.Tracer)]
-    platforms = {d.platform for x in concrete for d in x.devices()} if concrete else {jax.default_backend()}
+    platforms = (
+        {d.platform for x in concrete for d in x.devices()} if concrete else {jax.default_backend()}
+    )
     blocks = {s.L.shape[-1] for s in adapter.stacks.values()}
-    return platforms == {"cpu"} and all(native_target("sweep", jnp.dtype(dtype), b) is not None for b in blocks)
+    return platforms == {"cpu"} and all(
+        native_target("sweep", jnp.dtype(dtype), b) is not None for b in blocks
+    )
 
 
 def _check_options(method, restore, scales) -> None:
@@ -621,16 +759,22 @@ def _check_t(t, extrapolate: bool, what: str = "t") -> None:
         raise ValueError(f"{what} must be finite, got {arr.tolist()}")
     if not extrapolate and (np.any(arr < 0.0) or np.any(arr > 1.0)):
         bad = arr[(arr < 0.0) | (arr > 1.0)].ravel()[0]
-        raise ValueError(f"{what} = {float(bad)} is outside [0, 1]; pass extrapolate=True to extrapolate along the path")
+        raise ValueError(
+            f"{what} = {float(bad)} is outside [0, 1]; pass extrapolate=True to extrapolate along the path"
+        )
 
 
 def _check_reuse(reuse, adapter: GSAdapter, n_t: int, dtype) -> None:
     """Raise (naming the stack) unless every stack of ``reuse`` can hold a sweep of ``adapter``
     at ``n_t`` points: ``[n_t, *stack shape]`` of ``dtype``, distinct arrays, none deleted."""
     if not isinstance(reuse, GSAdapter):
-        raise TypeError(f"reuse must be the GSAdapter an earlier sweep() returned, got {type(reuse).__name__}")
+        raise TypeError(
+            f"reuse must be the GSAdapter an earlier sweep() returned, got {type(reuse).__name__}"
+        )
     if set(reuse.stacks) != set(adapter.stacks):
-        raise ValueError(f"reuse: its stacks {sorted(reuse.stacks)} are not the adapters' {sorted(adapter.stacks)}")
+        raise ValueError(
+            f"reuse: its stacks {sorted(reuse.stacks)} are not the adapters' {sorted(adapter.stacks)}"
+        )
     seen = set()
     for key, st in adapter.stacks.items():
         for which in ("L", "R"):
@@ -639,16 +783,24 @@ def _check_reuse(reuse, adapter: GSAdapter, n_t: int, dtype) -> None:
                 continue
             where = f"reuse: stack {key} {which}"
             if not isinstance(x, jax.Array):
-                raise TypeError(f"{where} is a {type(x).__name__}, not a jax.Array (an earlier sweep's result)")
+                raise TypeError(
+                    f"{where} is a {type(x).__name__}, not a jax.Array (an earlier sweep's result)"
+                )
             if x.is_deleted():
-                raise ValueError(f"{where} was already deleted: an earlier call consumed it (a sweep's result "
-                                 "can be reused once; pass the latest one)")
+                raise ValueError(
+                    f"{where} was already deleted: an earlier call consumed it (a sweep's result "
+                    "can be reused once; pass the latest one)"
+                )
             want = (n_t, *getattr(st, which).shape)
             if x.shape != want or x.dtype != dtype:
-                raise ValueError(f"{where} is {x.dtype}{list(x.shape)}; this sweep's result is "
-                                 f"{jnp.dtype(dtype)}{list(want)} (the same adapters' shapes and number of t)")
+                raise ValueError(
+                    f"{where} is {x.dtype}{list(x.shape)}; this sweep's result is "
+                    f"{jnp.dtype(dtype)}{list(want)} (the same adapters' shapes and number of t)"
+                )
             if id(x) in seen:
-                raise ValueError(f"{where} is the same array as another of its stacks; each must be its own")
+                raise ValueError(
+                    f"{where} is the same array as another of its stacks; each must be its own"
+                )
             seen.add(id(x))
 
 
@@ -662,9 +814,13 @@ def _check_weights(w, k: int, extrapolate: bool, tol: float) -> None:
         raise ValueError(f"weights must be finite, got {arr.tolist()}")
     if not extrapolate and np.any(arr < 0):
         i = int(np.argmax(arr < 0))
-        raise ValueError(f"weights[{i}] = {arr[i]} is negative; weights must be a probability vector")
+        raise ValueError(
+            f"weights[{i}] = {arr[i]} is negative; weights must be a probability vector"
+        )
     if abs(arr.sum() - 1.0) > tol:
-        raise ValueError(f"weights must sum to 1 (tolerance {tol}), got sum {arr.sum()!r} for {arr.tolist()}")
+        raise ValueError(
+            f"weights must sum to 1 (tolerance {tol}), got sum {arr.sum()!r} for {arr.tolist()}"
+        )
 
 
 def _stack_inputs(
@@ -687,7 +843,9 @@ def _stack_inputs(
     return out
 
 
-def _merge_two(adapters, t, alpha, *, sweep: bool, dtype, method: str, reuse=None, **options) -> dict:
+def _merge_two(
+    adapters, t, alpha, *, sweep: bool, dtype, method: str, reuse=None, **options
+) -> dict:
     """``{(stack key, "L"/"R"): (Y, bad)}`` of a two-adapter merge (or sweep), stack by stack.
 
     Every stack is dispatched first; then blocks the product-only path declined are redone with
@@ -699,14 +857,29 @@ def _merge_two(adapters, t, alpha, *, sweep: bool, dtype, method: str, reuse=Non
 
     def run(key, which, **extra):
         x1, x2 = _stack_inputs(adapters, key, which, method, dtype, convert=False)
-        return _pair_or_sweep(x1, x2, t, alpha, sweep=sweep, method=method, orthogonal=orthogonal,
-                              **{**options, **extra})
+        return _pair_or_sweep(
+            x1,
+            x2,
+            t,
+            alpha,
+            sweep=sweep,
+            method=method,
+            orthogonal=orthogonal,
+            **{**options, **extra},
+        )
 
     def into(key, which):
         return {} if reuse is None else {"into": getattr(reuse.stacks[key], which)}
 
-    out = {(key, which): run(key, which, **into(key, which)) for key in adapters[0].stacks for which in ("L", "R")}
-    return {kw: _fill_declined(*res, functools.partial(run, *kw, algorithm="eigh")) for kw, res in out.items()}
+    out = {
+        (key, which): run(key, which, **into(key, which))
+        for key in adapters[0].stacks
+        for which in ("L", "R")
+    }
+    return {
+        kw: _fill_declined(*res, functools.partial(run, *kw, algorithm="eigh"))
+        for kw, res in out.items()
+    }
 
 
 _WHY = {
@@ -716,7 +889,9 @@ _WHY = {
 }
 
 
-def _raise_if_bad(flags: dict, stacks: dict[str, LayerStack], method: str, restore: str, ts=None) -> None:
+def _raise_if_bad(
+    flags: dict, stacks: dict[str, LayerStack], method: str, restore: str, ts=None
+) -> None:
     for key, per in flags.items():
         for which in ("L", "R"):
             bad = np.asarray(per[which])
@@ -804,7 +979,9 @@ def merge(
     _check_options(method, restore, scales)
     warn_cpu_threads()
     adapters = list(adapters)
-    algorithm = _resolve_algorithm(algorithm, sweep=False, dtype=adapters[0].dtype if adapters else jnp.float32)
+    algorithm = _resolve_algorithm(
+        algorithm, sweep=False, dtype=adapters[0].dtype if adapters else jnp.float32
+    )
     k = len(adapters)
     if k == 0:
         raise ValueError("merge needs at least one adapter")
@@ -814,12 +991,18 @@ def merge(
     dtype = adapters[0].dtype
     if t is not None:
         if k != 2:
-            raise ValueError(f"t is for merging exactly two adapters, got {k}; pass weights instead")
+            raise ValueError(
+                f"t is for merging exactly two adapters, got {k}; pass weights instead"
+            )
         _check_t(t, extrapolate)
-        xp = jnp if isinstance(t, jax.core.Tracer) else np  # concrete: no device programs for two numbers
+        xp = (
+            jnp if isinstance(t, jax.core.Tracer) else np
+        )  # concrete: no device programs for two numbers
         t = xp.asarray(t, dtype=dtype)
         if t.ndim:
-            raise ValueError(f"t must be a scalar, got shape {t.shape}; use sweep() for several values")
+            raise ValueError(
+                f"t must be a scalar, got shape {t.shape}; use sweep() for several values"
+            )
         w = xp.stack([1.0 - t, t])
     elif weights is None:
         if k == 1:
@@ -834,8 +1017,17 @@ def merge(
     stacks, flags = {}, {}
     info = []
     if k == 2:
-        two = _merge_two(adapters, t, alpha, sweep=False, dtype=dtype, method=method, restore=restore,
-                         angle_tol=angle_tol, algorithm=algorithm)
+        two = _merge_two(
+            adapters,
+            t,
+            alpha,
+            sweep=False,
+            dtype=dtype,
+            method=method,
+            restore=restore,
+            angle_tol=angle_tol,
+            algorithm=algorithm,
+        )
     for key in adapters[0].stacks:
         out, per = {}, {}
         for which in ("L", "R"):
@@ -934,8 +1126,18 @@ def sweep(
     if reuse is not None:
         _check_reuse(reuse, adapter1, ts.shape[0], dtype)
     stacks, flags = {}, {}
-    two = _merge_two([adapter1, adapter2], ts, alpha, sweep=True, dtype=dtype, method=method, restore=restore,
-                     angle_tol=angle_tol, algorithm=algorithm, reuse=reuse)
+    two = _merge_two(
+        [adapter1, adapter2],
+        ts,
+        alpha,
+        sweep=True,
+        dtype=dtype,
+        method=method,
+        restore=restore,
+        angle_tol=angle_tol,
+        algorithm=algorithm,
+        reuse=reuse,
+    )
     for key in adapter1.stacks:
         out, per = {}, {}
         for which in ("L", "R"):

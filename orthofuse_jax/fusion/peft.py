@@ -42,7 +42,7 @@ import numpy as np
 from .adapter import GSAdapter, from_layers
 from .io import AdapterFileError, read_tensors
 
-__all__ = ["load_peft_oft", "peft_format", "is_peft_oft", "neumann_series", "PeftOFTWarning"]
+__all__ = ["PeftOFTWarning", "is_peft_oft", "load_peft_oft", "neumann_series", "peft_format"]
 
 _PREFIX = "base_model.model."
 
@@ -94,9 +94,11 @@ def _cayley_np(s: np.ndarray) -> np.ndarray:
 
 def _unpack(vec: np.ndarray, source: str, key: str) -> np.ndarray:
     r, m = vec.shape
-    b = int(round((1 + np.sqrt(1 + 8 * m)) / 2))
+    b = round((1 + np.sqrt(1 + 8 * m)) / 2)
     if b * (b - 1) // 2 != m or b < 2:
-        raise AdapterFileError(f"{source}: key {key!r}: length {m} is not b(b-1)/2 for an integer block size b")
+        raise AdapterFileError(
+            f"{source}: key {key!r}: length {m} is not b(b-1)/2 for an integer block size b"
+        )
     rows, cols = np.triu_indices(b, 1)
     M = np.zeros((r, b, b), dtype=np.float64)
     M[:, rows, cols] = vec
@@ -139,7 +141,9 @@ def load_peft_oft(
         tensors, _ = read_tensors(file)
     cfg = _read_config(file)
     if cfg.get("block_share"):
-        raise AdapterFileError(f"{source}: block_share=True OFT adapters are not supported (one block shared per layer)")
+        raise AdapterFileError(
+            f"{source}: block_share=True OFT adapters are not supported (one block shared per layer)"
+        )
     try:
         fmt = peft_format(tensors)
     except ValueError as e:
@@ -165,7 +169,9 @@ def load_peft_oft(
             raise AdapterFileError(f"{source}: key {key!r}: non-finite values")
         if fmt == "v0.16+" and key.endswith(".oft_R.weight"):
             if arr.ndim != 2:
-                raise AdapterFileError(f"{source}: key {key!r}: shape {list(arr.shape)} is not [r, b(b-1)/2]")
+                raise AdapterFileError(
+                    f"{source}: key {key!r}: shape {list(arr.shape)} is not [r, b(b-1)/2]"
+                )
             s = _unpack(arr, source, key)
             if cayley_neumann:
                 err = float(np.max(np.abs(neumann_series(s, terms) - _cayley_np(s))))
@@ -175,22 +181,30 @@ def load_peft_oft(
             name = _strip(key[: -len(".oft_R.weight")])
         elif fmt != "v0.16+" and key.endswith(".oft_r"):
             if arr.ndim != 3 or arr.shape[1] != arr.shape[2]:
-                raise AdapterFileError(f"{source}: key {key!r}: shape {list(arr.shape)} is not [r, b, b]")
+                raise AdapterFileError(
+                    f"{source}: key {key!r}: shape {list(arr.shape)} is not [r, b, b]"
+                )
             s = 0.5 * (arr - np.swapaxes(arr, -1, -2))
             name = _strip(key[: -len(".oft_r")])
         elif fmt == "v0.14-0.15" and key.endswith(".oft_s"):
             if arr.ndim != 2 or arr.shape[1] != 1:
-                raise AdapterFileError(f"{source}: key {key!r}: shape {list(arr.shape)} is not [out, 1]")
+                raise AdapterFileError(
+                    f"{source}: key {key!r}: shape {list(arr.shape)} is not [out, 1]"
+                )
             scales[_strip(key[: -len(".oft_s")])] = arr[:, 0].astype(np.float32)
             continue
         else:
-            raise AdapterFileError(f"{source}: key {key!r}: unexpected key for a PEFT OFT {fmt} adapter")
+            raise AdapterFileError(
+                f"{source}: key {key!r}: unexpected key for a PEFT OFT {fmt} adapter"
+            )
         layers[name] = (np.zeros_like(s, dtype=np.float32), s.astype(np.float32))
     if not layers:
         raise AdapterFileError(f"{source}: no OFT layers")
     for name in scales:
         if name not in layers:
-            raise AdapterFileError(f"{source}: key {name + '.oft_s'!r}: scale without its {name + '.oft_r'!r}")
+            raise AdapterFileError(
+                f"{source}: key {name + '.oft_s'!r}: scale without its {name + '.oft_r'!r}"
+            )
     if worst[0] > 1e-3:
         warnings.warn(
             f"{source}: key {worst[1]!r}: read as the exact rotation its Cayley-Neumann series approximates; "

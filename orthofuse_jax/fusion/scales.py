@@ -67,7 +67,9 @@ def combine_scales(
         for i, a in enumerate(adapters):
             s = jnp.asarray(a.scales[name], dtype=dtype) if name in a.scales else jnp.ones(h, dtype)
             if s.shape != h:
-                raise ValueError(f"layer {name!r}: scale vector of adapter {i} has shape {s.shape}, expected {h}")
+                raise ValueError(
+                    f"layer {name!r}: scale vector of adapter {i} has shape {s.shape}, expected {h}"
+                )
             if rule == "geometric" and _concrete(s) and bool(jnp.any(s <= 0)):
                 j = int(jnp.argmax(s <= 0))
                 raise ValueError(

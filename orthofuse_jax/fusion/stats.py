@@ -35,7 +35,7 @@ from ..geometry import cayley, cpu_only, log_with_flag, power, relative_rotation
 from .adapter import GSAdapter, on_cpu
 from .merge import orthogonality_error, sweep
 
-__all__ = ["sweep_statistics", "ANGLE_BINS"]
+__all__ = ["ANGLE_BINS", "sweep_statistics"]
 
 ANGLE_BINS = 36
 """Number of histogram bins over [0, pi]."""
@@ -54,7 +54,9 @@ def _chunk_layers(n: int, layer_bytes: int) -> int:
     return max(d for d in range(1, min(n, target) + 1) if n % d == 0)
 
 
-def _angle_stats(sym: np.ndarray, ts: np.ndarray, alpha: float, restore: str) -> dict[str, np.ndarray]:
+def _angle_stats(
+    sym: np.ndarray, ts: np.ndarray, alpha: float, restore: str
+) -> dict[str, np.ndarray]:
     """Histograms and maxima per t of the rotation angles, before and after restoration.
 
     ``sym`` ``[T, ..., b, b]``: the symmetric parts of the points before restoration; their
@@ -79,9 +81,23 @@ def _angle_stats(sym: np.ndarray, ts: np.ndarray, alpha: float, restore: str) ->
     return out
 
 
-@functools.partial(jax.jit, static_argnames=("restore", "orthogonal", "log_algorithm", "n_t", "cpu"))
-def _chunk_stats(x1, x2, yb, ts, h, alpha, *, restore: str, orthogonal: tuple[bool, bool], log_algorithm: str,
-                 n_t: int, cpu: bool):
+@functools.partial(
+    jax.jit, static_argnames=("restore", "orthogonal", "log_algorithm", "n_t", "cpu")
+)
+def _chunk_stats(
+    x1,
+    x2,
+    yb,
+    ts,
+    h,
+    alpha,
+    *,
+    restore: str,
+    orthogonal: tuple[bool, bool],
+    log_algorithm: str,
+    n_t: int,
+    cpu: bool,
+):
     """Per-t sums and maxima over one chunk of blocks (one side of one stack), in one program.
 
     ``x1, x2`` ``[..., b, b]``: the inputs' blocks (raw parameters, or orthogonal where
@@ -90,8 +106,18 @@ def _chunk_stats(x1, x2, yb, ts, h, alpha, *, restore: str, orthogonal: tuple[bo
     ``cpu``: the inputs are concrete CPU arrays (only the CPU's kernels are traced).
     """
     with cpu_only(cpu):
-        return _stats(x1, x2, yb, ts, h, alpha, restore=restore, orthogonal=orthogonal,
-                      log_algorithm=log_algorithm, n_t=n_t)
+        return _stats(
+            x1,
+            x2,
+            yb,
+            ts,
+            h,
+            alpha,
+            restore=restore,
+            orthogonal=orthogonal,
+            log_algorithm=log_algorithm,
+            n_t=n_t,
+        )
 
 
 def _stats(x1, x2, yb, ts, h, alpha, *, restore, orthogonal, log_algorithm, n_t):
@@ -122,7 +148,9 @@ def _stats(x1, x2, yb, ts, h, alpha, *, restore, orthogonal, log_algorithm, n_t)
 
 @functools.partial(jax.jit, static_argnames="size")
 def _rows(x, start, *, size: int):
-    return jax.lax.dynamic_slice_in_dim(x, start, size)  # one program for every start (a static slice compiles per start)
+    return jax.lax.dynamic_slice_in_dim(
+        x, start, size
+    )  # one program for every start (a static slice compiles per start)
 
 
 def _layer_slice(adapter: GSAdapter, key: str, start: int, stop: int) -> GSAdapter:
@@ -130,7 +158,12 @@ def _layer_slice(adapter: GSAdapter, key: str, start: int, stop: int) -> GSAdapt
     if (start, stop) == (0, len(st.names)):
         return replace(adapter, stacks={key: st}, scales={})
     size = stop - start
-    part = replace(st, L=_rows(st.L, start, size=size), R=_rows(st.R, start, size=size), names=st.names[start:stop])
+    part = replace(
+        st,
+        L=_rows(st.L, start, size=size),
+        R=_rows(st.R, start, size=size),
+        names=st.names[start:stop],
+    )
     return replace(adapter, stacks={key: part}, scales={})
 
 
@@ -169,16 +202,24 @@ def sweep_statistics(
         raise ValueError(f"ts must be finite, got {ts.tolist()}")
     if not extrapolate and (np.any(ts < 0.0) or np.any(ts > 1.0)):
         bad = ts[(ts < 0.0) | (ts > 1.0)][0]
-        raise ValueError(f"ts = {float(bad)} is outside [0, 1]; pass extrapolate=True to extrapolate along the path")
+        raise ValueError(
+            f"ts = {float(bad)} is outside [0, 1]; pass extrapolate=True to extrapolate along the path"
+        )
     dtype = np.dtype(a1.dtype)
     n_t = len(ts)
     h = _STEP.get(dtype, 1e-3)
     ts3 = np.concatenate([ts, ts - h, ts + h])
     kw = dict(method=method, alpha=alpha, scales=scales, algorithm=algorithm, extrapolate=True)
     log_algorithm = "eigh" if dtype.itemsize > 4 else "matmul"
-    acc = {k: np.zeros(n_t) for k in ("sq_speed_before", "sq_speed_after", "amb_before", "amb_after")}
-    acc.update({k: np.zeros(n_t) for k in ("orth_before", "orth_after", "maxang_before", "maxang_after")})
-    acc.update({f"hist_{tag}": np.zeros((n_t, ANGLE_BINS), dtype=np.int64) for tag in ("before", "after")})
+    acc = {
+        k: np.zeros(n_t) for k in ("sq_speed_before", "sq_speed_after", "amb_before", "amb_after")
+    }
+    acc.update(
+        {k: np.zeros(n_t) for k in ("orth_before", "orth_after", "maxang_before", "maxang_after")}
+    )
+    acc.update(
+        {f"hist_{tag}": np.zeros((n_t, ANGLE_BINS), dtype=np.int64) for tag in ("before", "after")}
+    )
     dist_sq = 0.0
     orthogonal = (a1.orthogonal, a2.orthogonal)
     tj, hj, alpha_j = jnp.asarray(ts, dtype), jnp.asarray(h, dtype), jnp.asarray(alpha, dtype)
@@ -194,17 +235,34 @@ def sweep_statistics(
     with ThreadPoolExecutor(1) as angles:  # the eigenvalues on the other core
         for key, stack in a1.stacks.items():
             n = len(stack.names)
-            layer_bytes = 2 * 2 * len(ts3) * stack.nb * stack.b**2 * dtype.itemsize  # L and R, before and after
+            layer_bytes = (
+                2 * 2 * len(ts3) * stack.nb * stack.b**2 * dtype.itemsize
+            )  # L and R, before and after
             chunk = _chunk_layers(n, layer_bytes)
             for start in range(0, n, chunk):
-                c1, c2 = _layer_slice(a1, key, start, start + chunk), _layer_slice(a2, key, start, start + chunk)
+                c1, c2 = (
+                    _layer_slice(a1, key, start, start + chunk),
+                    _layer_slice(a2, key, start, start + chunk),
+                )
                 before = sweep(c1, c2, ts3, restore="none", **kw)
                 for side in ("L", "R"):
                     x1, x2 = getattr(c1.stacks[key], side), getattr(c2.stacks[key], side)
                     yb = getattr(before.stacks[key], side)
-                    part = jax.device_get(_chunk_stats(x1, x2, yb, tj, hj, alpha_j, restore=restore, n_t=n_t,
-                                                       orthogonal=orthogonal, log_algorithm=log_algorithm,
-                                                       cpu=on_cpu((x1, x2, yb))))
+                    part = jax.device_get(
+                        _chunk_stats(
+                            x1,
+                            x2,
+                            yb,
+                            tj,
+                            hj,
+                            alpha_j,
+                            restore=restore,
+                            n_t=n_t,
+                            orthogonal=orthogonal,
+                            log_algorithm=log_algorithm,
+                            cpu=on_cpu((x1, x2, yb)),
+                        )
+                    )
                     pending.append(angles.submit(_angle_stats, part.pop("sym"), ts, alpha, restore))
                     for name in ("sq_speed_before", "sq_speed_after", "amb_before", "amb_after"):
                         acc[name] += part[name]

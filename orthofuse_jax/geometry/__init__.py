@@ -21,7 +21,6 @@ from .geodesic import (
     geodesic_with_flag,
     relative_rotation,
 )
-from .polynomial import LOG_POLYNOMIAL_MAX_ANGLE, expm_skew_taylor, log_polynomial
 from .group import (
     act,
     group_dimension,
@@ -33,7 +32,13 @@ from .group import (
     stabilizer_is_discrete,
 )
 from .gs import block_diag, gs_apply, gs_apply_transpose, gs_dense, gs_shape
-from .shuffle import perfect_shuffle, perfect_shuffle_indices, perfect_shuffle_matrix, perfect_unshuffle
+from .polynomial import LOG_POLYNOMIAL_MAX_ANGLE, expm_skew_taylor, log_polynomial
+from .shuffle import (
+    perfect_shuffle,
+    perfect_shuffle_indices,
+    perfect_shuffle_matrix,
+    perfect_unshuffle,
+)
 from .spectral import (
     DEFAULT_ANGLE_TOL,
     LOG_ALGORITHMS,
@@ -49,9 +54,9 @@ from .spectral import (
 
 __all__ = [
     "DEFAULT_ANGLE_TOL",
-    "GeodesicPath",
     "LOG_ALGORITHMS",
     "LOG_POLYNOMIAL_MAX_ANGLE",
+    "GeodesicPath",
     "NegativeEigenvalueError",
     "act",
     "block_diag",

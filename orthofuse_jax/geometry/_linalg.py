@@ -51,8 +51,11 @@ def solve_pd(a, b):
     if b.dtype == a.dtype and b.ndim == a.ndim:
         target = native_target("solve", a.dtype, a.shape[-1])
         if target is not None:
+
             def native(a, x):
-                return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(x.shape, x.dtype), vmap_method="broadcast_all")(a, x)
+                return jax.ffi.ffi_call(
+                    target, jax.ShapeDtypeStruct(x.shape, x.dtype), vmap_method="broadcast_all"
+                )(a, x)
 
             branches["cpu"] = _no_pivot_solve(native)
         gpu = None if _CPU_ONLY.get() else gpu_solver(a.dtype, a.shape[-1])
@@ -76,9 +79,11 @@ def _no_pivot_solve(solver):
     def solve(a, b):
         fixed = jax.lax.stop_gradient(a)
         return jax.lax.custom_linear_solve(
-            lambda x: mm(a, x), b,
+            lambda x: mm(a, x),
+            b,
             solve=lambda _, x: solver(fixed, x),
-            transpose_solve=lambda _, x: solver(jnp.swapaxes(fixed, -1, -2), x))
+            transpose_solve=lambda _, x: solver(jnp.swapaxes(fixed, -1, -2), x),
+        )
 
     return solve
 
@@ -89,12 +94,19 @@ def gpu_solver(dtype, n: int):
     from .. import _native
     from . import _pallas
 
-    if not _native.enabled() or jnp.dtype(dtype) != jnp.float32 or n > _pallas.MAX_BLOCK or not _pallas.available():
+    if (
+        not _native.enabled()
+        or jnp.dtype(dtype) != jnp.float32
+        or n > _pallas.MAX_BLOCK
+        or not _pallas.available()
+    ):
         return None
     return _pallas.gauss_jordan_solve
 
 
-def cayley_map(x1, x2=None, *, c1=1.0, c2=0.0, c=1.0, square: bool = False, with_flag: bool = False):
+def cayley_map(
+    x1, x2=None, *, c1=1.0, c2=0.0, c=1.0, square: bool = False, with_flag: bool = False
+):
     """``(B - c S)^{-1} (B + c S)`` per block, ``S = c1 skew(X1) + c2 skew(X2)``, ``B = I - S^2`` if
     ``square`` else ``I``.
 
@@ -125,7 +137,9 @@ def cayley_map(x1, x2=None, *, c1=1.0, c2=0.0, c=1.0, square: bool = False, with
     x1 = jnp.broadcast_to(x1, batch + x1.shape[-2:])
     x2 = jnp.broadcast_to(x2, batch + x2.shape[-2:])
     q = 1.0 if square else 0.0
-    coef = jnp.stack([jnp.broadcast_to(jnp.asarray(v, dtype), batch) for v in (c1, c2, q, c)], axis=-1)
+    coef = jnp.stack(
+        [jnp.broadcast_to(jnp.asarray(v, dtype), batch) for v in (c1, c2, q, c)], axis=-1
+    )
 
     def xla(*args):
         y = _cayley_map_xla(*args, square=square)
@@ -146,18 +160,27 @@ def geodesic_point(a, b, v, cos_phi, r, eta=None):
     """
     dtype = a.dtype
     blocks = jnp.broadcast_shapes(a.shape[:-2], b.shape[:-2], v.shape[:-2])
-    batch = jnp.broadcast_shapes(blocks, cos_phi.shape[:-1], r.shape[:-1], jnp.shape(eta) if eta is not None else ())
-    if batch[len(batch) - len(blocks):] != blocks:
+    batch = jnp.broadcast_shapes(
+        blocks, cos_phi.shape[:-1], r.shape[:-1], jnp.shape(eta) if eta is not None else ()
+    )
+    if batch[len(batch) - len(blocks) :] != blocks:
         blocks = batch
     # A, B, V stay at their own batch shape where the points' batch only adds leading axes (many
     # t for one pair): the kernel reuses them instead of reading broadcast copies.
     a, b, v = (jnp.broadcast_to(x, blocks + x.shape[-2:]) for x in (a, b, v))
     cs = jnp.stack([jnp.broadcast_to(x, batch + x.shape[-1:]) for x in (cos_phi, r)], axis=-2)
     restore = eta is not None
-    coef = jnp.stack([jnp.broadcast_to(jnp.asarray(eta if restore else 0.0, dtype), batch),
-                      jnp.full(batch, 1.0 if restore else 0.0, dtype)], axis=-1)
+    coef = jnp.stack(
+        [
+            jnp.broadcast_to(jnp.asarray(eta if restore else 0.0, dtype), batch),
+            jnp.full(batch, 1.0 if restore else 0.0, dtype),
+        ],
+        axis=-1,
+    )
     out = jax.ShapeDtypeStruct(batch + a.shape[-2:], dtype)
-    return _with_kernel("point", functools.partial(_geodesic_point_xla, restore=restore), a, b, v, cs, coef, out=out)
+    return _with_kernel(
+        "point", functools.partial(_geodesic_point_xla, restore=restore), a, b, v, cs, coef, out=out
+    )
 
 
 def not_finite(y) -> jax.Array:
@@ -245,9 +268,13 @@ def _polar_step(y: Block) -> Block:
 
 def _geodesic_point_xla(a, b, v, cs, coef, *, restore: bool):
     """:func:`geodesic_point` in XLA operations (``cs[..., :2, :] = (cos_phi, r)``, ``coef[..., 0] = eta``)."""
-    y = mm(a * cs[..., 0, None, :] + b * cs[..., 1, None, :], jnp.swapaxes(v, -1, -2))  # broadcasts a, b, v
+    y = mm(
+        a * cs[..., 0, None, :] + b * cs[..., 1, None, :], jnp.swapaxes(v, -1, -2)
+    )  # broadcasts a, b, v
     y = _polar_step(y)
     if not restore:
         return y
     zero = jnp.zeros_like(coef[..., :1])
-    return _cayley_map_xla(y, y, jnp.concatenate([coef[..., :1], zero, zero, jnp.ones_like(zero)], -1), square=False)
+    return _cayley_map_xla(
+        y, y, jnp.concatenate([coef[..., :1], zero, zero, jnp.ones_like(zero)], -1), square=False
+    )

@@ -82,7 +82,9 @@ def gauss_jordan_solve(a, r, *, interpret: bool = False, num_warps: int = NUM_WA
 
     *batch, n, m = r.shape
     if a.shape != (*batch, n, n):
-        raise ValueError(f"gauss_jordan_solve: a has shape {a.shape}, expected {(*batch, n, n)} for r {r.shape}")
+        raise ValueError(
+            f"gauss_jordan_solve: a has shape {a.shape}, expected {(*batch, n, n)} for r {r.shape}"
+        )
     count = math.prod(batch)
     if count == 0:
         return jnp.zeros(r.shape, r.dtype)
@@ -103,8 +105,10 @@ def gauss_jordan_solve(a, r, *, interpret: bool = False, num_warps: int = NUM_WA
         functools.partial(_gauss_jordan_kernel, n=n),
         out_shape=jax.ShapeDtypeStruct((count, big, wide), r.dtype),
         grid=(count,),
-        in_specs=[pl.BlockSpec((None, big, big), lambda i: (i, 0, 0)),
-                  pl.BlockSpec((None, big, wide), lambda i: (i, 0, 0))],
+        in_specs=[
+            pl.BlockSpec((None, big, big), lambda i: (i, 0, 0)),
+            pl.BlockSpec((None, big, wide), lambda i: (i, 0, 0)),
+        ],
         out_specs=pl.BlockSpec((None, big, wide), lambda i: (i, 0, 0)),
         interpret=interpret,
         **kwargs,

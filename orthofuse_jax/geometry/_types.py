@@ -12,4 +12,4 @@ Block = Float[Array, "*batch b b"]
 
 Vector = Float[Array, "*batch n"]
 
-__all__ = ["Array", "Bool", "Float", "Blocks", "Block", "Vector"]
+__all__ = ["Array", "Block", "Blocks", "Bool", "Float", "Vector"]

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from ._linalg import cayley_map, mm, solve_pd
 from ._types import Block
 
-__all__ = ["skew", "cayley", "inverse_cayley", "rotation_parameters", "relative_cayley", "eye_like"]
+__all__ = ["cayley", "eye_like", "inverse_cayley", "relative_cayley", "rotation_parameters", "skew"]
 
 
 def eye_like(a: Block) -> Block:

@@ -20,17 +20,27 @@ from ._linalg import geodesic_point, mm, native_target, solve_pd, tracing_cpu_on
 from ._types import Array, Block, Bool, Float
 from .cayley import cayley, relative_cayley, skew
 from .polynomial import expm_skew_taylor
-from .spectral import DEFAULT_ANGLE_TOL, _decompose, _decompose_skew, _is_concrete, _polar_step, _raise_if_bad, _sinc_ratio, log_with_flag, rotation_angles
+from .spectral import (
+    DEFAULT_ANGLE_TOL,
+    _decompose,
+    _decompose_skew,
+    _is_concrete,
+    _polar_step,
+    _raise_if_bad,
+    _sinc_ratio,
+    log_with_flag,
+    rotation_angles,
+)
 
 __all__ = [
     "GeodesicPath",
-    "geodesic",
-    "geodesic_path",
-    "geodesic_with_flag",
-    "geodesic_path_cayley",
-    "geodesic_distance",
     "curve_speed",
+    "geodesic",
+    "geodesic_distance",
+    "geodesic_path",
+    "geodesic_path_cayley",
     "geodesic_speed",
+    "geodesic_with_flag",
     "relative_rotation",
 ]
 
@@ -97,7 +107,9 @@ def geodesic_path(u1: Block, u2: Block, *, angle_tol: float = DEFAULT_ANGLE_TOL)
     return _path(u1, s, v, sigma, bad)
 
 
-def geodesic_path_cayley(a1: Block, a2: Block, *, angle_tol: float = DEFAULT_ANGLE_TOL) -> GeodesicPath:
+def geodesic_path_cayley(
+    a1: Block, a2: Block, *, angle_tol: float = DEFAULT_ANGLE_TOL
+) -> GeodesicPath:
     """:func:`geodesic_path` from ``Cay(A1)`` to ``Cay(A2)``, given the raw Cayley parameters.
 
     Equal to ``geodesic_path(cayley(a1), cayley(a2))`` in exact arithmetic, without its pivoted
@@ -130,7 +142,9 @@ def _path(u1: Block, s: Block, v: Block, sigma, bad) -> GeodesicPath:
     return GeodesicPath(a=mm(u1, v), b=mm(mm(u1, s), v), v=v, sigma=sigma, bad=bad)
 
 
-def geodesic(u1: Block, u2: Block, t, *, angle_tol: float = DEFAULT_ANGLE_TOL, algorithm: str = "eigh") -> Block:
+def geodesic(
+    u1: Block, u2: Block, t, *, angle_tol: float = DEFAULT_ANGLE_TOL, algorithm: str = "eigh"
+) -> Block:
     """Point ``gamma(t) = U1 (U1^T U2)^t`` of the geodesic from ``U1`` (t=0) to ``U2`` (t=1).
 
     Args:
@@ -192,5 +206,3 @@ def geodesic_speed(u1: Block, u2: Block, t) -> Float[Array, "*batch"]:
     """Measured speed of :func:`geodesic` at ``t`` (differentiated, not the closed form)."""
     t = jnp.asarray(t, dtype=u1.dtype)
     return curve_speed(lambda s: geodesic(u1, u2, s), t)
-
-

@@ -47,13 +47,13 @@ from .shuffle import perfect_unshuffle
 
 __all__ = [
     "act",
+    "group_dimension",
+    "orbit_dimension",
     "orbit_map",
+    "sign_stabilizer_element",
     "stabilizer_dimension",
     "stabilizer_dimension_formula",
     "stabilizer_is_discrete",
-    "orbit_dimension",
-    "group_dimension",
-    "sign_stabilizer_element",
 ]
 
 
@@ -166,7 +166,5 @@ def sign_stabilizer_element(signs: Float[Array, "nb b"]) -> tuple[Blocks, Blocks
     signs = jnp.asarray(signs)
     nb, b = signs.shape
     flat_b = perfect_unshuffle(signs.reshape(nb * b), nb).reshape(nb, b)
-    diag = lambda d: d[..., :, None] * jnp.eye(b, dtype=d.dtype)  # noqa: E731
+    diag = lambda d: d[..., :, None] * jnp.eye(b, dtype=d.dtype)
     return diag(signs), diag(flat_b)
-
-

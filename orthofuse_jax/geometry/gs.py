@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from ._types import Array, Blocks, Float
 from ._linalg import einsum, mm
+from ._types import Array, Blocks, Float
 from .shuffle import perfect_shuffle, perfect_unshuffle
 
 __all__ = ["block_diag", "gs_apply", "gs_apply_transpose", "gs_dense", "gs_shape"]
@@ -53,7 +53,9 @@ def gs_apply(x: Float[Array, "*batch n"], L: Blocks, R: Blocks) -> Float[Array, 
     return perfect_unshuffle(y, nb)  # P^T .
 
 
-def gs_apply_transpose(x: Float[Array, "*batch n"], L: Blocks, R: Blocks) -> Float[Array, "*batch n"]:
+def gs_apply_transpose(
+    x: Float[Array, "*batch n"], L: Blocks, R: Blocks
+) -> Float[Array, "*batch n"]:
     """Apply ``Q^T = BD(R)^T P^T BD(L)^T P`` to every row: ``y = x @ Q``."""
     nb, _, n = gs_shape(L, R)
     if x.shape[-1] != n:

@@ -48,7 +48,7 @@ import numpy as np
 from ._linalg import mm
 from ._types import Array, Block, Bool
 
-__all__ = ["LOG_POLYNOMIAL_MAX_ANGLE", "log_polynomial", "expm_skew_taylor"]
+__all__ = ["LOG_POLYNOMIAL_MAX_ANGLE", "expm_skew_taylor", "log_polynomial"]
 
 LOG_POLYNOMIAL_MAX_ANGLE = 2.4
 """Largest rotation angle (radians) that :func:`log_polynomial` accepts (a few 0.01 more pass)."""
@@ -92,8 +92,10 @@ _LOG_A, _C0, _H0 = _log_coefficients()
 _EXP_A = tuple(float(1.0 / f) for f in np.cumprod([1.0, *range(1, _TAYLOR + 1)]))  # 1 / k!
 
 
-POWER_TIERS = {np.dtype(np.float32): ((1.75, 11), (LOG_POLYNOMIAL_MAX_ANGLE, 23)),
-               np.dtype(np.float64): ((1.75, 15), (LOG_POLYNOMIAL_MAX_ANGLE, 31))}
+POWER_TIERS = {
+    np.dtype(np.float32): ((1.75, 11), (LOG_POLYNOMIAL_MAX_ANGLE, 23)),
+    np.dtype(np.float64): ((1.75, 15), (LOG_POLYNOMIAL_MAX_ANGLE, 31)),
+}
 """The compiled CPU kernel's direct power ``W^t = a_t(P) + K b_t(P)`` (``kernels.inc``,
 ``PowerBlock``): per input dtype, ``(largest rotation angle, degree)`` of its interpolants, the
 first tier whose range holds a block's spectrum being used. The degrees bound the interpolation
@@ -130,8 +132,12 @@ def kernel_attributes(max_squarings: int, dtype=np.float32) -> dict[str, np.ndar
     power = [*POWER_T_RANGE, _MARGIN, _KERNEL_LOWER, float(len(tiers))]
     for theta_max, degree in tiers:
         power += [*_interval(theta_max), float(degree + 1)]
-    return {"log_coef": np.asarray(_LOG_A, np.float64), "exp_coef": np.asarray(_EXP_A, np.float64),
-            "params": np.asarray(params, np.float64), "power": np.asarray(power, np.float64)}
+    return {
+        "log_coef": np.asarray(_LOG_A, np.float64),
+        "exp_coef": np.asarray(_EXP_A, np.float64),
+        "params": np.asarray(params, np.float64),
+        "power": np.asarray(power, np.float64),
+    }
 
 
 def _paterson_stockmeyer(coef, baby: list[Array], giant: Array) -> Array:
@@ -201,6 +207,8 @@ def _expm_taylor_with_ok(a: Block, max_squarings: int) -> tuple[Block, Bool[Arra
     x, x2 = x * scale, x2 * (scale * scale)
     x3 = mm(x2, x)
     e = _paterson_stockmeyer(_EXP_A, [eye, x, x2], x3)
-    for i in range(max_squarings):  # unrolled: a data-dependent loop would sync with the host on a GPU
+    for i in range(
+        max_squarings
+    ):  # unrolled: a data-dependent loop would sync with the host on a GPU
         e = jnp.where((i < s)[..., None, None], mm(e, e), e)
     return e, ok

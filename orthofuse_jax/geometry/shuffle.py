@@ -18,9 +18,9 @@ from ._types import Array, Float
 
 __all__ = [
     "perfect_shuffle",
-    "perfect_unshuffle",
     "perfect_shuffle_indices",
     "perfect_shuffle_matrix",
+    "perfect_unshuffle",
 ]
 
 

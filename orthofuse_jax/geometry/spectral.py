@@ -41,14 +41,14 @@ from .cayley import inverse_cayley
 from .polynomial import LOG_POLYNOMIAL_MAX_ANGLE, log_polynomial
 
 __all__ = [
-    "NegativeEigenvalueError",
     "DEFAULT_ANGLE_TOL",
-    "rotation_angles",
+    "LOG_ALGORITHMS",
+    "NegativeEigenvalueError",
     "expm_skew",
     "log",
     "log_with_flag",
-    "LOG_ALGORITHMS",
     "power",
+    "rotation_angles",
     "spectral_map",
     "spectral_map_with_flag",
 ]
@@ -218,7 +218,9 @@ def spectral_map_with_flag(
     return jnp.where(bad[..., None, None], jnp.nan, y), bad
 
 
-def spectral_map(u: Block, angle_map: Callable[[Array], Array], *, angle_tol: float = DEFAULT_ANGLE_TOL) -> Block:
+def spectral_map(
+    u: Block, angle_map: Callable[[Array], Array], *, angle_tol: float = DEFAULT_ANGLE_TOL
+) -> Block:
     """:func:`spectral_map_with_flag` that raises on concrete input with an eigenvalue at -1."""
     y, bad = spectral_map_with_flag(u, angle_map, angle_tol=angle_tol)
     if _is_concrete(u):

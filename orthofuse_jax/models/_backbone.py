@@ -29,11 +29,11 @@ __all__ = [
     "build_unet",
     "build_vae",
     "convert_torch_state_dict",
-    "load_config",
-    "load_flax_weights",
     "iter_safetensors",
     "load_clip_text",
     "load_clip_tokenizer",
+    "load_config",
+    "load_flax_weights",
 ]
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -88,7 +88,7 @@ def iter_safetensors(folder: str | os.PathLike) -> Iterator[tuple[str, np.ndarra
 
     for path in _weight_files(os.fspath(folder)):
         with safe_open(path, framework="numpy") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 (a safe_open handle, not a dict)
                 yield key, f.get_tensor(key)
 
 
@@ -127,7 +127,10 @@ def convert_torch_state_dict(items, module, *, source: str = "state dict") -> di
     a shape mismatch, an unexpected or missing parameter, or non-finite values.
     """
     import jax.numpy as jnp
-    from diffusers.models.modeling_flax_pytorch_utils import rename_key, rename_key_and_reshape_tensor
+    from diffusers.models.modeling_flax_pytorch_utils import (
+        rename_key,
+        rename_key_and_reshape_tensor,
+    )
     from flax.traverse_util import flatten_dict, unflatten_dict
 
     shapes = flatten_dict(jax.eval_shape(module.init_weights, jax.random.PRNGKey(0)))
@@ -137,7 +140,9 @@ def convert_torch_state_dict(items, module, *, source: str = "state dict") -> di
         pt_tuple = tuple(rename_key(pt_key).split("."))
         fkey, ftensor = rename_key_and_reshape_tensor(pt_tuple, tensor, shapes)
         if fkey not in shapes:
-            raise ValueError(f"{source}: weight {pt_key!r} has no Flax counterpart ({'/'.join(fkey)})")
+            raise ValueError(
+                f"{source}: weight {pt_key!r} has no Flax counterpart ({'/'.join(fkey)})"
+            )
         if tuple(ftensor.shape) != tuple(shapes[fkey].shape):
             raise ValueError(
                 f"{source}: weight {pt_key!r} has shape {tuple(tensor.shape)}, the model expects "
@@ -200,7 +205,9 @@ def load_clip_text(folder: str | os.PathLike, *, projection: bool):
         raise MissingModelFileError(f"text encoder folder {folder!r} does not exist")
     for name in (CONFIG_NAME,):
         if not os.path.isfile(os.path.join(folder, name)):
-            raise MissingModelFileError(f"missing model file {os.path.join(folder, name)!r} (text encoder config)")
+            raise MissingModelFileError(
+                f"missing model file {os.path.join(folder, name)!r} (text encoder config)"
+            )
     if not any(os.path.isfile(os.path.join(folder, w)) for w in CLIP_WEIGHTS):
         raise MissingModelFileError(
             f"missing model file {os.path.join(folder, CLIP_WEIGHTS[0])!r} (text encoder weights in safetensors)"
@@ -213,10 +220,14 @@ def load_clip_text(folder: str | os.PathLike, *, projection: bool):
     try:
         model = cls.from_pretrained(folder, from_pt=True, local_files_only=True)
     except (OSError, KeyError, ValueError) as e:
-        raise ValueError(f"{folder}: cannot load the text encoder: {' '.join(str(e).split())}") from e
+        raise ValueError(
+            f"{folder}: cannot load the text encoder: {' '.join(str(e).split())}"
+        ) from e
     for key, value in flatten_dict(model.params).items():
         if not bool(np.all(np.isfinite(np.asarray(value)))):
-            raise ValueError(f"{folder}: text encoder weight {'/'.join(key)!r} has non-finite values")
+            raise ValueError(
+                f"{folder}: text encoder weight {'/'.join(key)!r} has non-finite values"
+            )
     return model, model.params
 
 
@@ -226,7 +237,9 @@ def load_clip_tokenizer(folder: str | os.PathLike):
     _require_transformers("encoding a prompt")
     for name in TOKENIZER_FILES:
         if not os.path.isfile(os.path.join(folder, name)):
-            raise MissingModelFileError(f"missing model file {os.path.join(folder, name)!r} (CLIP tokenizer)")
+            raise MissingModelFileError(
+                f"missing model file {os.path.join(folder, name)!r} (CLIP tokenizer)"
+            )
     _quiet_transformers()
     from transformers import CLIPTokenizer
 
@@ -241,8 +254,14 @@ def download(hub_id: str) -> str:
     return snapshot_download(
         hub_id,
         allow_patterns=[
-            "unet/*", "vae/*", "scheduler/*", "model_index.json",
-            "text_encoder/*", "text_encoder_2/*", "tokenizer/*", "tokenizer_2/*",
+            "unet/*",
+            "vae/*",
+            "scheduler/*",
+            "model_index.json",
+            "text_encoder/*",
+            "text_encoder_2/*",
+            "tokenizer/*",
+            "tokenizer_2/*",
         ],
         ignore_patterns=["*.bin", "*.msgpack", "*fp16*", "*.onnx*"],
     )

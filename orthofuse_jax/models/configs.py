@@ -13,7 +13,7 @@ transformer depth > 1. Their text widths: context ``cross_attention_dim``, poole
 
 from __future__ import annotations
 
-__all__ = ["SDXL_BASE_UNET", "TINY_SDXL_UNET", "MEDIUM_SDXL_UNET", "pooled_dim"]
+__all__ = ["MEDIUM_SDXL_UNET", "SDXL_BASE_UNET", "TINY_SDXL_UNET", "pooled_dim"]
 
 SDXL_BASE_UNET = dict(
     sample_size=128,

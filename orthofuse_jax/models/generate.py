@@ -24,8 +24,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["EulerSchedule", "alphas_cumprod", "euler_schedule", "denoise", "decode", "generate", "load_embeddings",
-           "check_embeddings", "to_uint8"]
+__all__ = [
+    "EulerSchedule",
+    "alphas_cumprod",
+    "check_embeddings",
+    "decode",
+    "denoise",
+    "euler_schedule",
+    "generate",
+    "load_embeddings",
+    "to_uint8",
+]
 
 
 @dataclass(frozen=True)
@@ -51,11 +60,15 @@ def alphas_cumprod(
     ``linear``: ``linspace(beta_start, beta_end, T)``. Extra scheduler-config keys are ignored.
     """
     if beta_schedule == "scaled_linear":
-        betas = np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=np.float64) ** 2
+        betas = (
+            np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=np.float64) ** 2
+        )
     elif beta_schedule == "linear":
         betas = np.linspace(beta_start, beta_end, num_train_timesteps, dtype=np.float64)
     else:
-        raise ValueError(f"beta_schedule {beta_schedule!r} is not supported (scaled_linear, linear)")
+        raise ValueError(
+            f"beta_schedule {beta_schedule!r} is not supported (scaled_linear, linear)"
+        )
     return np.cumprod(1.0 - betas)
 
 
@@ -74,8 +87,12 @@ def euler_schedule(
 
     Extra keys of a ``scheduler_config.json`` are accepted and ignored.
     """
-    ac = alphas_cumprod(beta_start=beta_start, beta_end=beta_end, beta_schedule=beta_schedule,
-                        num_train_timesteps=num_train_timesteps)
+    ac = alphas_cumprod(
+        beta_start=beta_start,
+        beta_end=beta_end,
+        beta_schedule=beta_schedule,
+        num_train_timesteps=num_train_timesteps,
+    )
     all_sigmas = ((1 - ac) / ac) ** 0.5
     if timestep_spacing == "leading":
         ratio = num_train_timesteps // num_steps
@@ -91,7 +108,9 @@ def euler_schedule(
     sigmas = np.concatenate([sigmas, [0.0]])
     smax = float(sigmas.max())
     init = smax if timestep_spacing in ("linspace", "trailing") else (smax**2 + 1) ** 0.5
-    return EulerSchedule(timesteps=t.astype(np.float32), sigmas=sigmas.astype(np.float32), init_noise_sigma=init)
+    return EulerSchedule(
+        timesteps=t.astype(np.float32), sigmas=sigmas.astype(np.float32), init_noise_sigma=init
+    )
 
 
 def _make_step(unet, guidance_scale: float):
@@ -147,16 +166,26 @@ def denoise(
     dt = unet.dtype
     pe = jnp.asarray(prompt_embeds, jnp.float32)[None]
     pp = jnp.asarray(pooled, jnp.float32)[None]
-    ne = jnp.zeros_like(pe) if negative_prompt_embeds is None else jnp.asarray(negative_prompt_embeds)[None]
+    ne = (
+        jnp.zeros_like(pe)
+        if negative_prompt_embeds is None
+        else jnp.asarray(negative_prompt_embeds)[None]
+    )
     npool = jnp.zeros_like(pp) if negative_pooled is None else jnp.asarray(negative_pooled)[None]
     time_ids = jnp.asarray([[height, width, 0, 0, height, width]], jnp.float32)
     if guidance_scale > 1.0:
-        ctx, text, tids = jnp.concatenate([ne, pe]), jnp.concatenate([npool, pp]), jnp.concatenate([time_ids] * 2)
+        ctx, text, tids = (
+            jnp.concatenate([ne, pe]),
+            jnp.concatenate([npool, pp]),
+            jnp.concatenate([time_ids] * 2),
+        )
     else:
         ctx, text, tids = pe, pp, time_ids
     ctx, text = ctx.astype(dt), text.astype(dt)
     if height % vae_scale_factor or width % vae_scale_factor:
-        raise ValueError(f"height/width must be multiples of {vae_scale_factor}, got {height}x{width}")
+        raise ValueError(
+            f"height/width must be multiples of {vae_scale_factor}, got {height}x{width}"
+        )
     shape = (1, unet.in_channels, height // vae_scale_factor, width // vae_scale_factor)
     if latents is None:
         latents = jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32)
@@ -166,7 +195,9 @@ def denoise(
     step = _make_step(unet, guidance_scale)
     steps = range(len(sched.timesteps))
     for i in tqdm(steps, desc="denoising", disable=not progress):
-        x = step(params, x, sched.timesteps[i], sched.sigmas[i], sched.sigmas[i + 1], ctx, text, tids)
+        x = step(
+            params, x, sched.timesteps[i], sched.sigmas[i], sched.sigmas[i + 1], ctx, text, tids
+        )
     return x
 
 
@@ -212,7 +243,9 @@ def load_embeddings(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return out
 
 
-def check_embeddings(embeddings: Mapping[str, np.ndarray], config: Mapping, *, source: str = "embeddings") -> None:
+def check_embeddings(
+    embeddings: Mapping[str, np.ndarray], config: Mapping, *, source: str = "embeddings"
+) -> None:
     """Raise ``ValueError`` naming the array when the embeddings do not fit the UNet ``config``.
 
     ``prompt_embeds`` must have ``cross_attention_dim`` features (SDXL: 2048) and ``pooled`` the
@@ -221,7 +254,9 @@ def check_embeddings(embeddings: Mapping[str, np.ndarray], config: Mapping, *, s
     """
     want = {"prompt_embeds": config.get("cross_attention_dim")}
     if config.get("addition_embed_type") == "text_time":
-        want["pooled"] = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+        want["pooled"] = (
+            config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+        )
     for key, dim in want.items():
         for k in (key, "negative_" + key if key == "prompt_embeds" else "negative_pooled"):
             if k in embeddings and dim is not None and np.shape(embeddings[k])[-1] != dim:
@@ -288,7 +323,9 @@ def generate(
         # Encoded before the UNet is loaded, so the text encoders are freed first.
         embeddings = prompt_embeddings(model, embeddings, negative_prompt)
     elif negative_prompt is not None:
-        raise ValueError("negative_prompt needs a prompt string; put negative_prompt_embeds in the embeddings")
+        raise ValueError(
+            "negative_prompt needs a prompt string; put negative_prompt_embeds in the embeddings"
+        )
     unet, params, config = load_unet(model, dtype=jdt)
     check_embeddings(embeddings, config)
     if adapter is not None:

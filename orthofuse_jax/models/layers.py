@@ -16,10 +16,21 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-__all__ = ["AttentionLayer", "PROJECTIONS", "attention_layers", "attention_layers_from_params", "layer_name"]
+__all__ = [
+    "PROJECTIONS",
+    "AttentionLayer",
+    "attention_layers",
+    "attention_layers_from_params",
+    "layer_name",
+]
 
 # GS layer suffix -> Flax Dense module name inside a FlaxAttention.
-PROJECTIONS = {"to_q_moft": "to_q", "to_k_moft": "to_k", "to_v_moft": "to_v", "to_out_moft": "to_out_0"}
+PROJECTIONS = {
+    "to_q_moft": "to_q",
+    "to_k_moft": "to_k",
+    "to_v_moft": "to_v",
+    "to_out_moft": "to_out_0",
+}
 
 
 @dataclass(frozen=True)
@@ -74,7 +85,9 @@ def attention_layers(config: Mapping) -> dict[str, AttentionLayer]:
     if not isinstance(cross, int):
         raise ValueError(f"per-block cross_attention_dim {cross} is not supported")
     layers = _per_block(config.get("layers_per_block", 2), nblocks, "layers_per_block")
-    depth = _per_block(config.get("transformer_layers_per_block", 1), nblocks, "transformer_layers_per_block")
+    depth = _per_block(
+        config.get("transformer_layers_per_block", 1), nblocks, "transformer_layers_per_block"
+    )
     only = _per_block(config.get("only_cross_attention", False), nblocks, "only_cross_attention")
     table: dict[str, AttentionLayer] = {}
     for i, kind in enumerate(down):
@@ -104,7 +117,11 @@ def attention_layers_from_params(params: Mapping) -> dict[str, AttentionLayer]:
     def walk(node, path):
         if not isinstance(node, Mapping):
             return
-        if len(path) >= 4 and path[-1] in ("attn1", "attn2") and path[-2].startswith("transformer_blocks_"):
+        if (
+            len(path) >= 4
+            and path[-1] in ("attn1", "attn2")
+            and path[-2].startswith("transformer_blocks_")
+        ):
             block = path[0]
             m = _FLAX_ATTN.match(block)
             if m is None or len(path) != 4:
@@ -116,7 +133,9 @@ def attention_layers_from_params(params: Mapping) -> dict[str, AttentionLayer]:
                 if dense in node and "kernel" in node[dense]:
                     n_in, n_out = node[dense]["kernel"].shape
                     name = layer_name(ref_block, a, k, path[3], proj)
-                    table[name] = AttentionLayer(name, (*path, dense, "kernel"), int(n_in), int(n_out))
+                    table[name] = AttentionLayer(
+                        name, (*path, dense, "kernel"), int(n_in), int(n_out)
+                    )
             return
         for key, child in node.items():
             walk(child, (*path, str(key)))

@@ -17,7 +17,7 @@ from ..fusion.adapter import GSAdapter, to_layers, to_orthogonal
 from ..geometry import gs_apply
 from .layers import attention_layers, attention_layers_from_params
 
-__all__ = ["onthefly_interceptor", "apply_onthefly"]
+__all__ = ["apply_onthefly", "onthefly_interceptor"]
 
 
 def onthefly_interceptor(adapter: GSAdapter, table: Mapping):
@@ -38,7 +38,9 @@ def onthefly_interceptor(adapter: GSAdapter, table: Mapping):
             return next_fun(*args, **kwargs)
         L, R, s = hit
         x = args[0]
-        xq = gs_apply(x.astype(jnp.promote_types(x.dtype, L.dtype)), L.astype(x.dtype), R.astype(x.dtype))
+        xq = gs_apply(
+            x.astype(jnp.promote_types(x.dtype, L.dtype)), L.astype(x.dtype), R.astype(x.dtype)
+        )
         p = mod.variables["params"]
         y = jnp.dot(xq.astype(mod.dtype or x.dtype), p["kernel"].astype(mod.dtype or x.dtype))
         if s is not None:
@@ -50,7 +52,9 @@ def onthefly_interceptor(adapter: GSAdapter, table: Mapping):
     return interceptor
 
 
-def apply_onthefly(unet, params, adapter: GSAdapter, *args, config: Mapping | None = None, **kwargs):
+def apply_onthefly(
+    unet, params, adapter: GSAdapter, *args, config: Mapping | None = None, **kwargs
+):
     """``unet.apply({"params": params}, *args, **kwargs)`` with ``adapter`` applied on the fly."""
     table = attention_layers(config) if config is not None else attention_layers_from_params(params)
     with nn.intercept_methods(onthefly_interceptor(adapter, table)):

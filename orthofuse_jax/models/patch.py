@@ -26,7 +26,7 @@ from ..fusion.adapter import GSAdapter, to_orthogonal
 from ..geometry._linalg import einsum
 from .layers import AttentionLayer, attention_layers, attention_layers_from_params
 
-__all__ = ["patch_unet_params", "unpatch_unet_params", "fold_plan"]
+__all__ = ["fold_plan", "patch_unet_params", "unpatch_unet_params"]
 
 
 def _copy_containers(tree):
@@ -73,17 +73,23 @@ def fold_plan(params, adapter: GSAdapter, *, config=None, table=None):
         n = stack.nb * stack.b
         for i, name in enumerate(stack.names):
             if name not in tab:
-                raise ValueError(f"adapter layer {name!r} is not an attention projection of this UNet")
+                raise ValueError(
+                    f"adapter layer {name!r} is not an attention projection of this UNet"
+                )
             spec = tab[name]
             kernel = _get(params, spec.path)
             if kernel is None:
-                raise ValueError(f"adapter layer {name!r}: UNet parameter {'/'.join(spec.path)} is missing")
+                raise ValueError(
+                    f"adapter layer {name!r}: UNet parameter {'/'.join(spec.path)} is missing"
+                )
             if kernel.ndim != 2 or kernel.shape[0] != n:
                 raise ValueError(
                     f"adapter layer {name!r}: GS size n={n} but kernel {'/'.join(spec.path)} "
                     f"has shape {tuple(kernel.shape)} (in, out)"
                 )
-            if name in adapter.scales and tuple(np.shape(adapter.scales[name])) != (kernel.shape[1],):
+            if name in adapter.scales and tuple(np.shape(adapter.scales[name])) != (
+                kernel.shape[1],
+            ):
                 raise ValueError(
                     f"adapter layer {name!r}: scale has shape {tuple(np.shape(adapter.scales[name]))}, "
                     f"the kernel's output width is {kernel.shape[1]}"
@@ -110,7 +116,9 @@ def _check_finite(adapter: GSAdapter):
     stacks, scales = jax.device_get(_nonfinite(adapter))
     for key, bad in stacks.items():
         if bad.any():
-            raise ValueError(f"adapter layer {adapter.stacks[key].names[int(np.argmax(bad))]!r} has non-finite blocks")
+            raise ValueError(
+                f"adapter layer {adapter.stacks[key].names[int(np.argmax(bad))]!r} has non-finite blocks"
+            )
     for name, bad in scales.items():
         if bad:
             raise ValueError(f"adapter layer {name!r} has a non-finite scale")
@@ -155,7 +163,9 @@ def _apply(params, adapter: GSAdapter, *, config, table, inverse: bool):
         for i, spec in members:
             s = adapter.scales.get(spec.name)
             if inverse and s is not None and not np.all(np.asarray(s) != 0):
-                raise ValueError(f"adapter layer {spec.name!r} has a zero scale; the fold cannot be undone")
+                raise ValueError(
+                    f"adapter layer {spec.name!r} has a zero scale; the fold cannot be undone"
+                )
             K = _get(params, spec.path)
             _set(new, spec.path, _fold_layer(K, stack.L, stack.R, np.int32(i), s, inverse=inverse))
     return new

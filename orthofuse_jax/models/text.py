@@ -29,11 +29,11 @@ import numpy as np
 
 __all__ = [
     "TextEncoders",
-    "load_text_encoders",
     "encode_prompt",
+    "force_zeros_for_empty_prompt",
+    "load_text_encoders",
     "prompt_embeddings",
     "save_embeddings",
-    "force_zeros_for_empty_prompt",
 ]
 
 ENCODER_FOLDERS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
@@ -105,15 +105,22 @@ def force_zeros_for_empty_prompt(model: str | os.PathLike) -> bool:
             raise ValueError(f"{path}: not valid JSON ({e})") from e
 
 
-def encode_prompt(encoders: TextEncoders, prompt: str | Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+def encode_prompt(
+    encoders: TextEncoders, prompt: str | Sequence[str]
+) -> tuple[np.ndarray, np.ndarray]:
     """``(prompt_embeds [B, 77, D1 + D2], pooled [B, P])`` for one prompt or a list (B = 1 for a str)."""
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
     hidden, pooled = [], None
     for tok, apply, params in zip(encoders.tokenizers, encoders._apply, encoders.params):
-        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="np").input_ids
+        ids = tok(
+            prompts,
+            padding="max_length",
+            max_length=tok.model_max_length,
+            truncation=True,
+            return_tensors="np",
+        ).input_ids
         h, p = apply(params, ids.astype(np.int32))
         hidden.append(np.asarray(h, np.float32))
         pooled = np.asarray(p, np.float32)  # the last encoder's (text_encoder_2) projection
@@ -152,10 +159,16 @@ def prompt_embeddings(
     return out
 
 
-def save_embeddings(path: str | os.PathLike, embeddings: dict[str, np.ndarray], *, prompt: str = "") -> None:
+def save_embeddings(
+    path: str | os.PathLike, embeddings: dict[str, np.ndarray], *, prompt: str = ""
+) -> None:
     """Write embeddings as ``.npz`` (atomically), readable by ``generate --embeddings`` and ``train``."""
     from ..fusion.io import atomic_write_bytes
 
     buf = io.BytesIO()
-    np.savez(buf, **{k: np.asarray(v, np.float32) for k, v in embeddings.items()}, prompt=np.asarray(prompt))
+    np.savez(
+        buf,
+        **{k: np.asarray(v, np.float32) for k, v in embeddings.items()},
+        prompt=np.asarray(prompt),
+    )
     atomic_write_bytes(path, buf.getvalue())

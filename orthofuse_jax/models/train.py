@@ -51,35 +51,37 @@ import numpy as np
 
 from ..fusion.adapter import GSAdapter, from_layers, to_layers
 from ..geometry import cayley, gs_apply_transpose
-from .layers import AttentionLayer, attention_layers
 from .generate import alphas_cumprod
+from .layers import AttentionLayer, attention_layers
 from .patch import fold_plan
 
 __all__ = [
     "DDPM_SDXL",
     "TrainConfig",
-    "alphas_cumprod",
-    "init_adapter",
-    "fold_adapter",
+    "TrainState",
+    "TrainStateError",
     "add_noise",
+    "alphas_cumprod",
     "diffusion_loss",
+    "fold_adapter",
+    "init_adapter",
+    "init_train_state",
+    "load_checkpoint",
     "make_loss",
     "make_optimizer",
     "make_train_step",
-    "train",
-    "scheduler_config",
-    "TrainState",
-    "TrainStateError",
-    "init_train_state",
     "run_training",
+    "save_checkpoint",
+    "scheduler_config",
+    "train",
     "train_fingerprint",
     "train_state_path",
-    "save_checkpoint",
-    "load_checkpoint",
 ]
 
 # SDXL base 1.0 scheduler settings used by the reference's DDPMScheduler (docs/math.md §4, 6).
-DDPM_SDXL = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+DDPM_SDXL = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
+)
 
 
 def scheduler_config(model: str | os.PathLike) -> dict:
@@ -93,7 +95,9 @@ def scheduler_config(model: str | os.PathLike) -> dict:
         with open(path) as f:
             raw = json.load(f)
         if raw.get("prediction_type", "epsilon") != "epsilon":
-            raise ValueError(f"{path}: prediction_type {raw['prediction_type']!r}; only 'epsilon' is supported")
+            raise ValueError(
+                f"{path}: prediction_type {raw['prediction_type']!r}; only 'epsilon' is supported"
+            )
         cfg.update({k: raw[k] for k in DDPM_SDXL if k in raw})
     return cfg
 
@@ -193,7 +197,12 @@ def fold_adapter(params, adapter: GSAdapter, plan: FoldPlan, *, compute_dtype=No
         dt = jnp.promote_types(stack.L.dtype, jnp.float32)
         K = jnp.stack([_get(params, spec.path).astype(dt) for spec in specs])
         ones = jnp.ones((specs[0].n_out,), dt)
-        s = jnp.stack([adapter.scales[spec.name].astype(dt) if spec.name in adapter.scales else ones for spec in specs])
+        s = jnp.stack(
+            [
+                adapter.scales[spec.name].astype(dt) if spec.name in adapter.scales else ones
+                for spec in specs
+            ]
+        )
         ii = np.asarray(idx)
         res = fold(K, stack.L[ii].astype(dt), stack.R[ii].astype(dt), s)
         for j, spec in enumerate(specs):
@@ -209,7 +218,16 @@ def add_noise(x0, noise, t, abar):
 
 
 def diffusion_loss(
-    adapter: GSAdapter, params, batch: Mapping, key, *, unet, plan: FoldPlan, abar, compute_dtype=None, apply: str = "fold"
+    adapter: GSAdapter,
+    params,
+    batch: Mapping,
+    key,
+    *,
+    unet,
+    plan: FoldPlan,
+    abar,
+    compute_dtype=None,
+    apply: str = "fold",
 ):
     """Epsilon-prediction MSE of the UNet with ``adapter`` folded in (docs/math.md §6); returns a scalar.
 
@@ -239,7 +257,10 @@ def diffusion_loss(
         xt.astype(cdt),
         t,
         jnp.asarray(batch["prompt_embeds"]).astype(cdt),
-        {"text_embeds": jnp.asarray(batch["text_embeds"]).astype(cdt), "time_ids": jnp.asarray(batch["time_ids"]).astype(cdt)},
+        {
+            "text_embeds": jnp.asarray(batch["text_embeds"]).astype(cdt),
+            "time_ids": jnp.asarray(batch["time_ids"]).astype(cdt),
+        },
     )
     if apply == "fold":
         eff = fold_adapter(params, adapter, plan, compute_dtype=compute_dtype)
@@ -259,7 +280,13 @@ def diffusion_loss(
 
 
 def make_loss(
-    unet, params, adapter: GSAdapter, *, config=None, noise_schedule: Mapping | None = None, compute_dtype=None,
+    unet,
+    params,
+    adapter: GSAdapter,
+    *,
+    config=None,
+    noise_schedule: Mapping | None = None,
+    compute_dtype=None,
     apply: str = "fold",
 ):
     """``loss(adapter, params, batch, key)`` bound to ``unet``, its fold plan and the DDPM schedule
@@ -272,7 +299,15 @@ def make_loss(
 
     def loss(adapter, params, batch, key):
         return diffusion_loss(
-            adapter, params, batch, key, unet=unet, plan=plan, abar=abar, compute_dtype=compute_dtype, apply=apply
+            adapter,
+            params,
+            batch,
+            key,
+            unet=unet,
+            plan=plan,
+            abar=abar,
+            compute_dtype=compute_dtype,
+            apply=apply,
         )
 
     return loss
@@ -381,7 +416,12 @@ STATE_VERSION = 1
 
 def _optimizer(cfg: TrainConfig):
     return make_optimizer(
-        cfg.learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm
+        cfg.learning_rate,
+        b1=cfg.b1,
+        b2=cfg.b2,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
     )
 
 
@@ -390,7 +430,9 @@ def _host_copy(tree):
     return jax.tree_util.tree_map(np.array, tree)
 
 
-def init_train_state(unet_config: Mapping, cfg: TrainConfig, *, adapter: GSAdapter | None = None) -> TrainState:
+def init_train_state(
+    unet_config: Mapping, cfg: TrainConfig, *, adapter: GSAdapter | None = None
+) -> TrainState:
     """The state at step 0: ``adapter`` (default :func:`init_adapter`), fresh AdamW moments, ``cfg.seed`` RNGs."""
     if adapter is None:
         adapter = init_adapter(unet_config, cfg.nblocks, scales=cfg.train_scales)
@@ -446,15 +488,24 @@ def run_training(
     if state is None:
         state = init_train_state(unet_config, cfg)
     if not 0 <= state.step <= cfg.steps:
-        raise ValueError(f"the state is at step {state.step}; steps must be >= that, got {cfg.steps}")
+        raise ValueError(
+            f"the state is at step {state.step}; steps must be >= that, got {cfg.steps}"
+        )
     # fresh device copies: the jitted step donates its inputs, and ``state`` stays the caller's
     adapter = jax.tree_util.tree_map(jnp.array, state.adapter).astype(jnp.float32)
     opt_state = jax.tree_util.tree_map(jnp.array, state.opt_state)
     compute = jnp.bfloat16 if cfg.bf16 else None
     if cfg.bf16:
         params = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), params)
-    loss_fn = make_loss(unet, params, adapter, config=unet_config, noise_schedule=cfg.noise_schedule, compute_dtype=compute,
-                        apply=cfg.apply)
+    loss_fn = make_loss(
+        unet,
+        params,
+        adapter,
+        config=unet_config,
+        noise_schedule=cfg.noise_schedule,
+        compute_dtype=compute,
+        apply=cfg.apply,
+    )
     step_fn = make_train_step(loss_fn, _optimizer(cfg))
     order = schedule_datasets(len(datasets), cfg.steps, mix)
     rng = np.random.default_rng()
@@ -464,22 +515,37 @@ def run_training(
 
     def snapshot(done):
         ad, opt = _host_copy((adapter, opt_state))
-        return TrainState(done, ad, opt, np.array(key), rng.bit_generator.state, np.asarray(losses, np.float64))
+        return TrainState(
+            done, ad, opt, np.array(key), rng.bit_generator.state, np.asarray(losses, np.float64)
+        )
 
     ema = None
-    bar = tqdm(range(state.step, cfg.steps), desc="training", initial=state.step, total=cfg.steps, disable=not cfg.progress)
+    bar = tqdm(
+        range(state.step, cfg.steps),
+        desc="training",
+        initial=state.step,
+        total=cfg.steps,
+        disable=not cfg.progress,
+    )
     for i in bar:
         batch = datasets[order[i]].sample(rng, cfg.batch_size)
         key, sub = jax.random.split(key)
         adapter, opt_state, loss = step_fn(adapter, opt_state, params, batch, sub)
         loss = float(loss)
         if not np.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss} at step {i + 1}; lower the learning rate or set max_grad_norm")
+            raise FloatingPointError(
+                f"loss became {loss} at step {i + 1}; lower the learning rate or set max_grad_norm"
+            )
         losses.append(loss)
         ema = loss if ema is None else 0.9 * ema + 0.1 * loss
         bar.set_postfix(loss=f"{loss:.4f}", avg=f"{ema:.4f}")
         done = i + 1
-        if on_checkpoint is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+        if (
+            on_checkpoint is not None
+            and cfg.checkpoint_every
+            and done % cfg.checkpoint_every == 0
+            and done < cfg.steps
+        ):
             on_checkpoint(snapshot(done))
     return snapshot(cfg.steps)
 
@@ -515,7 +581,9 @@ def train(
     """
     hook = None if on_checkpoint is None else (lambda s: on_checkpoint(s.step, s.adapter))
     state = init_train_state(unet_config, cfg, adapter=adapter)
-    final = run_training(unet, params, unet_config, datasets, cfg, mix=mix, state=state, on_checkpoint=hook)
+    final = run_training(
+        unet, params, unet_config, datasets, cfg, mix=mix, state=state, on_checkpoint=hook
+    )
     return jax.tree_util.tree_map(jnp.asarray, final.adapter), final.losses
 
 
@@ -552,7 +620,9 @@ def _data_fingerprint(data) -> str:
     return f"{desc}, sha256 {h.hexdigest()[:16]}"
 
 
-def train_fingerprint(cfg: TrainConfig, datasets: Sequence = (), mix: Sequence[float] | None = None) -> dict[str, str]:
+def train_fingerprint(
+    cfg: TrainConfig, datasets: Sequence = (), mix: Sequence[float] | None = None
+) -> dict[str, str]:
     """Settings a resumed run must share with the run that saved the state (compared as strings).
 
     Everything that changes the computation: nblocks, the AdamW settings and ``max_grad_norm``,
@@ -561,7 +631,11 @@ def train_fingerprint(cfg: TrainConfig, datasets: Sequence = (), mix: Sequence[f
     ``steps``, ``checkpoint_every``, ``progress`` and ``apply`` (the same loss, computed in another
     order: a resumed run with another ``apply`` agrees to float32 rounding, not bit for bit).
     """
-    p = np.full(len(datasets), 1.0 / max(1, len(datasets))) if mix is None else np.asarray(mix, np.float64)
+    p = (
+        np.full(len(datasets), 1.0 / max(1, len(datasets)))
+        if mix is None
+        else np.asarray(mix, np.float64)
+    )
     fp = {
         "nblocks": str(int(cfg.nblocks)),
         "learning_rate": repr(float(cfg.learning_rate)),
@@ -594,7 +668,9 @@ def _adapter_digest(adapter: GSAdapter) -> str:
 
 def _flat(tree) -> tuple[list[tuple[str, Any]], Any]:
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    return [("opt_state/" + jax.tree_util.keystr(p, simple=True, separator="/"), v) for p, v in leaves], treedef
+    return [
+        ("opt_state/" + jax.tree_util.keystr(p, simple=True, separator="/"), v) for p, v in leaves
+    ], treedef
 
 
 def save_checkpoint(
@@ -649,42 +725,67 @@ def _read_state_file(spath: str, ckpt: str) -> tuple[dict, dict[str, np.ndarray]
     if not os.path.isfile(spath):
         raise TrainStateError(
             f"{spath}: optimizer-state file of {ckpt} does not exist (it is written beside every checkpoint "
-            "by orthofuse-jax train); cannot resume without it", path=spath,
+            "by orthofuse-jax train); cannot resume without it",
+            path=spath,
         )
     try:
         with np.load(spath, allow_pickle=False) as f:
             data = {k: np.asarray(f[k]) for k in f.files}
         meta = json.loads(str(data.pop("__meta__")))
     except KeyError:
-        raise TrainStateError(f"{spath}: not a training-state file (no '__meta__' entry)", path=spath) from None
+        raise TrainStateError(
+            f"{spath}: not a training-state file (no '__meta__' entry)", path=spath
+        ) from None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise TrainStateError(f"{spath}: not a readable training-state file ({type(e).__name__}: {e})", path=spath) from None
+        raise TrainStateError(
+            f"{spath}: not a readable training-state file ({type(e).__name__}: {e})", path=spath
+        ) from None
     fmt = meta.get("format") if isinstance(meta, dict) else None
     if fmt != STATE_FORMAT:
-        raise TrainStateError(f"{spath}: not a training-state file (format {str(fmt)[:40]!r}, expected {STATE_FORMAT!r})",
-                              path=spath)
+        raise TrainStateError(
+            f"{spath}: not a training-state file (format {str(fmt)[:40]!r}, expected {STATE_FORMAT!r})",
+            path=spath,
+        )
     if meta.get("version") != STATE_VERSION:
-        raise TrainStateError(f"{spath}: state version {meta.get('version')!r}, this version reads {STATE_VERSION}", path=spath)
-    for k, typ in (("step", int), ("fingerprint", dict), ("data_rng", dict), ("adapter_sha256", str)):
+        raise TrainStateError(
+            f"{spath}: state version {meta.get('version')!r}, this version reads {STATE_VERSION}",
+            path=spath,
+        )
+    for k, typ in (
+        ("step", int),
+        ("fingerprint", dict),
+        ("data_rng", dict),
+        ("adapter_sha256", str),
+    ):
         if not isinstance(meta.get(k), typ) or isinstance(meta.get(k), bool):
-            raise TrainStateError(f"{spath}: corrupt metadata: {k!r} is {meta.get(k)!r}", path=spath)
+            raise TrainStateError(
+                f"{spath}: corrupt metadata: {k!r} is {meta.get(k)!r}", path=spath
+            )
     return meta, data
 
 
-def _check_layers(adapter: GSAdapter, table: Mapping[str, AttentionLayer], nblocks: int, ckpt: str) -> None:
+def _check_layers(
+    adapter: GSAdapter, table: Mapping[str, AttentionLayer], nblocks: int, ckpt: str
+) -> None:
     """The checkpoint's layers, block shapes and scales must be those :func:`init_adapter` gives the model."""
     got = {n: tuple(np.shape(L)) for n, (L, _) in to_layers(adapter).items()}
     missing, extra = sorted(set(table) - set(got)), sorted(set(got) - set(table))
     if missing:
-        raise TrainStateError(f"{ckpt}: layer {missing[0]!r} of the model is missing ({len(missing)} missing in all)", path=ckpt)
+        raise TrainStateError(
+            f"{ckpt}: layer {missing[0]!r} of the model is missing ({len(missing)} missing in all)",
+            path=ckpt,
+        )
     if extra:
-        raise TrainStateError(f"{ckpt}: layer {extra[0]!r} is not in the model ({len(extra)} extra in all)", path=ckpt)
+        raise TrainStateError(
+            f"{ckpt}: layer {extra[0]!r} is not in the model ({len(extra)} extra in all)", path=ckpt
+        )
     for name, spec in table.items():
         b = spec.n_in // nblocks
         if got[name] != (nblocks, b, b):
             raise TrainStateError(
                 f"{ckpt}: layer {name!r} has blocks {list(got[name])}; the model with nblocks={nblocks} needs "
-                f"{[nblocks, b, b]}", path=ckpt,
+                f"{[nblocks, b, b]}",
+                path=ckpt,
             )
 
 
@@ -721,72 +822,116 @@ def load_checkpoint(
     meta, data = _read_state_file(spath, ckpt)
     label = dict(labels or {})
     saved_fp = meta["fingerprint"]
-    diffs = [k for k in sorted(set(saved_fp) | set(fingerprint), key=lambda k: (k.startswith("data"), k))
-             if saved_fp.get(k) != fingerprint.get(k)]
+    diffs = [
+        k
+        for k in sorted(set(saved_fp) | set(fingerprint), key=lambda k: (k.startswith("data"), k))
+        if saved_fp.get(k) != fingerprint.get(k)
+    ]
     if diffs:
-        what = "; ".join(f"{label.get(k, k)}: the state has {saved_fp.get(k, '(none)')}, this run {fingerprint.get(k, '(none)')}"
-                         for k in diffs)
-        raise TrainStateError(f"{spath}: saved by a run with other settings: {what}", path=spath, settings=diffs)
+        what = "; ".join(
+            f"{label.get(k, k)}: the state has {saved_fp.get(k, '(none)')}, this run {fingerprint.get(k, '(none)')}"
+            for k in diffs
+        )
+        raise TrainStateError(
+            f"{spath}: saved by a run with other settings: {what}", path=spath, settings=diffs
+        )
 
     table = _table(unet_config)
     _check_layers(loaded, table, cfg.nblocks, ckpt)
     if set(loaded.scales) != (set(table) if cfg.train_scales else set()):
         raise TrainStateError(
             f"{ckpt}: has {len(loaded.scales)} scale vectors; a run {'with' if cfg.train_scales else 'without'} "
-            f"scales needs {len(table) if cfg.train_scales else 0}", path=ckpt,
+            f"scales needs {len(table) if cfg.train_scales else 0}",
+            path=ckpt,
         )
     for name, s in loaded.scales.items():
         if np.shape(s) != (table[name].n_out,):
-            raise TrainStateError(f"{ckpt}: scale of layer {name!r} has shape {list(np.shape(s))}, "
-                                  f"the model needs [{table[name].n_out}]", path=ckpt)
+            raise TrainStateError(
+                f"{ckpt}: scale of layer {name!r} has shape {list(np.shape(s))}, "
+                f"the model needs [{table[name].n_out}]",
+                path=ckpt,
+            )
     layers = to_layers(loaded)
-    adapter = from_layers({n: layers[n] for n in table}, {n: loaded.scales[n] for n in table if n in loaded.scales},
-                          orthogonal=False, dtype=jnp.float32)
+    adapter = from_layers(
+        {n: layers[n] for n in table},
+        {n: loaded.scales[n] for n in table if n in loaded.scales},
+        orthogonal=False,
+        dtype=jnp.float32,
+    )
 
     step = meta["step"]
     if step < 0:
         raise TrainStateError(f"{spath}: corrupt metadata: step {step}", path=spath)
     losses = data.pop("losses", None)
     if losses is None or losses.shape != (step,) or not np.all(np.isfinite(losses)):
-        raise TrainStateError(f"{spath}: 'losses' must be {step} finite values (one per step), got "
-                              f"{None if losses is None else list(losses.shape)}", path=spath)
+        raise TrainStateError(
+            f"{spath}: 'losses' must be {step} finite values (one per step), got "
+            f"{None if losses is None else list(losses.shape)}",
+            path=spath,
+        )
     key_ref = np.asarray(jax.random.PRNGKey(0))
     key = data.pop("key", None)
     if key is None or key.shape != key_ref.shape or key.dtype != key_ref.dtype:
-        raise TrainStateError(f"{spath}: 'key' must be {key_ref.dtype} {list(key_ref.shape)} (raw PRNG key), got "
-                              f"{None if key is None else f'{key.dtype} {list(key.shape)}'}", path=spath)
+        raise TrainStateError(
+            f"{spath}: 'key' must be {key_ref.dtype} {list(key_ref.shape)} (raw PRNG key), got "
+            f"{None if key is None else f'{key.dtype} {list(key.shape)}'}",
+            path=spath,
+        )
     try:
         np.random.default_rng().bit_generator.state = meta["data_rng"]
     except (TypeError, ValueError, KeyError) as e:
-        raise TrainStateError(f"{spath}: corrupt data RNG state ({type(e).__name__}: {e})", path=spath) from None
+        raise TrainStateError(
+            f"{spath}: corrupt data RNG state ({type(e).__name__}: {e})", path=spath
+        ) from None
 
     expected, treedef = _flat(jax.eval_shape(_optimizer(cfg).init, adapter))
     leaves = []
     for name, spec in expected:
         arr = data.pop(name, None)
         if arr is None:
-            raise TrainStateError(f"{spath}: entry {name!r} of the optimizer state for this model and nblocks="
-                                  f"{cfg.nblocks} is missing", path=spath)
+            raise TrainStateError(
+                f"{spath}: entry {name!r} of the optimizer state for this model and nblocks="
+                f"{cfg.nblocks} is missing",
+                path=spath,
+            )
         if arr.shape != spec.shape or arr.dtype != spec.dtype:
-            raise TrainStateError(f"{spath}: entry {name!r} is {arr.dtype} {list(arr.shape)}; this model with nblocks="
-                                  f"{cfg.nblocks} needs {np.dtype(spec.dtype)} {list(spec.shape)}", path=spath)
+            raise TrainStateError(
+                f"{spath}: entry {name!r} is {arr.dtype} {list(arr.shape)}; this model with nblocks="
+                f"{cfg.nblocks} needs {np.dtype(spec.dtype)} {list(spec.shape)}",
+                path=spath,
+            )
         if np.issubdtype(arr.dtype, np.floating) and not np.all(np.isfinite(arr)):
             bad = ~np.isfinite(arr)
             idx = tuple(int(i) for i in np.argwhere(bad)[0])
-            raise TrainStateError(f"{spath}: entry {name!r}: {int(bad.sum())} non-finite value(s), first "
-                                  f"{float(arr[idx])} at index {idx}", path=spath)
+            raise TrainStateError(
+                f"{spath}: entry {name!r}: {int(bad.sum())} non-finite value(s), first "
+                f"{float(arr[idx])} at index {idx}",
+                path=spath,
+            )
         leaves.append(arr)
     if data:
         extra = sorted(data)
-        raise TrainStateError(f"{spath}: entry {extra[0]!r} does not belong to the optimizer state of this model "
-                              f"({len(extra)} extra in all)", path=spath)
+        raise TrainStateError(
+            f"{spath}: entry {extra[0]!r} does not belong to the optimizer state of this model "
+            f"({len(extra)} extra in all)",
+            path=spath,
+        )
     count = [int(a) for (n, _), a in zip(expected, leaves) if n.endswith("/count")]
     if any(c != step for c in count):
-        raise TrainStateError(f"{spath}: AdamW count {count[0]} does not match step {step}", path=spath)
+        raise TrainStateError(
+            f"{spath}: AdamW count {count[0]} does not match step {step}", path=spath
+        )
     if _adapter_digest(adapter) != meta["adapter_sha256"]:
         raise TrainStateError(
             f"{spath}: belongs to another adapter than {ckpt} (sha256 of its tensors differs; was one of the two "
-            "files replaced?)", path=spath,
+            "files replaced?)",
+            path=spath,
         )
-    return TrainState(step, adapter, jax.tree_util.tree_unflatten(treedef, leaves), key, meta["data_rng"],
-                      losses.astype(np.float64))
+    return TrainState(
+        step,
+        adapter,
+        jax.tree_util.tree_unflatten(treedef, leaves),
+        key,
+        meta["data_rng"],
+        losses.astype(np.float64),
+    )

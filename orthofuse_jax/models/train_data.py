@@ -30,18 +30,18 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = [
-    "LatentData",
     "IMAGE_EXTENSIONS",
+    "EmbeddingsRequiredError",
+    "LatentData",
+    "encode_images",
     "list_images",
     "load_latents",
-    "save_latents",
     "load_prompt_embeddings",
     "preprocess_concept",
     "preprocess_style",
-    "encode_images",
-    "style_caption",
+    "save_latents",
     "schedule_datasets",
-    "EmbeddingsRequiredError",
+    "style_caption",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -83,10 +83,14 @@ class LatentData:
         if lat.ndim != 4:
             raise ValueError(f"{self.name}: latents must be [N, C, H, W], got shape {lat.shape}")
         if self.std is not None and np.shape(self.std) != lat.shape:
-            raise ValueError(f"{self.name}: latents_std has shape {np.shape(self.std)}, latents {lat.shape}")
+            raise ValueError(
+                f"{self.name}: latents_std has shape {np.shape(self.std)}, latents {lat.shape}"
+            )
         h, w = self.crop
         if not (0 < h <= lat.shape[2] and 0 < w <= lat.shape[3]):
-            raise ValueError(f"{self.name}: crop {self.crop} does not fit latents of size {lat.shape[2:]}")
+            raise ValueError(
+                f"{self.name}: crop {self.crop} does not fit latents of size {lat.shape[2:]}"
+            )
         pe = np.asarray(self.prompt_embeds, np.float32)
         if pe.ndim != 2:
             raise ValueError(f"{self.name}: prompt_embeds must be [T, D], got shape {pe.shape}")
@@ -95,7 +99,9 @@ class LatentData:
             raise ValueError(f"{self.name}: pooled must be [P], got shape {pooled.shape}")
         sizes = np.asarray(self.original_sizes, np.float32).reshape(-1, 2)
         if sizes.shape[0] != lat.shape[0]:
-            raise ValueError(f"{self.name}: {sizes.shape[0]} original sizes for {lat.shape[0]} latents")
+            raise ValueError(
+                f"{self.name}: {sizes.shape[0]} original sizes for {lat.shape[0]} latents"
+            )
         for arr, what in ((lat, "latents"), (pe, "prompt_embeds"), (pooled, "pooled")):
             if not np.all(np.isfinite(arr)):
                 raise ValueError(f"{self.name}: {what} has non-finite values")
@@ -119,16 +125,24 @@ class LatentData:
                 top, left = (H - h) // 2, (W - w) // 2
             x = self.latents[i, :, top : top + h, left : left + w]
             if self.std is not None:
-                x = x + self.std[i, :, top : top + h, left : left + w] * rng.standard_normal(x.shape, dtype=np.float32)
+                x = x + self.std[i, :, top : top + h, left : left + w] * rng.standard_normal(
+                    x.shape, dtype=np.float32
+                )
             out.append(x)
         f = self.vae_scale_factor
         tids = np.concatenate(
-            [self.original_sizes[idx], np.zeros((batch_size, 2), np.float32), np.tile([[h * f, w * f]], (batch_size, 1))],
+            [
+                self.original_sizes[idx],
+                np.zeros((batch_size, 2), np.float32),
+                np.tile([[h * f, w * f]], (batch_size, 1)),
+            ],
             axis=1,
         ).astype(np.float32)
         return dict(
             latents=np.stack(out).astype(np.float32),
-            prompt_embeds=np.broadcast_to(self.prompt_embeds, (batch_size, *self.prompt_embeds.shape)).copy(),
+            prompt_embeds=np.broadcast_to(
+                self.prompt_embeds, (batch_size, *self.prompt_embeds.shape)
+            ).copy(),
             text_embeds=np.broadcast_to(self.pooled, (batch_size, *self.pooled.shape)).copy(),
             time_ids=tids,
         )
@@ -144,7 +158,9 @@ def schedule_datasets(count: int, steps: int, mix: Sequence[float] | None = None
         raise ValueError("no training data")
     p = np.full(count, 1.0 / count) if mix is None else np.asarray(mix, np.float64)
     if p.shape != (count,) or np.any(p < 0) or not np.isclose(p.sum(), 1.0):
-        raise ValueError(f"mix {list(np.atleast_1d(p))} must be {count} non-negative weights summing to 1")
+        raise ValueError(
+            f"mix {list(np.atleast_1d(p))} must be {count} non-negative weights summing to 1"
+        )
     used = np.zeros(count)
     order = np.empty(steps, np.int64)
     for i in range(steps):
@@ -189,7 +205,9 @@ def save_latents(path: str | os.PathLike, latents, std=None, original_sizes=None
     atomic_write_bytes(path, buf.getvalue())
 
 
-def load_prompt_embeddings(path: str | os.PathLike | None, prompt: str = "") -> tuple[np.ndarray, np.ndarray]:
+def load_prompt_embeddings(
+    path: str | os.PathLike | None, prompt: str = ""
+) -> tuple[np.ndarray, np.ndarray]:
     """``(prompt_embeds [T, D], pooled [P])`` from an embeddings ``.npz`` (``generate`` format).
 
     Raises :class:`EmbeddingsRequiredError` when ``path`` is None (encode ``prompt`` with
@@ -233,11 +251,17 @@ def preprocess_concept(path: str, resolution: int) -> tuple[np.ndarray, tuple[in
         w, h = im.size
         s = min(w, h)
         left, top = (w - s) // 2, (h - s) // 2
-        im = im.convert("RGB").crop((left, top, left + s, top + s)).resize((resolution, resolution), Image.LANCZOS)
+        im = (
+            im.convert("RGB")
+            .crop((left, top, left + s, top + s))
+            .resize((resolution, resolution), Image.LANCZOS)
+        )
         return _to_unit(im), (h, w)
 
 
-def preprocess_style(path: str, resolution: int, multiple: int = 8) -> tuple[np.ndarray, tuple[int, int]]:
+def preprocess_style(
+    path: str, resolution: int, multiple: int = 8
+) -> tuple[np.ndarray, tuple[int, int]]:
     """Resize so the short side is ``resolution`` (bilinear, antialiased), sides rounded down to
     ``multiple`` pixels so the latent grid is whole; ``[-1, 1]`` (docs/math.md §6, before the random crop)."""
     from PIL import Image
@@ -251,7 +275,9 @@ def preprocess_style(path: str, resolution: int, multiple: int = 8) -> tuple[np.
         return _to_unit(im), (h, w)
 
 
-def encode_images(vae, vae_params, images: Sequence[np.ndarray], *, scaling_factor: float | None = None):
+def encode_images(
+    vae, vae_params, images: Sequence[np.ndarray], *, scaling_factor: float | None = None
+):
     """VAE posterior ``(mean, std)`` of each ``[3, H, W]`` image, times the scaling factor (NCHW)."""
     import jax
     import jax.numpy as jnp
@@ -271,7 +297,9 @@ def encode_images(vae, vae_params, images: Sequence[np.ndarray], *, scaling_fact
     return means, stds
 
 
-def style_caption(image_path: str, caption_file: str | None = None, suffix: str = " in <style> style") -> str | None:
+def style_caption(
+    image_path: str, caption_file: str | None = None, suffix: str = " in <style> style"
+) -> str | None:
     """Reference style prompt ``data[file_name][0] + suffix`` from ``data.json`` next to the image.
 
     Returns None when there is no caption file (or no entry for the image).

@@ -12,10 +12,12 @@ import os
 from . import _backbone
 from ._backbone import MissingModelFileError
 
-__all__ = ["MissingModelFileError", "resolve_component", "load_unet", "load_vae"]
+__all__ = ["MissingModelFileError", "load_unet", "load_vae", "resolve_component"]
 
 
-def resolve_component(model: str | os.PathLike, component: str, *, allow_download: bool = False) -> str:
+def resolve_component(
+    model: str | os.PathLike, component: str, *, allow_download: bool = False
+) -> str:
     """Local folder of ``component`` ("unet" or "vae") under ``model`` (or ``model`` itself).
 
     Raises :class:`MissingModelFileError` naming the missing folder or file. With

@@ -33,7 +33,7 @@ def golden():
 
 
 def _case(g, k, dtype):
-    tt = lambda key: torch.from_numpy(g[f"c{k}_{key}"]).to(dtype)  # noqa: E731
+    tt = lambda key: torch.from_numpy(g[f"c{k}_{key}"]).to(dtype)
     return tt("c_L"), tt("c_R"), tt("s_L"), tt("s_R")
 
 
@@ -48,12 +48,20 @@ def test_full_preset_matches_golden(golden, dtype):
         for i, t in enumerate(golden["t"]):
             t = float(t)
             L, R = ref.blocked_geodesic_combination(cL, cR, sL, sR, t)
-            np.testing.assert_allclose(L.numpy(), golden[f"c{k}_geo_L_{i}"], atol=_tol(dtype), rtol=0)
-            np.testing.assert_allclose(R.numpy(), golden[f"c{k}_geo_R_{i}"], atol=_tol(dtype), rtol=0)
+            np.testing.assert_allclose(
+                L.numpy(), golden[f"c{k}_geo_L_{i}"], atol=_tol(dtype), rtol=0
+            )
+            np.testing.assert_allclose(
+                R.numpy(), golden[f"c{k}_geo_R_{i}"], atol=_tol(dtype), rtol=0
+            )
             # The preset: a loop over layers (here one), geodesic + curve_over_id(p = t).
             [(L, R)] = ref.moft_merge([(cL, cR)], [(sL, sR)], t)
-            np.testing.assert_allclose(L.numpy(), golden[f"c{k}_georst_L_{i}"], atol=_tol(dtype), rtol=0)
-            np.testing.assert_allclose(R.numpy(), golden[f"c{k}_georst_R_{i}"], atol=_tol(dtype), rtol=0)
+            np.testing.assert_allclose(
+                L.numpy(), golden[f"c{k}_georst_L_{i}"], atol=_tol(dtype), rtol=0
+            )
+            np.testing.assert_allclose(
+                R.numpy(), golden[f"c{k}_georst_R_{i}"], atol=_tol(dtype), rtol=0
+            )
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -67,16 +75,24 @@ def test_fast_preset_matches_golden(golden, dtype):
             # Cayley-space merge alone, concept weight 1 - t (docs/math.md §3.2 / golden README).
             ts = torch.tensor([1 - t, t], dtype=dtype)
             L, R = ref.merge_inside_cayley_space_batch(cL, cR, sL, sR, ts)
-            np.testing.assert_allclose(L.numpy(), golden[f"c{k}_fast_L_{i}"], atol=_tol(dtype), rtol=0)
-            np.testing.assert_allclose(R.numpy(), golden[f"c{k}_fast_R_{i}"], atol=_tol(dtype), rtol=0)
+            np.testing.assert_allclose(
+                L.numpy(), golden[f"c{k}_fast_L_{i}"], atol=_tol(dtype), rtol=0
+            )
+            np.testing.assert_allclose(
+                R.numpy(), golden[f"c{k}_fast_R_{i}"], atol=_tol(dtype), rtol=0
+            )
             # The stacked preset on a stack of two identical layers [2, nb, b, b].
-            st = lambda x: torch.stack([x, x])  # noqa: E731
+            st = lambda x: torch.stack([x, x])
             out = ref.moft_merge_fast({b: (st(cL), st(cR))}, {b: (st(sL), st(sR))}, t)
             L, R = out[b]
             assert L.shape == (2, nb, b, b)
             for j in range(2):
-                np.testing.assert_allclose(L[j].numpy(), golden[f"c{k}_fastrst_L_{i}"], atol=_tol(dtype), rtol=0)
-                np.testing.assert_allclose(R[j].numpy(), golden[f"c{k}_fastrst_R_{i}"], atol=_tol(dtype), rtol=0)
+                np.testing.assert_allclose(
+                    L[j].numpy(), golden[f"c{k}_fastrst_L_{i}"], atol=_tol(dtype), rtol=0
+                )
+                np.testing.assert_allclose(
+                    R[j].numpy(), golden[f"c{k}_fastrst_R_{i}"], atol=_tol(dtype), rtol=0
+                )
 
 
 def test_endpoints_of_the_geodesic_are_the_adapters(golden):

@@ -26,8 +26,12 @@ def reference(x1, x2, t, f, restore, orthogonal):
     """float64: ``U1 expm(t logm(U1^T U2))``, then Cay(f/2 Y), expm(f logm(Y)) or nothing."""
     batch = np.broadcast_shapes(x1.shape[:-2], np.shape(t), np.shape(f))
     n = x1.shape[-1]
-    u1 = np.broadcast_to(np.asarray(x1, np.float64) if orthogonal[0] else cay(x1), batch + (n, n)).reshape(-1, n, n)
-    u2 = np.broadcast_to(np.asarray(x2, np.float64) if orthogonal[1] else cay(x2), batch + (n, n)).reshape(-1, n, n)
+    u1 = np.broadcast_to(
+        np.asarray(x1, np.float64) if orthogonal[0] else cay(x1), batch + (n, n)
+    ).reshape(-1, n, n)
+    u2 = np.broadcast_to(
+        np.asarray(x2, np.float64) if orthogonal[1] else cay(x2), batch + (n, n)
+    ).reshape(-1, n, n)
     tb = np.broadcast_to(np.asarray(t, np.float64), batch).reshape(-1)
     fb = np.broadcast_to(np.asarray(f, np.float64), batch).reshape(-1)
     out = []

@@ -37,7 +37,9 @@ def test_full_rank_target_is_exact():
     rng = np.random.default_rng(1)
     loras = make_loras(rng, n_in=10, n_out=12, r=2)
     m = 0.3 * loras[0][1] @ loras[0][0] + 0.7 * loras[1][1] @ loras[1][0]
-    out = lora_merge(loras, jnp.asarray([0.3, 0.7]), rank=4, als_steps=10, key=jax.random.PRNGKey(1))
+    out = lora_merge(
+        loras, jnp.asarray([0.3, 0.7]), rank=4, als_steps=10, key=jax.random.PRNGKey(1)
+    )
     np.testing.assert_allclose(np.asarray(out.up @ out.down), m, atol=1e-10)
 
 
@@ -51,4 +53,6 @@ def test_seeded_and_rank_clipped():
     big = lora_merge(loras, w, rank=50, key=jax.random.PRNGKey(7))
     assert big.down.shape == (5, 6)
     with pytest.raises(ValueError, match="down"):
-        lora_merge([loras[0], (loras[1][0][:, :5], loras[1][1])], w, rank=3, key=jax.random.PRNGKey(0))
+        lora_merge(
+            [loras[0], (loras[1][0][:, :5], loras[1][1])], w, rank=3, key=jax.random.PRNGKey(0)
+        )

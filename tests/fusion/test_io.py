@@ -41,7 +41,9 @@ def make_tensors(seed=0, shapes=SHAPES, scale=0.3):
         t[name + ".ort_monarch.L"] = _skew(rng, (nb, b, b), scale)
         t[name + ".ort_monarch.R"] = _skew(rng, (nb, b, b), scale)
         head, _, last = name.rpartition(".")
-        t[f"{head}.{last.replace('to_', '').replace('_moft', '')}_scale"] = (1 + 0.1 * rng.standard_normal(nb * b)).astype(np.float32)
+        t[f"{head}.{last.replace('to_', '').replace('_moft', '')}_scale"] = (
+            1 + 0.1 * rng.standard_normal(nb * b)
+        ).astype(np.float32)
     return t
 
 
@@ -50,8 +52,11 @@ def write_torch(path, tensors, metadata=None):
     import torch
     from safetensors.torch import save_file
 
-    save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}, str(path),
-              metadata=metadata or {"format": "pt"})
+    save_file(
+        {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()},
+        str(path),
+        metadata=metadata or {"format": "pt"},
+    )
     return path
 
 
@@ -70,8 +75,12 @@ def test_load_reference_written_file(tmp_path):
         np.testing.assert_array_equal(np.asarray(layers[name][1]), t[name + ".ort_monarch.R"])
         assert np.asarray(layers[name][0]).dtype == np.float32
     # scales: processor.q_scale -> layer processor.to_q_moft
-    np.testing.assert_array_equal(np.asarray(a.scales[PROC.format(1) + ".to_q_moft"]), t[PROC.format(1) + ".q_scale"])
-    np.testing.assert_array_equal(np.asarray(a.scales[PROC.format(2) + ".to_out_moft"]), t[PROC.format(2) + ".out_scale"])
+    np.testing.assert_array_equal(
+        np.asarray(a.scales[PROC.format(1) + ".to_q_moft"]), t[PROC.format(1) + ".q_scale"]
+    )
+    np.testing.assert_array_equal(
+        np.asarray(a.scales[PROC.format(2) + ".to_out_moft"]), t[PROC.format(2) + ".out_scale"]
+    )
 
 
 def test_raw_round_trip_exact(tmp_path):
@@ -105,11 +114,16 @@ def test_written_file_matches_reference_key_format(tmp_path):
 
 def test_orthogonal_round_trip(tmp_path):
     rng = np.random.default_rng(3)
-    layers = {n: (_skew(rng, (nb, b, b), 0.8), _skew(rng, (nb, b, b), 0.8)) for n, (nb, b) in SHAPES.items()}
+    layers = {
+        n: (_skew(rng, (nb, b, b), 0.8), _skew(rng, (nb, b, b), 0.8))
+        for n, (nb, b) in SHAPES.items()
+    }
     u = to_orthogonal(from_layers(layers, dtype=np.float64))
     p = save_adapter(tmp_path / "m.safetensors", u)
     back = to_orthogonal(load_adapter(p).astype(np.float64))
-    for (n, (y1, y2)), (n2, (z1, z2)) in zip(sorted(to_layers(u).items()), sorted(to_layers(back).items())):
+    for (n, (y1, y2)), (n2, (z1, z2)) in zip(
+        sorted(to_layers(u).items()), sorted(to_layers(back).items())
+    ):
         assert n == n2
         np.testing.assert_allclose(np.asarray(z1), np.asarray(y1), atol=2e-6)
         np.testing.assert_allclose(np.asarray(z2), np.asarray(y2), atol=2e-6)
@@ -118,7 +132,9 @@ def test_orthogonal_round_trip(tmp_path):
 def test_merged_file_reproduces_layer_output_in_reference_torch(tmp_path):
     """A merged adapter we write, loaded and applied the reference's way in torch, gives our merged layer."""
     import torch
-    from models.torch_reference import butterfly as torch_butterfly  # tests/models: the torch transcription
+    from models.torch_reference import (
+        butterfly as torch_butterfly,  # tests/models: the torch transcription
+    )
     from models.torch_reference import cayley as torch_cayley
     from safetensors.torch import load_file
 
@@ -127,7 +143,9 @@ def test_merged_file_reproduces_layer_output_in_reference_torch(tmp_path):
 
     c = load_adapter(write_torch(tmp_path / "c.safetensors", make_tensors(4, scale=0.5)))
     s = load_adapter(write_torch(tmp_path / "s.safetensors", make_tensors(5, scale=0.5)))
-    m = merge([c.astype(np.float64), s.astype(np.float64)], t=0.6, method="geodesic", restore="cayley")
+    m = merge(
+        [c.astype(np.float64), s.astype(np.float64)], t=0.6, method="geodesic", restore="cayley"
+    )
     p = save_adapter(tmp_path / "m.safetensors", m, inputs=[tmp_path / "c.safetensors"])
     sd = load_file(str(p))
     x = np.sin(np.arange(3 * 12) + 1.0).reshape(3, 12)
@@ -213,7 +231,9 @@ def test_non_skew_is_projected_with_warning(tmp_path):
         ad = load_adapter(p)
     msg = str(rec[0].message)
     assert repr(k) in msg and str(p) in msg and "0.5" in msg  # max |A + A^T| = 2 * 0.25
-    np.testing.assert_allclose(np.asarray(to_layers(ad)[k.rsplit(".ort_monarch", 1)[0]][1]), a, atol=1e-7)
+    np.testing.assert_allclose(
+        np.asarray(to_layers(ad)[k.rsplit(".ort_monarch", 1)[0]][1]), a, atol=1e-7
+    )
 
 
 def test_tiny_asymmetry_is_silent(tmp_path):
@@ -275,13 +295,17 @@ def test_bf16_and_f16_files_widen_to_float32(tmp_path):
     t = make_tensors()
     for dt in (torch.float16, torch.bfloat16):
         p = tmp_path / f"{dt}.safetensors"
-        save_file({k: torch.from_numpy(v).to(dt) for k, v in t.items()}, str(p), metadata={"format": "pt"})
+        save_file(
+            {k: torch.from_numpy(v).to(dt) for k, v in t.items()}, str(p), metadata={"format": "pt"}
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NonSkewWarning)
             a = load_adapter(p)
         k = PROC.format(1) + ".to_q_moft"
         expect = torch.from_numpy(t[k + ".ort_monarch.L"]).to(dt).float().numpy()
-        np.testing.assert_allclose(np.asarray(to_layers(a)[k][0]), 0.5 * (expect - np.swapaxes(expect, -1, -2)), atol=1e-7)
+        np.testing.assert_allclose(
+            np.asarray(to_layers(a)[k][0]), 0.5 * (expect - np.swapaxes(expect, -1, -2)), atol=1e-7
+        )
 
 
 def test_nb_mismatch_between_adapters(tmp_path):
@@ -300,7 +324,9 @@ def test_nb_mismatch_between_adapters(tmp_path):
 
 def _adapter():
     rng = np.random.default_rng(9)
-    return from_layers({n: (_skew(rng, (nb, b, b)), _skew(rng, (nb, b, b))) for n, (nb, b) in SHAPES.items()})
+    return from_layers(
+        {n: (_skew(rng, (nb, b, b)), _skew(rng, (nb, b, b))) for n, (nb, b) in SHAPES.items()}
+    )
 
 
 def test_refuses_to_overwrite_input(tmp_path):
@@ -311,7 +337,13 @@ def test_refuses_to_overwrite_input(tmp_path):
     os.symlink(p, link)
     hard = tmp_path / "hard.safetensors"
     os.link(p, hard)
-    for out, inp in ((p, p), (link, p), (p, link), (hard, p), (tmp_path / "." / "a.safetensors", p)):
+    for out, inp in (
+        (p, p),
+        (link, p),
+        (p, link),
+        (hard, p),
+        (tmp_path / "." / "a.safetensors", p),
+    ):
         with pytest.raises(AdapterFileError, match="input"):
             save_adapter(out, a, inputs=[inp])
     assert p.read_bytes() == before
@@ -360,6 +392,8 @@ def test_save_merged_reports_the_orthogonality_error_of_the_blocks_written(tmp_p
     u = from_layers(blocks, orthogonal=True, dtype=np.float64)
     assert save_merged(tmp_path / "a.safetensors", u) < 1e-13
     bent = u.map_stacks(lambda x: x.at[0, 1, 2, 3].add(1e-3))
-    want = max(float(np.abs(np.swapaxes(y, -1, -2) @ y - np.eye(5)).max())
-               for y in (np.asarray(s.L) for s in bent.stacks.values()))
+    want = max(
+        float(np.abs(np.swapaxes(y, -1, -2) @ y - np.eye(5)).max())
+        for y in (np.asarray(s.L) for s in bent.stacks.values())
+    )
     np.testing.assert_allclose(save_merged(tmp_path / "b.safetensors", bent), want, rtol=1e-12)

@@ -51,7 +51,11 @@ def _check(data: bytes) -> None:
         # any other exception type propagates and fails the test
 
 
-@given(st.lists(st.tuples(st.integers(0, 8 + HEADER_LEN - 1), st.integers(0, 255)), min_size=1, max_size=6))
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 8 + HEADER_LEN - 1), st.integers(0, 255)), min_size=1, max_size=6
+    )
+)
 def test_corrupt_header_bytes(edits):
     data = bytearray(VALID)
     for pos, val in edits:
@@ -59,7 +63,13 @@ def test_corrupt_header_bytes(edits):
     _check(bytes(data))
 
 
-@given(st.lists(st.tuples(st.integers(8 + HEADER_LEN, len(VALID) - 1), st.integers(0, 255)), min_size=1, max_size=20))
+@given(
+    st.lists(
+        st.tuples(st.integers(8 + HEADER_LEN, len(VALID) - 1), st.integers(0, 255)),
+        min_size=1,
+        max_size=20,
+    )
+)
 def test_corrupt_tensor_bytes(edits):
     data = bytearray(VALID)
     for pos, val in edits:
@@ -102,7 +112,12 @@ def test_corrupt_header_fields(key, field, value, keep_length):
     _check(struct.pack("<Q", len(hb)) + hb + VALID[8 + HEADER_LEN :])
 
 
-@given(st.sampled_from(TENSOR_KEYS), st.lists(st.integers(0, 80), min_size=0, max_size=4), st.integers(0, 400), st.integers(0, 400))
+@given(
+    st.sampled_from(TENSOR_KEYS),
+    st.lists(st.integers(0, 80), min_size=0, max_size=4),
+    st.integers(0, 400),
+    st.integers(0, 400),
+)
 def test_consistent_but_wrong_layouts(key, shape, o0, o1):
     header = json.loads(json.dumps(HEADER))
     header[key]["shape"] = shape

@@ -45,7 +45,9 @@ def test_mean_of_copies_is_the_block(dtype):
     u = np_cayley(raw(np.random.default_rng(0), (2, 3), 4, 0.4))
     stack = jnp.asarray(np.stack([u] * 4), dtype)
     mean, res, it = karcher_mean_blocks(stack, jnp.asarray([0.1, 0.2, 0.3, 0.4], dtype))
-    np.testing.assert_allclose(np.asarray(mean), u, rtol=0, atol=1e-12 if dtype == np.float64 else 2e-6)
+    np.testing.assert_allclose(
+        np.asarray(mean), u, rtol=0, atol=1e-12 if dtype == np.float64 else 2e-6
+    )
     assert float(res) <= 1e-6
 
 
@@ -124,6 +126,8 @@ def test_cayley_mean_closed_form():
     w = np.array([0.2, 0.3, 0.5])
     s = 0.5 * (a - np.swapaxes(a, -1, -2))
     want = np_cayley(np.tensordot(w, s, axes=1))
-    np.testing.assert_allclose(np.asarray(cayley_mean_blocks(jnp.asarray(a), jnp.asarray(w))), want, atol=1e-13)
+    np.testing.assert_allclose(
+        np.asarray(cayley_mean_blocks(jnp.asarray(a), jnp.asarray(w))), want, atol=1e-13
+    )
     with pytest.raises(ValueError, match="shape"):
         cayley_mean_blocks(jnp.asarray(a), jnp.asarray([0.5, 0.5]))

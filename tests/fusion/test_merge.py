@@ -90,7 +90,10 @@ def make_adapter(seed, scale=0.15, dtype=np.float64, with_scales=True):
 
 def blocks(adapter):
     """{name: (L, R)} as float64 numpy."""
-    return {n: (np.asarray(L, np.float64), np.asarray(R, np.float64)) for n, (L, R) in to_layers(adapter).items()}
+    return {
+        n: (np.asarray(L, np.float64), np.asarray(R, np.float64))
+        for n, (L, R) in to_layers(adapter).items()
+    }
 
 
 TOL = {np.float64: 1e-10, np.float32: 2e-5}
@@ -98,7 +101,11 @@ TOL = {np.float64: 1e-10, np.float32: 2e-5}
 # -- block level ------------------------------------------------------------------------------
 
 
-@given(seed=st.integers(0, 2**31 - 1), t=st.floats(-0.5, 1.5), dtype=st.sampled_from([np.float32, np.float64]))
+@given(
+    seed=st.integers(0, 2**31 - 1),
+    t=st.floats(-0.5, 1.5),
+    dtype=st.sampled_from([np.float32, np.float64]),
+)
 def test_geodesic_blocks_matches_scipy(seed, t, dtype):
     rng = np.random.default_rng(seed)
     u1, u2 = np_cayley(raw_params(rng, (3,), 4, 0.3)), np_cayley(raw_params(rng, (3,), 4, 0.3))
@@ -112,15 +119,22 @@ def test_geodesic_path_equals_geodesic_blocks():
     u1, u2 = np_cayley(raw_params(rng, (2, 3), 4, 0.5)), np_cayley(raw_params(rng, (2, 3), 4, 0.5))
     path = geodesic_path(jnp.asarray(u1), jnp.asarray(u2))
     for t in (0.0, 0.3, 1.0, 1.7):
-        np.testing.assert_allclose(np.asarray(path.at(t)), np_geodesic(u1, u2, t), rtol=0, atol=1e-12)
+        np.testing.assert_allclose(
+            np.asarray(path.at(t)), np_geodesic(u1, u2, t), rtol=0, atol=1e-12
+        )
 
 
 def test_cayley_space_blocks_closed_form():
     rng = np.random.default_rng(1)
-    a1, a2 = rng.normal(size=(3, 4, 4)), rng.normal(size=(3, 4, 4))  # not skew: only the skew part counts
+    a1, a2 = (
+        rng.normal(size=(3, 4, 4)),
+        rng.normal(size=(3, 4, 4)),
+    )  # not skew: only the skew part counts
     for t in (0.0, 0.25, 1.0):
         want = np_cayley((1 - t) * np_skew(a1) + t * np_skew(a2))
-        np.testing.assert_allclose(np.asarray(cayley_space_blocks(jnp.asarray(a1), jnp.asarray(a2), t)), want, atol=1e-13)
+        np.testing.assert_allclose(
+            np.asarray(cayley_space_blocks(jnp.asarray(a1), jnp.asarray(a2), t)), want, atol=1e-13
+        )
 
 
 @pytest.mark.parametrize("p", [0.0, 0.25, 0.6, 1.0])
@@ -140,7 +154,9 @@ def test_restore_exact_closed_form(alpha):
     thetas = np.array([0.0, 0.2, 0.9, 1.4])
     u = np.stack([rot2(th) for th in thetas])
     want = np.stack([rot2(f * th) for th in thetas])
-    np.testing.assert_allclose(np.asarray(restore_exact(jnp.asarray(u), t, alpha)), want, atol=1e-13)
+    np.testing.assert_allclose(
+        np.asarray(restore_exact(jnp.asarray(u), t, alpha)), want, atol=1e-13
+    )
 
 
 def test_restore_exact_general_blocks_vs_scipy():
@@ -148,7 +164,9 @@ def test_restore_exact_general_blocks_vs_scipy():
     u = np_cayley(raw_params(rng, (4,), 5, 0.4))
     for t in (0.0, 0.4, 1.0):
         f = 1 + 4 * 1.0 * t * (1 - t)
-        np.testing.assert_allclose(np.asarray(restore_exact(jnp.asarray(u), t)), np_fpow(u, f), atol=1e-11)
+        np.testing.assert_allclose(
+            np.asarray(restore_exact(jnp.asarray(u), t)), np_fpow(u, f), atol=1e-11
+        )
 
 
 def test_block_functions_raise_on_rotation_by_pi():
@@ -199,12 +217,17 @@ def test_merge_matches_float64_reference(method, restore, algorithm, atol):
                 y = np_cayley((f / 2) * y)
             elif restore == "exact":
                 y = np_fpow(y, f)
-            np.testing.assert_allclose(got[which], y, rtol=0, atol=atol, err_msg=f"{name} {'LR'[which]}")
+            np.testing.assert_allclose(
+                got[which], y, rtol=0, atol=atol, err_msg=f"{name} {'LR'[which]}"
+            )
 
 
 @given(t=st.floats(0.0, 1.0), seed=st.integers(0, 50))
 def test_merged_blocks_orthogonal_float32(t, seed):
-    a1, a2 = make_adapter(seed, scale=0.3, dtype=np.float32), make_adapter(seed + 100, scale=0.3, dtype=np.float32)
+    a1, a2 = (
+        make_adapter(seed, scale=0.3, dtype=np.float32),
+        make_adapter(seed + 100, scale=0.3, dtype=np.float32),
+    )
     for method in ("geodesic", "cayley"):
         m = merge([a1, a2], t=t, method=method, restore="exact")
         assert merge_report(m).max_error <= 1e-5
@@ -319,14 +342,19 @@ def test_merge_error_names_layer_on_eigenvalue_minus_one():
 def test_merge_under_jit_equals_eager(method, restore):
     a1, a2 = make_adapter(13), make_adapter(14)
     fn = jax.jit(functools.partial(merge, method=method, restore=restore, scales="linear"))
-    got, want = fn([a1, a2], t=0.45), merge([a1, a2], t=0.45, method=method, restore=restore, scales="linear")
+    got, want = (
+        fn([a1, a2], t=0.45),
+        merge([a1, a2], t=0.45, method=method, restore=restore, scales="linear"),
+    )
     got_b, want_b = blocks(got), blocks(want)
     assert set(got_b) == set(want_b)
     for n, w in want_b.items():
         np.testing.assert_allclose(got_b[n][0], w[0], atol=1e-12)
         np.testing.assert_allclose(got_b[n][1], w[1], atol=1e-12)
     for n in want.scales:
-        np.testing.assert_allclose(np.asarray(got.scales[n]), np.asarray(want.scales[n]), atol=1e-12)
+        np.testing.assert_allclose(
+            np.asarray(got.scales[n]), np.asarray(want.scales[n]), atol=1e-12
+        )
 
 
 @pytest.mark.parametrize("method", ["geodesic", "cayley"])
@@ -363,7 +391,9 @@ def test_scale_rules_closed_form():
     # A layer without scales counts as unit scales.
     g = merge([a1, a3], w, scales="geometric", method="cayley")
     for n in a1.scales:
-        np.testing.assert_allclose(np.asarray(g.scales[n]), np.asarray(a1.scales[n]) ** 0.25, atol=1e-14)
+        np.testing.assert_allclose(
+            np.asarray(g.scales[n]), np.asarray(a1.scales[n]) ** 0.25, atol=1e-14
+        )
     assert merge([a3, a1], w, scales="concept", method="cayley").scales == {}
 
 
@@ -398,11 +428,17 @@ def test_multiply_baseline_is_composition():
     o1, o2 = blocks(to_orthogonal(a1)), blocks(to_orthogonal(a2))
     x = np.random.default_rng(0).normal(size=(3, 12))
     for name in ("blk0.q", "blk1.q"):
-        q = np.asarray(gs_dense(*map(jnp.asarray, o2[name]))) @ np.asarray(gs_dense(*map(jnp.asarray, o1[name])))
+        q = np.asarray(gs_dense(*map(jnp.asarray, o2[name]))) @ np.asarray(
+            gs_dense(*map(jnp.asarray, o1[name]))
+        )
         np.testing.assert_allclose(np.asarray(prod.dense(name)), q, atol=1e-13)
-        np.testing.assert_allclose(np.asarray(prod.apply(name, jnp.asarray(x))), x @ q.T, atol=1e-13)
         np.testing.assert_allclose(
-            np.asarray(prod.scale(name)), np.asarray(a1.scales[name]) * np.asarray(a2.scales[name]), atol=1e-14
+            np.asarray(prod.apply(name, jnp.asarray(x))), x @ q.T, atol=1e-13
+        )
+        np.testing.assert_allclose(
+            np.asarray(prod.scale(name)),
+            np.asarray(a1.scales[name]) * np.asarray(a2.scales[name]),
+            atol=1e-14,
         )
     # Not itself a single GS matrix in general: differs from the geodesic merge at any t.
     m = blocks(merge([a1, a2], t=0.5))
@@ -450,10 +486,14 @@ def test_sdxl_sized_merge_finishes():
     """About 30 s of CPU time on 2 idle cores; the timeout allows for shared CI machines but not a hang."""
     script = _SDXL_SCRIPT.replace("SPECS", repr(_SDXL_SPECS))
     try:
-        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=TIMEOUT_S)
+        out = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=TIMEOUT_S
+        )
     except subprocess.TimeoutExpired as e:
         done = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        pytest.fail(f"SDXL-sized merges did not finish in {TIMEOUT_S} s (XLA hang?); finished: {done!r}")
+        pytest.fail(
+            f"SDXL-sized merges did not finish in {TIMEOUT_S} s (XLA hang?); finished: {done!r}"
+        )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.count("ok") == len(_SDXL_SPECS)
 
@@ -508,7 +548,9 @@ def test_cayley_restored_equals_two_step_reference(dtype, tol):
 def _counting_chunk_kernel(monkeypatch, sweep: bool):
     """Set the CPU chunk size of merge (or sweep); returns a function that sets it and counts chunks
     (its ``algorithms`` attribute lists each chunk call's algorithm)."""
-    module = sys.modules["orthofuse_jax.fusion.merge"]  # the package re-exports merge() under this name
+    module = sys.modules[
+        "orthofuse_jax.fusion.merge"
+    ]  # the package re-exports merge() under this name
     kernel, calls, algorithms = module._chunk_kernel, [], []
 
     def counted(*args, **kwargs):
@@ -540,9 +582,12 @@ def chunked_cases(test):
     """CPU-only; method/restore pairs x chunks that divide the stack or overlap at its end."""
     test = pytest.mark.parametrize("blocks_per_chunk", [2, 5])(test)
     test = pytest.mark.parametrize(
-        "method,restore", [("geodesic", "cayley"), ("geodesic", "exact"), ("cayley", "cayley"), ("cayley", "none")]
+        "method,restore",
+        [("geodesic", "cayley"), ("geodesic", "exact"), ("cayley", "cayley"), ("cayley", "none")],
     )(test)
-    return pytest.mark.skipif(jax.default_backend() != "cpu", reason="stacks are chunked on CPU only")(test)
+    return pytest.mark.skipif(
+        jax.default_backend() != "cpu", reason="stacks are chunked on CPU only"
+    )(test)
 
 
 def _native_built() -> bool:
@@ -554,13 +599,17 @@ def _native_built() -> bool:
 def _prime_adapter(seed, dtype=np.float64):
     """7 layers of one 3x3 block: 7 blocks per stack, so chunks of 2 or 5 overlap at the end."""
     rng = np.random.default_rng(seed)
-    layers = {f"l{i}": (raw_params(rng, (1,), 3, 0.3), raw_params(rng, (1,), 3, 0.3)) for i in range(7)}
+    layers = {
+        f"l{i}": (raw_params(rng, (1,), 3, 0.3), raw_params(rng, (1,), 3, 0.3)) for i in range(7)
+    }
     return from_layers(layers, dtype=dtype)
 
 
 @chunked_cases
 @pytest.mark.parametrize("algorithm", ["eigh", "matmul"])
-def test_chunked_merge_equals_whole_stack(chunk_calls, method, restore, blocks_per_chunk, algorithm):
+def test_chunked_merge_equals_whole_stack(
+    chunk_calls, method, restore, blocks_per_chunk, algorithm
+):
     """Merging a stack in chunks (divisible and overlapping) gives the whole-stack result: bit for
     bit with ``eigh``; with ``matmul`` to a few ulps (XLA fuses the polynomials' multiply-adds
     differently in the chunk program), and each block takes the eigh fallback or not by itself."""
@@ -588,7 +637,9 @@ def test_chunked_merge_equals_whole_stack(chunk_calls, method, restore, blocks_p
                     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=3e-7)
     # Inputs are not donated: the adapters are intact and usable again.
     again = merge([a1, a2], t=0.3, method=method, restore=restore, algorithm=algorithm)
-    np.testing.assert_array_equal(np.asarray(again.stacks["nb1_b3"].L), np.asarray(chunked.stacks["nb1_b3"].L))
+    np.testing.assert_array_equal(
+        np.asarray(again.stacks["nb1_b3"].L), np.asarray(chunked.stacks["nb1_b3"].L)
+    )
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="stacks are chunked on CPU only")
@@ -616,7 +667,9 @@ def test_chunked_merge_compiles_once(chunk_calls):
             seen.append(kwargs.get("fun_name", "?"))
 
     a1, a2, b1, b2 = (_prime_adapter(s, np.float32) for s in (41, 42, 43, 44))
-    calls = chunk_calls(5 * 9 * 4)  # 5 blocks of 3x3 float32: 2 chunks (overlapping) of the 7 per stack
+    calls = chunk_calls(
+        5 * 9 * 4
+    )  # 5 blocks of 3x3 float32: 2 chunks (overlapping) of the 7 per stack
     jax.clear_caches()  # earlier tests may have compiled the same chunk kernel
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
@@ -636,14 +689,18 @@ def sweep_chunk_calls(monkeypatch):
 
 @chunked_cases
 @pytest.mark.parametrize("algorithm", ["eigh", "matmul"])
-def test_chunked_sweep_equals_whole_stack(sweep_chunk_calls, method, restore, blocks_per_chunk, algorithm):
+def test_chunked_sweep_equals_whole_stack(
+    sweep_chunk_calls, method, restore, blocks_per_chunk, algorithm
+):
     """A sweep run in chunks of blocks (all t per chunk) gives the whole-stack sweep bit for bit,
     and its t = ts[i] slice equals merge at that t to round-off. The product-only exact sweep is
     one pass of the compiled sweep kernel over the whole stack instead (never chunked)."""
     dtype = np.float32
     ts = np.array([0.0, 0.35, 0.8], dtype)
-    for a1, a2 in [(make_adapter(35, dtype=dtype), to_orthogonal(make_adapter(36, dtype=dtype))),
-                   (_prime_adapter(37, dtype), _prime_adapter(38, dtype))]:
+    for a1, a2 in [
+        (make_adapter(35, dtype=dtype), to_orthogonal(make_adapter(36, dtype=dtype))),
+        (_prime_adapter(37, dtype), _prime_adapter(38, dtype)),
+    ]:
         sweep_chunk_calls(2**40)
         whole = sweep(a1, a2, ts, method=method, restore=restore, algorithm=algorithm)
         block_bytes = min(s.b for s in a1.stacks.values()) ** 2 * np.dtype(dtype).itemsize
@@ -660,7 +717,9 @@ def test_chunked_sweep_equals_whole_stack(sweep_chunk_calls, method, restore, bl
             np.testing.assert_array_equal(np.asarray(chunked.stacks[key].R), np.asarray(s.R))
         one = merge([a1, a2], t=float(ts[1]), method=method, restore=restore)
         for key, s in one.stacks.items():
-            np.testing.assert_allclose(np.asarray(chunked.stacks[key].L[1]), np.asarray(s.L), atol=2e-6)
+            np.testing.assert_allclose(
+                np.asarray(chunked.stacks[key].L[1]), np.asarray(s.L), atol=2e-6
+            )
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="stacks are chunked on CPU only")
@@ -697,7 +756,12 @@ def _wide_pair(dtype=np.float32):
             u1 = np.stack([np_cayley(x[i]) for i in range(nb)])
             gens = [raw_params(rng, (), b, 1.0) for _ in range(nb)]
             angle = [2.9 if i == 0 and name.startswith("blk0") else 1.5 for i in range(nb)]
-            out.append(u1 @ np.stack([scipy.linalg.expm(g * a / np.linalg.norm(g, 2)) for g, a in zip(gens, angle)]))
+            out.append(
+                u1
+                @ np.stack(
+                    [scipy.linalg.expm(g * a / np.linalg.norm(g, 2)) for g, a in zip(gens, angle)]
+                )
+            )
         a2[name] = tuple(out)
     return from_layers(blocks(a1), dtype=dtype), from_layers(a2, orthogonal=True, dtype=dtype)
 
@@ -706,12 +770,16 @@ def _wide_pair(dtype=np.float32):
 def test_matmul_merge_redoes_declined_blocks_with_eigh(restore):
     a1, a2 = _wide_pair()
     u1, u2 = to_orthogonal(a1), a2
-    declined = [~np.asarray(log_polynomial(jnp.swapaxes(s.L, -1, -2) @ u2.stacks[k].L)[1])
-                for k, s in u1.stacks.items()]
+    declined = [
+        ~np.asarray(log_polynomial(jnp.swapaxes(s.L, -1, -2) @ u2.stacks[k].L)[1])
+        for k, s in u1.stacks.items()
+    ]
     assert sum(int(d.sum()) for d in declined) == 2  # one block per stack of L: the 2.9 rad ones
     want = blocks(merge([a1, a2], t=0.6, restore=restore, algorithm="eigh"))
-    for got in (merge([a1, a2], t=0.6, restore=restore, algorithm="matmul"),  # eager: after dispatch
-                jax.jit(lambda x, y: merge([x, y], t=0.6, restore=restore, algorithm="matmul"))(a1, a2)):  # cond
+    for got in (
+        merge([a1, a2], t=0.6, restore=restore, algorithm="matmul"),  # eager: after dispatch
+        jax.jit(lambda x, y: merge([x, y], t=0.6, restore=restore, algorithm="matmul"))(a1, a2),
+    ):  # cond
         for name, (L, R) in blocks(got).items():
             np.testing.assert_allclose(L, want[name][0], rtol=0, atol=2e-5, err_msg=name)
             np.testing.assert_allclose(R, want[name][1], rtol=0, atol=2e-5, err_msg=name)
@@ -727,8 +795,14 @@ def test_matmul_sweep_equals_eigh_sweep_with_declined_blocks():
     a1, a2 = _wide_pair()
     ts = jnp.asarray([0.0, 0.3, 0.8, 1.0], jnp.float32)
     want = sweep(a1, a2, ts, restore="exact", algorithm="eigh")
-    for got in (sweep(a1, a2, ts, restore="exact", algorithm="matmul"),
-                jax.jit(lambda x, y, t: sweep(x, y, t, restore="exact", algorithm="matmul"))(a1, a2, ts)):
+    for got in (
+        sweep(a1, a2, ts, restore="exact", algorithm="matmul"),
+        jax.jit(lambda x, y, t: sweep(x, y, t, restore="exact", algorithm="matmul"))(a1, a2, ts),
+    ):
         for key, s in want.stacks.items():
-            np.testing.assert_allclose(np.asarray(got.stacks[key].L), np.asarray(s.L), rtol=0, atol=3e-5, err_msg=key)
-            np.testing.assert_allclose(np.asarray(got.stacks[key].R), np.asarray(s.R), rtol=0, atol=3e-5, err_msg=key)
+            np.testing.assert_allclose(
+                np.asarray(got.stacks[key].L), np.asarray(s.L), rtol=0, atol=3e-5, err_msg=key
+            )
+            np.testing.assert_allclose(
+                np.asarray(got.stacks[key].R), np.asarray(s.R), rtol=0, atol=3e-5, err_msg=key
+            )

@@ -41,9 +41,14 @@ def _uses_kernel(fn, *args) -> bool:
 
 
 @settings(max_examples=40, deadline=None)
-@given(n=st.integers(1, 70), batch=st.sampled_from([(), (1,), (5,), (2, 3)]), restore=st.sampled_from(["none", "cayley", "exact"]),
-       orthogonal=st.sampled_from([(False, False), (True, False), (False, True), (True, True)]),
-       per_block=st.booleans(), seed=st.integers(0, 2**16))
+@given(
+    n=st.integers(1, 70),
+    batch=st.sampled_from([(), (1,), (5,), (2, 3)]),
+    restore=st.sampled_from(["none", "cayley", "exact"]),
+    orthogonal=st.sampled_from([(False, False), (True, False), (False, True), (True, True)]),
+    per_block=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 @pytest.mark.parametrize("dtype, tol", [(np.float32, 2e-6), (np.float64, 5e-8)])
 def test_matches_scipy_float64(dtype, tol, n, batch, restore, orthogonal, per_block, seed):
     rng = np.random.default_rng(seed)
@@ -56,17 +61,25 @@ def test_matches_scipy_float64(dtype, tol, n, batch, restore, orthogonal, per_bl
         f = rng.uniform(1.0, 2.0, batch)
     else:
         t, f = 0.35, 1.91
-    y, bad, ok = _geodesic_matmul(jnp.asarray(x1, dtype), jnp.asarray(x2, dtype), jnp.asarray(t, dtype),
-                                  jnp.asarray(f, dtype), restore=restore, orthogonal=orthogonal)
+    y, bad, ok = _geodesic_matmul(
+        jnp.asarray(x1, dtype),
+        jnp.asarray(x2, dtype),
+        jnp.asarray(t, dtype),
+        jnp.asarray(f, dtype),
+        restore=restore,
+        orthogonal=orthogonal,
+    )
     assert y.dtype == dtype and bad.shape == ok.shape == batch
     assert np.all(np.asarray(ok)) and not np.any(np.asarray(bad))
-    np.testing.assert_allclose(np.asarray(y), reference(x1, x2, t, f, restore, orthogonal), atol=tol, rtol=0)
+    np.testing.assert_allclose(
+        np.asarray(y), reference(x1, x2, t, f, restore, orthogonal), atol=tol, rtol=0
+    )
 
 
 def test_the_merge_runs_the_kernel_where_built_and_gpus_never_do():
     rng = np.random.default_rng(1)
     x1, x2 = (rotations(rng, (4,), 12, 0.5).astype(np.float32) for _ in range(2))
-    fn = lambda a, b: _geodesic_matmul(a, b, 0.3, 1.4, restore="cayley", orthogonal=(False, False))  # noqa: E731
+    fn = lambda a, b: _geodesic_matmul(a, b, 0.3, 1.4, restore="cayley", orthogonal=(False, False))
     traced = jax.jit(fn).trace(x1, x2)
     assert "orthofuse_geodesic" not in traced.lower(lowering_platforms=("cuda",)).as_text()
     if _native.available():
@@ -75,7 +88,9 @@ def test_the_merge_runs_the_kernel_where_built_and_gpus_never_do():
 
 @pytest.mark.parametrize("native", ["1", "0"])
 @pytest.mark.parametrize("n, dtype", [(6, np.float64), (40, np.float32), (64, np.float32)])
-def test_declined_blocks_are_those_the_interpolant_or_the_squarings_cannot_take(monkeypatch, native, n, dtype):
+def test_declined_blocks_are_those_the_interpolant_or_the_squarings_cannot_take(
+    monkeypatch, native, n, dtype
+):
     """``ok`` is False (and the block NaN) for a relative rotation angle above the interpolant's
     2.4 rad, for ``|t| theta`` beyond the exponential's 4 squarings, and for non-finite input;
     True otherwise. The same for the kernel and the XLA composition, and at the SDXL block sizes
@@ -92,20 +107,39 @@ def test_declined_blocks_are_those_the_interpolant_or_the_squarings_cannot_take(
     x2 = q @ x2 @ q.T
     x1 = np.zeros_like(x2)
     x1[-1, 0, 0] = np.nan
-    y, bad, ok = _geodesic_matmul(jnp.asarray(x1, dtype), jnp.asarray(x2, dtype), jnp.asarray(ts, dtype), 1.0,
-                                  restore="none", orthogonal=(False, False))
+    y, bad, ok = _geodesic_matmul(
+        jnp.asarray(x1, dtype),
+        jnp.asarray(x2, dtype),
+        jnp.asarray(ts, dtype),
+        1.0,
+        restore="none",
+        orthogonal=(False, False),
+    )
     # t theta = 6.5 rad needs ceil(log2(6.5 / 0.5)) = 4 squarings (accepted); the NaN block is declined
     want = np.array([True, True, True, True, False, False, True, False])
     np.testing.assert_array_equal(np.asarray(ok), want)
     np.testing.assert_array_equal(np.asarray(bad), ~want)
     assert np.all(np.isnan(np.asarray(y)[~want]))
     good = np.flatnonzero(want)
-    np.testing.assert_allclose(np.asarray(y)[good], reference(x1[good], x2[good], ts[good], 1.0, "none", (False, False)),
-                               atol=1e-7 if dtype == np.float64 else 2e-6, rtol=0)
+    np.testing.assert_allclose(
+        np.asarray(y)[good],
+        reference(x1[good], x2[good], ts[good], 1.0, "none", (False, False)),
+        atol=1e-7 if dtype == np.float64 else 2e-6,
+        rtol=0,
+    )
     far = np.zeros((1, n, n))
-    far[0, 1, 2], far[0, 2, 1] = -np.tan(0.5), np.tan(0.5)  # 1 rad, t = 20: 20 rad needs 6 squarings
-    _, _, ok = _geodesic_matmul(jnp.zeros((1, n, n)), jnp.asarray(far), 20.0, 1.0, restore="cayley",
-                                orthogonal=(False, False))
+    far[0, 1, 2], far[0, 2, 1] = (
+        -np.tan(0.5),
+        np.tan(0.5),
+    )  # 1 rad, t = 20: 20 rad needs 6 squarings
+    _, _, ok = _geodesic_matmul(
+        jnp.zeros((1, n, n)),
+        jnp.asarray(far),
+        20.0,
+        1.0,
+        restore="cayley",
+        orthogonal=(False, False),
+    )
     assert not bool(ok[0])
 
 
@@ -116,17 +150,33 @@ def test_the_direct_power_is_exact_to_float64_round_off_where_it_applies(restore
     the log and the exponential were ~1e-8 from scipy; outside that t range it takes them still."""
     rng = np.random.default_rng(11)
     n = 24
-    angles = np.array([0.3, 1.0, 1.7, 2.0, 2.3, 2.39])  # the first tier (<= 1.75 rad), then the second
+    angles = np.array(
+        [0.3, 1.0, 1.7, 2.0, 2.3, 2.39]
+    )  # the first tier (<= 1.75 rad), then the second
     x2 = rotations(rng, (len(angles),), n, 0.05)
     x2[:, 1, 2] -= np.tan(angles / 2)
     x2[:, 2, 1] += np.tan(angles / 2)
     x1 = rotations(rng, (len(angles),), n, 0.02)
-    for t, f, tol in [(-1.0, 1.0, 1e-10), (-0.3, 1.2, 1e-10), (0.35, 1.91, 1e-10), (0.9, 1.4, 1e-10), (2.0, 1.0, 1e-10),
-                      (2.6, 1.0, 2e-7)]:
-        if restore == "exact" and t > 1:  # Y's angles then reach past what the restoration's log takes
+    for t, f, tol in [
+        (-1.0, 1.0, 1e-10),
+        (-0.3, 1.2, 1e-10),
+        (0.35, 1.91, 1e-10),
+        (0.9, 1.4, 1e-10),
+        (2.0, 1.0, 1e-10),
+        (2.6, 1.0, 2e-7),
+    ]:
+        if (
+            restore == "exact" and t > 1
+        ):  # Y's angles then reach past what the restoration's log takes
             continue
-        y, bad, ok = _geodesic_matmul(jnp.asarray(x1), jnp.asarray(x2), jnp.asarray(t), jnp.asarray(f), restore=restore,
-                                      orthogonal=(False, False))
+        y, bad, ok = _geodesic_matmul(
+            jnp.asarray(x1),
+            jnp.asarray(x2),
+            jnp.asarray(t),
+            jnp.asarray(f),
+            restore=restore,
+            orthogonal=(False, False),
+        )
         assert np.all(np.asarray(ok)) and not np.any(np.asarray(bad)), t
         want = reference(x1, x2, t, f, restore, (False, False))
         np.testing.assert_allclose(np.asarray(y), want, atol=tol, rtol=0, err_msg=f"t = {t}")
@@ -138,10 +188,18 @@ def test_threads_split_the_batch(monkeypatch, threads):
     rng = np.random.default_rng(5)
     x1, x2 = (rotations(rng, (37,), 40, 0.8) for _ in range(2))
     t = rng.uniform(0.0, 1.0, 37)
-    y, _, ok = _geodesic_matmul(jnp.asarray(x1), jnp.asarray(x2), jnp.asarray(t), 1.7, restore="cayley",
-                                orthogonal=(False, False))
+    y, _, ok = _geodesic_matmul(
+        jnp.asarray(x1),
+        jnp.asarray(x2),
+        jnp.asarray(t),
+        1.7,
+        restore="cayley",
+        orthogonal=(False, False),
+    )
     assert np.all(np.asarray(ok))
-    np.testing.assert_allclose(np.asarray(y), reference(x1, x2, t, 1.7, "cayley", (False, False)), atol=5e-8, rtol=0)
+    np.testing.assert_allclose(
+        np.asarray(y), reference(x1, x2, t, 1.7, "cayley", (False, False)), atol=5e-8, rtol=0
+    )
 
 
 def test_derivatives_are_the_xla_compositions():
@@ -151,5 +209,11 @@ def test_derivatives_are_the_xla_compositions():
     def fn(a, b, t):
         return _geodesic_matmul(a, b, t, 1.5, restore="cayley", orthogonal=(False, False))[0]
 
-    check_grads(fn, (jnp.asarray(x1), jnp.asarray(x2), jnp.asarray(0.4)), order=1, modes=("fwd", "rev"), atol=1e-5,
-                rtol=1e-5)
+    check_grads(
+        fn,
+        (jnp.asarray(x1), jnp.asarray(x2), jnp.asarray(0.4)),
+        order=1,
+        modes=("fwd", "rev"),
+        atol=1e-5,
+        rtol=1e-5,
+    )

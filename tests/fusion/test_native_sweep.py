@@ -43,14 +43,20 @@ def _f(ts, alpha):
 
 
 def _sweep_reference(x1, x2, ts, alpha, restore, orthogonal):
-    return np.stack([reference(x1, x2, t, f, restore, orthogonal) for t, f in zip(ts, _f(ts, alpha))])
+    return np.stack(
+        [reference(x1, x2, t, f, restore, orthogonal) for t, f in zip(ts, _f(ts, alpha))]
+    )
 
 
 @settings(max_examples=40, deadline=None)
-@given(n=st.integers(1, 70), batch=st.sampled_from([(), (1,), (5,), (2, 3)]),
-       restore=st.sampled_from(["none", "cayley", "exact"]),
-       orthogonal=st.sampled_from([(False, False), (True, False), (False, True), (True, True)]),
-       points=st.integers(1, 9), seed=st.integers(0, 2**16))
+@given(
+    n=st.integers(1, 70),
+    batch=st.sampled_from([(), (1,), (5,), (2, 3)]),
+    restore=st.sampled_from(["none", "cayley", "exact"]),
+    orthogonal=st.sampled_from([(False, False), (True, False), (False, True), (True, True)]),
+    points=st.integers(1, 9),
+    seed=st.integers(0, 2**16),
+)
 @pytest.mark.parametrize("dtype, tol", [(np.float32, 2e-6), (np.float64, 5e-8)])
 def test_matches_scipy_float64(dtype, tol, n, batch, restore, orthogonal, points, seed):
     rng = np.random.default_rng(seed)
@@ -62,9 +68,19 @@ def test_matches_scipy_float64(dtype, tol, n, batch, restore, orthogonal, points
     alpha = rng.uniform(1.0, 2.5)
     if restore == "exact":  # keep f |angle| inside the interpolant's 2.4 rad
         ts, alpha = rng.uniform(-0.2, 1.2, points), 1.5
-    y, bad, ok = _geodesic_sweep_matmul(jnp.asarray(x1, dtype), jnp.asarray(x2, dtype), jnp.asarray(ts, dtype), alpha,
-                                        restore=restore, orthogonal=orthogonal)
-    assert y.dtype == dtype and y.shape == (points, *batch, n, n) and bad.shape == ok.shape == (points, *batch)
+    y, bad, ok = _geodesic_sweep_matmul(
+        jnp.asarray(x1, dtype),
+        jnp.asarray(x2, dtype),
+        jnp.asarray(ts, dtype),
+        alpha,
+        restore=restore,
+        orthogonal=orthogonal,
+    )
+    assert (
+        y.dtype == dtype
+        and y.shape == (points, *batch, n, n)
+        and bad.shape == ok.shape == (points, *batch)
+    )
     assert np.all(np.asarray(ok)) and not np.any(np.asarray(bad))
     want = _sweep_reference(x1, x2, np.asarray(ts, dtype), alpha, restore, orthogonal)
     np.testing.assert_allclose(np.asarray(y), want, atol=tol, rtol=0)
@@ -74,7 +90,9 @@ def test_the_sweep_runs_the_kernel_where_built_and_gpus_never_do():
     rng = np.random.default_rng(1)
     x1, x2 = (rotations(rng, (4,), 12, 0.5).astype(np.float32) for _ in range(2))
     ts = np.linspace(0, 1, 5, dtype=np.float32)
-    fn = lambda a, b, t: _geodesic_sweep_matmul(a, b, t, 2.0, restore="cayley", orthogonal=(False, False))  # noqa: E731
+    fn = lambda a, b, t: _geodesic_sweep_matmul(
+        a, b, t, 2.0, restore="cayley", orthogonal=(False, False)
+    )
     traced = jax.jit(fn).trace(x1, x2, ts)
     assert "orthofuse_sweep" not in traced.lower(lowering_platforms=("cuda",)).as_text()
     if _native.available():
@@ -96,29 +114,49 @@ def test_declined_blocks_are_those_the_log_or_the_series_cannot_take(monkeypatch
     x1 = np.zeros_like(x2)
     x1[-1, 0, 0] = np.nan
     ts = np.array([0.0, 0.4, 1.0])
-    y, bad, ok = _geodesic_sweep_matmul(jnp.asarray(x1), jnp.asarray(x2), jnp.asarray(ts), 2.0, restore="cayley",
-                                        orthogonal=(False, False))
+    y, bad, ok = _geodesic_sweep_matmul(
+        jnp.asarray(x1),
+        jnp.asarray(x2),
+        jnp.asarray(ts),
+        2.0,
+        restore="cayley",
+        orthogonal=(False, False),
+    )
     want = np.broadcast_to(np.array([True, True, True, False, False, False]), (3, 6))
     np.testing.assert_array_equal(np.asarray(ok), want)
     np.testing.assert_array_equal(np.asarray(bad), ~want)
     assert np.all(np.isnan(np.asarray(y)[~want]))
     good = np.flatnonzero(want[0])
-    np.testing.assert_allclose(np.asarray(y)[:, good],
-                               _sweep_reference(x1[good], x2[good], ts, 2.0, "cayley", (False, False)), atol=1e-7)
+    np.testing.assert_allclose(
+        np.asarray(y)[:, good],
+        _sweep_reference(x1[good], x2[good], ts, 2.0, "cayley", (False, False)),
+        atol=1e-7,
+    )
     one = np.zeros((1, n, n))
     one[0, 1, 2], one[0, 2, 1] = -np.tan(0.5), np.tan(0.5)  # 1 rad
     far = jnp.asarray([0.5, 8.0])  # 8 rad: about 33 terms for double round-off / 16
-    _, _, ok = _geodesic_sweep_matmul(jnp.zeros((1, n, n)), jnp.asarray(one), far, 1.0, restore="none",
-                                      orthogonal=(False, False))
+    _, _, ok = _geodesic_sweep_matmul(
+        jnp.zeros((1, n, n)), jnp.asarray(one), far, 1.0, restore="none", orthogonal=(False, False)
+    )
     kernel = native == "1" and _native.available()
     np.testing.assert_array_equal(np.asarray(ok), [[not kernel], [not kernel]])
     # and the sweep's kernel redoes it with eigh (inside the program)
-    y, bad, ok = merge_module._sweep_kernel(jnp.zeros((1, n, n)), jnp.asarray(one), far, 1.0, method="geodesic",
-                                            restore="none", angle_tol=merge_module.DEFAULT_ANGLE_TOL,
-                                            algorithm="matmul")
+    y, bad, ok = merge_module._sweep_kernel(
+        jnp.zeros((1, n, n)),
+        jnp.asarray(one),
+        far,
+        1.0,
+        method="geodesic",
+        restore="none",
+        angle_tol=merge_module.DEFAULT_ANGLE_TOL,
+        algorithm="matmul",
+    )
     assert np.all(np.asarray(ok)) and not np.any(np.asarray(bad))
-    np.testing.assert_allclose(np.asarray(y), _sweep_reference(np.zeros((1, n, n)), one, np.asarray(far), 1.0, "none",
-                                                               (False, False)), atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(y),
+        _sweep_reference(np.zeros((1, n, n)), one, np.asarray(far), 1.0, "none", (False, False)),
+        atol=1e-6,
+    )
 
 
 @pytest.mark.parametrize("threads", ["1", "3"])
@@ -127,10 +165,18 @@ def test_threads_split_the_batch(monkeypatch, threads):
     rng = np.random.default_rng(5)
     x1, x2 = (rotations(rng, (37,), 40, 0.8) for _ in range(2))
     ts = rng.uniform(0.0, 1.0, 6)
-    y, _, ok = _geodesic_sweep_matmul(jnp.asarray(x1), jnp.asarray(x2), jnp.asarray(ts), 1.7, restore="cayley",
-                                      orthogonal=(False, False))
+    y, _, ok = _geodesic_sweep_matmul(
+        jnp.asarray(x1),
+        jnp.asarray(x2),
+        jnp.asarray(ts),
+        1.7,
+        restore="cayley",
+        orthogonal=(False, False),
+    )
     assert np.all(np.asarray(ok))
-    np.testing.assert_allclose(np.asarray(y), _sweep_reference(x1, x2, ts, 1.7, "cayley", (False, False)), atol=5e-8)
+    np.testing.assert_allclose(
+        np.asarray(y), _sweep_reference(x1, x2, ts, 1.7, "cayley", (False, False)), atol=5e-8
+    )
 
 
 def test_vmap_gives_every_group_its_own_points():
@@ -139,12 +185,19 @@ def test_vmap_gives_every_group_its_own_points():
     rng = np.random.default_rng(7)
     x1, x2 = (rotations(rng, (3, 4), 9, 0.7) for _ in range(2))
     ts = rng.uniform(0.0, 1.0, (3, 5))
-    fn = jax.vmap(lambda a, b, t: _geodesic_sweep_matmul(a, b, t, 2.0, restore="none", orthogonal=(False, False))[0])
+    fn = jax.vmap(
+        lambda a, b, t: _geodesic_sweep_matmul(
+            a, b, t, 2.0, restore="none", orthogonal=(False, False)
+        )[0]
+    )
     y = fn(jnp.asarray(x1), jnp.asarray(x2), jnp.asarray(ts))
     assert y.shape == (3, 5, 4, 9, 9)
     for g in range(3):
-        np.testing.assert_allclose(np.asarray(y[g]), _sweep_reference(x1[g], x2[g], ts[g], 2.0, "none", (False, False)),
-                                   atol=5e-8)
+        np.testing.assert_allclose(
+            np.asarray(y[g]),
+            _sweep_reference(x1[g], x2[g], ts[g], 2.0, "none", (False, False)),
+            atol=5e-8,
+        )
 
 
 def test_derivatives_are_the_xla_compositions():
@@ -154,8 +207,14 @@ def test_derivatives_are_the_xla_compositions():
     def fn(a, b, ts):
         return _geodesic_sweep_matmul(a, b, ts, 1.5, restore="cayley", orthogonal=(False, False))[0]
 
-    check_grads(fn, (jnp.asarray(x1), jnp.asarray(x2), jnp.asarray([0.2, 0.7])), order=1, modes=("fwd", "rev"),
-                atol=1e-5, rtol=1e-5)
+    check_grads(
+        fn,
+        (jnp.asarray(x1), jnp.asarray(x2), jnp.asarray([0.2, 0.7])),
+        order=1,
+        modes=("fwd", "rev"),
+        atol=1e-5,
+        rtol=1e-5,
+    )
 
 
 def test_auto_takes_the_kernel_on_the_cpu_for_float32_only():
@@ -163,11 +222,15 @@ def test_auto_takes_the_kernel_on_the_cpu_for_float32_only():
 
     def adapter(dtype):
         z = jnp.zeros((2, 1, 4, 4), dtype)
-        return GSAdapter(stacks={"nb1_b4": LayerStack(names=("a", "b"), L=z, R=z)}, scales={}, orthogonal=False)
+        return GSAdapter(
+            stacks={"nb1_b4": LayerStack(names=("a", "b"), L=z, R=z)}, scales={}, orthogonal=False
+        )
 
     resolve = merge_module._resolve_algorithm
     kernel = _native.available()
-    assert resolve("auto", sweep=True, dtype=jnp.float32, adapter=adapter(jnp.float32)) == ("matmul" if kernel else "eigh")
+    assert resolve("auto", sweep=True, dtype=jnp.float32, adapter=adapter(jnp.float32)) == (
+        "matmul" if kernel else "eigh"
+    )
     assert resolve("auto", sweep=True, dtype=jnp.float64, adapter=adapter(jnp.float64)) == "eigh"
     assert resolve("eigh", sweep=True, dtype=jnp.float32, adapter=adapter(jnp.float32)) == "eigh"
     assert resolve("auto", sweep=False, dtype=jnp.float32) == "matmul"

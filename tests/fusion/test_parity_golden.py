@@ -56,7 +56,9 @@ def test_merge_matches_reference(case, tag, dtype):
         np.testing.assert_allclose(np.asarray(s.L[0]), ref_L, rtol=0, atol=tol, err_msg=f"L, t={t}")
         np.testing.assert_allclose(np.asarray(s.R[0]), ref_R, rtol=0, atol=tol, err_msg=f"R, t={t}")
         y = gs_apply(x, s.L[0], s.R[0])
-        np.testing.assert_allclose(np.asarray(y), DATA[f"c{case}_{tag}_y_{i}"], rtol=0, atol=tol, err_msg=f"y, t={t}")
+        np.testing.assert_allclose(
+            np.asarray(y), DATA[f"c{case}_{tag}_y_{i}"], rtol=0, atol=tol, err_msg=f"y, t={t}"
+        )
 
 
 @pytest.mark.parametrize("algorithm", ["eigh", "matmul"])
@@ -68,11 +70,25 @@ def test_geodesic_merge_algorithms_match_reference(tag, algorithm):
         for dtype in (np.float64, np.float32):
             concept, style = _adapters(case, dtype)
             for i, t in enumerate(TS):
-                s = _only(merge([concept, style], t=t, method=method, restore=restore, algorithm=algorithm))
-                np.testing.assert_allclose(np.asarray(s.L[0]), DATA[f"c{case}_{tag}_L_{i}"], rtol=0, atol=TOL[dtype],
-                                           err_msg=f"case {case}, {dtype.__name__}, t={t}")
-                np.testing.assert_allclose(np.asarray(s.R[0]), DATA[f"c{case}_{tag}_R_{i}"], rtol=0, atol=TOL[dtype],
-                                           err_msg=f"case {case}, {dtype.__name__}, t={t}")
+                s = _only(
+                    merge(
+                        [concept, style], t=t, method=method, restore=restore, algorithm=algorithm
+                    )
+                )
+                np.testing.assert_allclose(
+                    np.asarray(s.L[0]),
+                    DATA[f"c{case}_{tag}_L_{i}"],
+                    rtol=0,
+                    atol=TOL[dtype],
+                    err_msg=f"case {case}, {dtype.__name__}, t={t}",
+                )
+                np.testing.assert_allclose(
+                    np.asarray(s.R[0]),
+                    DATA[f"c{case}_{tag}_R_{i}"],
+                    rtol=0,
+                    atol=TOL[dtype],
+                    err_msg=f"case {case}, {dtype.__name__}, t={t}",
+                )
 
 
 @pytest.mark.parametrize("tag", list(TAGS))
@@ -83,8 +99,12 @@ def test_sweep_matches_reference(tag):
     s = _only(sweep(concept, style, jnp.asarray(TS), method=method, restore=restore))
     assert s.L.shape[:2] == (len(TS), 1)
     for i, t in enumerate(TS):
-        np.testing.assert_allclose(np.asarray(s.L[i, 0]), DATA[f"c{case}_{tag}_L_{i}"], rtol=0, atol=1e-6)
-        np.testing.assert_allclose(np.asarray(s.R[i, 0]), DATA[f"c{case}_{tag}_R_{i}"], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(
+            np.asarray(s.L[i, 0]), DATA[f"c{case}_{tag}_L_{i}"], rtol=0, atol=1e-6
+        )
+        np.testing.assert_allclose(
+            np.asarray(s.R[i, 0]), DATA[f"c{case}_{tag}_R_{i}"], rtol=0, atol=1e-6
+        )
 
 
 def test_endpoint_inputs_reproduce_reference_layers():

@@ -34,8 +34,11 @@ def _ours(adapter, name, x):
 def _write(tmp_path, tensors, config=None):
     d = tmp_path / "adapter"
     d.mkdir(exist_ok=True)
-    save_file({k: torch.as_tensor(np.asarray(v)) for k, v in tensors.items()}, str(d / "adapter_model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: torch.as_tensor(np.asarray(v)) for k, v in tensors.items()},
+        str(d / "adapter_model.safetensors"),
+        metadata={"format": "pt"},
+    )
     if config is not None:
         (d / "adapter_config.json").write_text(json.dumps({"peft_type": "OFT", **config}))
     return d
@@ -82,7 +85,9 @@ def test_v016_exact_mode(tmp_path):
     L, R = to_layers(a)[name]
     np.testing.assert_array_equal(np.asarray(L), 0)  # L = I
     x = _x()
-    np.testing.assert_allclose(_ours(a, name, x), _peft016_forward(x, vec.astype(np.float64), exact=True), atol=1e-6)
+    np.testing.assert_allclose(
+        _ours(a, name, x), _peft016_forward(x, vec.astype(np.float64), exact=True), atol=1e-6
+    )
 
 
 def test_load_adapter_reads_peft_folders_and_files(tmp_path):
@@ -92,10 +97,13 @@ def test_load_adapter_reads_peft_folders_and_files(tmp_path):
     vec = (0.4 * rng.standard_normal((R_BLOCKS, B * (B - 1) // 2))).astype(np.float32)
     d = _write(tmp_path, {MOD + ".oft_R.weight": vec}, {"use_cayley_neumann": False})
     want = load_peft_oft(d)
-    for path in (d, d / "adapter_model.safetensors"):  # the one loader: folder or file, format from the keys
+    for path in (
+        d,
+        d / "adapter_model.safetensors",
+    ):  # the one loader: folder or file, format from the keys
         got = load_adapter(path)
         assert got.layer_names == want.layer_names
-        for (a, b) in zip(to_layers(got).values(), to_layers(want).values()):
+        for a, b in zip(to_layers(got).values(), to_layers(want).values()):
             np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]))
 
 
@@ -105,7 +113,11 @@ def test_v016_neumann_mode_orientation(tmp_path):
     name = "encoder.layers.0.self_attn.q_proj"
     x = _x()
     ref = _peft016_forward(x, vec.astype(np.float64), exact=False)
-    d = _write(tmp_path, {MOD + ".oft_R.weight": vec}, {"use_cayley_neumann": True, "num_cayley_neumann_terms": 5})
+    d = _write(
+        tmp_path,
+        {MOD + ".oft_R.weight": vec},
+        {"use_cayley_neumann": True, "num_cayley_neumann_terms": 5},
+    )
     a = load_peft_oft(d)
     # the truncated series differs from the rotation it approximates by O(|S|^4) ~ 1e-5 here
     np.testing.assert_allclose(_ours(a, name, x), ref, atol=1e-4)
@@ -121,8 +133,11 @@ def test_v016_without_config_assumes_neumann_and_warns(tmp_path):
     with pytest.warns(PeftOFTWarning, match="Cayley-Neumann"):
         a = load_peft_oft(p)
     x = _x()
-    np.testing.assert_allclose(_ours(a, "encoder.layers.0.self_attn.q_proj", x),
-                               _peft016_forward(x, vec.astype(np.float64), exact=False), atol=1e-4)
+    np.testing.assert_allclose(
+        _ours(a, "encoder.layers.0.self_attn.q_proj", x),
+        _peft016_forward(x, vec.astype(np.float64), exact=False),
+        atol=1e-4,
+    )
 
 
 def test_neumann_series_matches_peft_loop_and_warns_for_large_rotations(tmp_path):
@@ -133,19 +148,27 @@ def test_neumann_series_matches_peft_loop_and_warns_for_large_rotations(tmp_path
     M = np.zeros((R_BLOCKS, B, B))
     M[:, rows, cols] = vec
     np.testing.assert_allclose(neumann_series(M - np.swapaxes(M, -1, -2), 5), ref, atol=1e-12)
-    d = _write(tmp_path, {MOD + ".oft_R.weight": vec.astype(np.float32)}, {"use_cayley_neumann": True})
+    d = _write(
+        tmp_path, {MOD + ".oft_R.weight": vec.astype(np.float32)}, {"use_cayley_neumann": True}
+    )
     with pytest.warns(PeftOFTWarning, match="differs"):
         load_peft_oft(d)
 
 
 def test_v016_bad_packed_length(tmp_path):
-    d = _write(tmp_path, {MOD + ".oft_R.weight": np.zeros((4, 7), np.float32)}, {"use_cayley_neumann": False})
+    d = _write(
+        tmp_path,
+        {MOD + ".oft_R.weight": np.zeros((4, 7), np.float32)},
+        {"use_cayley_neumann": False},
+    )
     with pytest.raises(AdapterFileError, match="b\\(b-1\\)/2"):
         load_peft_oft(d)
 
 
 def test_block_share_rejected(tmp_path):
-    d = _write(tmp_path, {MOD + ".oft_R.weight": np.zeros((1, 10), np.float32)}, {"block_share": True})
+    d = _write(
+        tmp_path, {MOD + ".oft_R.weight": np.zeros((1, 10), np.float32)}, {"block_share": True}
+    )
     with pytest.raises(AdapterFileError, match="block_share"):
         load_peft_oft(d)
 
@@ -156,7 +179,9 @@ def test_block_share_rejected(tmp_path):
 def test_v014_input_rotation_and_scale(tmp_path):
     rng = np.random.default_rng(4)
     out_f = 7
-    oft_r = (0.3 * rng.standard_normal((R_BLOCKS, B, B))).astype(np.float32)  # not skew: PEFT skews it
+    oft_r = (0.3 * rng.standard_normal((R_BLOCKS, B, B))).astype(
+        np.float32
+    )  # not skew: PEFT skews it
     oft_s = (1 + 0.1 * rng.standard_normal((out_f, 1))).astype(np.float32)
     W = rng.standard_normal((out_f, N))
     d = _write(tmp_path, {MOD + ".oft_r": oft_r, MOD + ".oft_s": oft_s})
@@ -168,7 +193,9 @@ def test_v014_input_rotation_and_scale(tmp_path):
     S = 0.5 * (data - data.transpose(1, 2))
     eye = torch.eye(B, dtype=torch.float64).expand(R_BLOCKS, B, B)
     Q = torch.linalg.solve(eye + S, eye - S, left=False)
-    Wp = (torch.block_diag(*Q) @ torch.as_tensor(W).T).T * torch.as_tensor(oft_s, dtype=torch.float64)
+    Wp = (torch.block_diag(*Q) @ torch.as_tensor(W).T).T * torch.as_tensor(
+        oft_s, dtype=torch.float64
+    )
     x = _x()
     ref = (torch.as_tensor(x) @ Wp.T).numpy()
     ours = (_ours(a, name, x) @ W.T) * np.asarray(a.scales[name], dtype=np.float64)
@@ -196,7 +223,13 @@ def test_v013_output_rotation(tmp_path):
 
 
 def test_unexpected_and_non_finite_keys(tmp_path):
-    d = _write(tmp_path, {MOD + ".oft_r": np.zeros((2, 3, 3), np.float32), MOD + ".lora_A.weight": np.zeros((2, 2), np.float32)})
+    d = _write(
+        tmp_path,
+        {
+            MOD + ".oft_r": np.zeros((2, 3, 3), np.float32),
+            MOD + ".lora_A.weight": np.zeros((2, 2), np.float32),
+        },
+    )
     with pytest.raises(AdapterFileError, match="lora_A"):
         load_peft_oft(d)
     bad = np.zeros((2, 3, 3), np.float32)

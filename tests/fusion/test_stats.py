@@ -22,8 +22,11 @@ def _skew(rng, shape, scale):
 
 def _pair():
     rng = np.random.default_rng(7)
-    mk = lambda: from_layers(  # noqa: E731
-        {n: (_skew(rng, (nb, b, b), 0.4), _skew(rng, (nb, b, b), 0.4)) for n, (nb, b) in SHAPES.items()},
+    mk = lambda: from_layers(
+        {
+            n: (_skew(rng, (nb, b, b), 0.4), _skew(rng, (nb, b, b), 0.4))
+            for n, (nb, b) in SHAPES.items()
+        },
         dtype=np.float64,
     )
     return mk(), mk()
@@ -64,7 +67,12 @@ def stats():
 
 def test_geodesic_speed_is_the_geodesic_distance(stats):
     a1, a2, st = stats
-    d = np.sqrt(sum(np.sum(np.real(sla.logm(_cay(r1).T @ _cay(r2))) ** 2) for r1, r2 in zip(_blocks(a1), _blocks(a2))))
+    d = np.sqrt(
+        sum(
+            np.sum(np.real(sla.logm(_cay(r1).T @ _cay(r2))) ** 2)
+            for r1, r2 in zip(_blocks(a1), _blocks(a2))
+        )
+    )
     np.testing.assert_allclose(st["geodesic_distance"], d, rtol=1e-8)
     np.testing.assert_allclose(st["speed_before"], d, rtol=1e-6)  # measured: central differences
     assert st["speed_method"] == "central-difference"
@@ -85,7 +93,10 @@ def test_ambient_distance_and_orthogonality(stats):
         for tag, restore in (("before", "none"), ("after", "cayley")):
             ys = _ref_curve(a1, a2, t, restore)
             ref = np.sqrt(
-                sum(np.sum((y - ((1 - t) * _cay(r1) + t * _cay(r2))) ** 2) for y, r1, r2 in zip(ys, _blocks(a1), _blocks(a2)))
+                sum(
+                    np.sum((y - ((1 - t) * _cay(r1) + t * _cay(r2))) ** 2)
+                    for y, r1, r2 in zip(ys, _blocks(a1), _blocks(a2))
+                )
             )
             np.testing.assert_allclose(st[f"ambient_distance_{tag}"][i], ref, rtol=1e-6, atol=1e-9)
     assert st["ambient_distance_before"][0] < 1e-9 and st["ambient_distance_before"][-1] < 1e-9
@@ -100,7 +111,9 @@ def test_angle_histograms(stats):
     assert (hb.sum(axis=1) == n_eig).all() and (ha.sum(axis=1) == n_eig).all()
     edges = np.asarray(st["angle_bins"])
     for i, t in enumerate(TS):
-        ang = np.concatenate([np.abs(np.angle(np.linalg.eigvals(y))) for y in _ref_curve(a1, a2, t, "cayley")])
+        ang = np.concatenate(
+            [np.abs(np.angle(np.linalg.eigvals(y))) for y in _ref_curve(a1, a2, t, "cayley")]
+        )
         np.testing.assert_array_equal(ha[i], np.histogram(ang, bins=edges)[0])
         np.testing.assert_allclose(st["max_angle_after"][i], ang.max(), atol=1e-7)
 
@@ -114,7 +127,10 @@ def test_exact_restore_speed_and_angles():
     np.testing.assert_array_equal(st["angle_hist_after"][0], np.histogram(ang, bins=edges)[0])
 
     def y(t):  # scipy: exp(f(t) log gamma(t)), f = 1 + 4 t (1 - t)
-        return [np.real(sla.expm((1 + 4 * t * (1 - t)) * sla.logm(g))) for g in _ref_curve(a1, a2, t, "none")]
+        return [
+            np.real(sla.expm((1 + 4 * t * (1 - t)) * sla.logm(g)))
+            for g in _ref_curve(a1, a2, t, "none")
+        ]
 
     h = 1e-5
     fd = np.sqrt(sum(np.sum(((p - m) / (2 * h)) ** 2) for p, m in zip(y(0.5 + h), y(0.5 - h))))
@@ -126,11 +142,18 @@ def test_plots_are_written(tmp_path, stats):
     from orthofuse_jax.plots import write_sweep_plots
 
     paths = write_sweep_plots(stats[2], tmp_path / "plots")
-    assert sorted(p.name for p in paths) == ["ambient_distance.png", "angles.png", "speed.png", "summary.png"]
+    assert sorted(p.name for p in paths) == [
+        "ambient_distance.png",
+        "angles.png",
+        "speed.png",
+        "summary.png",
+    ]
     for p in paths:
         data = p.read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
-    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == sorted(p.name for p in paths)  # no temp files
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == sorted(
+        p.name for p in paths
+    )  # no temp files
 
 
 def test_cayley_method_statistics_against_scipy():
@@ -146,8 +169,17 @@ def test_cayley_method_statistics_against_scipy():
     edges = np.asarray(st["angle_bins"])
     for i, t in enumerate(ts):
         for tag, restore in (("before", "none"), ("after", "cayley")):
-            fd = np.sqrt(sum(np.sum(((p - m) / (2 * h)) ** 2) for p, m in zip(curve(t + h, restore), curve(t - h, restore))))
+            fd = np.sqrt(
+                sum(
+                    np.sum(((p - m) / (2 * h)) ** 2)
+                    for p, m in zip(curve(t + h, restore), curve(t - h, restore))
+                )
+            )
             np.testing.assert_allclose(st[f"speed_{tag}"][i], fd, rtol=1e-6)
-            ang = np.concatenate([np.abs(np.angle(np.linalg.eigvals(y))) for y in curve(t, restore)])
-            np.testing.assert_array_equal(st[f"angle_hist_{tag}"][i], np.histogram(ang, bins=edges)[0])
+            ang = np.concatenate(
+                [np.abs(np.angle(np.linalg.eigvals(y))) for y in curve(t, restore)]
+            )
+            np.testing.assert_array_equal(
+                st[f"angle_hist_{tag}"][i], np.histogram(ang, bins=edges)[0]
+            )
             np.testing.assert_allclose(st[f"max_angle_{tag}"][i], ang.max(), atol=1e-7)

@@ -22,13 +22,20 @@ SHAPES = {"q": (3, 2, 8), "k": (2, 3, 5)}  # name prefix: layers, nb, b
 
 def _adapter(seed, angle=0.8):
     rng = np.random.default_rng(seed)
-    layers = {f"blk{i}.{p}": (rotations(rng, (nb,), b, angle), rotations(rng, (nb,), b, angle))
-              for p, (n, nb, b) in SHAPES.items() for i in range(n)}
+    layers = {
+        f"blk{i}.{p}": (rotations(rng, (nb,), b, angle), rotations(rng, (nb,), b, angle))
+        for p, (n, nb, b) in SHAPES.items()
+        for i in range(n)
+    }
     return from_layers(layers, dtype=np.float32)
 
 
 def _pointers(adapter):
-    return {(k, w): getattr(s, w).unsafe_buffer_pointer() for k, s in adapter.stacks.items() for w in ("L", "R")}
+    return {
+        (k, w): getattr(s, w).unsafe_buffer_pointer()
+        for k, s in adapter.stacks.items()
+        for w in ("L", "R")
+    }
 
 
 def _assert_reference(a1, a2, got, restore, atol=2e-5):
@@ -39,8 +46,13 @@ def _assert_reference(a1, a2, got, restore, atol=2e-5):
             x2 = np.asarray(getattr(a2.stacks[key], which), np.float64)
             for i, t in enumerate(TS.astype(np.float64)):
                 want = reference(x1, x2, t, 1.0 + 4.0 * t * (1.0 - t), restore, (False, False))
-                np.testing.assert_allclose(np.asarray(getattr(got.stacks[key], which)[i]), want, rtol=0, atol=atol,
-                                           err_msg=f"{key} {which} t={t}")
+                np.testing.assert_allclose(
+                    np.asarray(getattr(got.stacks[key], which)[i]),
+                    want,
+                    rtol=0,
+                    atol=atol,
+                    err_msg=f"{key} {which} t={t}",
+                )
 
 
 @pytest.fixture(params=["whole", "chunked"])
@@ -79,8 +91,12 @@ def test_reuse_chain_and_declined_blocks():
     for _ in range(3):
         r = sweep(a1, a2, TS, restore="cayley", reuse=r)
     for key, s in want.stacks.items():
-        np.testing.assert_allclose(np.asarray(r.stacks[key].L), np.asarray(s.L), rtol=0, atol=3e-5, err_msg=key)
-        np.testing.assert_allclose(np.asarray(r.stacks[key].R), np.asarray(s.R), rtol=0, atol=3e-5, err_msg=key)
+        np.testing.assert_allclose(
+            np.asarray(r.stacks[key].L), np.asarray(s.L), rtol=0, atol=3e-5, err_msg=key
+        )
+        np.testing.assert_allclose(
+            np.asarray(r.stacks[key].R), np.asarray(s.R), rtol=0, atol=3e-5, err_msg=key
+        )
 
 
 def test_reuse_is_ignored_inside_jit():
@@ -98,20 +114,32 @@ def _intact(adapter):
 def test_reuse_that_does_not_fit_is_refused_and_kept():
     a1, a2 = _adapter(7), _adapter(8)
     earlier = sweep(a1, a2, TS)
-    with pytest.raises(ValueError, match=r"stack nb\d_b\d L is float32\[4, .*this sweep's result is float32\[3,"):
+    with pytest.raises(
+        ValueError, match=r"stack nb\d_b\d L is float32\[4, .*this sweep's result is float32\[3,"
+    ):
         sweep(a1, a2, TS[:3], reuse=earlier)
-    with pytest.raises(ValueError, match=r"reuse: stack .* is float32\[4, .*result is float64\[4, "):
+    with pytest.raises(
+        ValueError, match=r"reuse: stack .* is float32\[4, .*result is float64\[4, "
+    ):
         sweep(a1.astype(jnp.float64), a2.astype(jnp.float64), TS, reuse=earlier)
     other = from_layers({"x": (np.zeros((1, 4, 4)), np.zeros((1, 4, 4)))}, dtype=np.float32)
-    with pytest.raises(ValueError, match=r"its stacks \['nb1_b4'\] are not the adapters' \['nb2_b8', 'nb3_b5'\]"):
+    with pytest.raises(
+        ValueError, match=r"its stacks \['nb1_b4'\] are not the adapters' \['nb2_b8', 'nb3_b5'\]"
+    ):
         sweep(a1, a2, TS, reuse=sweep(other, other, TS))
     with pytest.raises(TypeError, match="reuse must be the GSAdapter an earlier sweep"):
         sweep(a1, a2, TS, reuse={"nb2_b8": earlier.stacks["nb2_b8"]})
-    twice = GSAdapter(stacks={k: type(s)(L=s.L, R=s.L, names=s.names) for k, s in earlier.stacks.items()},
-                      scales=earlier.scales, orthogonal=True)
+    twice = GSAdapter(
+        stacks={k: type(s)(L=s.L, R=s.L, names=s.names) for k, s in earlier.stacks.items()},
+        scales=earlier.scales,
+        orthogonal=True,
+    )
     with pytest.raises(ValueError, match=r"reuse: stack nb\d_b\d R is the same array as another"):
         sweep(a1, a2, TS, reuse=twice)
     assert _intact(earlier)  # nothing was donated by the refused calls
     sweep(a1, a2, TS, reuse=earlier)
-    with pytest.raises(ValueError, match=r"reuse: stack nb\d_b\d L was already deleted: an earlier call consumed it"):
+    with pytest.raises(
+        ValueError,
+        match=r"reuse: stack nb\d_b\d L was already deleted: an earlier call consumed it",
+    ):
         sweep(a1, a2, TS, reuse=earlier)

@@ -52,14 +52,21 @@ def block_shapes(max_nb: int = 4, max_b: int = 5) -> st.SearchStrategy[tuple[int
     pool = [(3, 1), (2, 3), (1, 4)]
     if not THOROUGH:
         return st.sampled_from(pool)
-    return st.one_of(st.sampled_from(pool), st.tuples(st.integers(1, max_nb), st.integers(1, max_b)))
+    return st.one_of(
+        st.sampled_from(pool), st.tuples(st.integers(1, max_nb), st.integers(1, max_b))
+    )
 
 
 # Under ``ci`` each (shape, dtype) pair costs a compilation per kernel, so the shape pools are
 # paired with dtypes so that every shape class and both dtypes occur, without the full product.
 _CI_PAIRS = {
     "gs": [((1, 4), np.float64), ((3, 1), np.float32), ((2, 3), np.float32), ((3, 2), np.float64)],
-    "block": [((3, 1), np.float32), ((2, 3), np.float64), ((1, 4), np.float32), ((1, 4), np.float64)],
+    "block": [
+        ((3, 1), np.float32),
+        ((2, 3), np.float64),
+        ((1, 4), np.float32),
+        ((1, 4), np.float64),
+    ],
 }
 
 
@@ -79,7 +86,9 @@ def angles(max_angle: float = 3.0, min_angle: float = 0.0) -> st.SearchStrategy[
 # --- float64 numpy constructions -----------------------------------------------------------
 
 
-def random_skew(rng: np.random.Generator, shape: tuple[int, ...], b: int, max_angle: float) -> np.ndarray:
+def random_skew(
+    rng: np.random.Generator, shape: tuple[int, ...], b: int, max_angle: float
+) -> np.ndarray:
     """Skew blocks ``[*shape, b, b]`` whose spectral radius is exactly ``max_angle`` per block.
 
     For a skew (normal) matrix the spectral radius is the spectral norm, and it is the largest
@@ -111,7 +120,9 @@ def logm64(u: np.ndarray) -> np.ndarray:
     return np.stack(out).reshape(u.shape)
 
 
-def random_rotations(rng: np.random.Generator, shape: tuple[int, ...], b: int, max_angle: float) -> np.ndarray:
+def random_rotations(
+    rng: np.random.Generator, shape: tuple[int, ...], b: int, max_angle: float
+) -> np.ndarray:
     return expm64(random_skew(rng, shape, b, max_angle))
 
 
@@ -238,7 +249,9 @@ class _Jitted:
 
             from orthofuse_jax import geometry
 
-            self._cache[name] = jax.jit(getattr(geometry, name), static_argnames=_STATIC.get(name, ()))
+            self._cache[name] = jax.jit(
+                getattr(geometry, name), static_argnames=_STATIC.get(name, ())
+            )
         return self._cache[name]
 
 

@@ -12,7 +12,7 @@ from orthofuse_jax import geometry as geo
 
 from .strategies import orth_err, random_rotations, rotation_stacks, tol
 
-T = lambda a: np.swapaxes(a, -1, -2)  # noqa: E731
+T = lambda a: np.swapaxes(a, -1, -2)
 
 
 @jax.jit
@@ -40,18 +40,28 @@ def test_cayley_properties(case):
     rng = case.rng(2)
     sym = rng.standard_normal(case.skew.shape)
     a = case.skew + 0.5 * (sym + T(sym))
-    u = case.rot if case.max_angle <= 3.0 else random_rotations(case.rng(4), (case.nb,), case.b, 3.0)
+    u = (
+        case.rot
+        if case.max_angle <= 3.0
+        else random_rotations(case.rng(4), (case.nb,), case.b, 3.0)
+    )
     out = {k: np.asarray(v) for k, v in _cayley_kernel(case.cast(a), case.cast(u)).items()}
     assert all(v.dtype == case.dtype for v in out.values())
     a_d = case.cast(a).astype(np.float64)  # what the library saw
     t = tol(case.dtype)
     s_ref = 0.5 * (a_d - T(a_d))
-    np.testing.assert_allclose(out["skew"], s_ref, rtol=0, atol=tol(case.dtype, f32=1e-6, f64=1e-15))
+    np.testing.assert_allclose(
+        out["skew"], s_ref, rtol=0, atol=tol(case.dtype, f32=1e-6, f64=1e-15)
+    )
     np.testing.assert_array_equal(out["eye"], np.broadcast_to(np.eye(case.b), a.shape))
     # closed form (I + S)(I - S)^{-1} in float64
-    np.testing.assert_allclose(out["cay"], _closed_form(s_ref), rtol=0, atol=tol(case.dtype, f32=2e-6, f64=1e-13))
+    np.testing.assert_allclose(
+        out["cay"], _closed_form(s_ref), rtol=0, atol=tol(case.dtype, f32=2e-6, f64=1e-13)
+    )
     # depends only on the skew part
-    np.testing.assert_allclose(out["cay"], out["cay_skew"], rtol=0, atol=tol(case.dtype, f32=1e-6, f64=1e-14))
+    np.testing.assert_allclose(
+        out["cay"], out["cay_skew"], rtol=0, atol=tol(case.dtype, f32=1e-6, f64=1e-14)
+    )
     # orthogonal with det +1
     assert orth_err(out["cay"]) <= t
     if case.b > 0:
@@ -63,9 +73,10 @@ def test_cayley_properties(case):
     eye = np.eye(case.b)
     ref_inv = np.stack([(m - eye) @ np.linalg.inv(m + eye) for m in u_d])
     scale = 1.0 + np.abs(ref_inv).max()
-    np.testing.assert_allclose(inv, ref_inv, rtol=0, atol=tol(case.dtype, f32=2e-6, f64=1e-13) * scale**2)
+    np.testing.assert_allclose(
+        inv, ref_inv, rtol=0, atol=tol(case.dtype, f32=2e-6, f64=1e-13) * scale**2
+    )
     np.testing.assert_allclose(out["roundtrip"], u_d, rtol=0, atol=t)
-
 
 
 @pytest.mark.parametrize("b", [3, 20, 64])
@@ -75,8 +86,12 @@ def test_rotation_parameters_match_numpy_inverse_cayley(b):
     s = 0.5 * (g - np.swapaxes(g, -1, -2))
     u = np.linalg.solve(np.eye(b) - s, np.eye(b) + s)  # rotations, angles below pi
     want = np.linalg.solve(u + np.eye(b), u - np.eye(b))  # numpy, float64, pivoted
-    np.testing.assert_allclose(np.asarray(geo.rotation_parameters(jnp.asarray(u))), want, atol=1e-10)
-    np.testing.assert_allclose(want, s, atol=1e-10)  # and it is the skew matrix the rotation came from
+    np.testing.assert_allclose(
+        np.asarray(geo.rotation_parameters(jnp.asarray(u))), want, atol=1e-10
+    )
+    np.testing.assert_allclose(
+        want, s, atol=1e-10
+    )  # and it is the skew matrix the rotation came from
     got32 = np.asarray(geo.rotation_parameters(jnp.asarray(u, jnp.float32)))
     assert got32.dtype == np.float32
     np.testing.assert_allclose(got32, want, atol=2e-5 * max(1.0, np.abs(want).max()))

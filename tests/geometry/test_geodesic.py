@@ -13,9 +13,17 @@ from hypothesis import strategies as st
 from orthofuse_jax import geometry as geo
 from orthofuse_jax.geometry import NegativeEigenvalueError
 
-from .strategies import DTYPES, expm64, logm64, random_rotations, rotation_stacks, scaled_settings, tol
+from .strategies import (
+    DTYPES,
+    expm64,
+    logm64,
+    random_rotations,
+    rotation_stacks,
+    scaled_settings,
+    tol,
+)
 
-T = lambda a: np.swapaxes(a, -1, -2)  # noqa: E731
+T = lambda a: np.swapaxes(a, -1, -2)
 N_SPEED = 33
 N_FINE = 257
 
@@ -48,7 +56,11 @@ def _case_pair(case):
     return u1, u1 @ case.rot
 
 
-@given(case=rotation_stacks(max_angle=3.0, min_angle=0.05, dtype=np.float64), t=st.floats(0.0, 1.0), s=st.floats(0.0, 1.0))
+@given(
+    case=rotation_stacks(max_angle=3.0, min_angle=0.05, dtype=np.float64),
+    t=st.floats(0.0, 1.0),
+    s=st.floats(0.0, 1.0),
+)
 def test_geodesic_properties(case, t, s):
     _check_geodesic(case, t, s)
 
@@ -67,8 +79,13 @@ def test_geodesic_properties_float32(case, t, s):
 def _check_geodesic(case, t, s):
     u1, u2 = _case_pair(case)
     u1c, u2c = case.cast(u1), case.cast(u2)
-    out = {k: np.asarray(v, np.float64) for k, v in _geodesic_kernel(u1c, u2c, case.cast(t), case.cast(s)).items()}
-    assert np.asarray(_geodesic_kernel(u1c, u2c, case.cast(t), case.cast(s))["gt"]).dtype == case.dtype
+    out = {
+        k: np.asarray(v, np.float64)
+        for k, v in _geodesic_kernel(u1c, u2c, case.cast(t), case.cast(s)).items()
+    }
+    assert (
+        np.asarray(_geodesic_kernel(u1c, u2c, case.cast(t), case.cast(s))["gt"]).dtype == case.dtype
+    )
     f64 = case.dtype == np.float64
     u1d, u2d = u1c.astype(np.float64), u2c.astype(np.float64)
     atol = 1e-12 if f64 else 2e-5
@@ -79,7 +96,9 @@ def _check_geodesic(case, t, s):
     np.testing.assert_allclose(out["rel"], T(u1d) @ u2d, rtol=0, atol=1e-15 if f64 else 1e-6)
     # gamma(t) vs scipy: U1 expm(t logm(U1^T U2))
     logw = logm64(T(u1d) @ u2d)
-    np.testing.assert_allclose(out["gt"], u1d @ expm64(t * logw), rtol=0, atol=1e-11 if f64 else 2e-5)
+    np.testing.assert_allclose(
+        out["gt"], u1d @ expm64(t * logw), rtol=0, atol=1e-11 if f64 else 2e-5
+    )
     # gamma(s t) consistency
     np.testing.assert_allclose(out["nested"], out["gst"], rtol=0, atol=1e-11 if f64 else 2e-5)
     # distance vs ||logm(U1^T U2)||_F (scipy)
@@ -100,7 +119,9 @@ def _check_geodesic(case, t, s):
     pts = out["pts"]
     chords = np.sqrt(np.sum(np.diff(pts, axis=0) ** 2, axis=(-1, -2))).sum(axis=0)
     # chord vs arc: relative error <= (theta_max h)^2 / 24 ~ 6e-6 at theta_max = 3, h = 1/256
-    np.testing.assert_allclose(chords, ref_dist, rtol=2e-5 if f64 else 2e-3, atol=1e-12 if f64 else 1e-3)
+    np.testing.assert_allclose(
+        chords, ref_dist, rtol=2e-5 if f64 else 2e-3, atol=1e-12 if f64 else 1e-3
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -111,13 +132,17 @@ def test_geodesic_same_point_and_extrapolation(dtype):
     g = jax.jit(geo.geodesic)
     uc = u.astype(dtype)
     np.testing.assert_allclose(np.asarray(g(uc, uc, 0.7)), uc, rtol=0, atol=tol(dtype))
-    np.testing.assert_allclose(np.asarray(jax.jit(geo.geodesic_distance)(uc, uc)), 0.0, atol=tol(dtype, f32=1e-3, f64=1e-7))
+    np.testing.assert_allclose(
+        np.asarray(jax.jit(geo.geodesic_distance)(uc, uc)), 0.0, atol=tol(dtype, f32=1e-3, f64=1e-7)
+    )
     # t outside [0, 1] extrapolates along the same geodesic: U1 expm(t X)
     w = expm64(0.5 * x)
     ts = [-0.5, 1.5, 2.0, 0.3, 3.0]
     y = np.asarray(g(uc, (u @ w).astype(dtype), np.asarray(ts, dtype)))
     for k, t in enumerate(ts):
-        np.testing.assert_allclose(y[k], u[k] @ expm64(t * 0.5 * x[k]), rtol=0, atol=tol(dtype, f32=2e-5, f64=1e-12))
+        np.testing.assert_allclose(
+            y[k], u[k] @ expm64(t * 0.5 * x[k]), rtol=0, atol=tol(dtype, f32=2e-5, f64=1e-12)
+        )
 
 
 def test_geodesic_raises_on_antipodal_blocks():
@@ -135,7 +160,9 @@ def test_geodesic_raises_on_antipodal_blocks():
     ang = np.pi - 1e-3
     u2[1, :2, :2] = [[np.cos(ang), -np.sin(ang)], [np.sin(ang), np.cos(ang)]]
     expected = np.where(good, 0.0, ang * np.sqrt(2))
-    np.testing.assert_allclose(np.asarray(geo.geodesic_distance(u1, u2)), expected, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(
+        np.asarray(geo.geodesic_distance(u1, u2)), expected, rtol=1e-9, atol=1e-12
+    )
 
 
 def _cay64(a: np.ndarray) -> np.ndarray:
@@ -171,7 +198,9 @@ def test_geodesic_path_cayley_matches_scipy(case, scale, t, f32):
     rel_ref = np.linalg.solve(T(u1) @ u2 + eye, T(u1) @ u2 - eye)
     want = u1 @ expm64(t * logm64(T(u1) @ u2))
     dt = np.float32 if f32 else np.float64
-    rel, got, bad = (np.asarray(x) for x in _path_cayley_kernel(a1.astype(dt), a2.astype(dt), dt(t)))
+    rel, got, bad = (
+        np.asarray(x) for x in _path_cayley_kernel(a1.astype(dt), a2.astype(dt), dt(t))
+    )
     assert got.dtype == dt and not bad.any()
     # the relative parameter grows like tan(theta / 2) <= 6.3; its error like its square
     np.testing.assert_allclose(rel, rel_ref, rtol=0, atol=2e-4 if f32 else 1e-11)

@@ -29,7 +29,7 @@ from .strategies import (
     tol,
 )
 
-T = lambda a: np.swapaxes(a, -1, -2)  # noqa: E731
+T = lambda a: np.swapaxes(a, -1, -2)
 
 
 def _act64(A, B, X):
@@ -71,15 +71,24 @@ def test_action_laws_orbit_and_closure(case):
     n = case.nb * case.b
     # X: an orthogonal n x n matrix (a random GS matrix times a random dense rotation)
     X = gs_dense64(L, R) @ random_rotations(rng, (), n, 2.0) if n > 1 else np.ones((1, 1))
-    out = {k: np.asarray(v, np.float64) for k, v in _group_kernel(*(jnp.asarray(a, case.dtype) for a in (A, B, A2, B2, L, R, X))).items()}
+    out = {
+        k: np.asarray(v, np.float64)
+        for k, v in _group_kernel(
+            *(jnp.asarray(a, case.dtype) for a in (A, B, A2, B2, L, R, X))
+        ).items()
+    }
     t = tol(case.dtype, f32=1e-5, f64=1e-12)
     Xd = np.asarray(X, case.dtype).astype(np.float64)
     np.testing.assert_allclose(out["identity"], Xd, rtol=0, atol=0)  # identity law (exact)
     np.testing.assert_allclose(out["gx"], _act64(A, B, X), rtol=0, atol=t)  # vs dense reference
     np.testing.assert_allclose(out["gh"], out["g_h"], rtol=0, atol=t)  # compatibility
     np.testing.assert_allclose(out["g_h"], _act64(A @ A2, B @ B2, X), rtol=0, atol=t)
-    np.testing.assert_allclose(out["orbit"], gs_dense64(L, R), rtol=0, atol=t)  # (L, R^T) . I = Q(L, R)
-    np.testing.assert_allclose(out["closure"], gs_dense64(A @ L, R @ T(B)), rtol=0, atol=t)  # stays GS
+    np.testing.assert_allclose(
+        out["orbit"], gs_dense64(L, R), rtol=0, atol=t
+    )  # (L, R^T) . I = Q(L, R)
+    np.testing.assert_allclose(
+        out["closure"], gs_dense64(A @ L, R @ T(B)), rtol=0, atol=t
+    )  # stays GS
     np.testing.assert_allclose(out["closure"], out["closure_ref"], rtol=0, atol=t)
     assert orth_err(out["gx"]) <= t  # the action preserves orthogonality
     assert orth_err(out["closure"]) <= t
@@ -137,18 +146,29 @@ def test_stabilizer_formula_matches_measurement(nb, b):
 def _sign_kernel(signs, L, R):
     A, B = geo.sign_stabilizer_element(signs)
     n = L.shape[-3] * L.shape[-1]
-    return A, B, geo.gs_dense(L @ A, B @ R), geo.gs_dense(L, R), geo.act(A, B, jnp.eye(n, dtype=L.dtype))
+    return (
+        A,
+        B,
+        geo.gs_dense(L @ A, B @ R),
+        geo.gs_dense(L, R),
+        geo.act(A, B, jnp.eye(n, dtype=L.dtype)),
+    )
 
 
 @scaled_settings(15)
 @given(case=rotation_stacks(kind="gs"), data=st.data())
 def test_sign_stabilizer_elements(case, data):
     nb, b = case.nb, case.b
-    signs = np.asarray(data.draw(st.lists(st.sampled_from([-1.0, 1.0]), min_size=nb * b, max_size=nb * b)))
+    signs = np.asarray(
+        data.draw(st.lists(st.sampled_from([-1.0, 1.0]), min_size=nb * b, max_size=nb * b))
+    )
     signs = signs.reshape(nb, b).astype(case.dtype)
     L = case.rot
     R = random_rotations(case.rng(9), (nb,), b, case.max_angle)
-    A, B, q_signed, q, fixed = (np.asarray(o, np.float64) for o in _sign_kernel(signs, *(np.asarray(a, case.dtype) for a in (L, R))))
+    A, B, q_signed, q, fixed = (
+        np.asarray(o, np.float64)
+        for o in _sign_kernel(signs, *(np.asarray(a, case.dtype) for a in (L, R)))
+    )
     # A = diag(signs) in blocks; B = P^T A P, again diagonal (checked with the dense P)
     np.testing.assert_array_equal(block_diag64(A), np.diag(signs.reshape(-1)))
     p = shuffle_matrix64(nb, b)

@@ -12,8 +12,8 @@ from orthofuse_jax import geometry as geo
 from orthofuse_jax.geometry import gs_shape
 
 from .strategies import (
-    J,
     DTYPES,
+    J,
     block_diag64,
     gs_dense64,
     gs_shapes,
@@ -21,8 +21,8 @@ from .strategies import (
     random_rotations,
     rotation_stacks,
     scaled_settings,
-    shape_dtypes,
     seeds,
+    shape_dtypes,
     tol,
 )
 
@@ -45,7 +45,9 @@ def _element_form(L: np.ndarray, R: np.ndarray) -> np.ndarray:
             for j in range(nb):
                 for i in range(b):
                     q[c * nb + v, j * b + i] = sum(
-                        L[v, c, u] * R[j, (u * nb + v) % b, i] for u in range(b) if (u * nb + v) // b == j
+                        L[v, c, u] * R[j, (u * nb + v) % b, i]
+                        for u in range(b)
+                        if (u * nb + v) // b == j
                     )
     return q
 
@@ -77,7 +79,9 @@ def test_dense_reference_matches_spec_element_form(case):
     L, R = _pair(case)
     q = _element_form(L, R)
     np.testing.assert_allclose(gs_dense64(L, R), q, rtol=0, atol=1e-13)
-    np.testing.assert_allclose(np.asarray(J.gs_dense(jnp.asarray(L), jnp.asarray(R))), q, rtol=0, atol=1e-13)
+    np.testing.assert_allclose(
+        np.asarray(J.gs_dense(jnp.asarray(L), jnp.asarray(R))), q, rtol=0, atol=1e-13
+    )
 
 
 @jax.jit
@@ -93,14 +97,20 @@ def test_gs_matrices_are_orthogonal(case):
     qd, back = _orth_and_roundtrip(*(jnp.asarray(a, case.dtype) for a in (x, L, R)))
     assert orth_err(qd) <= tol(case.dtype)
     # Q^T (Q x) = x through the structured products
-    np.testing.assert_allclose(np.asarray(back), x, rtol=0, atol=tol(case.dtype, f32=1e-5 * max(1, n) ** 0.5))
+    np.testing.assert_allclose(
+        np.asarray(back), x, rtol=0, atol=tol(case.dtype, f32=1e-5 * max(1, n) ** 0.5)
+    )
 
 
 @jax.jit
 def _identity_outputs(x, eye, z):
     cz = geo.cayley(z)
-    return (geo.gs_dense(eye, eye), geo.gs_apply(x, eye, eye), geo.gs_apply_transpose(x, eye, eye),
-            geo.gs_dense(cz, cz))
+    return (
+        geo.gs_dense(eye, eye),
+        geo.gs_apply(x, eye, eye),
+        geo.gs_apply_transpose(x, eye, eye),
+        geo.gs_dense(cz, cz),
+    )
 
 
 @given(sd=shape_dtypes("gs"), seed=seeds())
@@ -144,7 +154,9 @@ def test_gs_sdxl_shape_orthogonal_and_matches_numpy():
     R = random_rotations(rng, (32,), 20, 0.5)
     q = gs_dense64(L, R)
     x = rng.standard_normal((2, 640))
-    np.testing.assert_allclose(np.asarray(J.gs_apply(jnp.asarray(x), jnp.asarray(L), jnp.asarray(R))), x @ q.T, atol=1e-12)
+    np.testing.assert_allclose(
+        np.asarray(J.gs_apply(jnp.asarray(x), jnp.asarray(L), jnp.asarray(R))), x @ q.T, atol=1e-12
+    )
     qf = J.gs_dense(jnp.asarray(L, np.float32), jnp.asarray(R, np.float32))
     assert orth_err(qf) <= 1e-5
 
@@ -157,14 +169,38 @@ GOLDEN = {
     "concept": (
         0.05 * (_J + 1) * (_R - _C) + 0.02 * np.cos(1 + _J + 2 * _R + 3 * _C),
         0.03 * (_R - _C) * (2 - _J) + 0.02 * np.sin(1 + 3 * _J + _R + 2 * _C),
-        [0.64652885, 1.22856797, 0.64459772, -0.67251404, -0.95667043, -0.12164621,
-         0.98564964, 0.91272737, 0.43261781, -0.27006271, -0.41096245, -0.57496664],
+        [
+            0.64652885,
+            1.22856797,
+            0.64459772,
+            -0.67251404,
+            -0.95667043,
+            -0.12164621,
+            0.98564964,
+            0.91272737,
+            0.43261781,
+            -0.27006271,
+            -0.41096245,
+            -0.57496664,
+        ],
     ),
     "style": (
         0.06 * (_R - _C) + 0.01 * (_J + 1) * np.cos(3 + _J * _R + _C),
         0.04 * (_R - _C) * (_J - 1.5) + 0.03 * np.sin(2 + _J + _R * _C),
-        [0.92000366, 0.85743137, -0.02395133, -0.83803178, -0.88978334, -0.05780399,
-         0.65486790, 0.91617922, 0.61165378, -0.08627555, -0.93937793, -0.82314553],
+        [
+            0.92000366,
+            0.85743137,
+            -0.02395133,
+            -0.83803178,
+            -0.88978334,
+            -0.05780399,
+            0.65486790,
+            0.91617922,
+            0.61165378,
+            -0.08627555,
+            -0.93937793,
+            -0.82314553,
+        ],
     ),
 }
 
@@ -177,7 +213,9 @@ def test_spec_golden_values(which, dtype):
     R = J.cayley(jnp.asarray(a_r, dtype))
     y = J.gs_apply(jnp.asarray(_X, dtype), L, R)
     assert y.dtype == dtype
-    np.testing.assert_allclose(np.asarray(y, np.float64), expected, rtol=0, atol=1e-7 if dtype == np.float64 else 1e-6)
+    np.testing.assert_allclose(
+        np.asarray(y, np.float64), expected, rtol=0, atol=1e-7 if dtype == np.float64 else 1e-6
+    )
     # Q x through the dense matrix too
     q = np.asarray(J.gs_dense(L, R), np.float64)
     np.testing.assert_allclose(q @ _X, expected, rtol=0, atol=1e-7 if dtype == np.float64 else 1e-6)

@@ -75,38 +75,72 @@ TABLE = {
     ),
     "geodesic_path_cayley": (
         lambda a1, a2, t: geo.geodesic_path_cayley(a1, a2).at(t),
-        lambda r: (r.standard_normal((NB, B, B)), r.standard_normal((NB, B, B)), np.asarray(r.uniform(-0.5, 1.5))),
+        lambda r: (
+            r.standard_normal((NB, B, B)),
+            r.standard_normal((NB, B, B)),
+            np.asarray(r.uniform(-0.5, 1.5)),
+        ),
     ),
-    "geodesic_with_flag": (geo.geodesic_with_flag, lambda r: (_rot(r, 1.0), _rot(r, 1.0), np.asarray(r.uniform(-0.5, 1.5)))),
+    "geodesic_with_flag": (
+        geo.geodesic_with_flag,
+        lambda r: (_rot(r, 1.0), _rot(r, 1.0), np.asarray(r.uniform(-0.5, 1.5))),
+    ),
     # relative angles below 2 rad: near pi the float32 distance is ill-conditioned (tan(theta/2))
     "geodesic_distance": (geo.geodesic_distance, lambda r: (_rot(r, 1.0), _rot(r, 1.0))),
-    "geodesic_speed": (geo.geodesic_speed, lambda r: (_rot(r), _rot(r), np.asarray(r.uniform(0, 1)))),
+    "geodesic_speed": (
+        geo.geodesic_speed,
+        lambda r: (_rot(r), _rot(r), np.asarray(r.uniform(0, 1))),
+    ),
     "gs_apply": (geo.gs_apply, lambda r: (r.standard_normal((2, N)), _rot(r), _rot(r))),
-    "gs_apply_transpose": (geo.gs_apply_transpose, lambda r: (r.standard_normal((2, N)), _rot(r), _rot(r))),
+    "gs_apply_transpose": (
+        geo.gs_apply_transpose,
+        lambda r: (r.standard_normal((2, N)), _rot(r), _rot(r)),
+    ),
     "gs_dense": (geo.gs_dense, lambda r: (_rot(r), _rot(r))),
     # static shapes: under vmap it must see one example's shape
-    "gs_shape": (lambda L, R: jnp.asarray(geo.gs_shape(L, R)) + 0 * L.sum().astype(int), lambda r: (_rot(r), _rot(r))),
+    "gs_shape": (
+        lambda L, R: jnp.asarray(geo.gs_shape(L, R)) + 0 * L.sum().astype(int),
+        lambda r: (_rot(r), _rot(r)),
+    ),
     "inverse_cayley": (geo.inverse_cayley, lambda r: (_rot(r),)),
     "log": (geo.log, lambda r: (_rot(r, 3.0),)),
     "log_with_flag": (geo.log_with_flag, lambda r: (_rot(r, 3.0),)),
     "log_polynomial": (geo.log_polynomial, lambda r: (_rot(r, 2.0),)),
     "orbit_map": (geo.orbit_map, lambda r: (_rot(r), _rot(r))),
-    "perfect_shuffle": (lambda z: geo.perfect_shuffle(z, NB), lambda r: (r.standard_normal((2, N)),)),
-    "perfect_unshuffle": (lambda z: geo.perfect_unshuffle(z, NB), lambda r: (r.standard_normal((2, N)),)),
+    "perfect_shuffle": (
+        lambda z: geo.perfect_shuffle(z, NB),
+        lambda r: (r.standard_normal((2, N)),),
+    ),
+    "perfect_unshuffle": (
+        lambda z: geo.perfect_unshuffle(z, NB),
+        lambda r: (r.standard_normal((2, N)),),
+    ),
     "power": (geo.power, lambda r: (_rot(r, 3.0), np.asarray(r.uniform(-1, 2)))),
     # a matrix with a positive definite symmetric part (I + skew + small symmetric), any right-hand side
     "solve_pd": (
-        lambda s, b: geo.solve_pd(jnp.eye(B, dtype=s.dtype) + s - jnp.swapaxes(s, -1, -2) + 0.1 * (s + jnp.swapaxes(s, -1, -2)), b),
+        lambda s, b: geo.solve_pd(
+            jnp.eye(B, dtype=s.dtype)
+            + s
+            - jnp.swapaxes(s, -1, -2)
+            + 0.1 * (s + jnp.swapaxes(s, -1, -2)),
+            b,
+        ),
         lambda r: (0.5 * r.standard_normal((NB, B, B)), r.standard_normal((NB, B, B))),
     ),
     "rotation_parameters": (geo.rotation_parameters, lambda r: (_rot(r, 2.0),)),
-    "relative_cayley": (geo.relative_cayley, lambda r: (r.standard_normal((NB, B, B)), 0.5 * r.standard_normal((NB, B, B)))),
+    "relative_cayley": (
+        geo.relative_cayley,
+        lambda r: (r.standard_normal((NB, B, B)), 0.5 * r.standard_normal((NB, B, B))),
+    ),
     "relative_rotation": (geo.relative_rotation, lambda r: (_rot(r), _rot(r))),
     "rotation_angles": (geo.rotation_angles, lambda r: (_rot(r),)),
     "sign_stabilizer_element": (geo.sign_stabilizer_element, lambda r: (_signs(r),)),
     "skew": (geo.skew, lambda r: (r.standard_normal((NB, B, B)),)),
     "spectral_map": (lambda u: geo.spectral_map(u, odd_map), lambda r: (_rot(r, 3.0),)),
-    "spectral_map_with_flag": (lambda u: geo.spectral_map_with_flag(u, odd_map), lambda r: (_rot(r, 3.0),)),
+    "spectral_map_with_flag": (
+        lambda u: geo.spectral_map_with_flag(u, odd_map),
+        lambda r: (_rot(r, 3.0),),
+    ),
 }
 
 
@@ -120,7 +154,9 @@ def _close(a, b, dtype):
         x, y = np.asarray(x), np.asarray(y)
         assert x.shape == y.shape and x.dtype == y.dtype
         if x.dtype.kind == "f":
-            np.testing.assert_allclose(x, y, rtol=0, atol=tol(dtype, f32=1e-5, f64=1e-12) * max(1.0, np.abs(y).max()))
+            np.testing.assert_allclose(
+                x, y, rtol=0, atol=tol(dtype, f32=1e-5, f64=1e-12) * max(1.0, np.abs(y).max())
+            )
         else:
             np.testing.assert_array_equal(x, y)
 
@@ -128,7 +164,10 @@ def _close(a, b, dtype):
 def _args(name, dtype, k):
     build = TABLE[name][1]
     rng = np.random.default_rng([sorted(TABLE).index(name), k])
-    return tuple(np.asarray(a, dtype) if np.asarray(a).dtype.kind == "f" else np.asarray(a) for a in build(rng))
+    return tuple(
+        np.asarray(a, dtype) if np.asarray(a).dtype.kind == "f" else np.asarray(a)
+        for a in build(rng)
+    )
 
 
 @pytest.mark.parametrize("name", sorted(TABLE))

@@ -20,11 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.linalg
 from hypothesis import given
 from hypothesis import strategies as st
 from jax.test_util import check_grads
-
-import scipy.linalg
 
 from orthofuse_jax import _native
 from orthofuse_jax.geometry import cayley, geodesic_path_cayley
@@ -40,8 +39,10 @@ def _skew64(x):
 
 def _reference(x1, x2, c1, c2, c, square):
     """The defining formula in float64 numpy (LAPACK with pivoting)."""
-    batch = np.broadcast_shapes(np.shape(x1)[:-2], np.shape(x2)[:-2], np.shape(c1), np.shape(c2), np.shape(c))
-    col = lambda v: np.broadcast_to(np.asarray(v, np.float64), batch)[..., None, None]  # noqa: E731
+    batch = np.broadcast_shapes(
+        np.shape(x1)[:-2], np.shape(x2)[:-2], np.shape(c1), np.shape(c2), np.shape(c)
+    )
+    col = lambda v: np.broadcast_to(np.asarray(v, np.float64), batch)[..., None, None]
     s = col(c1) * _skew64(x1) + col(c2) * _skew64(x2)
     eye = np.eye(s.shape[-1])
     base = eye - s @ s if square else np.broadcast_to(eye, s.shape)
@@ -52,8 +53,14 @@ def _uses_kernel(fn, *args) -> bool:
     return "orthofuse_cayley" in jax.jit(fn).lower(*args).as_text()
 
 
-@given(n=st.integers(1, 70), batch=st.sampled_from([(), (1,), (17,), (3, 5)]), scale=st.sampled_from([0.05, 0.5, 3.0]),
-       square=st.booleans(), per_block=st.booleans(), seed=st.integers(0, 2**16))
+@given(
+    n=st.integers(1, 70),
+    batch=st.sampled_from([(), (1,), (17,), (3, 5)]),
+    scale=st.sampled_from([0.05, 0.5, 3.0]),
+    square=st.booleans(),
+    per_block=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 @pytest.mark.parametrize("dtype, tol", [(np.float32, 3e-7), (np.float64, 1e-13)])
 def test_matches_float64_formula(dtype, tol, n, batch, scale, square, per_block, seed):
     rng = np.random.default_rng(seed)
@@ -63,22 +70,33 @@ def test_matches_float64_formula(dtype, tol, n, batch, scale, square, per_block,
         c = rng.uniform(1.0, 2.0, batch).astype(dtype)
     else:
         t, c = dtype(0.3), dtype(1.84)
-    got = np.asarray(jax.jit(lambda a, b, t, c: cayley_map(a, b, c1=1 - t, c2=t, c=c, square=square))(x1, x2, t, c))
+    got = np.asarray(
+        jax.jit(lambda a, b, t, c: cayley_map(a, b, c1=1 - t, c2=t, c=c, square=square))(
+            x1, x2, t, c
+        )
+    )
     want = _reference(x1, x2, 1 - t, t, c, square)
     assert got.dtype == dtype and got.shape == want.shape
     # float32: the kernel computes in double and rounds once (LAPACK's float32 solve: ~3e-7 more)
     np.testing.assert_allclose(got, want, atol=tol * max(1.0, np.abs(want).max()), rtol=0)
     # and the result is a rotation
     eye = np.eye(n)
-    np.testing.assert_allclose(np.swapaxes(got, -1, -2).astype(np.float64) @ got, np.broadcast_to(eye, want.shape),
-                               atol=10 * tol)
+    np.testing.assert_allclose(
+        np.swapaxes(got, -1, -2).astype(np.float64) @ got,
+        np.broadcast_to(eye, want.shape),
+        atol=10 * tol,
+    )
 
 
 def test_one_argument_is_the_cayley_map_and_the_kernel_runs_where_built():
     rng = np.random.default_rng(0)
     a = rng.standard_normal((6, 20, 20))
-    np.testing.assert_allclose(np.asarray(cayley_map(a)), _reference(a, a, 1.0, 0.0, 1.0, False), atol=1e-13)
-    np.testing.assert_allclose(np.asarray(cayley_map(a, c1=0.7)), _reference(a, a, 0.7, 0.0, 1.0, False), atol=1e-13)
+    np.testing.assert_allclose(
+        np.asarray(cayley_map(a)), _reference(a, a, 1.0, 0.0, 1.0, False), atol=1e-13
+    )
+    np.testing.assert_allclose(
+        np.asarray(cayley_map(a, c1=0.7)), _reference(a, a, 0.7, 0.0, 1.0, False), atol=1e-13
+    )
     assert _uses_kernel(cayley_map, a) == _native.available()
 
 
@@ -86,11 +104,15 @@ def test_vmap_over_t_and_over_blocks():
     rng = np.random.default_rng(1)
     x1, x2 = rng.standard_normal((2, 5, 12, 12)) * 0.4
     ts = np.linspace(0.0, 1.0, 7)
-    sweep = jax.vmap(lambda t: cayley_map(x1, x2, c1=1 - t, c2=t, c=1 + 4 * t * (1 - t), square=True))(ts)
+    sweep = jax.vmap(
+        lambda t: cayley_map(x1, x2, c1=1 - t, c2=t, c=1 + 4 * t * (1 - t), square=True)
+    )(ts)
     want = np.stack([_reference(x1, x2, 1 - t, t, 1 + 4 * t * (1 - t), True) for t in ts])
     np.testing.assert_allclose(np.asarray(sweep), want, atol=1e-13)
     per_block = jax.vmap(lambda a, b: cayley_map(a, b, c1=0.5, c2=0.5))(x1, x2)
-    np.testing.assert_allclose(np.asarray(per_block), _reference(x1, x2, 0.5, 0.5, 1.0, False), atol=1e-13)
+    np.testing.assert_allclose(
+        np.asarray(per_block), _reference(x1, x2, 0.5, 0.5, 1.0, False), atol=1e-13
+    )
     assert cayley_map(x1[:0], x2[:0]).shape == (0, 12, 12)
 
 
@@ -142,16 +164,23 @@ def test_cpus_without_a_build_take_xla(monkeypatch):
         jax.clear_caches()  # targets are looked up when a function is traced
         assert not _native.available() and _native.target("cayley", np.dtype("float32")) is None
         assert not _uses_kernel(cayley_map, a)
-        np.testing.assert_allclose(np.asarray(cayley_map(a)), _reference(a, a, 1.0, 0.0, 1.0, False), atol=1e-6)
+        np.testing.assert_allclose(
+            np.asarray(cayley_map(a)), _reference(a, a, 1.0, 0.0, 1.0, False), atol=1e-6
+        )
     monkeypatch.setattr(_native, "_state", {})
     monkeypatch.setattr(_native, "isa", lambda: "portable")
     monkeypatch.delenv("ORTHOFUSE_JAX_NATIVE")
     assert not _native.available()
     monkeypatch.setenv("ORTHOFUSE_JAX_NATIVE", "force")
     jax.clear_caches()
-    assert _native.available() and _native.target("cayley", np.dtype("float32")) == "orthofuse_cayley_f32"
+    assert (
+        _native.available()
+        and _native.target("cayley", np.dtype("float32")) == "orthofuse_cayley_f32"
+    )
     assert _uses_kernel(cayley_map, a)
-    np.testing.assert_allclose(np.asarray(cayley_map(a)), _reference(a, a, 1.0, 0.0, 1.0, False), atol=3e-7)
+    np.testing.assert_allclose(
+        np.asarray(cayley_map(a)), _reference(a, a, 1.0, 0.0, 1.0, False), atol=3e-7
+    )
     monkeypatch.undo()
     jax.clear_caches()
 
@@ -162,12 +191,16 @@ def test_switch_off_and_large_blocks_take_xla(monkeypatch):
     monkeypatch.setenv("ORTHOFUSE_JAX_NATIVE", "0")
     jax.clear_caches()  # the switch is read when a function is traced
     assert not _uses_kernel(cayley_map, a)
-    np.testing.assert_allclose(np.asarray(cayley_map(a)), _reference(a, a, 1.0, 0.0, 1.0, False), atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(cayley_map(a)), _reference(a, a, 1.0, 0.0, 1.0, False), atol=1e-6
+    )
     monkeypatch.delenv("ORTHOFUSE_JAX_NATIVE")
     jax.clear_caches()
     big = rng.standard_normal((1, NATIVE_MAX_BLOCK + 1, NATIVE_MAX_BLOCK + 1)) * 0.05
     assert not _uses_kernel(cayley_map, big)
-    np.testing.assert_allclose(np.asarray(cayley_map(big)), _reference(big, big, 1.0, 0.0, 1.0, False), atol=1e-12)
+    np.testing.assert_allclose(
+        np.asarray(cayley_map(big)), _reference(big, big, 1.0, 0.0, 1.0, False), atol=1e-12
+    )
 
 
 def test_gpu_lowering_never_calls_the_cpu_kernel():
@@ -184,8 +217,13 @@ def _geodesic64(a1, a2, ts):
     u2 = np.asarray(cayley(jnp.asarray(a2, jnp.float64)))
     w = np.swapaxes(u1, -1, -2) @ u2
     flat = w.reshape(-1, *w.shape[-2:])
-    out = [u1 @ np.stack([np.real(scipy.linalg.fractional_matrix_power(x, t)) for x in flat]).reshape(w.shape)
-           for t in ts]
+    out = [
+        u1
+        @ np.stack([np.real(scipy.linalg.fractional_matrix_power(x, t)) for x in flat]).reshape(
+            w.shape
+        )
+        for t in ts
+    ]
     return np.stack(out)
 
 
@@ -210,8 +248,12 @@ def test_geodesic_points_match_scipy(dtype, tol, n):
     restored = np.asarray(path.at_restored(tb, jnp.asarray(eta, dtype)[:, None, None]))
     assert got.shape == restored.shape == want.shape and got.dtype == dtype
     np.testing.assert_allclose(got, want, atol=tol, rtol=0)
-    np.testing.assert_allclose(restored, _curve_over_id64(want, eta[:, None, None]), atol=tol, rtol=0)
-    one = np.asarray(jax.jit(lambda p, t: p.at_restored(t, 0.5 + 2 * t * (1 - t)))(path, dtype(0.3)))
+    np.testing.assert_allclose(
+        restored, _curve_over_id64(want, eta[:, None, None]), atol=tol, rtol=0
+    )
+    one = np.asarray(
+        jax.jit(lambda p, t: p.at_restored(t, 0.5 + 2 * t * (1 - t)))(path, dtype(0.3))
+    )
     np.testing.assert_allclose(one, restored[1], atol=tol, rtol=0)
 
 
@@ -220,12 +262,21 @@ def test_geodesic_point_vmap_derivatives_and_lowering():
     a, b, v = (jnp.asarray(0.5 * rng.standard_normal((4, 6, 6))) for _ in range(3))
     c, r = (jnp.asarray(rng.uniform(-1, 1, (4, 6))) for _ in range(2))
     # vmap over t (only c, r and eta batched) equals the explicit sweep shape
-    swept = jax.vmap(lambda c, r, e: geodesic_point(a, b, v, c, r, e))(jnp.stack([c, r]), jnp.stack([r, c]),
-                                                                      jnp.array([0.7, 0.9]))
-    direct = geodesic_point(a, b, v, jnp.stack([c, r]), jnp.stack([r, c]), jnp.array([0.7, 0.9])[:, None])
+    swept = jax.vmap(lambda c, r, e: geodesic_point(a, b, v, c, r, e))(
+        jnp.stack([c, r]), jnp.stack([r, c]), jnp.array([0.7, 0.9])
+    )
+    direct = geodesic_point(
+        a, b, v, jnp.stack([c, r]), jnp.stack([r, c]), jnp.array([0.7, 0.9])[:, None]
+    )
     np.testing.assert_allclose(np.asarray(swept), np.asarray(direct), atol=1e-13)
-    check_grads(lambda a, c, e: geodesic_point(a, b, v, c, r, e), (a, c, jnp.float64(0.8)), order=1,
-                modes=("fwd", "rev"), atol=1e-6, rtol=1e-6)
+    check_grads(
+        lambda a, c, e: geodesic_point(a, b, v, c, r, e),
+        (a, c, jnp.float64(0.8)),
+        order=1,
+        modes=("fwd", "rev"),
+        atol=1e-6,
+        rtol=1e-6,
+    )
     x = np.asarray(a, np.float32)
     traced = jax.jit(lambda a: geodesic_point(a, a, a, x[..., 0], x[..., 1], 0.9)).trace(x)
     assert "orthofuse_point" not in traced.lower(lowering_platforms=("cuda",)).as_text()
@@ -244,7 +295,9 @@ def test_a_geodesic_path_lowered_for_gpus_has_no_cpu_kernel():
 
     traced = jax.jit(fn).trace(x, 0.5 * x)
     cuda = traced.lower(lowering_platforms=("cuda",)).as_text()
-    assert not any(f"orthofuse_{k}_f" in cuda for k in ("cayley", "solve", "point"))  # (file names of the GPU kernel may appear)
+    assert not any(
+        f"orthofuse_{k}_f" in cuda for k in ("cayley", "solve", "point")
+    )  # (file names of the GPU kernel may appear)
     if _native.available():
         cpu = traced.lower(lowering_platforms=("cpu",)).as_text()
         assert all(f"orthofuse_{k}_f32" in cpu for k in ("cayley", "solve", "point"))
@@ -267,13 +320,17 @@ def test_threads_split_large_batches(monkeypatch, threads):
     ts = np.array([0.0, 0.25, 0.5, 0.8, 1.0])
     path = geodesic_path_cayley(jnp.asarray(a1), jnp.asarray(a2))
     swept = np.asarray(path.at_restored(jnp.asarray(ts)[:, None], 0.9))
-    np.testing.assert_allclose(swept, _curve_over_id64(_geodesic64(a1, a2, ts), 0.9), atol=1e-12, rtol=0)
+    np.testing.assert_allclose(
+        swept, _curve_over_id64(_geodesic64(a1, a2, ts), 0.9), atol=1e-12, rtol=0
+    )
 
     from orthofuse_jax.geometry._linalg import solve_pd
 
     eye = np.eye(40)
     s = _skew64(x1)
-    np.testing.assert_allclose(np.asarray(solve_pd(eye - s, x2)), np.linalg.solve(eye - s, x2), atol=1e-12, rtol=0)
+    np.testing.assert_allclose(
+        np.asarray(solve_pd(eye - s, x2)), np.linalg.solve(eye - s, x2), atol=1e-12, rtol=0
+    )
 
 
 @pytest.mark.parametrize("native", ["1", "0"])
@@ -300,12 +357,16 @@ def test_flag_marks_exactly_the_blocks_with_inf_or_nan(monkeypatch, native, dtyp
         np.testing.assert_array_equal(np.asarray(bad), want)
         assert set(np.flatnonzero(want)) == {3, 7, 11}
         ok = ~want
-        np.testing.assert_allclose(np.asarray(y)[ok], ref[ok], atol=1e-6 if dtype == np.float32 else 1e-12, rtol=0)
+        np.testing.assert_allclose(
+            np.asarray(y)[ok], ref[ok], atol=1e-6 if dtype == np.float32 else 1e-12, rtol=0
+        )
     # a flag output changes neither vmap nor derivatives of the blocks
-    f = lambda a: cayley_map(a, with_flag=True)[0]  # noqa: E731
+    f = lambda a: cayley_map(a, with_flag=True)[0]
     a = jnp.asarray(x1[:2].astype(np.float64))
     check_grads(f, (a,), order=1, modes=("fwd", "rev"), atol=1e-6, rtol=1e-6)
     vm = jax.vmap(lambda a: cayley_map(a, with_flag=True))(jnp.asarray(x1).reshape(4, 10, n, n))
-    np.testing.assert_array_equal(np.asarray(vm[1]).reshape(40), np.asarray(cayley_map(x1, with_flag=True)[1]))
+    np.testing.assert_array_equal(
+        np.asarray(vm[1]).reshape(40), np.asarray(cayley_map(x1, with_flag=True)[1])
+    )
     monkeypatch.delenv("ORTHOFUSE_JAX_NATIVE")
     jax.clear_caches()

@@ -31,13 +31,20 @@ def _interpret(a, b):
 
 
 @settings(max_examples=12, deadline=None)
-@given(n=st.integers(1, 64), m=st.sampled_from([1, 3, None]), batch=st.sampled_from([(), (1,), (5,), (2, 3)]),
-       scale=st.sampled_from([0.1, 1.0, 3.0]), seed=st.integers(0, 2**16))
+@given(
+    n=st.integers(1, 64),
+    m=st.sampled_from([1, 3, None]),
+    batch=st.sampled_from([(), (1,), (5,), (2, 3)]),
+    scale=st.sampled_from([0.1, 1.0, 3.0]),
+    seed=st.integers(0, 2**16),
+)
 def test_kernel_matches_float64_lapack(n, m, batch, scale, seed):
     rng = np.random.default_rng(seed)
     a, b = _pd_system(rng, batch, n, n if m is None else m, scale)
     exact = np.linalg.solve(a, b)
-    got = np.asarray(_interpret(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)), np.float64)
+    got = np.asarray(
+        _interpret(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)), np.float64
+    )
     assert got.shape == exact.shape
     cond = np.linalg.cond(a).max()
     np.testing.assert_allclose(got, exact, atol=2e-6 * cond * max(1.0, np.abs(exact).max()))
@@ -52,7 +59,9 @@ def test_kernel_solves_the_cayley_systems_of_the_sdxl_block_sizes():
         x = rng.standard_normal((6, b, b))
         s = 0.4 * (x - np.swapaxes(x, -1, -2)) / np.sqrt(b)
         eye = np.eye(b)
-        got = np.asarray(_interpret(jnp.asarray(eye - s, jnp.float32), jnp.asarray(eye + s, jnp.float32)))
+        got = np.asarray(
+            _interpret(jnp.asarray(eye - s, jnp.float32), jnp.asarray(eye + s, jnp.float32))
+        )
         np.testing.assert_allclose(got, np.linalg.solve(eye - s, eye + s), atol=1e-6)
 
 
@@ -65,10 +74,20 @@ def test_empty_batch_and_shape_errors():
 def test_derivatives_through_the_kernel_match_finite_differences():
     """``solve_pd`` wraps the kernel in ``custom_linear_solve``: forward and reverse, float64."""
     a, b = _pd_system(np.random.default_rng(2), (2,), 5, 3, 0.7)
-    check_grads(_no_pivot_solve(_interpret), (jnp.asarray(a), jnp.asarray(b)), order=1,
-                modes=("fwd", "rev"), atol=1e-6, rtol=1e-6)
-    vm = jax.vmap(_no_pivot_solve(_interpret))(jnp.asarray(a)[None].repeat(2, 0), jnp.asarray(b)[None].repeat(2, 0))
-    np.testing.assert_allclose(np.asarray(vm), np.broadcast_to(np.linalg.solve(a, b), vm.shape), atol=1e-12)
+    check_grads(
+        _no_pivot_solve(_interpret),
+        (jnp.asarray(a), jnp.asarray(b)),
+        order=1,
+        modes=("fwd", "rev"),
+        atol=1e-6,
+        rtol=1e-6,
+    )
+    vm = jax.vmap(_no_pivot_solve(_interpret))(
+        jnp.asarray(a)[None].repeat(2, 0), jnp.asarray(b)[None].repeat(2, 0)
+    )
+    np.testing.assert_allclose(
+        np.asarray(vm), np.broadcast_to(np.linalg.solve(a, b), vm.shape), atol=1e-12
+    )
 
 
 def _cuda_text(fn, *args) -> str:
@@ -82,10 +101,16 @@ def test_cuda_programs_call_the_kernel_for_float32_blocks_up_to_64():
         assert TRITON in _cuda_text(solve_pd, a, b)
         assert TRITON in _cuda_text(jax.vmap(solve_pd), a[None], b[None])
         assert TRITON in _cuda_text(jax.grad(lambda a, b: jnp.sum(solve_pd(a, b))), a, b)
-        assert TRITON not in jax.jit(solve_pd).trace(a, b).lower(lowering_platforms=("cpu",)).as_text()
+        assert (
+            TRITON not in jax.jit(solve_pd).trace(a, b).lower(lowering_platforms=("cpu",)).as_text()
+        )
     x = rng.standard_normal((3, 40, 40)).astype(np.float32)
-    assert TRITON in _cuda_text(lambda x: cayley_map(x, 0.5 * x, c1=0.4, c2=0.6, c=1.8, square=True), x)  # fast merge
-    assert TRITON in _cuda_text(lambda x: geodesic_path_cayley(x, 0.5 * x).at_restored(0.3, 0.9), x)  # exact merge
+    assert TRITON in _cuda_text(
+        lambda x: cayley_map(x, 0.5 * x, c1=0.4, c2=0.6, c=1.8, square=True), x
+    )  # fast merge
+    assert TRITON in _cuda_text(
+        lambda x: geodesic_path_cayley(x, 0.5 * x).at_restored(0.3, 0.9), x
+    )  # exact merge
 
 
 def test_cuda_programs_keep_cusolver_for_float64_large_blocks_and_the_switch(monkeypatch):

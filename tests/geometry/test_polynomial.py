@@ -11,9 +11,17 @@ from hypothesis import strategies as st
 
 from orthofuse_jax import geometry as geo
 
-from .strategies import expm64, logm64, orth_err, random_rotations, random_skew, rotation_stacks, scaled_settings
+from .strategies import (
+    expm64,
+    logm64,
+    orth_err,
+    random_rotations,
+    random_skew,
+    rotation_stacks,
+    scaled_settings,
+)
 
-T = lambda a: np.swapaxes(a, -1, -2)  # noqa: E731
+T = lambda a: np.swapaxes(a, -1, -2)
 LOG_TOL = {np.float32: 2e-6, np.float64: 5e-8}  # float64: the interpolation error (~1e-8)
 EXP_TOL = {np.float32: 5e-6, np.float64: 1e-10}
 
@@ -30,8 +38,12 @@ def test_log_polynomial_and_expm_taylor_against_scipy(case, scale):
     lg, ok, ex = (np.asarray(x) for x in _poly_kernel(case.cast(case.rot), case.cast(s)))
     assert lg.dtype == ex.dtype == case.dtype
     assert ok.all(), "every angle is within LOG_POLYNOMIAL_MAX_ANGLE"
-    np.testing.assert_allclose(lg, case.skew, rtol=0, atol=LOG_TOL[case.dtype] * max(1.0, case.b / 4))
-    np.testing.assert_allclose(ex, expm64(s), rtol=0, atol=EXP_TOL[case.dtype] * max(1.0, case.b / 4))
+    np.testing.assert_allclose(
+        lg, case.skew, rtol=0, atol=LOG_TOL[case.dtype] * max(1.0, case.b / 4)
+    )
+    np.testing.assert_allclose(
+        ex, expm64(s), rtol=0, atol=EXP_TOL[case.dtype] * max(1.0, case.b / 4)
+    )
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -69,7 +81,10 @@ def test_matmul_algorithm_against_scipy_with_fallback(case, t):
     # angles up to 3.1: stacks with a block beyond ~2.4 rad take the eigh branch of the cond
     u1 = random_rotations(case.rng(1), (case.nb,), case.b, 2.0)
     u2 = u1 @ case.rot
-    lg, bad, y, bad_y = (np.asarray(x) for x in _matmul_kernel(case.cast(case.rot), case.cast(u1), case.cast(u2), case.cast(t)))
+    lg, bad, y, bad_y = (
+        np.asarray(x)
+        for x in _matmul_kernel(case.cast(case.rot), case.cast(u1), case.cast(u2), case.cast(t))
+    )
     f64 = case.dtype == np.float64
     assert not bad.any() and not bad_y.any()
     np.testing.assert_allclose(lg, logm64(case.rot), rtol=0, atol=1e-7 if f64 else 5e-5)
@@ -108,12 +123,15 @@ def test_the_power_interpolants_are_within_their_stated_error(dtype, bound):
         c_lo = np.cos(theta_max)
         c0, h0 = (c_lo + 1) / 2, (1 - c_lo) / 2
         phi = np.linspace(0.0, theta_max, 4001)
-        x = ((np.cos(phi) - c0) / h0 + 1 + margin) * 2 / (2 + margin) - 1  # c -> y -> the Chebyshev variable
+        x = ((np.cos(phi) - c0) / h0 + 1 + margin) * 2 / (
+            2 + margin
+        ) - 1  # c -> y -> the Chebyshev variable
         worst = 0.0
         for t in np.linspace(*polynomial.POWER_T_RANGE, 61):
             ca, cb = polynomial._power_coefficients(t, theta_max, degree)
             b_true = np.where(phi > 0, np.sin(t * phi) / np.where(phi > 0, np.sin(phi), 1.0), t)
-            err = (np.abs(chebyshev.chebval(x, ca) - np.cos(t * phi))
-                   + np.sin(phi) * np.abs(chebyshev.chebval(x, cb) - b_true))
+            err = np.abs(chebyshev.chebval(x, ca) - np.cos(t * phi)) + np.sin(phi) * np.abs(
+                chebyshev.chebval(x, cb) - b_true
+            )
             worst = max(worst, float(err.max()))
         assert worst <= bound, (theta_max, degree, worst)

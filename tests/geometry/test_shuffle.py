@@ -13,7 +13,12 @@ from orthofuse_jax.geometry import perfect_shuffle_indices, perfect_shuffle_matr
 from .strategies import J, dtypes, gs_shapes, seeds, shuffle_index, shuffle_matrix64
 
 
-@given(shape=gs_shapes(max_nb=7, max_b=7), dtype=dtypes(), seed=seeds(), lead=st.sampled_from([(), (3,), (2, 1)]))
+@given(
+    shape=gs_shapes(max_nb=7, max_b=7),
+    dtype=dtypes(),
+    seed=seeds(),
+    lead=st.sampled_from([(), (3,), (2, 1)]),
+)
 def test_shuffle_matches_index_formula(shape, dtype, seed, lead):
     nb, b = shape
     n = nb * b
@@ -65,7 +70,9 @@ def test_small_explicit_example():
     # nb=2, b=3: z = [z0..z5], (P z)[v*3+u] = z[u*2+v] -> [z0, z2, z4, z1, z3, z5]
     z = jnp.arange(6.0, dtype=jnp.float64)
     np.testing.assert_array_equal(J.perfect_shuffle(z, 2), [0, 2, 4, 1, 3, 5])
-    np.testing.assert_array_equal(J.perfect_unshuffle(jnp.asarray([0.0, 2, 4, 1, 3, 5]), 2), np.arange(6.0))
+    np.testing.assert_array_equal(
+        J.perfect_unshuffle(jnp.asarray([0.0, 2, 4, 1, 3, 5]), 2), np.arange(6.0)
+    )
 
 
 def test_bad_length_raises():

@@ -34,8 +34,13 @@ def test_the_kernel_is_built_where_ci_runs():
     assert _native.solve_target(np.dtype("int32")) is None
 
 
-@given(n=st.integers(1, 70), m=st.integers(1, 9), batch=st.sampled_from([(), (1,), (17,), (3, 5), (9,)]),
-       scale=st.sampled_from([0.1, 1.0, 5.0]), seed=st.integers(0, 2**16))
+@given(
+    n=st.integers(1, 70),
+    m=st.integers(1, 9),
+    batch=st.sampled_from([(), (1,), (17,), (3, 5), (9,)]),
+    scale=st.sampled_from([0.1, 1.0, 5.0]),
+    seed=st.integers(0, 2**16),
+)
 @pytest.mark.parametrize("dtype, tol", [(np.float32, 3e-6), (np.float64, 1e-12)])
 def test_matches_float64_numpy(dtype, tol, n, m, batch, scale, seed):
     a, b = _pd_system(np.random.default_rng(seed), batch, n, m, scale)
@@ -50,11 +55,17 @@ def test_broadcast_batch_vmap_and_empty_batch():
     a, b = _pd_system(rng, (4,), 12, 12, 1.0)
     want = np.linalg.solve(a, b)
     # b broadcast over a's batch, as cayley() passes it
-    np.testing.assert_allclose(np.asarray(solve_pd(a, b[:1])), np.linalg.solve(a, np.broadcast_to(b[:1], b.shape)),
-                               atol=1e-12)
+    np.testing.assert_allclose(
+        np.asarray(solve_pd(a, b[:1])),
+        np.linalg.solve(a, np.broadcast_to(b[:1], b.shape)),
+        atol=1e-12,
+    )
     np.testing.assert_allclose(np.asarray(jax.vmap(solve_pd)(a, b)), want, atol=1e-12)
-    np.testing.assert_allclose(np.asarray(jax.vmap(solve_pd, in_axes=(None, 0))(a[0], b)),
-                               np.linalg.solve(a[0], b), atol=1e-12)
+    np.testing.assert_allclose(
+        np.asarray(jax.vmap(solve_pd, in_axes=(None, 0))(a[0], b)),
+        np.linalg.solve(a[0], b),
+        atol=1e-12,
+    )
     assert solve_pd(a[:0], b[:0]).shape == (0, 12, 12)
 
 
@@ -66,7 +77,10 @@ def test_derivatives_equal_lapack_solves(dtype, tol):
     def loss(solve):
         return lambda a, b: jnp.sum(jnp.sin(solve(a, b)) * jnp.arange(4, dtype=dtype))
 
-    ours, ref = jax.grad(loss(solve_pd), (0, 1))(a, b), jax.grad(loss(jnp.linalg.solve), (0, 1))(a, b)
+    ours, ref = (
+        jax.grad(loss(solve_pd), (0, 1))(a, b),
+        jax.grad(loss(jnp.linalg.solve), (0, 1))(a, b),
+    )
     for g, h in zip(ours, ref):
         np.testing.assert_allclose(np.asarray(g), np.asarray(h), atol=tol * float(jnp.abs(h).max()))
     da, db = 0.1 * jnp.flip(a, -1), jnp.cos(b)

@@ -14,9 +14,18 @@ from hypothesis import strategies as st
 from orthofuse_jax import geometry as geo
 from orthofuse_jax.geometry import NegativeEigenvalueError
 
-from .strategies import DTYPES, expm64, logm64, orth_err, random_rotations, random_skew, rotation_stacks, tol
+from .strategies import (
+    DTYPES,
+    expm64,
+    logm64,
+    orth_err,
+    random_rotations,
+    random_skew,
+    rotation_stacks,
+    tol,
+)
 
-T = lambda a: np.swapaxes(a, -1, -2)  # noqa: E731
+T = lambda a: np.swapaxes(a, -1, -2)
 
 
 def odd_map(theta):
@@ -57,7 +66,10 @@ def _spectral_kernel(u, s, t):
 def test_spectral_functions_against_scipy(case, t):
     u = case.cast(case.rot)
     s = 2.5 * case.skew  # expm_skew is exact for any angle: generators up to 7.5 rad
-    out = {k: np.asarray(v) for k, v in _spectral_kernel(u, case.cast(s), np.asarray(t, case.dtype)).items()}
+    out = {
+        k: np.asarray(v)
+        for k, v in _spectral_kernel(u, case.cast(s), np.asarray(t, case.dtype)).items()
+    }
     for k, v in out.items():
         assert v.dtype == (np.bool_ if "bad" in k else case.dtype), k
     assert not out["bad"].any() and not out["smap_bad"].any()
@@ -78,7 +90,9 @@ def test_spectral_functions_against_scipy(case, t):
     # power(U, t) vs scipy expm(t logm U)
     np.testing.assert_allclose(out["power"], expm64(t * logm), rtol=0, atol=1e-11 if f64 else 2e-5)
     # spectral map with a custom odd angle map, vs a complex Schur reference
-    np.testing.assert_allclose(out["smap"], _odd_map_reference(logm), rtol=0, atol=1e-11 if f64 else 2e-5)
+    np.testing.assert_allclose(
+        out["smap"], _odd_map_reference(logm), rtol=0, atol=1e-11 if f64 else 2e-5
+    )
     # orthogonality of every orthogonal-valued output
     for k in ("exp_log", "expm", "power", "smap"):
         assert orth_err(out[k]) <= orth, k
@@ -86,7 +100,9 @@ def test_spectral_functions_against_scipy(case, t):
     # come from sigma^2 = eig(-S^2), so a zero angle is only resolved to ~sqrt(eps) sigma_max:
     # compare squared angles, whose error is ~eps sigma_max^2
     ref_angles = np.sort(np.abs(np.angle(np.linalg.eigvals(ud))), axis=-1)
-    np.testing.assert_allclose(np.sort(out["angles"], axis=-1) ** 2, ref_angles**2, rtol=0, atol=1e-12 if f64 else 3e-4)
+    np.testing.assert_allclose(
+        np.sort(out["angles"], axis=-1) ** 2, ref_angles**2, rtol=0, atol=1e-12 if f64 else 3e-4
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -97,7 +113,10 @@ def test_orthogonality_and_exp_log_at_three_radians(dtype):
     for seed in range(16):
         s = random_skew(np.random.default_rng(seed), (1,), 4, 3.0)
         u = np.asarray(expm64(s), dtype)
-        out = {k: np.asarray(v) for k, v in _spectral_kernel(u, np.asarray(s, dtype), np.asarray(0.4, dtype)).items()}
+        out = {
+            k: np.asarray(v)
+            for k, v in _spectral_kernel(u, np.asarray(s, dtype), np.asarray(0.4, dtype)).items()
+        }
         for k in ("exp_log", "expm", "power", "smap"):
             assert orth_err(out[k]) <= t, (k, seed)
         np.testing.assert_allclose(out["exp_log"], u.astype(np.float64), rtol=0, atol=t)
@@ -108,7 +127,9 @@ def test_orthogonality_and_exp_log_at_three_radians(dtype):
 # --- eigenvalue -1 -------------------------------------------------------------------------
 
 
-def _stack_with_pi_rotations(dtype, bad_idx=(1, 3), nb=5, b=4, angle=np.pi):  # shape as test_jit_vmap
+def _stack_with_pi_rotations(
+    dtype, bad_idx=(1, 3), nb=5, b=4, angle=np.pi
+):  # shape as test_jit_vmap
     """Rotations with max angle 2 rad, except blocks ``bad_idx`` that get one plane rotated by
     ``angle`` (a -1 eigenvalue pair for angle = pi)."""
     rng = np.random.default_rng(42)
@@ -153,15 +174,21 @@ def test_negative_eigenvalue_under_jit_flags_exactly_bad_blocks(dtype):
     np.testing.assert_array_equal(bad, expected)
     assert np.isnan(x[expected]).all()
     good = ~expected
-    np.testing.assert_allclose(x[good], s[good], rtol=0, atol=1e-10 if dtype == np.float64 else 3e-5)
+    np.testing.assert_allclose(
+        x[good], s[good], rtol=0, atol=1e-10 if dtype == np.float64 else 3e-5
+    )
     # log / power / spectral_map under jit: NaN blocks instead of an exception, good blocks correct
     for fn in (geo.log, lambda v: geo.power(v, 0.5), lambda v: geo.spectral_map(v, odd_map)):
         y = np.asarray(jax.jit(fn)(u))
         assert np.isnan(y[expected]).all() and np.isfinite(y[good]).all()
     y, badp = jax.jit(geo.spectral_map_with_flag, static_argnums=1)(u, odd_map)
     np.testing.assert_array_equal(np.asarray(badp), expected)
-    np.testing.assert_allclose(np.asarray(y)[good], _odd_map_reference(s[good]), rtol=0,
-                               atol=1e-11 if dtype == np.float64 else 2e-5)
+    np.testing.assert_allclose(
+        np.asarray(y)[good],
+        _odd_map_reference(s[good]),
+        rtol=0,
+        atol=1e-11 if dtype == np.float64 else 2e-5,
+    )
 
 
 def test_angle_tolerance_boundary_float64():
@@ -191,10 +218,14 @@ def test_power_integer_and_inverse(dtype):
     u = np.asarray(random_rotations(np.random.default_rng(5), (5,), 4, 1.5), dtype)
     p = jax.jit(geo.power)
     t = tol(dtype)
-    c = lambda v: np.asarray(v, dtype)  # noqa: E731  (same signature as test_jit_vmap: no recompilation)
-    np.testing.assert_allclose(np.asarray(p(u, c(2.0))), u.astype(np.float64) @ u, rtol=0, atol=10 * t)
+    c = lambda v: np.asarray(v, dtype)
+    np.testing.assert_allclose(
+        np.asarray(p(u, c(2.0))), u.astype(np.float64) @ u, rtol=0, atol=10 * t
+    )
     np.testing.assert_allclose(np.asarray(p(u, c(-1.0))), T(u), rtol=0, atol=t)
-    np.testing.assert_allclose(np.asarray(p(u, c(0.0))), np.broadcast_to(np.eye(4), u.shape), rtol=0, atol=t)
+    np.testing.assert_allclose(
+        np.asarray(p(u, c(0.0))), np.broadcast_to(np.eye(4), u.shape), rtol=0, atol=t
+    )
     # per-block t broadcasting against the batch shape
     ts = np.asarray([0.0, 1.0, -1.0, 0.5, 2.0], dtype)
     y = np.asarray(p(u, ts))

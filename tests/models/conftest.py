@@ -13,8 +13,8 @@ import pytest
 pytest.importorskip("flax")
 pytest.importorskip("diffusers")
 
-from orthofuse_jax.models.configs import TINY_SDXL_UNET as TINY_UNET  # noqa: E402
-from orthofuse_jax.models.configs import pooled_dim  # noqa: E402
+from orthofuse_jax.models.configs import TINY_SDXL_UNET as TINY_UNET
+from orthofuse_jax.models.configs import pooled_dim
 
 TEXT_EMBED_DIM = pooled_dim(TINY_UNET)
 
@@ -37,7 +37,10 @@ def _randomize(model, seed: int):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (0.5 / max(1, p.shape[-1]) ** 0.5) + 0.01 * torch.randn(p.shape, generator=g))
+            p.copy_(
+                torch.randn(p.shape, generator=g) * (0.5 / max(1, p.shape[-1]) ** 0.5)
+                + 0.01 * torch.randn(p.shape, generator=g)
+            )
     return model
 
 
@@ -68,9 +71,21 @@ def tiny_model_dir(tiny_unet_dir):
 # Two tiny CLIP text encoders whose widths add up to the UNet's context width (16 + 32 = 48) and
 # whose projection gives the pooled width (32), as SDXL's 768 + 1280 = 2048 and 1280.
 TINY_CLIP = (
-    dict(hidden_size=16, intermediate_size=37, num_hidden_layers=3, num_attention_heads=2, hidden_act="quick_gelu"),
-    dict(hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4, hidden_act="gelu",
-         projection_dim=TEXT_EMBED_DIM),
+    dict(
+        hidden_size=16,
+        intermediate_size=37,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        hidden_act="quick_gelu",
+    ),
+    dict(
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        hidden_act="gelu",
+        projection_dim=TEXT_EMBED_DIM,
+    ),
 )
 # CLIP's pre-tokenizer splits "<sks>" into "<", "sks", ">"; single characters are in the vocab anyway.
 TINY_WORDS = ("a", "photo", "of", "sks", "dog", "in", "style", "watercolor")
@@ -98,7 +113,12 @@ def write_tiny_clip_tokenizer(folder, pad_token: str) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
-    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad_token, model_max_length=77)
+    tok = CLIPTokenizer(
+        str(folder / "vocab.json"),
+        str(folder / "merges.txt"),
+        pad_token=pad_token,
+        model_max_length=77,
+    )
     tok.save_pretrained(folder)
     return vocab
 
@@ -116,11 +136,18 @@ def tiny_text_dir(tiny_model_dir):
         (root / part).symlink_to(tiny_model_dir / part, target_is_directory=True)
     vocab = write_tiny_clip_tokenizer(root / "tokenizer", "<|endoftext|>")
     write_tiny_clip_tokenizer(root / "tokenizer_2", "!")  # SDXL's tokenizer_2 pads with "!"
-    ids = dict(vocab_size=len(vocab), max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"],
-               eos_token_id=vocab["<|endoftext|>"], pad_token_id=1)
+    ids = dict(
+        vocab_size=len(vocab),
+        max_position_embeddings=77,
+        bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=1,
+    )
     torch.manual_seed(1)
-    for name, cls, cfg in (("text_encoder", CLIPTextModel, TINY_CLIP[0]),
-                           ("text_encoder_2", CLIPTextModelWithProjection, TINY_CLIP[1])):
+    for name, cls, cfg in (
+        ("text_encoder", CLIPTextModel, TINY_CLIP[0]),
+        ("text_encoder_2", CLIPTextModelWithProjection, TINY_CLIP[1]),
+    ):
         model = cls(CLIPTextConfig(**cfg, **ids)).eval()
         model.save_pretrained(root / name, safe_serialization=True)
     return root
@@ -147,13 +174,17 @@ def random_inputs(seed: int = 0, batch: int = 2, tokens: int = 5, size: int = 8)
     return dict(
         sample=rng.standard_normal((batch, 4, size, size)).astype(np.float32),
         timesteps=np.array([981.0, 421.0][:batch], dtype=np.float32),
-        encoder_hidden_states=rng.standard_normal((batch, tokens, TINY_UNET["cross_attention_dim"])).astype(np.float32),
+        encoder_hidden_states=rng.standard_normal(
+            (batch, tokens, TINY_UNET["cross_attention_dim"])
+        ).astype(np.float32),
         text_embeds=rng.standard_normal((batch, TEXT_EMBED_DIM)).astype(np.float32),
         time_ids=np.tile(np.array([[64, 64, 0, 0, 64, 64]], np.float32), (batch, 1)),
     )
 
 
-def random_adapter(table, *, nb: int = 4, seed: int = 0, angle: float = 0.3, dtype=np.float32, scales: bool = True):
+def random_adapter(
+    table, *, nb: int = 4, seed: int = 0, angle: float = 0.3, dtype=np.float32, scales: bool = True
+):
     """A raw-Cayley GS adapter over every layer of ``table`` (n = input width, scales = output width)."""
     from orthofuse_jax.fusion.adapter import from_layers
 

@@ -15,8 +15,14 @@ from orthofuse_jax.models.generate import denoise
 from .conftest import TEXT_EMBED_DIM, TINY_UNET, random_adapter
 
 SDXL_SCHEDULER = dict(
-    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-    timestep_spacing="leading", steps_offset=1, prediction_type="epsilon", interpolation_type="linear",
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    num_train_timesteps=1000,
+    timestep_spacing="leading",
+    steps_offset=1,
+    prediction_type="epsilon",
+    interpolation_type="linear",
 )
 
 
@@ -29,7 +35,9 @@ def test_euler_schedule_matches_diffusers(steps):
     ref.set_timesteps(steps)
     got = euler_schedule(steps, **SDXL_SCHEDULER)
     np.testing.assert_allclose(got.timesteps, ref.timesteps.numpy(), rtol=0, atol=0)
-    np.testing.assert_allclose(got.sigmas, ref.sigmas.numpy(), rtol=1e-5)  # diffusers: float32 betas
+    np.testing.assert_allclose(
+        got.sigmas, ref.sigmas.numpy(), rtol=1e-5
+    )  # diffusers: float32 betas
     np.testing.assert_allclose(got.init_noise_sigma, float(ref.init_noise_sigma), rtol=1e-5)
     if steps == 50:
         assert got.timesteps[0] == 981 and got.timesteps[-1] == 1
@@ -46,8 +54,20 @@ def test_denoise_matches_torch_euler_cfg(flax_unet, torch_unet):
     pooled = rng.standard_normal(TEXT_EMBED_DIM).astype(np.float32)
     noise = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
     g = 5.0
-    got = np.asarray(denoise(unet, params, pe, pooled, height=64, width=64, num_steps=2, guidance_scale=g,
-                             latents=noise, progress=False))
+    got = np.asarray(
+        denoise(
+            unet,
+            params,
+            pe,
+            pooled,
+            height=64,
+            width=64,
+            num_steps=2,
+            guidance_scale=g,
+            latents=noise,
+            progress=False,
+        )
+    )
 
     sched = EulerDiscreteScheduler(**SDXL_SCHEDULER)
     sched.set_timesteps(2)
@@ -58,7 +78,9 @@ def test_denoise_matches_torch_euler_cfg(flax_unet, torch_unet):
     with torch.no_grad():
         for t in sched.timesteps:
             inp = sched.scale_model_input(torch.cat([x, x]), t)
-            eps = torch_unet(inp, t, ctx, added_cond_kwargs={"text_embeds": text, "time_ids": tids}).sample
+            eps = torch_unet(
+                inp, t, ctx, added_cond_kwargs={"text_embeds": text, "time_ids": tids}
+            ).sample
             eu, ec = eps.chunk(2)
             x = sched.step(eu + g * (ec - eu), t, x).prev_sample
     ref = x.numpy()
@@ -86,14 +108,36 @@ def test_generate_cli_writes_png(tiny_model_dir, tmp_path, flax_unet):
 
     rng = np.random.default_rng(0)
     emb = tmp_path / "emb.npz"
-    np.savez(emb, prompt_embeds=rng.standard_normal((1, 5, 48)).astype(np.float32),
-             pooled=rng.standard_normal((1, TEXT_EMBED_DIM)).astype(np.float32))
+    np.savez(
+        emb,
+        prompt_embeds=rng.standard_normal((1, 5, 48)).astype(np.float32),
+        pooled=rng.standard_normal((1, TEXT_EMBED_DIM)).astype(np.float32),
+    )
     adapter_path = tmp_path / "fused.safetensors"
     _write_reference_adapter(adapter_path, random_adapter(attention_layers(flax_unet[2]), seed=9))
     out = tmp_path / "out.png"
-    rc = main(["generate", "--model", str(tiny_model_dir), "--adapter", str(adapter_path), "--embeddings", str(emb),
-               "--prompt", "a <dog6> dog in <style> style", "--steps", "2", "--height", "64", "--width", "64",
-               "--no-progress", "-o", str(out)])
+    rc = main(
+        [
+            "generate",
+            "--model",
+            str(tiny_model_dir),
+            "--adapter",
+            str(adapter_path),
+            "--embeddings",
+            str(emb),
+            "--prompt",
+            "a <dog6> dog in <style> style",
+            "--steps",
+            "2",
+            "--height",
+            "64",
+            "--width",
+            "64",
+            "--no-progress",
+            "-o",
+            str(out),
+        ]
+    )
     assert rc == 0
     img = Image.open(out)
     assert img.size == (64, 64) and img.mode == "RGB"
@@ -108,7 +152,9 @@ def test_missing_model_files_are_named(tmp_path, tiny_unet_dir):
     (tmp_path / "m" / "unet").mkdir(parents=True)
     with pytest.raises(MissingModelFileError, match=r"unet/config\.json"):
         load_unet(tmp_path / "m")
-    (tmp_path / "m" / "unet" / "config.json").write_text((tiny_unet_dir / "config.json").read_text())
+    (tmp_path / "m" / "unet" / "config.json").write_text(
+        (tiny_unet_dir / "config.json").read_text()
+    )
     with pytest.raises(MissingModelFileError, match=r"diffusion_pytorch_model\.safetensors"):
         load_unet(tmp_path / "m")
 
@@ -134,7 +180,7 @@ def test_corrupt_weights_are_named(tmp_path, tiny_unet_dir):
     bad = dict(sd)
     del bad[key]
     save_file(bad, str(d / "diffusion_pytorch_model.safetensors"))
-    with pytest.raises(ValueError, match="missing.*to_k"):
+    with pytest.raises(ValueError, match=r"missing.*to_k"):
         load_unet(d)
 
 
@@ -148,7 +194,12 @@ def test_commands_import_is_light():
         "assert not {'jax', 'flax', 'diffusers'} & set(sys.modules), 'heavy import'"
     )
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    subprocess.run(
+        [sys.executable, "-c", code],
+        check=True,
+        env=env,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
+    )
 
 
 def test_generate_cli_missing_model_is_a_clear_error(tmp_path, capsys):
@@ -156,7 +207,17 @@ def test_generate_cli_missing_model_is_a_clear_error(tmp_path, capsys):
 
     emb = tmp_path / "emb.npz"
     np.savez(emb, prompt_embeds=np.zeros((77, 2048), np.float32), pooled=np.zeros(1280, np.float32))
-    rc = main(["generate", "--model", str(tmp_path / "sdxl"), "--embeddings", str(emb), "-o", str(tmp_path / "o.png")])
+    rc = main(
+        [
+            "generate",
+            "--model",
+            str(tmp_path / "sdxl"),
+            "--embeddings",
+            str(emb),
+            "-o",
+            str(tmp_path / "o.png"),
+        ]
+    )
     assert rc == 2
     err = capsys.readouterr().err
     assert "sdxl" in err and "does not exist" in err and "hub" in err
@@ -168,8 +229,10 @@ def test_generate_bf16_close_to_fp32(tiny_unet_dir):
     from orthofuse_jax.models import generate
 
     rng = np.random.default_rng(1)
-    emb = dict(prompt_embeds=rng.standard_normal((5, 48)).astype(np.float32),
-               pooled=rng.standard_normal(TEXT_EMBED_DIM).astype(np.float32))
+    emb = dict(
+        prompt_embeds=rng.standard_normal((5, 48)).astype(np.float32),
+        pooled=rng.standard_normal(TEXT_EMBED_DIM).astype(np.float32),
+    )
     adapter = random_adapter(attention_layers(TINY_UNET), seed=11)
     kw = dict(adapter=adapter, num_steps=2, height=64, width=64, progress=False)
     img32, lat32 = generate(tiny_unet_dir, emb, **kw)

@@ -57,7 +57,14 @@ def test_table_from_config_matches_params(flax_unet):
     assert len(table) == 88
     name = "down_blocks.1.attentions.0.transformer_blocks.1.attn2.processor.to_k_moft"
     spec = table[name]
-    assert spec.path == ("down_blocks_1", "attentions_0", "transformer_blocks_1", "attn2", "to_k", "kernel")
+    assert spec.path == (
+        "down_blocks_1",
+        "attentions_0",
+        "transformer_blocks_1",
+        "attn2",
+        "to_k",
+        "kernel",
+    )
     assert (spec.n_in, spec.n_out) == (48, 64)
     out = table["up_blocks.1.attentions.1.transformer_blocks.0.attn1.processor.to_out_moft"]
     assert out.path[-2] == "to_out_0" and (out.n_in, out.n_out) == (32, 32)
@@ -90,8 +97,8 @@ def test_patch_matches_dense_product(flax_unet):
         n = nb * b
         BL, BR = np.zeros((n, n)), np.zeros((n, n))
         for j in range(nb):
-            BL[j * b:(j + 1) * b, j * b:(j + 1) * b] = L[j]
-            BR[j * b:(j + 1) * b, j * b:(j + 1) * b] = R[j]
+            BL[j * b : (j + 1) * b, j * b : (j + 1) * b] = L[j]
+            BR[j * b : (j + 1) * b, j * b : (j + 1) * b] = R[j]
         P = np.zeros((n, n))
         for v in range(nb):
             for u in range(b):
@@ -113,7 +120,9 @@ def _get(tree, path):
 def test_identity_adapter_is_bitwise_noop(flax_unet):
     _, params, cfg = flax_unet
     table = attention_layers(cfg)
-    layers = {n: (np.zeros((4, s.n_in // 4, s.n_in // 4), np.float32),) * 2 for n, s in table.items()}
+    layers = {
+        n: (np.zeros((4, s.n_in // 4, s.n_in // 4), np.float32),) * 2 for n, s in table.items()
+    }
     scales = {n: np.ones(s.n_out, np.float32) for n, s in table.items()}
     for adapter in (from_layers(layers, scales), to_orthogonal(from_layers(layers))):
         patched = patch_unet_params(params, adapter)
@@ -141,7 +150,9 @@ def test_patch_unpatch_roundtrip_and_no_mutation(flax_unet):
     changed = 0
     for k, v in _leaves_with_paths(params).items():
         r = np.asarray(_leaves_with_paths(restored)[k])
-        np.testing.assert_allclose(r, np.asarray(v), rtol=0, atol=1e-6 * max(1.0, np.abs(v).max()), err_msg=k)
+        np.testing.assert_allclose(
+            r, np.asarray(v), rtol=0, atol=1e-6 * max(1.0, np.abs(v).max()), err_msg=k
+        )
         changed += not np.array_equal(np.asarray(_leaves_with_paths(patched)[k]), np.asarray(v))
     assert changed == 88
 
@@ -156,8 +167,14 @@ def test_patched_matches_onthefly_flax(flax_unet, forward, inputs):
     @jax.jit
     def onthefly(p, a, x):
         return apply_onthefly(
-            unet, p, a, x["sample"], x["timesteps"], x["encoder_hidden_states"],
-            {"text_embeds": x["text_embeds"], "time_ids": x["time_ids"]}, config=cfg,
+            unet,
+            p,
+            a,
+            x["sample"],
+            x["timesteps"],
+            x["encoder_hidden_states"],
+            {"text_embeds": x["text_embeds"], "time_ids": x["time_ids"]},
+            config=cfg,
         ).sample
 
     ref = onthefly(params, adapter, inputs)
@@ -179,11 +196,25 @@ def test_patched_flax_matches_torch_reference(flax_unet, torch_unet, forward, in
     x = random_inputs()
     tm = copy.deepcopy(torch_unet)
     with torch.no_grad():
-        base_t = tm(torch.tensor(x["sample"]), torch.tensor(x["timesteps"]), torch.tensor(x["encoder_hidden_states"]),
-                    added_cond_kwargs={"text_embeds": torch.tensor(x["text_embeds"]), "time_ids": torch.tensor(x["time_ids"])}).sample.numpy()
+        base_t = tm(
+            torch.tensor(x["sample"]),
+            torch.tensor(x["timesteps"]),
+            torch.tensor(x["encoder_hidden_states"]),
+            added_cond_kwargs={
+                "text_embeds": torch.tensor(x["text_embeds"]),
+                "time_ids": torch.tensor(x["time_ids"]),
+            },
+        ).sample.numpy()
         install(tm, layers, scales)
-        ref = tm(torch.tensor(x["sample"]), torch.tensor(x["timesteps"]), torch.tensor(x["encoder_hidden_states"]),
-                 added_cond_kwargs={"text_embeds": torch.tensor(x["text_embeds"]), "time_ids": torch.tensor(x["time_ids"])}).sample.numpy()
+        ref = tm(
+            torch.tensor(x["sample"]),
+            torch.tensor(x["timesteps"]),
+            torch.tensor(x["encoder_hidden_states"]),
+            added_cond_kwargs={
+                "text_embeds": torch.tensor(x["text_embeds"]),
+                "time_ids": torch.tensor(x["time_ids"]),
+            },
+        ).sample.numpy()
     got = np.asarray(forward(patch_unet_params(params, adapter), inputs))
     rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
     assert rel <= 1e-4, rel
@@ -198,7 +229,10 @@ def test_mismatches_name_the_layer(flax_unet):
     table = attention_layers(cfg)
     name = "mid_block.attentions.0.transformer_blocks.1.attn2.processor.to_v_moft"
     good = random_adapter(table, seed=5)
-    layers, scales = {n: (np.asarray(L), np.asarray(R)) for n, (L, R) in to_layers(good).items()}, dict(good.scales)
+    layers, scales = (
+        {n: (np.asarray(L), np.asarray(R)) for n, (L, R) in to_layers(good).items()},
+        dict(good.scales),
+    )
 
     wrong_n = dict(layers)
     wrong_n[name] = (np.zeros((4, 16, 16), np.float32),) * 2  # n=64, kernel in-dim 48

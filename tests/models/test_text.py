@@ -27,8 +27,14 @@ def torch_pipe(tiny_text_dir, torch_unet):
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     root = tiny_text_dir
-    sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                   timestep_spacing="leading", steps_offset=1, num_train_timesteps=1000)
+    sched = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        timestep_spacing="leading",
+        steps_offset=1,
+        num_train_timesteps=1000,
+    )
     pipe = StableDiffusionXLPipeline(
         vae=AutoencoderKL.from_pretrained(root / "vae").eval(),
         text_encoder=CLIPTextModel.from_pretrained(root / "text_encoder").eval(),
@@ -46,8 +52,13 @@ def _torch_encode(pipe, prompt, negative=None):
     import torch
 
     with torch.no_grad():
-        pe, ne, pp, npool = pipe.encode_prompt(prompt, device="cpu", num_images_per_prompt=1,
-                                               do_classifier_free_guidance=True, negative_prompt=negative)
+        pe, ne, pp, npool = pipe.encode_prompt(
+            prompt,
+            device="cpu",
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=True,
+            negative_prompt=negative,
+        )
     return [x[0].numpy() for x in (pe, ne, pp, npool)]
 
 
@@ -59,7 +70,15 @@ def test_tokenizer_knows_the_prompt_words(tiny_text_dir):
     # <|startoftext|> a photo of < sks > dog <|endoftext|>, then "!" padding (SDXL's tokenizer_2)
     assert len(ids) == 77 and ids[0] == tok.bos_token_id and ids[8] == tok.eos_token_id
     assert tok.unk_token_id not in ids[1:8] and ids[9:] == [tok.pad_token_id] * 68
-    assert tok.convert_ids_to_tokens(ids[1:8]) == ["a</w>", "photo</w>", "of</w>", "<</w>", "sks</w>", "></w>", "dog</w>"]
+    assert tok.convert_ids_to_tokens(ids[1:8]) == [
+        "a</w>",
+        "photo</w>",
+        "of</w>",
+        "<</w>",
+        "sks</w>",
+        "></w>",
+        "dog</w>",
+    ]
 
 
 def test_prompt_embeddings_match_diffusers_encode_prompt(tiny_text_dir, torch_pipe):
@@ -92,7 +111,10 @@ def test_empty_negative_is_encoded_without_force_zeros(tiny_text_dir, torch_pipe
         torch_pipe.register_to_config(force_zeros_for_empty_prompt=True)
     ours = prompt_embeddings(tiny_text_dir, PROMPT, force_zeros=False)
     assert np.abs(ne).max() > 0.1
-    assert _rel(ours["negative_prompt_embeds"], ne) < 1e-5 and _rel(ours["negative_pooled"], npool) < 1e-5
+    assert (
+        _rel(ours["negative_prompt_embeds"], ne) < 1e-5
+        and _rel(ours["negative_pooled"], npool) < 1e-5
+    )
 
 
 def test_generate_from_prompt_matches_diffusers_pipeline(tiny_text_dir, torch_pipe):
@@ -103,10 +125,25 @@ def test_generate_from_prompt_matches_diffusers_pipeline(tiny_text_dir, torch_pi
 
     noise = np.random.default_rng(3).standard_normal((1, 4, 8, 8)).astype(np.float32)
     with torch.no_grad():
-        ref = torch_pipe(PROMPT, num_inference_steps=3, guidance_scale=5.0, height=64, width=64,
-                         latents=torch.from_numpy(noise), output_type="latent").images.numpy()
-    _, ours = generate(tiny_text_dir, PROMPT, num_steps=3, guidance_scale=5.0, height=64, width=64,
-                       latents=noise, progress=False)
+        ref = torch_pipe(
+            PROMPT,
+            num_inference_steps=3,
+            guidance_scale=5.0,
+            height=64,
+            width=64,
+            latents=torch.from_numpy(noise),
+            output_type="latent",
+        ).images.numpy()
+    _, ours = generate(
+        tiny_text_dir,
+        PROMPT,
+        num_steps=3,
+        guidance_scale=5.0,
+        height=64,
+        width=64,
+        latents=noise,
+        progress=False,
+    )
     assert _rel(ours, ref) < 1e-4
 
 
@@ -118,17 +155,43 @@ def test_encode_prompt_then_generate_cli(tiny_text_dir, tmp_path, capsys):
     from orthofuse_jax.models.text import prompt_embeddings
 
     npz = tmp_path / "emb.npz"
-    assert main(["encode-prompt", "--model", str(tiny_text_dir), "--prompt", PROMPT, "--negative-prompt", "",
-                 "-o", str(npz)]) == 0
+    assert (
+        main(
+            [
+                "encode-prompt",
+                "--model",
+                str(tiny_text_dir),
+                "--prompt",
+                PROMPT,
+                "--negative-prompt",
+                "",
+                "-o",
+                str(npz),
+            ]
+        )
+        == 0
+    )
     saved = load_embeddings(npz)
     direct = prompt_embeddings(tiny_text_dir, PROMPT, "")
     assert sorted(saved) == sorted(direct)
     for k in direct:
         np.testing.assert_array_equal(saved[k], direct[k])
 
-    common = ["--model", str(tiny_text_dir), "--steps", "2", "--height", "64", "--width", "64", "--no-progress"]
+    common = [
+        "--model",
+        str(tiny_text_dir),
+        "--steps",
+        "2",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--no-progress",
+    ]
     a, b = tmp_path / "prompt.png", tmp_path / "emb.png"
-    assert main(["generate", *common, "--prompt", PROMPT, "--negative-prompt", "", "-o", str(a)]) == 0
+    assert (
+        main(["generate", *common, "--prompt", PROMPT, "--negative-prompt", "", "-o", str(a)]) == 0
+    )
     assert main(["generate", *common, "--embeddings", str(npz), "-o", str(b)]) == 0
     img = Image.open(a)
     assert img.size == (64, 64) and img.text["prompt"] == PROMPT
@@ -156,8 +219,24 @@ def test_missing_text_files_are_named(tiny_text_dir, tmp_path, capsys, damage, e
 
     root = _copy_model(tiny_text_dir, tmp_path / "model")
     damage(root)
-    rc = main(["generate", "--model", str(root), "--prompt", PROMPT, "--steps", "1", "--height", "64",
-               "--width", "64", "-o", str(tmp_path / "x.png"), "--no-progress"])
+    rc = main(
+        [
+            "generate",
+            "--model",
+            str(root),
+            "--prompt",
+            PROMPT,
+            "--steps",
+            "1",
+            "--height",
+            "64",
+            "--width",
+            "64",
+            "-o",
+            str(tmp_path / "x.png"),
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and expected in err and "Traceback" not in err
     assert not (tmp_path / "x.png").exists() and not (tmp_path / "x.npy").exists()
@@ -196,15 +275,32 @@ def test_bad_prompt_arguments(tiny_text_dir, tmp_path, capsys):
 
 def test_train_encodes_the_prompt_like_encode_prompt(tiny_text_dir, tmp_path, capsys):
     """train --prompt feeds the text encoders' embeddings: same adapter as with encode-prompt's .npz."""
-    from orthofuse_jax.fusion.io import load_adapter, read_tensors
     from orthofuse_jax.cli import main
+    from orthofuse_jax.fusion.io import load_adapter, read_tensors
 
     lat = tmp_path / "concept.npz"
     np.savez(lat, latents=np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32))
     emb = tmp_path / "emb.npz"
-    assert main(["encode-prompt", "--model", str(tiny_text_dir), "--prompt", PROMPT, "-o", str(emb)]) == 0
-    base = ["train", "--model", str(tiny_text_dir), "--latents", str(lat), "--resolution", "64", "--nblocks", "4",
-            "--steps", "2", "--lr", "1e-2", "--no-progress"]
+    assert (
+        main(["encode-prompt", "--model", str(tiny_text_dir), "--prompt", PROMPT, "-o", str(emb)])
+        == 0
+    )
+    base = [
+        "train",
+        "--model",
+        str(tiny_text_dir),
+        "--latents",
+        str(lat),
+        "--resolution",
+        "64",
+        "--nblocks",
+        "4",
+        "--steps",
+        "2",
+        "--lr",
+        "1e-2",
+        "--no-progress",
+    ]
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     assert main([*base, "--prompt", PROMPT, "-o", str(a)]) == 0
     assert main([*base, "--prompt", PROMPT, "--embeddings", str(emb), "-o", str(b)]) == 0
@@ -216,7 +312,9 @@ def test_train_encodes_the_prompt_like_encode_prompt(tiny_text_dir, tmp_path, ca
     assert load_adapter(a).num_layers == 88
 
     capsys.readouterr()
-    assert main([*base, "-o", str(tmp_path / "c.safetensors")]) == 2  # neither a prompt nor embeddings
+    assert (
+        main([*base, "-o", str(tmp_path / "c.safetensors")]) == 2
+    )  # neither a prompt nor embeddings
     err = capsys.readouterr().err
     assert "--prompt" in err and "--embeddings" in err and not (tmp_path / "c.safetensors").exists()
     bad = tmp_path / "bad.npz"

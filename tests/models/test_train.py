@@ -13,9 +13,9 @@ import pytest
 from orthofuse_jax.fusion.adapter import to_layers, to_orthogonal
 from orthofuse_jax.models import attention_layers, patch_unet_params
 from orthofuse_jax.models.train import (
+    FoldPlan,
     alphas_cumprod,
     fold_adapter,
-    FoldPlan,
     init_adapter,
     make_loss,
     make_optimizer,
@@ -54,17 +54,25 @@ def test_alphas_cumprod_and_noising_match_diffusers_ddpm():
     torch = pytest.importorskip("torch")
     from diffusers import DDPMScheduler
 
-    ref = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    ref = DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
+    )
     got = alphas_cumprod()
-    np.testing.assert_allclose(got, ref.alphas_cumprod.numpy(), rtol=2e-6)  # diffusers: float32 betas
+    np.testing.assert_allclose(
+        got, ref.alphas_cumprod.numpy(), rtol=2e-6
+    )  # diffusers: float32 betas
     from orthofuse_jax.models.train import add_noise
 
     rng = np.random.default_rng(0)
     x0, eps = rng.standard_normal((2, 2, 4, 4, 4)).astype(np.float32)
     t = np.array([0, 999])
     want = ref.add_noise(torch.tensor(x0), torch.tensor(eps), torch.tensor(t)).numpy()
-    np.testing.assert_allclose(np.asarray(add_noise(jnp.asarray(x0), jnp.asarray(eps), t, jnp.asarray(got, jnp.float32))),
-                               want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(add_noise(jnp.asarray(x0), jnp.asarray(eps), t, jnp.asarray(got, jnp.float32))),
+        want,
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
 
 def test_init_adapter_covers_every_projection_at_identity():
@@ -73,7 +81,11 @@ def test_init_adapter_covers_every_projection_at_identity():
     assert set(ad.layer_names) == set(table) and len(table) == 88
     for name, (L, R) in to_layers(ad).items():
         b = table[name].n_in // NB
-        assert L.shape == R.shape == (NB, b, b) and not np.any(np.asarray(L)) and not np.any(np.asarray(R))
+        assert (
+            L.shape == R.shape == (NB, b, b)
+            and not np.any(np.asarray(L))
+            and not np.any(np.asarray(R))
+        )
         np.testing.assert_array_equal(np.asarray(ad.scales[name]), np.ones(table[name].n_out))
     with pytest.raises(ValueError, match="nblocks=5 does not divide"):
         init_adapter(TINY_UNET, 5)
@@ -103,7 +115,9 @@ def test_adamw_matches_torch_and_keeps_skew(clip):
             tp[k].grad = torch.tensor(grads[k] * c)
         topt.step()
     for k in tp:
-        np.testing.assert_allclose(np.asarray(params[k]), tp[k].detach().numpy(), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(
+            np.asarray(params[k]), tp[k].detach().numpy(), rtol=1e-10, atol=1e-12
+        )
     L = np.asarray(params["L"])
     assert np.array_equal(L, -L.swapaxes(-1, -2))  # exactly skew, zero diagonal
 
@@ -116,7 +130,9 @@ def test_schedule_and_latent_sampling():
         schedule_datasets(2, 4, [0.5, 0.6])
     rng = np.random.default_rng(0)
     lat = np.arange(1 * 4 * 6 * 10, dtype=np.float32).reshape(1, 4, 6, 10)
-    style = LatentData(lat, None, np.zeros((3, 8)), np.zeros(4), np.array([[48, 80]]), (4, 4), random_crop=True)
+    style = LatentData(
+        lat, None, np.zeros((3, 8)), np.zeros(4), np.array([[48, 80]]), (4, 4), random_crop=True
+    )
     tops = set()
     for _ in range(40):
         b = style.sample(rng, 2)
@@ -148,7 +164,11 @@ def test_cayley_gradient_matches_central_differences(flax_unet):
     assert f0.dtype == jnp.float64
 
     # the layer whose raw L has the largest gradient (well above the finite-difference round-off)
-    norms = {(k, i): float(jnp.abs(st.L[i]).max()) for k, st in grads.stacks.items() for i in range(len(st.names))}
+    norms = {
+        (k, i): float(jnp.abs(st.L[i]).max())
+        for k, st in grads.stacks.items()
+        for i in range(len(st.names))
+    }
     key_s, i = max(norms, key=norms.get)
     name = adapter.stacks[key_s].names[i]
     gL = np.asarray(grads.stacks[key_s].L[i])
@@ -158,8 +178,11 @@ def test_cayley_gradient_matches_central_differences(flax_unet):
     def f_at(delta):
         st = adapter.stacks[key_s]
         L = st.L.at[i].add(delta)
-        shifted = type(adapter)(stacks={**adapter.stacks, key_s: type(st)(L=L, R=st.R, names=st.names)},
-                                scales=adapter.scales, orthogonal=False)
+        shifted = type(adapter)(
+            stacks={**adapter.stacks, key_s: type(st)(L=L, R=st.R, names=st.names)},
+            scales=adapter.scales,
+            orthogonal=False,
+        )
         return float(vg(shifted, params, batch, key)[0])
 
     rng = np.random.default_rng(0)
@@ -183,7 +206,14 @@ def test_cayley_gradient_matches_central_differences(flax_unet):
     def f_scale(d):
         sc = dict(adapter.scales)
         sc[sname] = sc[sname] + d
-        return float(vg(type(adapter)(stacks=adapter.stacks, scales=sc, orthogonal=False), params, batch, key)[0])
+        return float(
+            vg(
+                type(adapter)(stacks=adapter.stacks, scales=sc, orthogonal=False),
+                params,
+                batch,
+                key,
+            )[0]
+        )
 
     fd = (f_scale(h * E) - f_scale(-h * E)) / (2 * h)
     assert abs(fd - float(gs @ E)) <= 1e-6 * abs(float(gs @ E))
@@ -199,7 +229,9 @@ def trained(flax_unet):
     before = jax.tree_util.tree_map(np.array, params)
     adapter = init_adapter(cfg, NB)
     loss = make_loss(unet, params, adapter, config=cfg)
-    opt = make_optimizer(TEST_LR)  # the reference's 1e-4 moves a random tiny UNet too little in 50 steps
+    opt = make_optimizer(
+        TEST_LR
+    )  # the reference's 1e-4 moves a random tiny UNet too little in 50 steps
     step = make_train_step(loss, opt, donate=False)
     state = opt.init(adapter)
     batch = _batch(2)
@@ -209,7 +241,16 @@ def trained(flax_unet):
         adapter, state, value = step(adapter, state, params, batch, key)
         losses.append(float(value))
     losses.append(float(step(adapter, state, params, batch, key)[2]))  # the loss after 50 updates
-    return dict(adapter=adapter, losses=losses, before=before, params=params, cfg=cfg, unet=unet, batch=batch, key=key)
+    return dict(
+        adapter=adapter,
+        losses=losses,
+        before=before,
+        params=params,
+        cfg=cfg,
+        unet=unet,
+        batch=batch,
+        key=key,
+    )
 
 
 def test_fifty_steps_lower_the_loss_and_keep_blocks_orthogonal(trained):
@@ -221,7 +262,9 @@ def test_fifty_steps_lower_the_loss_and_keep_blocks_orthogonal(trained):
     for st in adapter.stacks.values():
         for A in (np.asarray(st.L), np.asarray(st.R)):
             assert A.dtype == np.float32
-            np.testing.assert_array_equal(A, -A.swapaxes(-1, -2))  # exactly skew (docs/math.md §1.2)
+            np.testing.assert_array_equal(
+                A, -A.swapaxes(-1, -2)
+            )  # exactly skew (docs/math.md §1.2)
             moved = max(moved, float(np.abs(A).max()))
     assert moved > 1e-2
     orth = to_orthogonal(adapter)
@@ -232,11 +275,17 @@ def test_fifty_steps_lower_the_loss_and_keep_blocks_orthogonal(trained):
             assert err < 1e-5
     assert max(float(np.abs(np.asarray(s) - 1).max()) for s in adapter.scales.values()) > 1e-2
     # frozen base parameters are bit-identical
-    jax.tree_util.tree_map(np.testing.assert_array_equal, trained["before"], jax.tree_util.tree_map(np.asarray, trained["params"]))
+    jax.tree_util.tree_map(
+        np.testing.assert_array_equal,
+        trained["before"],
+        jax.tree_util.tree_map(np.asarray, trained["params"]),
+    )
     # the reference's per-call rotation s * W (Q x) gives the same loss as the fold used in training
     unet, params, cfg = trained["unet"], trained["params"], trained["cfg"]
     otf = jax.jit(make_loss(unet, params, adapter, config=cfg, apply="onthefly"))
-    np.testing.assert_allclose(float(otf(adapter, params, trained["batch"], trained["key"])), last, rtol=1e-5)
+    np.testing.assert_allclose(
+        float(otf(adapter, params, trained["batch"], trained["key"])), last, rtol=1e-5
+    )
 
 
 def test_checkpoint_round_trip_through_fuse_and_patch(trained, tmp_path, torch_unet):
@@ -253,11 +302,16 @@ def test_checkpoint_round_trip_through_fuse_and_patch(trained, tmp_path, torch_u
     path = save_adapter(tmp_path / "concept.safetensors", adapter)
     # reference keys (docs/math.md §5), loadable by torch
     keys = set(load_file(path))
-    assert "down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor.to_q_moft.ort_monarch.L" in keys
+    assert (
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor.to_q_moft.ort_monarch.L"
+        in keys
+    )
     assert "mid_block.attentions.0.transformer_blocks.1.attn2.processor.out_scale" in keys
     assert len(keys) == 88 * 3
     loaded = load_adapter(path)
-    for (n, (L, R)), (n2, (L2, R2)) in zip(sorted(to_layers(adapter).items()), sorted(to_layers(loaded).items())):
+    for (n, (L, R)), (n2, (L2, R2)) in zip(
+        sorted(to_layers(adapter).items()), sorted(to_layers(loaded).items())
+    ):
         assert n == n2
         np.testing.assert_array_equal(np.asarray(L), np.asarray(L2))
         np.testing.assert_array_equal(np.asarray(R), np.asarray(R2))
@@ -273,26 +327,47 @@ def test_checkpoint_round_trip_through_fuse_and_patch(trained, tmp_path, torch_u
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=2e-5)
     # the reference's on-the-fly processor, fed the saved file, reproduces the patched Flax UNet
     tensors = load_file(path)
-    layers = {k[: -len(".ort_monarch.L")]: (tensors[k].numpy(), tensors[k[:-1] + "R"].numpy())
-              for k in tensors if k.endswith(".ort_monarch.L")}
-    scale_of = {"q_scale": "to_q_moft", "k_scale": "to_k_moft", "v_scale": "to_v_moft", "out_scale": "to_out_moft"}
-    scales = {f"{k.rsplit('.', 1)[0]}.{scale_of[k.rsplit('.', 1)[1]]}": v.numpy() for k, v in tensors.items()
-              if k.rsplit(".", 1)[1] in scale_of}
+    layers = {
+        k[: -len(".ort_monarch.L")]: (tensors[k].numpy(), tensors[k[:-1] + "R"].numpy())
+        for k in tensors
+        if k.endswith(".ort_monarch.L")
+    }
+    scale_of = {
+        "q_scale": "to_q_moft",
+        "k_scale": "to_k_moft",
+        "v_scale": "to_v_moft",
+        "out_scale": "to_out_moft",
+    }
+    scales = {
+        f"{k.rsplit('.', 1)[0]}.{scale_of[k.rsplit('.', 1)[1]]}": v.numpy()
+        for k, v in tensors.items()
+        if k.rsplit(".", 1)[1] in scale_of
+    }
     original = dict(torch_unet.attn_processors)
     install(torch_unet, layers, scales)
     x = random_inputs(batch=1)
     try:
         with torch.no_grad():
-            want = torch_unet(torch.tensor(x["sample"]), torch.tensor(x["timesteps"]),
-                              torch.tensor(x["encoder_hidden_states"]),
-                              added_cond_kwargs={"text_embeds": torch.tensor(x["text_embeds"]),
-                                                 "time_ids": torch.tensor(x["time_ids"])}).sample.numpy()
+            want = torch_unet(
+                torch.tensor(x["sample"]),
+                torch.tensor(x["timesteps"]),
+                torch.tensor(x["encoder_hidden_states"]),
+                added_cond_kwargs={
+                    "text_embeds": torch.tensor(x["text_embeds"]),
+                    "time_ids": torch.tensor(x["time_ids"]),
+                },
+            ).sample.numpy()
     finally:
         torch_unet.set_attn_processor(original)  # session fixture: leave it as found
     unet = trained["unet"]
     xj = {k: jnp.asarray(v) for k, v in x.items()}
-    got = unet.apply({"params": patched}, xj["sample"], xj["timesteps"], xj["encoder_hidden_states"],
-                     {"text_embeds": xj["text_embeds"], "time_ids": xj["time_ids"]}).sample
+    got = unet.apply(
+        {"params": patched},
+        xj["sample"],
+        xj["timesteps"],
+        xj["encoder_hidden_states"],
+        {"text_embeds": xj["text_embeds"], "time_ids": xj["time_ids"]},
+    ).sample
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-3, atol=1e-4)
 
 
@@ -303,8 +378,8 @@ def test_checkpoint_round_trip_through_fuse_and_patch(trained, tmp_path, torch_u
 def test_train_cli_joint_bf16_with_checkpoints(tiny_model_dir, tmp_path, capsys):
     from PIL import Image
 
-    from orthofuse_jax.fusion.io import load_adapter
     from orthofuse_jax.cli import main
+    from orthofuse_jax.fusion.io import load_adapter
 
     rng = np.random.default_rng(0)
     imgs = tmp_path / "dog"
@@ -316,11 +391,29 @@ def test_train_cli_joint_bf16_with_checkpoints(tiny_model_dir, tmp_path, capsys)
     Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(style)
     (style.parent / "data.json").write_text(json.dumps({"wave.png": ["a wave"]}))
     for name in ("concept", "style"):
-        np.savez(tmp_path / f"{name}.npz", prompt_embeds=rng.standard_normal((5, 48)).astype(np.float32),
-                 pooled=rng.standard_normal(TEXT_EMBED_DIM).astype(np.float32))
+        np.savez(
+            tmp_path / f"{name}.npz",
+            prompt_embeds=rng.standard_normal((5, 48)).astype(np.float32),
+            pooled=rng.standard_normal(TEXT_EMBED_DIM).astype(np.float32),
+        )
     out = tmp_path / "joint.safetensors"
-    base = ["train", "--model", str(tiny_model_dir), "--images", str(imgs), "--prompt", "a photo of <sks> dog",
-            "--style-image", str(style), "--resolution", "64", "--nblocks", str(NB), "-o", str(out)]
+    base = [
+        "train",
+        "--model",
+        str(tiny_model_dir),
+        "--images",
+        str(imgs),
+        "--prompt",
+        "a photo of <sks> dog",
+        "--style-image",
+        str(style),
+        "--resolution",
+        "64",
+        "--nblocks",
+        str(NB),
+        "-o",
+        str(out),
+    ]
 
     # this model folder has no text encoders: a clear error naming the folder, exit status 2, no output
     assert main(base + ["--steps", "1"]) == 2
@@ -328,22 +421,44 @@ def test_train_cli_joint_bf16_with_checkpoints(tiny_model_dir, tmp_path, capsys)
     assert "text_encoder/" in err and "--embeddings" in err and not out.exists()
 
     log = tmp_path / "log.json"
-    rc = main(base + ["--embeddings", str(tmp_path / "concept.npz"), "--style-embeddings", str(tmp_path / "style.npz"),
-                      "--steps", "3", "--checkpoint-every", "2", "--lr", "1e-3", "--bf16", "--no-progress",
-                      "--save-latents", str(tmp_path / "cache"), "--log-json", str(log)])
+    rc = main(
+        base
+        + [
+            "--embeddings",
+            str(tmp_path / "concept.npz"),
+            "--style-embeddings",
+            str(tmp_path / "style.npz"),
+            "--steps",
+            "3",
+            "--checkpoint-every",
+            "2",
+            "--lr",
+            "1e-3",
+            "--bf16",
+            "--no-progress",
+            "--save-latents",
+            str(tmp_path / "cache"),
+            "--log-json",
+            str(log),
+        ]
+    )
     assert rc == 0
     ck = tmp_path / "joint-step2.safetensors"
     assert ck.exists() and out.exists()
     final, mid = load_adapter(out), load_adapter(ck)
     assert final.dtype == np.float32 and final.num_layers == 88
-    diffs = [float(np.abs(np.asarray(a[0]) - np.asarray(b[0])).max())
-             for a, b in zip(to_layers(final).values(), to_layers(mid).values())]
+    diffs = [
+        float(np.abs(np.asarray(a[0]) - np.asarray(b[0])).max())
+        for a, b in zip(to_layers(final).values(), to_layers(mid).values())
+    ]
     assert max(diffs) > 0  # the third step moved the adapter after the checkpoint
     rec = json.loads(log.read_text())
     assert rec["mode"] == "joint" and len(rec["losses"]) == 3 and all(np.isfinite(rec["losses"]))
     assert rec["metadata"]["style_prompt"] == "a wave in <style> style"
     cached = load_latents(tmp_path / "cache-style.npz")
-    assert cached["latents"].shape == (1, 4, 8, 12) and cached["original_sizes"].tolist() == [[64, 96]]
+    assert cached["latents"].shape == (1, 4, 8, 12) and cached["original_sizes"].tolist() == [
+        [64, 96]
+    ]
     assert load_latents(tmp_path / "cache-concept.npz")["latents"].shape == (2, 4, 8, 8)
 
 
@@ -356,13 +471,23 @@ def _joint_data(seed=0):
     crops: both consume the data RNG, and the interleave 0, 1, 0, 1 uses both sources."""
     rng = np.random.default_rng(seed)
     ctx = TINY_UNET["cross_attention_dim"]
-    concept = LatentData(rng.standard_normal((3, 4, 8, 8)).astype(np.float32),
-                         (0.1 + 0.1 * rng.random((3, 4, 8, 8))).astype(np.float32),
-                         rng.standard_normal((5, ctx)), rng.standard_normal(TEXT_EMBED_DIM),
-                         np.array([[64, 64]] * 3), (8, 8))
-    style = LatentData(rng.standard_normal((1, 4, 8, 12)).astype(np.float32), None,
-                       rng.standard_normal((5, ctx)), rng.standard_normal(TEXT_EMBED_DIM),
-                       np.array([[64, 96]]), (8, 8), random_crop=True)
+    concept = LatentData(
+        rng.standard_normal((3, 4, 8, 8)).astype(np.float32),
+        (0.1 + 0.1 * rng.random((3, 4, 8, 8))).astype(np.float32),
+        rng.standard_normal((5, ctx)),
+        rng.standard_normal(TEXT_EMBED_DIM),
+        np.array([[64, 64]] * 3),
+        (8, 8),
+    )
+    style = LatentData(
+        rng.standard_normal((1, 4, 8, 12)).astype(np.float32),
+        None,
+        rng.standard_normal((5, ctx)),
+        rng.standard_normal(TEXT_EMBED_DIM),
+        np.array([[64, 96]]),
+        (8, 8),
+        random_crop=True,
+    )
     return [concept, style]
 
 
@@ -381,7 +506,13 @@ def test_resumed_run_is_the_uninterrupted_run_bit_for_bit(flax_unet, tmp_path):
     from dataclasses import replace
 
     from orthofuse_jax.fusion.io import read_tensors
-    from orthofuse_jax.models.train import TrainConfig, load_checkpoint, run_training, save_checkpoint, train_fingerprint
+    from orthofuse_jax.models.train import (
+        TrainConfig,
+        load_checkpoint,
+        run_training,
+        save_checkpoint,
+        train_fingerprint,
+    )
 
     unet, params, cfg_unet = flax_unet
     data = _joint_data()
@@ -393,19 +524,25 @@ def test_resumed_run_is_the_uninterrupted_run_bit_for_bit(flax_unet, tmp_path):
     save_checkpoint(ck, first, fp)
     tensors, _ = read_tensors(ck)
     assert len(tensors) == 88 * 3  # the reference format: L, R and scale per layer, nothing else
-    resumed = run_training(unet, params, cfg_unet, data, cfg, state=load_checkpoint(ck, cfg_unet, cfg, fp))
+    resumed = run_training(
+        unet, params, cfg_unet, data, cfg, state=load_checkpoint(ck, cfg_unet, cfg, fp)
+    )
 
     assert resumed.step == straight.step == 4 and len(straight.losses) == 4
     np.testing.assert_array_equal(first.losses, straight.losses[:2])
-    np.testing.assert_array_equal(resumed.losses, straight.losses)  # steps 3, 4 recomputed after the reload
+    np.testing.assert_array_equal(
+        resumed.losses, straight.losses
+    )  # steps 3, 4 recomputed after the reload
     _assert_trees_equal(resumed.adapter, straight.adapter)
     _assert_trees_equal(resumed.opt_state, straight.opt_state)  # clip (empty) + AdamW count, mu, nu
     np.testing.assert_array_equal(resumed.key, straight.key)
     assert resumed.data_rng == straight.data_rng
     # not vacuous: the halfway state is away from the start, and the last two steps moved it on
     halfway = max(float(np.abs(np.asarray(st.L)).max()) for st in first.adapter.stacks.values())
-    moved = max(float(np.abs(np.asarray(a.L) - np.asarray(b.L)).max())
-                for a, b in zip(straight.adapter.stacks.values(), first.adapter.stacks.values()))
+    moved = max(
+        float(np.abs(np.asarray(a.L) - np.asarray(b.L)).max())
+        for a, b in zip(straight.adapter.stacks.values(), first.adapter.stacks.values())
+    )
     assert halfway > 1e-3 and moved > 1e-3
     assert len(set(straight.losses.tolist())) == 4
 
@@ -428,18 +565,54 @@ def cli_resume(tiny_model_dir, tmp_path_factory):
     """``train`` for 4 steps with a checkpoint at 2, then ``--resume`` from that checkpoint to 4."""
     d = tmp_path_factory.mktemp("resume")
     concept, style = _joint_data(1)
-    np.savez(d / "concept.npz", latents=concept.latents, latents_std=concept.std, original_sizes=concept.original_sizes)
+    np.savez(
+        d / "concept.npz",
+        latents=concept.latents,
+        latents_std=concept.std,
+        original_sizes=concept.original_sizes,
+    )
     np.savez(d / "style.npz", latents=style.latents, original_sizes=style.original_sizes)
     for name, ds in (("concept", concept), ("style", style)):
         np.savez(d / f"{name}-emb.npz", prompt_embeds=ds.prompt_embeds, pooled=ds.pooled)
-    base = ["--model", tiny_model_dir, "--latents", d / "concept.npz", "--embeddings", d / "concept-emb.npz",
-            "--style-latents", d / "style.npz", "--style-embeddings", d / "style-emb.npz", "--resolution", 64,
-            "--nblocks", NB, "--lr", "1e-2", "--no-progress", "--checkpoint-every", 2]
-    rc = _train_cli(base + ["--steps", 4, "-o", d / "run.safetensors", "--log-json", d / "run.json"])
+    base = [
+        "--model",
+        tiny_model_dir,
+        "--latents",
+        d / "concept.npz",
+        "--embeddings",
+        d / "concept-emb.npz",
+        "--style-latents",
+        d / "style.npz",
+        "--style-embeddings",
+        d / "style-emb.npz",
+        "--resolution",
+        64,
+        "--nblocks",
+        NB,
+        "--lr",
+        "1e-2",
+        "--no-progress",
+        "--checkpoint-every",
+        2,
+    ]
+    rc = _train_cli(
+        base + ["--steps", 4, "-o", d / "run.safetensors", "--log-json", d / "run.json"]
+    )
     ck = d / "run-step2.safetensors"
     before = {p.name: _digest(p) for p in (ck, d / "run-step2.opt.npz")}
-    rc_resume = _train_cli(base + ["--steps", 4, "--resume", ck, "-o", d / "resumed.safetensors",
-                                   "--log-json", d / "resumed.json"])
+    rc_resume = _train_cli(
+        base
+        + [
+            "--steps",
+            4,
+            "--resume",
+            ck,
+            "-o",
+            d / "resumed.safetensors",
+            "--log-json",
+            d / "resumed.json",
+        ]
+    )
     return dict(dir=d, base=base, rc=rc, rc_resume=rc_resume, ck=ck, before=before)
 
 
@@ -460,18 +633,25 @@ def test_train_cli_resume_round_trip(cli_resume, tiny_model_dir):
     assert set(got) == set(want) and len(got) == 88 * 3
     for k in want:
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
-    assert got_meta["step"] == want_meta["step"] == "4" and got_meta["resumed_from"] == "run-step2.safetensors"
+    assert (
+        got_meta["step"] == want_meta["step"] == "4"
+        and got_meta["resumed_from"] == "run-step2.safetensors"
+    )
     mid, _ = read_tensors(cli_resume["ck"])
     assert any(not np.array_equal(mid[k], want[k]) for k in want)  # steps 3-4 did move the adapter
     run_log, res_log = (json.loads((d / f).read_text()) for f in ("run.json", "resumed.json"))
     assert res_log["start_step"] == 2 and len(run_log["losses"]) == 4
-    assert res_log["losses"] == run_log["losses"]  # the two recomputed losses equal the originals exactly
+    assert (
+        res_log["losses"] == run_log["losses"]
+    )  # the two recomputed losses equal the originals exactly
     # the final state files agree too, so either output can be resumed again
     _, _, unet_cfg = load_unet(tiny_model_dir / "unet")
     concept, style = _joint_data(1)
     from orthofuse_jax.models.train import scheduler_config
 
-    cfg = TrainConfig(steps=6, nblocks=NB, learning_rate=1e-2, noise_schedule=scheduler_config(tiny_model_dir))
+    cfg = TrainConfig(
+        steps=6, nblocks=NB, learning_rate=1e-2, noise_schedule=scheduler_config(tiny_model_dir)
+    )
     fp = train_fingerprint(cfg, [concept, style], [0.5, 0.5])
     a = load_checkpoint(d / "run.safetensors", unet_cfg, cfg, fp)
     b = load_checkpoint(d / "resumed.safetensors", unet_cfg, cfg, fp)
@@ -540,9 +720,26 @@ def _shapes_checkpoint(tmp_path, ck):
 
 @pytest.mark.parametrize(
     "case",
-    ["missing_state", "lr", "seed", "nblocks", "no_scales", "max_grad_norm", "data", "steps_done", "steps_past",
-     "layer_shape", "state_shape", "state_missing_entry", "state_nonfinite", "adapter_nonfinite", "other_adapter",
-     "corrupt_state", "overwrite_input", "later_checkpoint_is_input"],
+    [
+        "missing_state",
+        "lr",
+        "seed",
+        "nblocks",
+        "no_scales",
+        "max_grad_norm",
+        "data",
+        "steps_done",
+        "steps_past",
+        "layer_shape",
+        "state_shape",
+        "state_missing_entry",
+        "state_nonfinite",
+        "adapter_nonfinite",
+        "other_adapter",
+        "corrupt_state",
+        "overwrite_input",
+        "later_checkpoint_is_input",
+    ],
 )
 def test_train_cli_resume_rejects_bad_input(case, cli_resume, tmp_path, capsys):
     """Each bad --resume: exit 2, one message naming the file and the problem, nothing written."""
@@ -563,18 +760,28 @@ def test_train_cli_resume_rejects_bad_input(case, cli_resume, tmp_path, capsys):
         shutil.copy(ck, resume)
         want = [str(tmp_path / "lone" / "ck.opt.npz"), "does not exist"]
     elif case in ("lr", "seed", "nblocks", "max_grad_norm"):
-        flag, value, shown = {"lr": ("--lr", "2e-2", "0.01"), "seed": ("--seed", "9", "8"),
-                              "nblocks": ("--nblocks", "2", "4"), "max_grad_norm": ("--max-grad-norm", "1.0", "off")}[case]
+        flag, value, shown = {
+            "lr": ("--lr", "2e-2", "0.01"),
+            "seed": ("--seed", "9", "8"),
+            "nblocks": ("--nblocks", "2", "4"),
+            "max_grad_norm": ("--max-grad-norm", "1.0", "off"),
+        }[case]
         extra += [flag, value]
         want = [str(state), flag, f"the state has {shown}"]
     elif case == "no_scales":
         extra += ["--no-scales"]
         want = [str(state), "--no-scales", "the state has true, this run false"]
     elif case == "data":
-        _rewrite_npz(src / "style.npz", tmp_path / "style2.npz", lambda a: a.update(latents=a["latents"] + 1))
+        _rewrite_npz(
+            src / "style.npz", tmp_path / "style2.npz", lambda a: a.update(latents=a["latents"] + 1)
+        )
         i = base.index("--style-latents")
         base[i + 1] = str(tmp_path / "style2.npz")
-        want = [str(state), "style data (--style-image/--style-latents): the state has 1 latents 4x8x12", "sha256"]
+        want = [
+            str(state),
+            "style data (--style-image/--style-latents): the state has 1 latents 4x8x12",
+            "sha256",
+        ]
     elif case == "steps_done":
         extra = ["--steps", "2"]
         want = [str(ck), "at step 2", "--steps 2"]
@@ -589,7 +796,12 @@ def test_train_cli_resume_rejects_bad_input(case, cli_resume, tmp_path, capsys):
             k = _first_mu(f.files)
             shape = list(f[k].shape)
         resume, state = _bad_state(tmp_path, ck, _reshape_mu)
-        want = [str(state), repr(k), f"float32 {shape[:1] + [2] + shape[2:]}", f"needs float32 {shape}"]
+        want = [
+            str(state),
+            repr(k),
+            f"float32 {shape[:1] + [2] + shape[2:]}",
+            f"needs float32 {shape}",
+        ]
     elif case == "state_missing_entry":
         resume, state = _bad_state(tmp_path, ck, _drop_mu)
         want = [str(state), "/mu/stacks/", "is missing"]
@@ -617,7 +829,9 @@ def test_train_cli_resume_rejects_bad_input(case, cli_resume, tmp_path, capsys):
         resume = _copy_pair(ck, tmp_path / "bad")
         out = resume
         want = [str(resume), "refusing to overwrite an input"]
-    elif case == "later_checkpoint_is_input":  # resuming at 2 would write x-step4.safetensors over the input
+    elif (
+        case == "later_checkpoint_is_input"
+    ):  # resuming at 2 would write x-step4.safetensors over the input
         resume = _copy_pair(ck, tmp_path / "bad", name="x-step4")
         out = tmp_path / "bad" / "x.safetensors"
         extra = ["--steps", "6"]

@@ -43,7 +43,16 @@ class MOFTProcessor:
         s = self.scales.get(key)
         return y if s is None else y * s
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *a, **k):
+    def __call__(
+        self,
+        attn,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        temb=None,
+        *a,
+        **k,
+    ):
         x = hidden_states
         e = x if encoder_hidden_states is None else encoder_hidden_states
         q = self._scale("to_q_moft", attn.to_q(self._gs("to_q_moft", x)))
