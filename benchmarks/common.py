@@ -214,7 +214,7 @@ def reusing_sweep(sweep_fn: Callable[..., Any], *args: Any) -> Callable[[], Any]
 
 def first_and_median(fn: Callable[[], Any], reps: int = 5) -> dict[str, float]:
     """Seconds of the first call of ``fn()`` (compile + run) and the median and minimum of ``reps``
-    more; JAX results are waited for (the experiments' quick timing, without CPU time or load)."""
+    more; JAX results are waited for (a quick timing, without CPU time or load)."""
     import jax
 
     t0 = time.perf_counter()

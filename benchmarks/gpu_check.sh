@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU speed table in ONE device call: about 4-5 minutes on an H100 ( with the cuBLAS
-# products that merge_sdxl --device cuda now asks for; merge_sdxl --triton-gemm keeps XLA's default,
-# about 2 more minutes of compiling); a session has 15.
+# The GPU speed table in ONE device call: about 4-5 minutes on an H100 (with the cuBLAS
+# products that merge_sdxl --device cuda asks for; merge_sdxl --triton-gemm keeps XLA's default,
+# about 2 more minutes of compiling).
 #
 #   device tool:  run(command="bash benchmarks/gpu_check.sh", timeout_s=480)
 #
