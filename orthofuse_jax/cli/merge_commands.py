@@ -28,13 +28,13 @@ def parse_ts(text: str) -> list[float]:
     """``start:stop:count`` (inclusive linspace) or a comma list ``0,0.5,1``."""
     try:
         if ":" in text:
-            a, b, n = text.split(":")
-            n = int(n)
+            first, last, count = text.split(":")
+            n = int(count)
             if n < 1:
                 raise ValueError
             if n == 1:
-                return [float(a)]
-            a, b = float(a), float(b)
+                return [float(first)]
+            a, b = float(first), float(last)
             return [a + (b - a) * i / (n - 1) for i in range(n)]
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -299,14 +299,14 @@ def _add_merge_options(p) -> None:
         "--restore",
         choices=["cayley", "exact", "none"],
         default="cayley",
-        help="spectra restoration: cayley = the reference's curve_over_id (eta = 1/2 + 2t(1-t)); "
-        "exact = exp(f(t) log Y), f = 1 + 4(alpha-1)t(1-t); none. Default: cayley",
+        help="spectra restoration, with f = 1 + 4(alpha-1)t(1-t): cayley = the reference's "
+        "curve_over_id, Cay(eta Y) with eta = f/2; exact = exp(f log Y); none. Default: cayley",
     )
     p.add_argument(
         "--alpha",
         type=float,
         default=2.0,
-        help="phase multiplier at t=1/2 for --restore exact (default 2)",
+        help="phase multiplier f(1/2) of the restoration (default 2, the reference's)",
     )
     p.add_argument(
         "--scales",

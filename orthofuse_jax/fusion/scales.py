@@ -1,7 +1,7 @@
 """Per-channel scale vectors of merged adapters (docs/math.md §3.5).
 
 The reference merges only L/R and keeps the CONCEPT (first) adapter's ``q/k/v/out`` scale vectors
-verbatim, silently dropping the style adapter's (docs/math.md §3.5, 9.11). Three documented rules:
+verbatim, silently dropping the style adapter's (docs/math.md §3.5). Three documented rules:
 
 * ``"concept"`` (default, reference parity): ``s = s_1``.
 * ``"geometric"``: per-channel weighted geometric mean ``s = exp(sum_i w_i log s_i)``. Defined only

@@ -1,4 +1,4 @@
-"""Functions of rotation angles of orthogonal blocks, in real arithmetic (docs/math.md §8, 11).
+"""Functions of rotation angles of orthogonal blocks, in real arithmetic (docs/math.md §3.1, §8).
 
 Every ``U`` in ``SO(b)`` without an eigenvalue ``-1`` is ``Cay(S)`` for a skew ``S``. On each
 eigenspace of ``-S^2 = V diag(sigma^2) V^T`` (symmetric positive semidefinite, so a real
@@ -107,12 +107,12 @@ def _is_concrete(*xs) -> bool:
 
 
 def _raise_if_bad(bad: Array, what: str) -> None:
-    bad = np.asarray(bad)
-    if bad.any():
-        where = np.argwhere(bad)
+    flags = np.asarray(bad)
+    if flags.any():
+        where = np.argwhere(flags)
         first = tuple(int(i) for i in where[0])
         raise NegativeEigenvalueError(
-            f"{what}: {int(bad.sum())} block(s) have an eigenvalue at -1 (a rotation within the "
+            f"{what}: {int(flags.sum())} block(s) have an eigenvalue at -1 (a rotation within the "
             f"angle tolerance of pi), first at block index {first}; the real principal logarithm "
             "is not defined there"
         )

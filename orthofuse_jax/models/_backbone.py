@@ -1,14 +1,14 @@
 """Every diffusers and transformers import of orthofuse-jax lives here, so swapping the backbone
 touches one file.
 
-Backbone: diffusers 0.35.2, the last release that ships Flax models (``FlaxUNet2DConditionModel``,
-``FlaxAutoencoderKL``); it runs with jax 0.10.2 / flax 0.12.8 (docs/math.md §9). Weights are read from the
+Backbone: diffusers 0.35.2 to 0.39 (0.40 removed the Flax models ``FlaxUNet2DConditionModel`` and
+``FlaxAutoencoderKL``), with flax 0.12.8 or later (docs/math.md §9). Weights are read from the
 diffusers PyTorch layout (``config.json`` + ``diffusion_pytorch_model.safetensors``) with numpy
 only, using diffusers' own rename/transpose rule (``rename_key_and_reshape_tensor``) against the
 *shapes* of the Flax parameters (``jax.eval_shape``), so nothing is randomly initialised and torch
 is not needed.
 
-Text encoders: transformers 4.57.6 (the last line with Flax CLIP; 5.x dropped Flax):
+Text encoders: transformers 4.57.6 or a later 4.x (5.x dropped Flax CLIP):
 ``FlaxCLIPTextModel`` / ``FlaxCLIPTextModelWithProjection`` read the PyTorch ``model.safetensors``
 of ``text_encoder/`` and ``text_encoder_2/`` (safetensors path, no torch), and ``CLIPTokenizer``
 reads ``tokenizer/`` and ``tokenizer_2/``.

@@ -1,4 +1,4 @@
-"""Fold a GS adapter into Flax UNet attention kernels, and unfold it again (docs/math.md §2, 9.19).
+"""Fold a GS adapter into Flax UNet attention kernels, and unfold it again (docs/math.md §1.3, §2).
 
 The reference applies ``W_eff = diag(s) W Q`` at every call. For a Flax ``Dense`` kernel
 ``K = W^T`` (in x out) the folded kernel is
