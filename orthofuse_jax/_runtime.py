@@ -125,7 +125,7 @@ def enable_compile_cache() -> str | None:
         return None
     import jax
 
-    current = jax.config.jax_compilation_cache_dir
+    current = jax.config.jax_compilation_cache_dir  # type: ignore[attr-defined]
     if current:
         return current
     path = choice or default_compile_cache_dir()
@@ -139,9 +139,8 @@ def enable_compile_cache() -> str | None:
     # Our kernels compile in well under JAX's default 1 s threshold each, but there are many.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    if (
-        jax.config.jax_compilation_cache_max_size == -1
-    ):  # unbounded by default: keep the least recently used 1 GB
+    # unbounded by default: keep the least recently used 1 GB
+    if jax.config.jax_compilation_cache_max_size == -1:  # type: ignore[attr-defined]
         jax.config.update("jax_compilation_cache_max_size", 2**30)
     return path
 

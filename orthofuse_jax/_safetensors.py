@@ -175,7 +175,7 @@ class SafetensorsFile:
             target = out  # straight from the file, no copy
         else:
             target = np.empty(shape, raw_dtype)
-        view = memoryview(target).cast("B")
+        view = target.data.cast("B")
         done = 0
         try:
             while done < len(view):
@@ -280,14 +280,14 @@ def _checked_stack(path, stack: np.ndarray, keys: list[str], tol: float) -> np.n
     if bad.size == 0:
         return stack
     stack = np.array(stack)
-    for i in bad:
+    for j in bad:
         warnings.warn(
-            f"{path}: key {keys[i]!r}: raw Cayley parameters are not skew-symmetric "
-            f"(max |A + A^T| = {float(sym[i]):.3g}); projected to the skew part (A - A^T)/2",
+            f"{path}: key {keys[j]!r}: raw Cayley parameters are not skew-symmetric "
+            f"(max |A + A^T| = {float(sym[j]):.3g}); projected to the skew part (A - A^T)/2",
             NonSkewWarning,
             stacklevel=3,
         )
-        stack[i] = 0.5 * (stack[i] - np.swapaxes(stack[i], -1, -2))
+        stack[j] = 0.5 * (stack[j] - np.swapaxes(stack[j], -1, -2))
     return stack
 
 
@@ -321,8 +321,8 @@ def read_reference(
                     f"{source}: key {key!r}: unexpected key (expected ...ort_monarch.L or .R)"
                 )
             halves.setdefault(layer, {})[side] = layout[key][0]
-        elif _layer_of_scale_key(key) is not None:
-            scale_keys[key] = _layer_of_scale_key(key)
+        elif (scaled := _layer_of_scale_key(key)) is not None:
+            scale_keys[key] = scaled
         else:
             raise AdapterFileError(
                 f"{source}: key {key!r}: unexpected key (expected <layer>.ort_monarch.L/R or <processor>.q_scale etc.)"

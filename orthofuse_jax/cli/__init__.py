@@ -94,7 +94,7 @@ _EXTRAS = {
 """Top-level modules of the optional extras, and the extra that installs each."""
 
 
-def _one_line(msg: str) -> str:
+def _one_line(msg: object) -> str:
     return " ".join(str(msg).split())
 
 

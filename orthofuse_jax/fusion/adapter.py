@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from .._safetensors import SCALE_NAME
 from ..geometry import cayley, cpu_only, rotation_parameters
@@ -106,8 +107,8 @@ class GSAdapter:
 
 
 def from_layers(
-    layers: Mapping[str, tuple[Array, Array]],
-    scales: Mapping[str, Array] | None = None,
+    layers: Mapping[str, tuple[ArrayLike, ArrayLike]],
+    scales: Mapping[str, ArrayLike] | None = None,
     *,
     orthogonal: bool = False,
     dtype=None,
@@ -129,8 +130,8 @@ def from_layers(
 
 
 def from_stacks(
-    stacks: Mapping[tuple[str, ...], Mapping[str, Array]],
-    scales: Mapping[str, Array] | None = None,
+    stacks: Mapping[tuple[str, ...], Mapping[str, ArrayLike]],
+    scales: Mapping[str, ArrayLike] | None = None,
     *,
     orthogonal: bool = False,
     dtype=None,

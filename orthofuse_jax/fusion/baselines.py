@@ -63,6 +63,7 @@ class MultipliedAdapter:
         for a in self.factors:
             qa = gs_dense(*self._blocks(a, name))
             q = qa if q is None else mm(qa, q)
+        assert q is not None, "a LoRA baseline has at least one factor"
         return q
 
     def scale(self, name: str, h: int | None = None) -> Array | None:

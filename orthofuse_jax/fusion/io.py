@@ -79,7 +79,7 @@ __all__ = [
 # safetensors container
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
     """Write ``path`` atomically: ``write(f)`` into a temp file in the same folder, fsync, ``os.replace``.
 
     On any failure the temp file is removed and ``path`` is left as it was.
@@ -145,7 +145,7 @@ def _write_float32(
         f.write(struct.pack("<Q", len(head)))
         f.write(head)
         for piece in data:
-            f.write(memoryview(np.ascontiguousarray(piece, dtype="<f4")).cast("B"))
+            f.write(np.ascontiguousarray(piece, dtype="<f4").data.cast("B"))
 
     try:
         atomic_write(path, write)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -209,7 +210,9 @@ def sweep_statistics(
     n_t = len(ts)
     h = _STEP.get(dtype, 1e-3)
     ts3 = np.concatenate([ts, ts - h, ts + h])
-    kw = dict(method=method, alpha=alpha, scales=scales, algorithm=algorithm, extrapolate=True)
+    kw: dict[str, Any] = dict(
+        method=method, alpha=alpha, scales=scales, algorithm=algorithm, extrapolate=True
+    )
     log_algorithm = "eigh" if dtype.itemsize > 4 else "matmul"
     acc = {
         k: np.zeros(n_t) for k in ("sq_speed_before", "sq_speed_after", "amb_before", "amb_after")

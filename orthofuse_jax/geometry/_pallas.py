@@ -18,6 +18,7 @@ Measured on an H100 (benchmarks/RESULTS.md): 1.32 ms for the 40x40 stack, 0.86 m
 from __future__ import annotations
 
 import functools
+from typing import Any
 import math
 
 import jax
@@ -96,7 +97,7 @@ def gauss_jordan_solve(a, r, *, interpret: bool = False, num_warps: int = NUM_WA
         a = jnp.concatenate([jnp.pad(a, ((0, 0), (0, 0), (0, big - n))), eye], axis=1)
     if (big, wide) != (n, m):
         r = jnp.pad(r, ((0, 0), (0, big - n), (0, wide - m)))
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     if not interpret:
         from jax.experimental.pallas import triton as plt
 

@@ -147,6 +147,7 @@ def _paterson_stockmeyer(coef, baby: list[Array], giant: Array) -> Array:
     for j in reversed(range(d // m + 1)):
         part = sum(coef[j * m + i] * baby[i] for i in range(m) if j * m + i <= d)
         out = part if out is None else mm(out, giant) + part
+    assert out is not None
     return out
 
 

@@ -94,9 +94,10 @@ def euler_schedule(
         num_train_timesteps=num_train_timesteps,
     )
     all_sigmas = ((1 - ac) / ac) ** 0.5
+    t: np.ndarray
     if timestep_spacing == "leading":
-        ratio = num_train_timesteps // num_steps
-        t = (np.arange(num_steps) * ratio).round()[::-1].astype(np.float64) + steps_offset
+        step = num_train_timesteps // num_steps
+        t = (np.arange(num_steps) * step).round()[::-1].astype(np.float64) + steps_offset
     elif timestep_spacing == "trailing":
         ratio = num_train_timesteps / num_steps
         t = (np.arange(num_train_timesteps, 0, -ratio)).round() - 1

@@ -124,6 +124,7 @@ def encode_prompt(
         h, p = apply(params, ids.astype(np.int32))
         hidden.append(np.asarray(h, np.float32))
         pooled = np.asarray(p, np.float32)  # the last encoder's (text_encoder_2) projection
+    assert pooled is not None, "SDXL has two text encoders"
     return np.concatenate(hidden, axis=-1), pooled
 
 
@@ -168,7 +169,7 @@ def save_embeddings(
     buf = io.BytesIO()
     np.savez(
         buf,
-        **{k: np.asarray(v, np.float32) for k, v in embeddings.items()},
+        **{k: np.asarray(v, np.float32) for k, v in embeddings.items()},  # type: ignore[arg-type]
         prompt=np.asarray(prompt),
     )
     atomic_write_bytes(path, buf.getvalue())

@@ -78,7 +78,7 @@ __all__ = [
     "train_state_path",
 ]
 
-# SDXL base 1.0 scheduler settings used by the reference's DDPMScheduler (docs/math.md §4, 6).
+# SDXL base 1.0 scheduler settings used by the reference's DDPMScheduler (docs/math.md §6).
 DDPM_SDXL = dict(
     beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
 )
@@ -294,8 +294,8 @@ def make_loss(
     if apply not in ("fold", "onthefly"):
         raise ValueError(f"apply must be 'fold' or 'onthefly', got {apply!r}")
     plan = FoldPlan.build(params, adapter, config=config)
-    abar = alphas_cumprod(**dict(noise_schedule or DDPM_SDXL))
-    abar = jnp.asarray(abar, jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
+    x64 = jax.config.jax_enable_x64  # type: ignore[attr-defined]
+    abar = jnp.asarray(alphas_cumprod(**dict(noise_schedule or DDPM_SDXL)), jnp.float64 if x64 else jnp.float32)
 
     def loss(adapter, params, batch, key):
         return diffusion_loss(
@@ -442,7 +442,7 @@ def init_train_state(
         adapter=adapter,
         opt_state=_optimizer(cfg).init(adapter),
         key=np.asarray(jax.random.PRNGKey(cfg.seed)),
-        data_rng=np.random.default_rng(cfg.seed).bit_generator.state,
+        data_rng=dict(np.random.default_rng(cfg.seed).bit_generator.state),
         losses=np.zeros((0,), np.float64),
     )
 
@@ -712,7 +712,7 @@ def save_checkpoint(
     }
     arrays["__meta__"] = np.asarray(json.dumps(meta))
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
     save_adapter(path, state.adapter, metadata=metadata, inputs=inputs)
     try:
         atomic_write_bytes(spath, buf.getvalue())

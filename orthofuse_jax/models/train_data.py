@@ -201,7 +201,7 @@ def save_latents(path: str | os.PathLike, latents, std=None, original_sizes=None
     if original_sizes is not None:
         arrays["original_sizes"] = np.asarray(original_sizes, np.float32)
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
     atomic_write_bytes(path, buf.getvalue())
 
 
@@ -251,12 +251,12 @@ def preprocess_concept(path: str, resolution: int) -> tuple[np.ndarray, tuple[in
         w, h = im.size
         s = min(w, h)
         left, top = (w - s) // 2, (h - s) // 2
-        im = (
+        square = (
             im.convert("RGB")
             .crop((left, top, left + s, top + s))
-            .resize((resolution, resolution), Image.LANCZOS)
+            .resize((resolution, resolution), Image.Resampling.LANCZOS)
         )
-        return _to_unit(im), (h, w)
+        return _to_unit(square), (h, w)
 
 
 def preprocess_style(
@@ -271,8 +271,8 @@ def preprocess_style(
         scale = resolution / min(w, h)
         nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
         nw, nh = nw - nw % multiple, nh - nh % multiple
-        im = im.convert("RGB").resize((nw, nh), Image.BILINEAR, reducing_gap=None)
-        return _to_unit(im), (h, w)
+        scaled = im.convert("RGB").resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=None)
+        return _to_unit(scaled), (h, w)
 
 
 def encode_images(
