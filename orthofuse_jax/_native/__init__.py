@@ -6,8 +6,8 @@ solves without pivoting for the Cayley maps (:func:`orthofuse_jax.geometry._lina
 and the Cayley maps themselves, fused with the skew part and, for the fast merge, with its
 restoration (:func:`orthofuse_jax.geometry._linalg.cayley_map`), the points of a decomposed
 geodesic (:func:`orthofuse_jax.geometry._linalg.geodesic_point`), the product-only exact merge
-(``orthofuse_jax.fusion.merge._geodesic_matmul``: float32 input gets float32 products) and its
-sweep over many t (``merge._geodesic_sweep_matmul``: the log once per block, then the geodesic's
+(``orthofuse_jax.fusion._dispatch._geodesic_matmul``: float32 input gets float32 products) and its
+sweep over many t (``_dispatch._geodesic_sweep_matmul``: the log once per block, then the geodesic's
 Taylor coefficients).
 Set ``ORTHOFUSE_JAX_NATIVE=0`` to use jaxlib's LAPACK solve instead; it is read when a function
 is traced, so set it before the first merge (or call ``jax.clear_caches()``). The kernels are

@@ -104,7 +104,8 @@ def _enable_x64(args) -> None:
 
 def cmd_fuse(args, *, quiet: bool = False) -> int:
     from ..fusion.io import check_output_path, save_merged
-    from ..fusion.merge import merge, restoration_factor
+    from ..fusion.maps import restoration_factor
+    from ..fusion.merge import merge
 
     del quiet  # one call: nothing to report progress on
     _check_t([args.t], args.extrapolate)

@@ -28,21 +28,15 @@ from .adapter import (
 from .baselines import LoraFactors, MultipliedAdapter, lora_merge, multiply
 from .io import AdapterFileError, load_adapter, save_adapter, save_merged
 from .karcher import cayley_mean_blocks, karcher_mean_blocks, karcher_mean_blocks_with_flag
-from .merge import (
-    METHODS,
-    RESTORES,
-    MergeError,
-    MergeReport,
+from .maps import (
     cayley_space_blocks,
     curve_over_id,
     geodesic_blocks,
-    merge,
-    merge_report,
     orthogonality_error,
     restoration_factor,
     restore_exact,
-    sweep,
 )
+from .merge import METHODS, RESTORES, MergeError, MergeReport, merge, merge_report, sweep
 from .scales import SCALE_RULES, combine_scales
 
 __all__ = [

@@ -55,7 +55,7 @@ from .._safetensors import (
 )
 from ..geometry import cpu_only, rotation_parameters, skew
 from .adapter import GSAdapter, check_compatible, from_stacks, on_cpu, to_cayley_params
-from .merge import orthogonality_error
+from .maps import orthogonality_error
 
 __all__ = [
     "SKEW_TOL",

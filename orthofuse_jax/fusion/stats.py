@@ -34,7 +34,8 @@ import numpy as np
 
 from ..geometry import cayley, cpu_only, log_with_flag, power, relative_rotation
 from .adapter import GSAdapter, on_cpu
-from .merge import orthogonality_error, sweep
+from .maps import orthogonality_error
+from .merge import sweep
 
 __all__ = ["ANGLE_BINS", "sweep_statistics"]
 

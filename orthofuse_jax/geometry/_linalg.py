@@ -146,7 +146,7 @@ def cayley_map(
         return y, not_finite(y)
 
     out = (jax.ShapeDtypeStruct(x1.shape, dtype), jax.ShapeDtypeStruct(batch, jnp.bool_))
-    y, bad = _with_kernel("cayley", xla, x1, x2, coef, out=out)
+    y, bad = with_native_kernel("cayley", xla, x1, x2, coef, out=out)
     return (y, bad) if with_flag else y
 
 
@@ -178,7 +178,7 @@ def geodesic_point(a, b, v, cos_phi, r, eta=None):
         axis=-1,
     )
     out = jax.ShapeDtypeStruct(batch + a.shape[-2:], dtype)
-    return _with_kernel(
+    return with_native_kernel(
         "point", functools.partial(_geodesic_point_xla, restore=restore), a, b, v, cs, coef, out=out
     )
 
@@ -188,7 +188,7 @@ def not_finite(y) -> jax.Array:
     return ~jnp.all(jnp.isfinite(y), axis=(-1, -2))
 
 
-def _with_kernel(kernel: str, xla, *args, out=None, attrs=None):
+def with_native_kernel(kernel: str, xla, *args, out=None, attrs=None):
     """``xla(*args)``, or on the CPU the compiled ``kernel`` (same arguments and the FFI attributes
     ``attrs``, outputs ``out``, by default one shaped like ``args[0]``) when it is built, every
     argument has one dtype and blocks are at most :data:`NATIVE_MAX_BLOCK`. Derivatives are ``xla``'s (``jax.custom_jvp``; a boolean output has
@@ -255,7 +255,7 @@ def _cayley_map_xla(x1, x2, coef, *, square: bool):
     return solve_pd(base - c * s, base + c * s)
 
 
-def _polar_step(y: Block) -> Block:
+def polar_step(y: Block) -> Block:
     """One Newton-Schulz step towards the polar factor: ``Y (3I - Y^T Y) / 2``.
 
     The spectral formula is exact in exact arithmetic; in float32 its orthogonality error grows
@@ -271,7 +271,7 @@ def _geodesic_point_xla(a, b, v, cs, coef, *, restore: bool):
     y = mm(
         a * cs[..., 0, None, :] + b * cs[..., 1, None, :], jnp.swapaxes(v, -1, -2)
     )  # broadcasts a, b, v
-    y = _polar_step(y)
+    y = polar_step(y)
     if not restore:
         return y
     zero = jnp.zeros_like(coef[..., :1])

@@ -22,14 +22,14 @@ from .cayley import cayley, relative_cayley, skew
 from .polynomial import expm_skew_taylor
 from .spectral import (
     DEFAULT_ANGLE_TOL,
-    _decompose,
-    _decompose_skew,
-    _is_concrete,
-    _polar_step,
-    _raise_if_bad,
-    _sinc_ratio,
+    decompose_rotation,
+    decompose_skew,
+    is_concrete,
     log_with_flag,
+    polar_step,
+    raise_if_negative_eigenvalue,
     rotation_angles,
+    sinc_ratio,
 )
 
 __all__ = [
@@ -95,7 +95,7 @@ class GeodesicPath:
         ``eta=None``; on the CPU one compiled pass per block (:func:`~orthofuse_jax.geometry._linalg.geodesic_point`)."""
         t = jnp.asarray(t, dtype=self.a.dtype)[..., None]
         phi = t * self.theta
-        r = _sinc_ratio(phi, self.sigma, 2.0 * t)
+        r = sinc_ratio(phi, self.sigma, 2.0 * t)
         # polar(U1 X) = U1 polar(X) for orthogonal U1: the polar step also absorbs U1's rounding.
         y = geodesic_point(self.a, self.b, self.v, jnp.cos(phi), r, eta)
         return jnp.where(self.bad[..., None, None], jnp.nan, y)
@@ -103,7 +103,7 @@ class GeodesicPath:
 
 def geodesic_path(u1: Block, u2: Block, *, angle_tol: float = DEFAULT_ANGLE_TOL) -> GeodesicPath:
     """Decompose ``W = U1^T U2`` once (inverse Cayley + real ``eigh``) for evaluation at many t."""
-    s, v, sigma, _, bad = _decompose(relative_rotation(u1, u2), angle_tol)
+    s, v, sigma, _, bad = decompose_rotation(relative_rotation(u1, u2), angle_tol)
     return _path(u1, s, v, sigma, bad)
 
 
@@ -134,7 +134,7 @@ def geodesic_path_cayley(
         s = via_rotations(a1, a2)
     else:
         s = jax.lax.platform_dependent(a1, a2, cpu=via_rotations, default=relative_cayley)
-    s, v, sigma, _, bad = _decompose_skew(s, angle_tol)
+    s, v, sigma, _, bad = decompose_skew(s, angle_tol)
     return _path(u1, s, v, sigma, bad)
 
 
@@ -162,8 +162,8 @@ def geodesic(
         y, bad = path.at(t), path.bad
     else:
         y, bad = geodesic_with_flag(u1, u2, t, angle_tol=angle_tol, algorithm=algorithm)
-    if _is_concrete(u1, u2, t):
-        _raise_if_bad(bad, "geodesic")
+    if is_concrete(u1, u2, t):
+        raise_if_negative_eigenvalue(bad, "geodesic")
     return y
 
 
@@ -181,7 +181,7 @@ def geodesic_with_flag(
     """
     x, bad = log_with_flag(relative_rotation(u1, u2), angle_tol=angle_tol, algorithm=algorithm)
     t = jnp.asarray(t, dtype=u1.dtype)[..., None, None]
-    y = _polar_step(mm(u1, expm_skew_taylor(t * x)))
+    y = polar_step(mm(u1, expm_skew_taylor(t * x)))
     return jnp.where(bad[..., None, None], jnp.nan, y), bad
 
 

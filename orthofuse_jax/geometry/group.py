@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._types import Array, Blocks, Float
-from .gs import _apply_blocks, gs_apply
+from .gs import apply_blocks, gs_apply
 from .shuffle import perfect_unshuffle
 
 __all__ = [
@@ -63,7 +63,7 @@ def act(a: Blocks, b: Blocks, x: Float[Array, "*batch n n"]) -> Float[Array, "*b
     # Columns of X transformed by P^T BD(A) P = Q(A, I): rows of X^T through gs_apply.
     left = jnp.swapaxes(gs_apply(jnp.swapaxes(x, -1, -2), a, eye), -1, -2)
     # Rows of (.) BD(B)^T are BD(B) applied to each row.
-    return _apply_blocks(b, left, transpose=False)
+    return apply_blocks(b, left, transpose=False)
 
 
 def orbit_map(a: Blocks, b: Blocks) -> Float[Array, "n n"]:

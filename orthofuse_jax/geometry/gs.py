@@ -28,7 +28,7 @@ def gs_shape(L: Blocks, R: Blocks) -> tuple[int, int, int]:
     return nb, b, nb * b
 
 
-def _apply_blocks(blocks: Blocks, x: Float[Array, "*batch n"], transpose: bool) -> Array:
+def apply_blocks(blocks: Blocks, x: Float[Array, "*batch n"], transpose: bool) -> Array:
     nb, b = blocks.shape[-3], blocks.shape[-1]
     xb = x.reshape(*x.shape[:-1], nb, b)
     spec = "...ji,jai->...ja" if not transpose else "...ji,jia->...ja"
@@ -47,9 +47,9 @@ def gs_apply(x: Float[Array, "*batch n"], L: Blocks, R: Blocks) -> Float[Array, 
     nb, _, n = gs_shape(L, R)
     if x.shape[-1] != n:
         raise ValueError(f"x has last axis {x.shape[-1]}, the GS layer has n={n}")
-    z = _apply_blocks(R, x, transpose=False)  # BD(R) x
+    z = apply_blocks(R, x, transpose=False)  # BD(R) x
     w = perfect_shuffle(z, nb)  # P .
-    y = _apply_blocks(L, w, transpose=False)  # BD(L) .
+    y = apply_blocks(L, w, transpose=False)  # BD(L) .
     return perfect_unshuffle(y, nb)  # P^T .
 
 
@@ -61,9 +61,9 @@ def gs_apply_transpose(
     if x.shape[-1] != n:
         raise ValueError(f"x has last axis {x.shape[-1]}, the GS layer has n={n}")
     w = perfect_shuffle(x, nb)
-    w = _apply_blocks(L, w, transpose=True)
+    w = apply_blocks(L, w, transpose=True)
     z = perfect_unshuffle(w, nb)
-    return _apply_blocks(R, z, transpose=True)
+    return apply_blocks(R, z, transpose=True)
 
 
 def block_diag(blocks: Blocks) -> Float[Array, "*batch n n"]:

@@ -191,10 +191,10 @@ def expm_skew_taylor(a: Block, *, max_squarings: int = 8) -> Block:
     the loop is unrolled, so no host round trip on a GPU). Use
     :func:`~orthofuse_jax.geometry.expm_skew` (``eigh``) beyond.
     """
-    return _expm_taylor_with_ok(a, max_squarings)[0]
+    return expm_skew_taylor_with_ok(a, max_squarings)[0]
 
 
-def _expm_taylor_with_ok(a: Block, max_squarings: int) -> tuple[Block, Bool[Array, "*batch"]]:
+def expm_skew_taylor_with_ok(a: Block, max_squarings: int) -> tuple[Block, Bool[Array, "*batch"]]:
     """:func:`expm_skew_taylor` and, per block, whether its norm bound is within reach of the squarings."""
     x = 0.5 * (a - jnp.swapaxes(a, -1, -2))
     eye = jnp.broadcast_to(jnp.eye(x.shape[-1], dtype=x.dtype), x.shape)

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._linalg import _polar_step, mm
+from ._linalg import mm, polar_step
 from ._types import Array, Block, Bool, Float
 from .cayley import inverse_cayley
 from .polynomial import LOG_POLYNOMIAL_MAX_ANGLE, log_polynomial
@@ -68,7 +68,7 @@ def _eigh_sq(s: Block) -> tuple[Array, Array]:
     return jnp.maximum(lam, 0.0), v
 
 
-def _sinc_ratio(phi: Array, sigma: Array, limit: Array) -> Array:
+def sinc_ratio(phi: Array, sigma: Array, limit: Array) -> Array:
     """``sin(phi) / sigma`` with the value ``limit`` where ``sigma == 0``."""
     safe = jnp.where(sigma > 0, sigma, 1.0)
     return jnp.where(sigma > 0, jnp.sin(phi) / safe, limit)
@@ -89,11 +89,11 @@ def _angle_threshold(angle_tol: float) -> float:
     return float(1.0 / np.tan(angle_tol / 2.0))
 
 
-def _decompose(u: Block, angle_tol: float):
-    return _decompose_skew(inverse_cayley(u), angle_tol)
+def decompose_rotation(u: Block, angle_tol: float):
+    return decompose_skew(inverse_cayley(u), angle_tol)
 
 
-def _decompose_skew(s: Block, angle_tol: float):
+def decompose_skew(s: Block, angle_tol: float):
     """``S, V, sigma, theta, bad`` for the rotation ``Cay(S)`` with skew Cayley parameter ``S``."""
     lam, v = _eigh_sq(s)
     sigma = jnp.sqrt(lam)
@@ -102,11 +102,11 @@ def _decompose_skew(s: Block, angle_tol: float):
     return s, v, sigma, theta, bad
 
 
-def _is_concrete(*xs) -> bool:
+def is_concrete(*xs) -> bool:
     return not any(isinstance(x, jax.core.Tracer) for x in xs)
 
 
-def _raise_if_bad(bad: Array, what: str) -> None:
+def raise_if_negative_eigenvalue(bad: Array, what: str) -> None:
     flags = np.asarray(bad)
     if flags.any():
         where = np.argwhere(flags)
@@ -129,7 +129,7 @@ def rotation_angles(u: Block) -> Float[Array, "*batch b"]:
        angles (hence :func:`~orthofuse_jax.geometry.geodesic_distance`) are accurate to about
        ``eps * max sigma^2``. Functions of U built from (*) are not affected.
     """
-    _, _, _, theta, _ = _decompose(u, DEFAULT_ANGLE_TOL)
+    _, _, _, theta, _ = decompose_rotation(u, DEFAULT_ANGLE_TOL)
     return theta
 
 
@@ -138,7 +138,7 @@ def expm_skew(a: Block) -> Block:
     s = 0.5 * (a - jnp.swapaxes(a, -1, -2))
     lam, v = _eigh_sq(s)
     sigma = jnp.sqrt(lam)
-    return _rotate(s, v, jnp.cos(sigma), _sinc_ratio(sigma, sigma, jnp.ones_like(sigma)))
+    return _rotate(s, v, jnp.cos(sigma), sinc_ratio(sigma, sigma, jnp.ones_like(sigma)))
 
 
 LOG_ALGORITHMS = ("eigh", "matmul")
@@ -175,7 +175,7 @@ def log_with_flag(
             return jnp.where(ok[..., None, None], x, xe), bad & ~ok
 
         return jax.lax.cond(jnp.all(ok), lambda: (x, ~ok), fallback)
-    s, v, sigma, theta, bad = _decompose(u, angle_tol)
+    s, v, sigma, theta, bad = decompose_rotation(u, angle_tol)
     ratio = jnp.where(sigma > 0, theta / jnp.where(sigma > 0, sigma, 1.0), 2.0)
     x = mm(s, mm(v * ratio[..., None, :], jnp.swapaxes(v, -1, -2)))
     x = 0.5 * (x - jnp.swapaxes(x, -1, -2))
@@ -189,8 +189,8 @@ def log(u: Block, *, angle_tol: float = DEFAULT_ANGLE_TOL, algorithm: str = "eig
     under ``jit`` such blocks come back as NaN (see :func:`log_with_flag`, also for ``algorithm``).
     """
     x, bad = log_with_flag(u, angle_tol=angle_tol, algorithm=algorithm)
-    if _is_concrete(u):
-        _raise_if_bad(bad, "log")
+    if is_concrete(u):
+        raise_if_negative_eigenvalue(bad, "log")
     return x
 
 
@@ -210,11 +210,11 @@ def spectral_map_with_flag(
     Returns:
       ``(Y, bad)`` as in :func:`log_with_flag`.
     """
-    s, v, sigma, theta, bad = _decompose(u, angle_tol)
+    s, v, sigma, theta, bad = decompose_rotation(u, angle_tol)
     phi = angle_map(theta)
     # As sigma -> 0: sin(phi)/sigma -> phi'(0) * dtheta/dsigma(0) = 2 phi'(0).
     _, slope0 = jax.jvp(angle_map, (jnp.zeros_like(theta),), (jnp.ones_like(theta),))
-    y = _polar_step(_rotate(s, v, jnp.cos(phi), _sinc_ratio(phi, sigma, 2.0 * slope0)))
+    y = polar_step(_rotate(s, v, jnp.cos(phi), sinc_ratio(phi, sigma, 2.0 * slope0)))
     return jnp.where(bad[..., None, None], jnp.nan, y), bad
 
 
@@ -223,8 +223,8 @@ def spectral_map(
 ) -> Block:
     """:func:`spectral_map_with_flag` that raises on concrete input with an eigenvalue at -1."""
     y, bad = spectral_map_with_flag(u, angle_map, angle_tol=angle_tol)
-    if _is_concrete(u):
-        _raise_if_bad(bad, "spectral_map")
+    if is_concrete(u):
+        raise_if_negative_eigenvalue(bad, "spectral_map")
     return y
 
 
@@ -236,6 +236,6 @@ def power(u: Block, t, *, angle_tol: float = DEFAULT_ANGLE_TOL) -> Block:
     """
     t = jnp.asarray(t, dtype=u.dtype)[..., None]
     y, bad = spectral_map_with_flag(u, lambda th: t * th, angle_tol=angle_tol)
-    if _is_concrete(u, t):
-        _raise_if_bad(bad, "power")
+    if is_concrete(u, t):
+        raise_if_negative_eigenvalue(bad, "power")
     return y

@@ -527,7 +527,7 @@ def test_sweep_decomposes_once(n_t):
 @pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 2e-6)])
 def test_cayley_restored_equals_two_step_reference(dtype, tol):
     """One-solve Cay(eta Cay(S)) equals Cayley-space merge then curve_over_id (two numpy solves)."""
-    from orthofuse_jax.fusion.merge import cayley_restored
+    from orthofuse_jax.fusion.maps import cayley_restored
 
     rng = np.random.default_rng(7)
     a = rng.standard_normal((6, 4, 9, 9))
@@ -548,15 +548,14 @@ def test_cayley_restored_equals_two_step_reference(dtype, tol):
 def _counting_chunk_kernel(monkeypatch, sweep: bool):
     """Set the CPU chunk size of merge (or sweep); returns a function that sets it and counts chunks
     (its ``algorithms`` attribute lists each chunk call's algorithm)."""
-    module = sys.modules[
-        "orthofuse_jax.fusion.merge"
-    ]  # the package re-exports merge() under this name
+    module = sys.modules["orthofuse_jax.fusion._dispatch"]
     kernel, calls, algorithms = module._chunk_kernel, [], []
 
     def counted(*args, **kwargs):
-        if kwargs["sweep"] == sweep:
-            calls.append(kwargs["chunk"])
-            algorithms.append(kwargs["algorithm"])
+        opts = kwargs["opts"]
+        if opts.sweep == sweep:
+            calls.append(opts.chunk)
+            algorithms.append(opts.algorithm)
         return kernel(*args, **kwargs)
 
     monkeypatch.setattr(module, "_chunk_kernel", counted)

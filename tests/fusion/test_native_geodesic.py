@@ -3,7 +3,7 @@
 ``merge(..., method="geodesic", algorithm="matmul")`` (what ``"auto"`` picks for float32) runs,
 on the CPU, the Cayley maps, ``W^t`` for ``W = U1^T U2`` (by the direct power, or for t outside
 its range ``exp(t log W)``), ``U1 W^t`` and the restoration in one kernel call per stack
-(:func:`orthofuse_jax.fusion.merge._geodesic_matmul`).
+(:func:`orthofuse_jax.fusion._dispatch._geodesic_matmul`).
 Checked against scipy's float64 ``logm``/``expm`` and LAPACK solves (never against itself): block
 sizes 1-70 (partial SIMD vectors of 8 doubles and 16 floats, and the 8 x 8 transposes at
 multiples of 8), per-block t, orthogonal or raw inputs, all three restorations; which blocks it
@@ -27,8 +27,8 @@ from orthofuse_jax import _native
 
 from .geodesic_reference import cay, reference, rotations
 
-merge_module = importlib.import_module("orthofuse_jax.fusion.merge")
-_geodesic_matmul = merge_module._geodesic_matmul
+dispatch = importlib.import_module("orthofuse_jax.fusion._dispatch")
+_geodesic_matmul = dispatch._geodesic_matmul
 
 pytestmark = [
     pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU kernel"),

@@ -3,7 +3,7 @@
 ``sweep(..., method="geodesic", algorithm="matmul")`` (what ``"auto"`` picks for float32 where the
 kernel runs) computes per block, once, the Cayley maps and ``X = log(U1^T U2)``, then the Taylor
 coefficients ``M_k = U1 X^k / k!`` of the geodesic in double, as many as the largest ``|t|`` needs,
-and per t a Horner pass and the restoration (:func:`orthofuse_jax.fusion.merge._geodesic_sweep_matmul`).
+and per t a Horner pass and the restoration (:func:`orthofuse_jax.fusion._dispatch._geodesic_sweep_matmul`).
 Checked against scipy's float64 ``logm``/``expm`` (never against itself): block sizes 1-70, 1-9
 points (t outside [0, 1] too, so the truncation bound is exercised up to ``|t| theta`` of about 4),
 orthogonal or raw inputs, every restoration; declined blocks (the log's range, the series' length)
@@ -13,6 +13,7 @@ own points; derivatives; that GPU lowerings never call it; and ``algorithm="auto
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 
 import jax
@@ -28,8 +29,8 @@ from orthofuse_jax.fusion import GSAdapter
 
 from .geodesic_reference import cay, reference, rotations
 
-merge_module = importlib.import_module("orthofuse_jax.fusion.merge")
-_geodesic_sweep_matmul = merge_module._geodesic_sweep_matmul
+dispatch = importlib.import_module("orthofuse_jax.fusion._dispatch")
+_geodesic_sweep_matmul = dispatch._geodesic_sweep_matmul
 
 pytestmark = [
     pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU kernel"),
@@ -140,18 +141,16 @@ def test_declined_blocks_are_those_the_log_or_the_series_cannot_take(monkeypatch
     )
     kernel = native == "1" and _native.available()
     np.testing.assert_array_equal(np.asarray(ok), [[not kernel], [not kernel]])
-    # and the sweep's kernel redoes it with eigh (inside the program)
-    y, bad, ok = merge_module._sweep_kernel(
-        jnp.zeros((1, n, n)),
-        jnp.asarray(one),
-        far,
-        1.0,
-        method="geodesic",
-        restore="none",
-        angle_tol=merge_module.DEFAULT_ANGLE_TOL,
-        algorithm="matmul",
-    )
-    assert np.all(np.asarray(ok)) and not np.any(np.asarray(bad))
+    # and the sweep redoes it with eigh (under jit: inside the program, by jax.lax.cond)
+    opts = dispatch.Options("geodesic", "none", "matmul", sweep=True)
+    eigh = dataclasses.replace(opts, algorithm="eigh")
+
+    def run(x1, x2, ts):
+        first = dispatch._run(x1, x2, ts, 1.0, opts)
+        return dispatch._redo_declined(*first, lambda: dispatch._run(x1, x2, ts, 1.0, eigh))
+
+    y, bad = jax.jit(run)(jnp.zeros((1, n, n)), jnp.asarray(one), far)
+    assert not np.any(np.asarray(bad))
     np.testing.assert_allclose(
         np.asarray(y),
         _sweep_reference(np.zeros((1, n, n)), one, np.asarray(far), 1.0, "none", (False, False)),
@@ -226,7 +225,7 @@ def test_auto_takes_the_kernel_on_the_cpu_for_float32_only():
             stacks={"nb1_b4": LayerStack(names=("a", "b"), L=z, R=z)}, scales={}, orthogonal=False
         )
 
-    resolve = merge_module._resolve_algorithm
+    resolve = dispatch.resolve_algorithm
     kernel = _native.available()
     assert resolve("auto", sweep=True, dtype=jnp.float32, adapter=adapter(jnp.float32)) == (
         "matmul" if kernel else "eigh"

@@ -59,7 +59,7 @@ def _assert_reference(a1, a2, got, restore, atol=2e-5):
 def chunking(request, monkeypatch):
     """``chunked``: CPU stacks run in chunks of two blocks (the ``eigh`` path's chunk loop)."""
     if request.param == "chunked":
-        module = sys.modules["orthofuse_jax.fusion.merge"]
+        module = sys.modules["orthofuse_jax.fusion._dispatch"]
         monkeypatch.setattr(module, "_CPU_CHUNK_BYTES", 2 * 8 * 8 * 4 * len(TS))
     return request.param
 
