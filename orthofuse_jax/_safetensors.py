@@ -28,6 +28,7 @@ __all__ = [
     "NonSkewWarning",
     "ReferenceArrays",
     "SafetensorsFile",
+    "header_bytes",
     "is_peft_keys",
     "read_adapter_file",
     "read_reference",
@@ -208,6 +209,28 @@ class SafetensorsFile:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def header_bytes(
+    layout: Mapping[str, tuple[str, tuple[int, ...]]], metadata: Mapping[str, str] | None = None
+) -> bytes:
+    """The 8-byte length and the JSON header of a safetensors file whose tensors follow in the
+    order of ``layout`` (``{key: (dtype, shape)}``, dtype one of F32/F64/F16/BF16), each stored
+    contiguously after the one before. ``metadata`` entries join ``{"format": "pt"}``; the header is
+    padded with spaces so that the data starts 8-byte aligned, as safetensors writes it."""
+    header: dict[str, object] = {"__metadata__": {"format": "pt", **dict(metadata or {})}}
+    offset = 0
+    for key, (dtype, shape) in layout.items():
+        size = _DTYPES[dtype][1] * math.prod(shape)
+        header[key] = {
+            "dtype": dtype,
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    head += b" " * (-(8 + len(head)) % 8)
+    return struct.pack("<Q", len(head)) + head
 
 
 def read_tensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:

@@ -262,7 +262,7 @@ def test_every_command_is_registered_without_importing_jax():
     code = (
         "import sys; from orthofuse_jax import cli; p = cli.build_parser(); "
         "names = set(p._subparsers._group_actions[0].choices); "
-        "assert names == {'fuse', 'sweep', 'demo', 'inspect', 'generate', 'encode-prompt', 'train'}, names; "
+        "assert names == {'fuse', 'sweep', 'demo', 'inspect', 'generate', 'encode-prompt', 'train', 'bake'}, names; "
         "bad = [m for m in ('jax', 'flax', 'diffusers', 'torch', 'matplotlib') if m in sys.modules]; "
         "assert not bad, bad"
     )

@@ -1,7 +1,7 @@
-"""Command line: ``orthofuse-jax {fuse, sweep, demo, inspect, generate, encode-prompt, train}``.
+"""Command line: ``orthofuse-jax {fuse, sweep, demo, inspect, generate, encode-prompt, train, bake}``.
 
 One module per command group (:mod:`.merge_commands`, :mod:`.generate_commands`,
-:mod:`.train_command`), each with a ``register(subparsers)``; the library lives in
+:mod:`.train_command`, :mod:`.bake_command`), each with a ``register(subparsers)``; the library lives in
 :mod:`orthofuse_jax.fusion` and :mod:`orthofuse_jax.models`. Building the parser imports
 neither JAX nor Flax, so ``--help`` is quick; a command imports what it needs.
 
@@ -18,7 +18,7 @@ import argparse
 import sys
 import warnings
 
-from . import generate_commands, merge_commands, train_command
+from . import bake_command, generate_commands, merge_commands, train_command
 from ._common import EXIT_BAD_INPUT, PROG, CLIError
 from .merge_commands import parse_ts
 
@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge_commands.register(sub)
     generate_commands.register(sub)
     train_command.register(sub)
+    bake_command.register(sub)
     return parser
 
 

@@ -29,10 +29,8 @@ inputs while JAX is still being imported); this module makes adapters of them an
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
-import struct
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -48,6 +46,7 @@ from .._safetensors import (
     AdapterFileError,
     NonSkewWarning,
     ReferenceArrays,
+    header_bytes,
     read_adapter_file,
     read_reference,
     read_tensors,
@@ -128,21 +127,9 @@ def _write_float32(
 ) -> None:
     """Write a float32 safetensors file atomically: its header from ``shapes`` (keys in file
     order), then ``data``, the tensors' float32 bytes in that order in any number of pieces."""
-    header: dict[str, object] = {"__metadata__": {"format": "pt", **dict(metadata or {})}}
-    offset = 0
-    for key, shape in shapes.items():
-        size = 4 * math.prod(shape)
-        header[key] = {
-            "dtype": "F32",
-            "shape": list(shape),
-            "data_offsets": [offset, offset + size],
-        }
-        offset += size
-    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    head = header_bytes({k: ("F32", tuple(shape)) for k, shape in shapes.items()}, metadata)
 
     def write(f: BinaryIO) -> None:
-        f.write(struct.pack("<Q", len(head)))
         f.write(head)
         for piece in data:
             f.write(np.ascontiguousarray(piece, dtype="<f4").data.cast("B"))

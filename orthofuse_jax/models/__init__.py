@@ -7,6 +7,8 @@
 * :func:`generate` / :func:`denoise` / :func:`euler_schedule` -- SDXL Euler sampling with CFG (docs/math.md §4).
 * :func:`prompt_embeddings` / :func:`load_text_encoders` / :func:`encode_prompt` -- SDXL's two
   Flax CLIP text encoders (transformers 4.57), as diffusers' SDXL pipeline encodes prompts.
+* :func:`bake_unet` -- fold an adapter into a diffusers UNet folder's torch weights, written as a new
+  folder (``W_eff = diag(s) W Q``; numpy and JAX only).
 * :func:`apply_onthefly` -- the reference's per-call application of the adapter (tests, benchmarks).
 
 Only :mod:`._backbone` imports diffusers and transformers; importing this package imports neither flax nor diffusers.
@@ -14,6 +16,7 @@ Only :mod:`._backbone` imports diffusers and transformers; importing this packag
 
 # generate.py imports only jax/numpy; importing it here also keeps the package attribute
 # ``generate`` bound to the function rather than to the submodule of the same name.
+from .bake import bake_unet
 from .generate import decode, denoise, euler_schedule, generate, load_embeddings
 from .layers import AttentionLayer, attention_layers, attention_layers_from_params, layer_name
 from .patch import fold_plan, patch_unet_params, unpatch_unet_params
@@ -26,6 +29,7 @@ __all__ = [
     "apply_onthefly",
     "attention_layers",
     "attention_layers_from_params",
+    "bake_unet",
     "decode",
     "denoise",
     "encode_prompt",

@@ -38,6 +38,8 @@ __all__ = [
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+FP16_WEIGHTS_NAME = "diffusion_pytorch_model.fp16.safetensors"
+FP16_WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.fp16.json"
 CONFIG_NAME = "config.json"
 
 
@@ -64,21 +66,32 @@ def load_config(folder: str | os.PathLike) -> dict:
 
 
 def _weight_files(folder: str) -> list[str]:
-    single = os.path.join(folder, WEIGHTS_NAME)
-    index = os.path.join(folder, WEIGHTS_INDEX_NAME)
-    if os.path.isfile(single):
-        return [single]
-    if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        files = [os.path.join(folder, s) for s in shards]
-        for p in files:
-            if not os.path.isfile(p):
-                raise MissingModelFileError(f"missing model file {p!r} (listed in {index!r})")
-        return files
+    """The safetensors weight files of a diffusers component folder: the single file, else the
+    shards of its index, else the same for the ``fp16`` variant (what a hub download often holds)."""
+    for name, index_name in (
+        (WEIGHTS_NAME, WEIGHTS_INDEX_NAME),
+        (FP16_WEIGHTS_NAME, FP16_WEIGHTS_INDEX_NAME),
+    ):
+        single = os.path.join(folder, name)
+        index = os.path.join(folder, index_name)
+        if os.path.isfile(single):
+            return [single]
+        if os.path.isfile(index):
+            try:
+                with open(index) as f:
+                    shards = sorted(set(json.load(f)["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise ValueError(
+                    f"{index}: not a safetensors index ({type(e).__name__}: {e})"
+                ) from None
+            files = [os.path.join(folder, s) for s in shards]
+            for p in files:
+                if not os.path.isfile(p):
+                    raise MissingModelFileError(f"missing model file {p!r} (listed in {index!r})")
+            return files
     raise MissingModelFileError(
-        f"missing model file {single!r} (no {WEIGHTS_INDEX_NAME} either); "
-        "expected diffusers-format PyTorch weights in safetensors"
+        f"missing model file {os.path.join(folder, WEIGHTS_NAME)!r} (no {WEIGHTS_INDEX_NAME} and no "
+        f"{FP16_WEIGHTS_NAME} either); expected diffusers-format PyTorch weights in safetensors"
     )
 
 

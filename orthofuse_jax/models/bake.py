@@ -1,0 +1,381 @@
+"""Bake a GS adapter into the PyTorch weights of a diffusers UNet folder (docs/math.md §1.3, §2).
+
+The reference adapter computes ``y = s * (W (Q x)) + b`` for every adapted projection (``to_q``,
+``to_k``, ``to_v``, ``to_out.0`` of ``attn1``/``attn2``), with ``W`` the torch ``Linear`` weight
+``[out, in]``. The baked weight is
+
+    W_eff = diag(s) W Q,      row by row  W_eff[i] = s[i] * (W[i] @ Q)
+
+computed with the structured GS product on the rows of ``W`` (:func:`~orthofuse_jax.geometry.gs_apply_transpose`,
+``y = x @ Q``), never a dense ``Q``. Biases: the reference processor scales the output of
+``attn.to_q/k/v`` *including* their bias (``q = q_scale * to_q(Q x)``), but adds ``to_out.0``'s bias
+after ``out_scale``; so for reference-format layers a ``to_q/k/v`` bias becomes ``s * b`` (SDXL has
+none) and the ``to_out.0`` bias is kept. PEFT OFT applies its ``oft_s`` to the weight only, so
+for PEFT layers every bias is kept.
+
+The output is a diffusers UNet folder (``config.json`` copied, one ``diffusion_pytorch_model
+.safetensors``) that ``UNet2DConditionModel.from_pretrained`` loads. Tensors are streamed one at a
+time: read, folded in float32 if adapted, cast once to the output dtype, written; the peak memory
+is the adapter plus about one tensor. Everything is checked before the first byte is written,
+the folder is written beside ``out_dir`` under a temporary name and renamed into place, and the
+inputs are only read. Needs numpy and JAX only (no torch, flax or diffusers).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .._safetensors import AdapterFileError, SafetensorsFile, header_bytes, is_peft_keys
+from ..fusion.adapter import GSAdapter, to_orthogonal
+from ..fusion.io import load_adapter
+from ..geometry import gs_apply_transpose
+from ._backbone import CONFIG_NAME, WEIGHTS_NAME, MissingModelFileError, _weight_files
+
+__all__ = ["DTYPES", "BakeResult", "bake_unet", "unet_folder", "weight_key"]
+
+DTYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
+"""``--dtype`` names -> safetensors dtypes of the baked weights."""
+
+# reference GS layer suffix -> torch module of the projection inside a diffusers Attention
+_TORCH_PROJECTIONS = {
+    "to_q_moft": "to_q",
+    "to_k_moft": "to_k",
+    "to_v_moft": "to_v",
+    "to_out_moft": "to_out.0",
+}
+_NUMPY: dict[str, np.dtype] = {
+    "F32": np.dtype("<f4"),
+    "F64": np.dtype("<f8"),
+    "F16": np.dtype("<f2"),
+}
+
+
+@dataclass(frozen=True)
+class BakeResult:
+    """What :func:`bake_unet` wrote: the folder, the UNet folder read, layers folded, tensors written."""
+
+    out_dir: Path
+    unet_dir: Path
+    layers: int
+    tensors: int
+    dtypes: dict[str, int]
+
+
+def unet_folder(model: str | os.PathLike) -> Path:
+    """The UNet folder of a local diffusers model: ``model/unet`` or ``model`` itself (with ``config.json``).
+
+    Raises :class:`MissingModelFileError` naming the missing folder or config.
+    """
+    path = Path(model)
+    if not path.is_dir():
+        raise MissingModelFileError(f"model folder {str(path)!r} does not exist")
+    for folder in (path / "unet", path):
+        if (folder / CONFIG_NAME).is_file():
+            return folder
+    where = path / "unet" if (path / "unet").is_dir() else path
+    raise MissingModelFileError(
+        f"missing model file {str(where / CONFIG_NAME)!r} (no UNet config: give a diffusers model "
+        "folder with unet/ or a UNet folder)"
+    )
+
+
+def weight_key(layer: str) -> str:
+    """The torch state-dict key of the weight an adapter layer rotates.
+
+    Reference names (``<attention>.processor.to_q_moft``; ``to_out_moft`` -> ``to_out.0``) and PEFT
+    module names (``<attention>.to_q``, ``<attention>.to_out.0``, as :func:`load_adapter` returns
+    them, an optional leading ``unet.`` dropped) map to ``<attention>.<projection>.weight``.
+    """
+    head, _, last = layer.rpartition(".")
+    if last in _TORCH_PROJECTIONS and head:
+        head = head.removesuffix(".processor")
+        return f"{head}.{_TORCH_PROJECTIONS[last]}.weight"
+    return f"{layer.removeprefix('unet.')}.weight"
+
+
+@dataclass(frozen=True)
+class _Fold:
+    layer: str
+    stack: str
+    index: int
+    scale: bool  # the adapter has a scale vector for the layer
+    bias_key: str | None  # a bias scaled with the output (reference to_q/k/v only)
+
+
+@jax.jit
+def _fold_weight(W, L_stack, R_stack, index, s):
+    """``diag(s) W Q`` in float32: each row ``W[i] @ Q`` by the structured GS product, then scaled."""
+    L = jax.lax.dynamic_index_in_dim(L_stack, index, keepdims=False).astype(jnp.float32)
+    R = jax.lax.dynamic_index_in_dim(R_stack, index, keepdims=False).astype(jnp.float32)
+    with jax.default_matmul_precision("highest"):
+        return gs_apply_transpose(W.astype(jnp.float32), L, R) * s.astype(jnp.float32)[:, None]
+
+
+def _encode(x: np.ndarray, dtype: str) -> np.ndarray:
+    """``x`` as the little-endian bytes of safetensors ``dtype`` (BF16 rounded to nearest even)."""
+    if dtype == "BF16":
+        import ml_dtypes  # a dependency of jax
+
+        return np.ascontiguousarray(x.astype(ml_dtypes.bfloat16).view("<u2"))
+    return np.ascontiguousarray(x.astype(_NUMPY[dtype]))
+
+
+def _check_output(out: Path, inputs: list[Path], overwrite: bool) -> None:
+    for inp in inputs:
+        if (out.exists() and os.path.samefile(out, inp)) or out.resolve() == inp.resolve():
+            raise AdapterFileError(
+                f"{out}: output folder is the input {inp}; refusing to overwrite an input"
+            )
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise AdapterFileError(f"{out}: output directory {parent} does not exist")
+    if not out.exists() and not out.is_symlink():
+        return
+    if not overwrite:
+        raise AdapterFileError(f"{out}: output folder exists (pass --overwrite to replace it)")
+    if not out.is_dir() or out.is_symlink():
+        raise AdapterFileError(f"{out}: output path exists and is not a folder; not replacing it")
+    foreign = sorted(
+        p.name
+        for p in out.iterdir()
+        if not (p.name == CONFIG_NAME or p.name.startswith("diffusion_pytorch_model"))
+        or not p.is_file()
+    )
+    if foreign:
+        raise AdapterFileError(
+            f"{out}: output folder holds {foreign[0]!r}, which a baked UNet folder does not; "
+            "not replacing it"
+        )
+
+
+def _reject_output_rotations(path: Path) -> None:
+    """PEFT <= 0.13 OFT rotates a layer's OUTPUT features, which this fold does not express."""
+    file = path / "adapter_model.safetensors" if path.is_dir() else path
+    try:
+        with SafetensorsFile(file) as f:
+            keys = list(f.entries)
+    except AdapterFileError:
+        return  # load_adapter reports it
+    if is_peft_keys(keys) and not any(k.endswith((".oft_R.weight", ".oft_s")) for k in keys):
+        raise AdapterFileError(
+            f"{file}: key {next(k for k in keys if k.endswith('.oft_r'))!r}: a PEFT <= 0.13 OFT "
+            "adapter rotates the layer's output features; bake folds input rotations only"
+        )
+
+
+def bake_unet(
+    model_dir: str | os.PathLike,
+    adapter: GSAdapter | str | os.PathLike,
+    out_dir: str | os.PathLike,
+    dtype: str | None = None,
+    *,
+    overwrite: bool = False,
+) -> BakeResult:
+    """Write a diffusers UNet folder ``out_dir`` whose torch weights have ``adapter`` folded in.
+
+    Args:
+      model_dir: a local diffusers model folder with ``unet/``, or a UNet folder (``config.json``
+        and ``diffusion_pytorch_model.safetensors``, its shards, or the ``fp16`` variant).
+      adapter: a :class:`GSAdapter`, or a path :func:`~orthofuse_jax.fusion.load_adapter` reads
+        (reference GS file, PEFT OFT file or folder). Layers are matched by :func:`weight_key`.
+      out_dir: the folder to create; it must not exist unless ``overwrite`` (then it is replaced
+        only if it holds nothing but a config and ``diffusion_pytorch_model*`` files).
+      dtype: ``"fp32"``, ``"fp16"`` or ``"bf16"`` for every weight; ``None`` keeps each tensor's dtype.
+    Returns:
+      a :class:`BakeResult`.
+    Raises:
+      AdapterFileError, MissingModelFileError, ValueError: one line naming the file and the key
+      (an adapter layer that matches no weight, a shape mismatch, a missing folder or config, an
+      unknown dtype, an existing output); nothing is written then.
+    """
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r} (expected one of {', '.join(DTYPES)})")
+    model_dir = Path(model_dir)
+    folder = unet_folder(model_dir)
+    config = folder / CONFIG_NAME
+    files = [Path(p) for p in _weight_files(os.fspath(folder))]
+    out = Path(out_dir)
+    _check_output(out, [model_dir, folder], overwrite)
+
+    source = "<adapter>"
+    if not isinstance(adapter, GSAdapter):
+        source = os.fspath(adapter)
+        _reject_output_rotations(Path(adapter))
+        adapter = load_adapter(adapter)
+    orth = to_orthogonal(adapter)
+
+    opened: list[SafetensorsFile] = []
+    try:
+        where: dict[str, SafetensorsFile] = {}
+        for path in files:
+            f = SafetensorsFile(path)
+            opened.append(f)
+            for key in f.entries:
+                if key in where:
+                    raise AdapterFileError(f"{path}: key {key!r}: also in {where[key].path}")
+                where[key] = f
+        plan = _plan(orth, where, source, files)
+        layout = {}
+        for key, f in where.items():
+            stored, shape, _ = f.entries[key]
+            layout[key] = (DTYPES[dtype] if dtype else stored, shape)
+        stray = sorted(set(orth.scales) - set(orth.layer_names))
+        if stray:
+            raise AdapterFileError(f"{source}: adapter scale {stray[0]!r} has no GS layer")
+        _write_folder(out, config, where, layout, plan, orth, overwrite, source)
+    finally:
+        for f in opened:
+            f.close()
+    counts: dict[str, int] = {}
+    for d, _ in layout.values():
+        counts[d] = counts.get(d, 0) + 1
+    return BakeResult(out, folder, len(plan), len(layout), counts)
+
+
+def _plan(orth: GSAdapter, where: Mapping[str, SafetensorsFile], source: str, files) -> dict:
+    """``{weight key: _Fold}`` (and scaled bias keys), checked before anything is written."""
+    layers = {
+        name: (key, i, stack)
+        for key, stack in orth.stacks.items()
+        for i, name in enumerate(stack.names)
+    }
+    plan: dict[str, _Fold] = {}
+    for name in sorted(layers):
+        skey, i, stack = layers[name]
+        wkey = weight_key(name)
+        if wkey not in where and name.startswith("unet."):
+            wkey = weight_key(name.removeprefix("unet."))
+        if wkey not in where:
+            names = ", ".join(str(p) for p in files)
+            raise AdapterFileError(
+                f"{source}: adapter layer {name!r} matches no UNet weight (no key {wkey!r} in {names})"
+            )
+        f = where[wkey]
+        shape = f.entries[wkey][1]
+        n = stack.nb * stack.b
+        if len(shape) != 2 or shape[1] != n:
+            raise AdapterFileError(
+                f"{f.path}: key {wkey!r}: weight shape {list(shape)} [out, in] does not fit adapter "
+                f"layer {name!r} of {source} (GS size n = {stack.nb} x {stack.b} = {n}, shape "
+                f"{[stack.nb, stack.b, stack.b]})"
+            )
+        s = orth.scales.get(name)
+        if s is not None and tuple(np.shape(s)) != (shape[0],):
+            raise AdapterFileError(
+                f"{f.path}: key {wkey!r}: weight shape {list(shape)} [out, in], but adapter layer "
+                f"{name!r} of {source} has a scale of shape {list(np.shape(s))}"
+            )
+        if wkey in plan:
+            raise AdapterFileError(
+                f"{source}: adapter layers {plan[wkey].layer!r} and {name!r} both rotate {wkey!r}"
+            )
+        bias = None
+        last = name.rpartition(".")[2]
+        if s is not None and last in ("to_q_moft", "to_k_moft", "to_v_moft"):
+            bkey = wkey.removesuffix(".weight") + ".bias"
+            if bkey in where:
+                if where[bkey].entries[bkey][1] != (shape[0],):
+                    raise AdapterFileError(
+                        f"{where[bkey].path}: key {bkey!r}: bias shape {list(where[bkey].entries[bkey][1])}, "
+                        f"expected {[shape[0]]}"
+                    )
+                bias = bkey
+        plan[wkey] = _Fold(name, skey, i, s is not None, bias)
+    return plan
+
+
+def _write_folder(out, config, where, layout, plan, orth, overwrite, source) -> None:
+    parent = out.parent if str(out.parent) else Path(".")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
+    biases = {p.bias_key: p for p in plan.values() if p.bias_key}
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())
+        shutil.copyfile(config, tmp / CONFIG_NAME)
+        weights = tmp / WEIGHTS_NAME
+        meta = {"orthofuse_jax_adapter": os.path.basename(source)}
+        with open(weights, "wb") as w:
+            w.write(header_bytes(layout, meta))
+            for key, (dt, shape) in layout.items():
+                f = where[key]
+                stored = f.entries[key][0]
+                fold = plan.get(key) or biases.get(key)
+                if fold is None and dt == stored:  # unchanged: the stored bytes, bit for bit
+                    raw = np.empty(shape, "<u2" if stored == "BF16" else _NUMPY[stored])
+                    f.read_into(key, raw)
+                    w.write(raw.data.cast("B"))
+                    continue
+                x = f.read(key)
+                if fold is not None:
+                    s = orth.scales.get(fold.layer)
+                    if key in plan:
+                        stack = orth.stacks[fold.stack]
+                        ones = jnp.ones((shape[0],), jnp.float32)
+                        s = ones if s is None else s
+                        x = np.asarray(_fold_weight(x, stack.L, stack.R, np.int32(fold.index), s))
+                    else:
+                        x = x.astype(np.float32) * np.asarray(s, np.float32)
+                data = _encode(x, dt)
+                if not _finite(data, dt):
+                    raise AdapterFileError(
+                        f"{f.path}: key {key!r}: non-finite values after "
+                        f"{'folding and ' if fold is not None else ''}conversion to {dt}; nothing written"
+                    )
+                w.write(data.data.cast("B"))
+            w.flush()
+            os.fsync(w.fileno())
+        _fsync_dir(tmp)
+        _install(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(parent)
+
+
+def _finite(data: np.ndarray, dt: str) -> bool:
+    if dt == "BF16":
+        return bool(((data & 0x7F80) != 0x7F80).all())
+    return bool(np.isfinite(data).all())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _install(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename the finished folder into place; an existing ``out`` (``overwrite``) is moved aside first."""
+    if not (overwrite and out.exists()):
+        os.rename(tmp, out)  # fails if out appeared meanwhile (a non-empty folder or a file)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=tmp.parent))
+    os.rename(out, old / "x")
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old / "x", out)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
