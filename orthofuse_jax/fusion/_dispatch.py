@@ -164,6 +164,18 @@ def stack_inputs(
 # Block kernels of two stacks (traced inside the jitted kernels below).
 
 
+def _log_declined_as_zero(u: Block):
+    """:func:`log_polynomial` with zero, not NaN, in the blocks it declines. Those blocks' results
+    become NaN only at the end (:func:`_declined_as_nan`) and eigh redoes them; computing them from
+    a finite stand-in keeps every derivative finite (NaN times a zero cotangent is NaN)."""
+    x, ok = log_polynomial(u)
+    return jnp.where(ok[..., None, None], x, 0.0), ok
+
+
+def _declined_as_nan(y: Block, ok) -> Block:
+    return jnp.where(ok[..., None, None], y, jnp.nan)
+
+
 def _restore_with_flag(y: Block, f, opts: Options):
     """``(Y', bad, ok)``: the restoration of ``Y``; ``ok`` False where the product-only path
     (``algorithm="matmul"``, restore ``exact``) declined a block and ``eigh`` must redo it."""
@@ -174,11 +186,12 @@ def _restore_with_flag(y: Block, f, opts: Options):
         y, bad = cayley_map(y, c1=0.5 * jnp.asarray(f, y.dtype), with_flag=True)
         return y, bad, ok
     if opts.algorithm == "matmul":  # exp(f log Y) with products only
-        x, ok = log_polynomial(y)
+        x, ok = _log_declined_as_zero(y)
         e, ok_e = expm_skew_taylor_with_ok(
             jnp.asarray(f, y.dtype)[..., None, None] * x, _MATMUL_SQUARINGS
         )
-        y, ok = polar_step(e), ok & ok_e
+        ok = ok & ok_e
+        y = _declined_as_nan(polar_step(e), ok)
         return y, not_finite(y) & ok, ok
     y, bad = spectral_map_with_flag(y, lambda th: f * th, angle_tol=opts.angle_tol)
     return y, bad | not_finite(y), ok
@@ -195,7 +208,8 @@ class _MatmulPath:
     def at(self, t):
         t = jnp.asarray(t, dtype=self.log.dtype)[..., None, None]
         e, ok = expm_skew_taylor_with_ok(t * self.log, _MATMUL_SQUARINGS)
-        return polar_step(mm(self.start, e)), self.ok & ok
+        ok = self.ok & ok
+        return _declined_as_nan(polar_step(mm(self.start, e)), ok), ok
 
 
 def _inputs_and_path(x1, x2, opts: Options):
@@ -212,7 +226,7 @@ def _inputs_and_path(x1, x2, opts: Options):
             _as_method_input(x1, orthogonal[0], method),
             _as_method_input(x2, orthogonal[1], method),
         )
-        x, ok = log_polynomial(relative_rotation(x1, x2))
+        x, ok = _log_declined_as_zero(relative_rotation(x1, x2))
         return x1, x2, _MatmulPath(start=x1, log=x, ok=ok)
     if method == "geodesic" and not any(orthogonal):
         return x1, x2, geodesic_path_cayley(x1, x2, angle_tol=opts.angle_tol)
@@ -397,8 +411,9 @@ def _chunk_kernel(y, bad, ok, x1, x2, start, t, alpha, opts: Options):
     With ``opts.sweep`` the outputs have a leading t axis. ``y``, ``bad`` and ``ok`` are buffers
     that :func:`_run_chunked` created and donates, never the caller's.
     """
-    b, lead = x1.shape[-1], y.shape[: int(opts.sweep)]
-    part = lambda x: jax.lax.dynamic_slice_in_dim(x.reshape(-1, b, b), start, opts.chunk)
+    b, lead, chunk = x1.shape[-1], y.shape[: int(opts.sweep)], opts.chunk
+    assert chunk is not None
+    part = lambda x: jax.lax.dynamic_slice_in_dim(x.reshape(-1, b, b), start, chunk)
     yc, bc, oc = _blocks(part(x1), part(x2), t, alpha, opts)
     axis = len(lead)
     y = jax.lax.dynamic_update_slice_in_dim(y.reshape(*lead, -1, b, b), yc, start, axis).reshape(
@@ -476,6 +491,7 @@ def _run_chunked(x1, x2, t, alpha, opts: Options, into=None):
     on that block).
     """
     n, chunk = int(np.prod(x1.shape[:-2], dtype=np.int64)), opts.chunk
+    assert chunk is not None
     lead = (t.shape[0],) if opts.sweep else ()
     y = into if into is not None else jnp.zeros((*lead, *x1.shape), x1.dtype)
     bad = jnp.zeros((*lead, *x1.shape[:-2]), bool)
@@ -569,4 +585,7 @@ def merge_pair(adapters: Sequence[GSAdapter], t, alpha, opts: Options, reuse=Non
         x1, x2 = stack_inputs(adapters, key, which, opts.method, dtype, convert=False)
         return _run(x1, x2, t, alpha, eigh)
 
-    return {kw: _redo_declined(*res, functools.partial(redo, *kw)) for kw, res in out.items()}
+    return {
+        kw: _redo_declined(y, bad, ok, functools.partial(redo, *kw))
+        for kw, (y, bad, ok) in out.items()
+    }

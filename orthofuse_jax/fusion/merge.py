@@ -439,14 +439,14 @@ def merge_report(adapter: GSAdapter) -> MergeReport:
     per: dict[str, float] = {}
     nonfinite = []
     for s in adapter.stacks.values():
-        e = jnp.maximum(orthogonality_error(s.L), orthogonality_error(s.R))  # [..., layers, nb]
-        e = np.asarray(e).reshape(-1, len(s.names), s.nb)
+        err = jnp.maximum(orthogonality_error(s.L), orthogonality_error(s.R))  # [..., layers, nb]
+        e = np.asarray(err).reshape(-1, len(s.names), s.nb)
         e = np.where(np.isfinite(e), e, np.inf).max(axis=(0, 2))
         for name, v in zip(s.names, e):
             per[name] = float(v)
             if not np.isfinite(v):
                 nonfinite.append(name)
-    worst = max(per, key=per.get) if per else None
+    worst = max(per, key=lambda name: per[name]) if per else None
     return MergeReport(
         per_layer=per,
         max_error=per[worst] if worst is not None else 0.0,

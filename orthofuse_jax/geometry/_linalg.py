@@ -4,8 +4,8 @@ JAX's default precision lets XLA run float32 matrix products in TF32 on NVIDIA G
 bfloat16 passes on TPUs), which costs about three decimal digits. The geometry is checked to
 float32 round-off against float64 references, so every product in the package's manifold
 math asks for ``Precision.HIGHEST``: the same float32 results on CPU, GPU and TPU. For the
-small batched blocks of a GS adapter the products are memory-bound, so on an H100 this costs
-about 10% of a product's time (benchmarks/RESULTS.md).
+small batched blocks of a GS adapter the products are memory-bound, so the extra passes cost
+little.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def solve_pd(a, b):
     ``I``), and for them Gaussian elimination needs no pivoting. On the CPU this uses the
     package's compiled kernel (``orthofuse_jax/_native/solve.cc``: 2-3x faster than jaxlib's
     LAPACK ``getrf`` + ``trsm`` at the merges' block sizes and, eliminating in double, 10x more
-    accurate in float32; benchmarks/RESULTS.md) when it was built, for blocks up to
+    accurate in float32; docs/performance.md) when it was built, for blocks up to
     :data:`NATIVE_MAX_BLOCK`. On CUDA GPUs it is a Pallas (Triton) Gauss-Jordan kernel for float32
     blocks up to 64 (``geometry/_pallas.py``: 1.5-2.4x faster than cuBLAS' batched LU on an H100).
     Elsewhere, for other dtypes or sizes, or with ``ORTHOFUSE_JAX_NATIVE=0``, it is
@@ -191,8 +191,9 @@ def not_finite(y) -> jax.Array:
 def with_native_kernel(kernel: str, xla, *args, out=None, attrs=None):
     """``xla(*args)``, or on the CPU the compiled ``kernel`` (same arguments and the FFI attributes
     ``attrs``, outputs ``out``, by default one shaped like ``args[0]``) when it is built, every
-    argument has one dtype and blocks are at most :data:`NATIVE_MAX_BLOCK`. Derivatives are ``xla``'s (``jax.custom_jvp``; a boolean output has
-    none); ``vmap`` broadcasts the arguments to one batch shape."""
+    argument has one dtype and blocks are at most :data:`NATIVE_MAX_BLOCK`. Derivatives are
+    ``xla``'s (``jax.custom_jvp``; a boolean output has none), and where the kernel has flag outputs
+    the differentiated value is ``xla``'s too; ``vmap`` broadcasts the arguments to one batch shape."""
     dtype = args[0].dtype
     target = native_target(kernel, dtype, args[0].shape[-1])
     if target is None or any(x.dtype != dtype for x in args):
@@ -205,8 +206,12 @@ def with_native_kernel(kernel: str, xla, *args, out=None, attrs=None):
         res = call(*args, **(attrs or {}))
         return tuple(res) if isinstance(out, tuple) else res
 
+    flagged = isinstance(out, tuple) and any(o.dtype == jnp.bool_ for o in out)
+
     @native.defjvp
     def _(primals, tangents):
+        if flagged:  # the kernel's flags may accept a block that xla's formula declines, and a
+            return jax.jvp(xla, primals, tangents)  # tangent must belong to its value's path
         return native(*primals), jax.jvp(xla, primals, tangents)[1]
 
     if _CPU_ONLY.get():

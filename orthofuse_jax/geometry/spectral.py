@@ -60,11 +60,37 @@ class NegativeEigenvalueError(ValueError):
     """An orthogonal block has an eigenvalue at (or within tolerance of) -1."""
 
 
+@jax.custom_jvp
+def _eigh_paired(m: Block) -> tuple[Array, Array]:
+    """``jnp.linalg.eigh`` of ``M = -S^2``, whose eigenvalues come in equal pairs, with a
+    derivative that stays finite there.
+
+    The eigenvector derivative ``dV = V (F * V^T dM V)``, ``F_ij = 1 / (lam_j - lam_i)``, divides
+    by zero within a pair. Every ``dM`` here comes from a skew ``dS``, which keeps the pairs paired,
+    so ``V^T dM V`` vanishes between the two vectors of a pair (in any basis of it): those terms
+    of ``F`` are set to zero, and functions of ``M`` get their exact derivative.
+    """
+    lam, v = jnp.linalg.eigh(m)
+    return lam, v
+
+
+@_eigh_paired.defjvp
+def _eigh_paired_jvp(primals, tangents):
+    (m,), (dm,) = primals, tangents
+    lam, v = _eigh_paired(m)
+    p = mm(jnp.swapaxes(v, -1, -2), mm(dm, v))
+    gap = lam[..., None, :] - lam[..., :, None]
+    scale = jnp.max(jnp.abs(lam), axis=-1, keepdims=True)[..., None]
+    apart = jnp.abs(gap) > 64 * jnp.finfo(lam.dtype).eps * jnp.maximum(scale, 1.0)
+    f = jnp.where(apart, 1.0 / jnp.where(apart, gap, 1.0), 0.0)
+    return (lam, v), (jnp.diagonal(p, axis1=-2, axis2=-1), mm(v, f * p))
+
+
 def _eigh_sq(s: Block) -> tuple[Array, Array]:
     """``lam, V`` with ``-S^2 = V diag(lam) V^T`` and ``lam >= 0`` (clamped)."""
     m = mm(jnp.swapaxes(s, -1, -2), s)  # = -S^2 for skew S, symmetric PSD
     m = 0.5 * (m + jnp.swapaxes(m, -1, -2))
-    lam, v = jnp.linalg.eigh(m)
+    lam, v = _eigh_paired(m)
     return jnp.maximum(lam, 0.0), v
 
 
