@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.test_util import check_grads
+from lowering import cuda_text
 
 from orthofuse_jax.geometry import _pallas, geodesic_path_cayley
 from orthofuse_jax.geometry._linalg import _no_pivot_solve, cayley_map, gpu_solver, solve_pd
@@ -90,8 +91,7 @@ def test_derivatives_through_the_kernel_match_finite_differences():
     )
 
 
-def _cuda_text(fn, *args) -> str:
-    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+_cuda_text = cuda_text
 
 
 def test_cuda_programs_call_the_kernel_for_float32_blocks_up_to_64():

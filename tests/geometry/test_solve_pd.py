@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from lowering import cuda_text
 
 from orthofuse_jax import _native
 from orthofuse_jax.geometry._linalg import solve_pd
@@ -119,9 +120,9 @@ def test_gpu_lowering_never_calls_the_cpu_kernel():
     jnp.linalg.solve's cuSOLVER path for float64, never the CPU kernel."""
     a, b = _pd_system(np.random.default_rng(3), (3,), 8, 8, 1.0)
     traced = jax.jit(solve_pd).trace(a.astype(np.float32), b.astype(np.float32))
-    cuda = traced.lower(lowering_platforms=("cuda",)).as_text()
+    cuda = cuda_text(solve_pd, a.astype(np.float32), b.astype(np.float32))
     assert "orthofuse_solve" not in cuda and "__gpu$xla.gpu.triton" in cuda
-    cuda64 = jax.jit(solve_pd).trace(a, b).lower(lowering_platforms=("cuda",)).as_text()
+    cuda64 = cuda_text(solve_pd, a, b)
     assert "orthofuse_solve" not in cuda64 and ("cusolver" in cuda64 or "cublas" in cuda64)
     if _native.available():
         assert "orthofuse_solve_f32" in traced.lower(lowering_platforms=("cpu",)).as_text()
