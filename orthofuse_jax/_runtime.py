@@ -113,8 +113,8 @@ def default_compile_cache_dir() -> str:
 def enable_compile_cache() -> str | None:
     """Turn on JAX's persistent compilation cache for the command line; return its folder or None.
 
-    A merge compiles a few kernels per block size on every new process: 3 s on a CPU, and 14-94 s
-    for the full SDXL inventory on an H200 (benchmarks/RESULTS.md). With the cache a second
+    A merge compiles a few kernels per block size on every new process: 3 s on a CPU, and tens of
+    seconds for the full SDXL inventory on a GPU. With the cache a second
     ``orthofuse-jax fuse`` loads them from disk instead. The folder is ``$ORTHOFUSE_JAX_COMPILE_CACHE``
     if set (``off`` disables the cache), else :func:`default_compile_cache_dir`. A cache folder
     the user already gave JAX (``JAX_COMPILATION_CACHE_DIR``) is left alone, and a folder that
@@ -156,7 +156,7 @@ def prefer_cublas_gemm() -> bool:
     each made the first exact merge compile for 105 s; with ``--xla_gpu_enable_triton_gemm=false``
     it compiled in 22 s and ran as fast (eager exact merge 49.9 vs 48.3 ms, ``jit(merge)`` of the
     fast merge 10.0 ms; turning autotuning off instead, ``--xla_gpu_autotune_level=0``, also
-    compiled in 22 s but ran 27% slower; benchmarks/RESULTS.md).
+    compiled in 22 s but ran 27% slower; docs/performance.md).
 
     The merge commands of the CLI call this before JAX starts; a library user can call
     ``orthofuse_jax.prefer_cublas_gemm()`` first thing, or set the flag in ``XLA_FLAGS``

@@ -92,7 +92,7 @@ double* Workspace(size_t doubles) {
 // before a kernel fills it. XLA hands over fresh memory, and filled 4 KB page by page it takes a
 // trap per page: on this project's machine (a virtual one) a 16-point sweep of the SDXL adapters
 // (4.8 GB) spent 2.5-2.9 s of system time in 1.2 million of them and sometimes 20% more wall time;
-// faulted in up front, about 1.5 s and no slow runs (benchmarks/RESULTS.md). Only whole pages inside the
+// faulted in up front, about 1.5 s and no slow runs (docs/performance.md). Only whole pages inside the
 // range; a hint: failure (an older kernel) is ignored, and the contents are not changed.
 void Prefault(void* p, size_t bytes) {
 #if defined(__linux__) && defined(MADV_POPULATE_WRITE)
@@ -165,7 +165,7 @@ struct PowerParams {
 // expanded in powers of y (x = alpha y + beta) by the recurrence of the T_m, in long double: the
 // expansion's coefficients grow like 2^degree and cancel (in double ~1e-8 was lost at degree 23,
 // as much as the interpolation error itself). 5n transcendental functions and O(n^2) products:
-// 1.8 us at 12 terms, 9.8 at 32 (one core of the AMD EPYC of benchmarks/RESULTS.md).
+// 1.8 us at 12 terms, 9.8 at 32 (one core of the AMD EPYC of docs/performance.md).
 void PowerCoefficients(const PowerTier& tier, double margin, double t, double* a, double* b) {
   typedef long double L;
   const int64_t n = tier.terms;

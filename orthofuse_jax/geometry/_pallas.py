@@ -7,7 +7,7 @@ Cayley maps solve against has a positive definite symmetric part (``I - S``, ``I
 so Gauss-Jordan elimination needs no pivoting, and one program of this kernel holds one block,
 padded to a power of two (the padding is the identity), and its right-hand side in registers:
 ``n`` steps of two masked reductions and a rank-one update, one read of each input and one write.
-Measured on an H100 (benchmarks/RESULTS.md): 1.32 ms for the 40x40 stack, 0.86 ms
+Measured on an H100 (docs/performance.md): 1.32 ms for the 40x40 stack, 0.86 ms
 (against 2.06 ms) for 4,480 64x64 blocks and 0.13 ms (0.24 ms) for the 20x20 one, with 2 warps:
 1.5-2.4x faster.
 
@@ -18,8 +18,8 @@ Measured on an H100 (benchmarks/RESULTS.md): 1.32 ms for the 40x40 stack, 0.86 m
 from __future__ import annotations
 
 import functools
-from typing import Any
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp

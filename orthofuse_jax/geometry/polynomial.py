@@ -1,7 +1,7 @@
 """Logarithm and exponential of rotations with matrix products only (no ``eigh``, no solve).
 
 On a GPU a batched ``eigh`` of many small blocks costs 1-3 us per block, ten times a product
-(benchmarks/RESULTS.md, GPU), and it is most of the exact merge. For rotations whose angles are
+(docs/performance.md, GPU), and it is most of the exact merge. For rotations whose angles are
 not too close to pi both maps have short, well-conditioned polynomial forms:
 
 * **log.** For orthogonal ``U`` the parts ``P = (U + U^T) / 2 = cos(Theta)`` and

@@ -295,7 +295,9 @@ def make_loss(
         raise ValueError(f"apply must be 'fold' or 'onthefly', got {apply!r}")
     plan = FoldPlan.build(params, adapter, config=config)
     x64 = jax.config.jax_enable_x64  # type: ignore[attr-defined]
-    abar = jnp.asarray(alphas_cumprod(**dict(noise_schedule or DDPM_SDXL)), jnp.float64 if x64 else jnp.float32)
+    abar = jnp.asarray(
+        alphas_cumprod(**dict(noise_schedule or DDPM_SDXL)), jnp.float64 if x64 else jnp.float32
+    )
 
     def loss(adapter, params, batch, key):
         return diffusion_loss(

@@ -182,6 +182,23 @@ def random_inputs(seed: int = 0, batch: int = 2, tokens: int = 5, size: int = 8)
     )
 
 
+def torch_forward(model, x) -> np.ndarray:
+    """The torch UNet's output on :func:`random_inputs` ``x`` (float32 numpy)."""
+    import torch
+
+    with torch.no_grad():
+        out = model(
+            torch.tensor(x["sample"]),
+            torch.tensor(x["timesteps"]),
+            torch.tensor(x["encoder_hidden_states"]),
+            added_cond_kwargs={
+                "text_embeds": torch.tensor(x["text_embeds"]),
+                "time_ids": torch.tensor(x["time_ids"]),
+            },
+        )
+    return out.sample.float().numpy()
+
+
 def random_adapter(
     table, *, nb: int = 4, seed: int = 0, angle: float = 0.3, dtype=np.float32, scales: bool = True
 ):

@@ -20,7 +20,7 @@ from orthofuse_jax.models import attention_layers
 from orthofuse_jax.models.bake import bake_unet, weight_key
 from orthofuse_jax.models.configs import TINY_SDXL_UNET
 
-from .conftest import random_adapter, random_inputs
+from .conftest import random_adapter, random_inputs, torch_forward
 
 torch = pytest.importorskip("torch")
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -55,21 +55,7 @@ def read_all(path, raw=False):
 
 
 def forward(model):
-    x = random_inputs()
-    with torch.no_grad():
-        return (
-            model(
-                torch.tensor(x["sample"]),
-                torch.tensor(x["timesteps"]),
-                torch.tensor(x["encoder_hidden_states"]),
-                added_cond_kwargs={
-                    "text_embeds": torch.tensor(x["text_embeds"]),
-                    "time_ids": torch.tensor(x["time_ids"]),
-                },
-            )
-            .sample.float()
-            .numpy()
-        )
+    return torch_forward(model, random_inputs())
 
 
 def rel(a, b):

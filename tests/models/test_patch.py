@@ -18,7 +18,7 @@ from orthofuse_jax.models import (
     unpatch_unet_params,
 )
 
-from .conftest import random_adapter, random_inputs
+from .conftest import random_adapter, random_inputs, torch_forward
 
 
 def _leaves_with_paths(tree):
@@ -186,7 +186,7 @@ def test_patched_matches_onthefly_flax(flax_unet, forward, inputs):
 
 
 def test_patched_flax_matches_torch_reference(flax_unet, torch_unet, forward, inputs):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     from .torch_reference import install
 
     unet, params, cfg = flax_unet
@@ -195,26 +195,9 @@ def test_patched_flax_matches_torch_reference(flax_unet, torch_unet, forward, in
     scales = {n: np.asarray(s) for n, s in adapter.scales.items()}
     x = random_inputs()
     tm = copy.deepcopy(torch_unet)
-    with torch.no_grad():
-        base_t = tm(
-            torch.tensor(x["sample"]),
-            torch.tensor(x["timesteps"]),
-            torch.tensor(x["encoder_hidden_states"]),
-            added_cond_kwargs={
-                "text_embeds": torch.tensor(x["text_embeds"]),
-                "time_ids": torch.tensor(x["time_ids"]),
-            },
-        ).sample.numpy()
-        install(tm, layers, scales)
-        ref = tm(
-            torch.tensor(x["sample"]),
-            torch.tensor(x["timesteps"]),
-            torch.tensor(x["encoder_hidden_states"]),
-            added_cond_kwargs={
-                "text_embeds": torch.tensor(x["text_embeds"]),
-                "time_ids": torch.tensor(x["time_ids"]),
-            },
-        ).sample.numpy()
+    base_t = torch_forward(tm, x)
+    install(tm, layers, scales)
+    ref = torch_forward(tm, x)
     got = np.asarray(forward(patch_unet_params(params, adapter), inputs))
     rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
     assert rel <= 1e-4, rel

@@ -23,7 +23,7 @@ from orthofuse_jax.models.train import (
 )
 from orthofuse_jax.models.train_data import LatentData, load_latents, schedule_datasets
 
-from .conftest import TEXT_EMBED_DIM, TINY_UNET, random_adapter
+from .conftest import TEXT_EMBED_DIM, TINY_UNET, random_adapter, torch_forward
 
 NB = 4
 # Measured on the random tiny UNet (lr 5e-2, fixed batch, t and noise): 50 steps take the loss from
@@ -289,7 +289,6 @@ def test_fifty_steps_lower_the_loss_and_keep_blocks_orthogonal(trained):
 
 
 def test_checkpoint_round_trip_through_fuse_and_patch(trained, tmp_path, torch_unet):
-    import torch
     from safetensors.torch import load_file
 
     from orthofuse_jax.fusion import merge
@@ -347,16 +346,7 @@ def test_checkpoint_round_trip_through_fuse_and_patch(trained, tmp_path, torch_u
     install(torch_unet, layers, scales)
     x = random_inputs(batch=1)
     try:
-        with torch.no_grad():
-            want = torch_unet(
-                torch.tensor(x["sample"]),
-                torch.tensor(x["timesteps"]),
-                torch.tensor(x["encoder_hidden_states"]),
-                added_cond_kwargs={
-                    "text_embeds": torch.tensor(x["text_embeds"]),
-                    "time_ids": torch.tensor(x["time_ids"]),
-                },
-            ).sample.numpy()
+        want = torch_forward(torch_unet, x)
     finally:
         torch_unet.set_attn_processor(original)  # session fixture: leave it as found
     unet = trained["unet"]
