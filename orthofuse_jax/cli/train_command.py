@@ -221,9 +221,10 @@ def _dataset(args, which: str, vae_cache: dict):
     if latents is not None:
         data = td.load_latents(latents)
         lat = data["latents"]
-        crop = (res // 8, res // 8) if which == "style" else tuple(lat.shape[2:])
-        if which == "style" and (crop[0] > lat.shape[2] or crop[1] > lat.shape[3]):
-            crop = tuple(lat.shape[2:])
+        full = (int(lat.shape[2]), int(lat.shape[3]))
+        crop = (res // 8, res // 8) if which == "style" else full
+        if which == "style" and (crop[0] > full[0] or crop[1] > full[1]):
+            crop = full
         sizes = data.get(
             "original_sizes", np.tile([[lat.shape[2] * 8, lat.shape[3] * 8]], (lat.shape[0], 1))
         )

@@ -100,7 +100,7 @@ def iter_safetensors(folder: str | os.PathLike) -> Iterator[tuple[str, np.ndarra
     from safetensors import safe_open
 
     for path in _weight_files(os.fspath(folder)):
-        with safe_open(path, framework="numpy") as f:
+        with safe_open(path, framework="numpy") as f:  # type: ignore[attr-defined]
             for key in f.keys():  # noqa: SIM118 (a safe_open handle, not a dict)
                 yield key, f.get_tensor(key)
 
