@@ -102,16 +102,62 @@ def _enable_x64(args) -> None:
 # commands
 
 
+def _input_format(path) -> tuple[str, str]:
+    """``(format, PEFT version family or "")`` of an input, from its header."""
+    from ..fusion.io import adapter_format, adapter_keys
+    from ..fusion.peft import peft_format
+
+    fmt = adapter_format(path)
+    return fmt, peft_format(adapter_keys(path)) if fmt == "peft" else ""
+
+
+def _peft_problem(args, fmt: str, family: str, adapters) -> str | None:
+    """Why the fused result cannot be a PEFT >= 0.16 OFT adapter (``None`` when it can)."""
+    from ..fusion.peft import check_block_diagonal
+
+    if fmt == "peft" and family == "<=v0.13":
+        return (
+            f"{args.concept}: a PEFT <= 0.13 OFT adapter rotates the layer's output features, "
+            "PEFT >= 0.16 its input features; write --to reference"
+        )
+    try:
+        for adapter, path in zip(adapters, (args.concept, args.style)):
+            check_block_diagonal(adapter, str(path))
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def cmd_fuse(args, *, quiet: bool = False) -> int:
-    from ..fusion.io import check_output_path, save_merged
-    from ..fusion.maps import restoration_factor
+    from ..fusion.io import check_output_folder, check_output_path, save_merged
+    from ..fusion.maps import orthogonality_error, restoration_factor
     from ..fusion.merge import merge
+    from ..fusion.peft import CONFIG_NAME, WEIGHTS_NAME, check_unit_scales, save_peft_oft
 
     del quiet  # one call: nothing to report progress on
     _check_t([args.t], args.extrapolate)
-    check_output_path(args.output, [args.concept, args.style])
+    inputs = [args.concept, args.style]
+    try:
+        fmt, family = _input_format(args.concept)
+    except ValueError:  # an unreadable input: the loader below names the problem
+        fmt, family = "reference", ""
+    to = getattr(args, "to", None) or fmt
+    overwrite = getattr(args, "overwrite", False)
+    folder_files = (CONFIG_NAME, WEIGHTS_NAME, "README.md")
+    if to == "peft":
+        check_output_folder(args.output, inputs, overwrite=overwrite, replaceable=folder_files)
+    else:
+        check_output_path(args.output, inputs)
     _enable_x64(args)
     concept, style = _load_pair(args)
+    note = ""
+    if to == "peft":
+        problem = _peft_problem(args, fmt, family, (concept, style))
+        if problem and getattr(args, "to", None) == "peft":
+            raise CLIError(problem)
+        if problem:  # the default follows the first input only where it can hold the result
+            to, note = "reference", f" (not PEFT OFT: {problem})"
+            check_output_path(args.output, inputs)
     t0 = time.perf_counter()
     kw = _merge_kwargs(args)
     # curve_over_id's result Cay(eta Y) is stored as its Cayley parameters eta skew(Y): the merge
@@ -137,14 +183,34 @@ def cmd_fuse(args, *, quiet: bool = False) -> int:
         "orthofuse_alpha": repr(float(args.alpha)),
         "orthofuse_scales": args.scales,
     }
-    err = save_merged(
-        args.output, merged, metadata=meta, inputs=[args.concept, args.style], restore_eta=eta
-    )
+    if to == "peft":
+        try:
+            check_unit_scales(merged, f"{args.concept} + {args.style}")
+        except ValueError as e:
+            if getattr(args, "to", None) == "peft":
+                raise
+            to, note = "reference", f" (not PEFT OFT: {e})"
+            check_output_path(args.output, inputs)
+    if to == "peft":
+        err = max(float(orthogonality_error(s.R).max()) for s in merged.stacks.values())
+        save_peft_oft(
+            args.output,
+            merged,
+            base_config=args.concept,
+            inputs=inputs,
+            overwrite=overwrite,
+            restore_eta=eta,
+            metadata=meta,
+        )
+        what = "a PEFT OFT adapter folder"
+    else:
+        err = save_merged(args.output, merged, metadata=meta, inputs=inputs, restore_eta=eta)
+        what = "a reference GS file"
     shapes = "/".join(str(s.b) for s in sorted(merged.stacks.values(), key=lambda s: s.b))
     print(
         f"fused {merged.num_layers} layers (block sizes {shapes}) at t={args.t:g} "
         f"[{args.method}, restore={args.restore}] in {elapsed:.2f} s; "
-        f"max orthogonality error {err:.1e}; wrote {args.output}"
+        f"max orthogonality error {err:.1e}; wrote {args.output}, {what}{note}"
     )
     return 0
 
@@ -254,7 +320,9 @@ def cmd_inspect(args) -> int:
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     orth = to_orthogonal(adapter)
+    fmt, family = _input_format(args.file)
     print(f"{args.file}: {adapter.num_layers} GS layers, {len(adapter.scales)} scale vectors")
+    print(f"  format: {fmt}" + (f" (PEFT OFT {family})" if family else ""))
     worst_all = 0.0
     for key in sorted(orth.stacks, key=lambda k: orth.stacks[k].b):
         st = orth.stacks[key]
@@ -336,13 +404,34 @@ def register(sub) -> None:
         "fuse",
         help="merge a concept and a style adapter into one GS adapter file",
         description="Merge CONCEPT (t=0) and STYLE (t=1) adapters (reference safetensors format or "
-        "PEFT OFT) and write the merged adapter in the reference format (raw Cayley "
-        "parameters invCay(Y), so the reference's method='cayley' reproduces Y).",
+        "PEFT OFT, told apart by their keys) and write the merged adapter: --to reference writes a "
+        "reference .safetensors file (raw Cayley parameters invCay(Y), so the reference's "
+        "method='cayley' reproduces Y); --to peft writes a PEFT >= 0.16 OFT folder "
+        "(adapter_config.json + adapter_model.safetensors, exact Cayley mode) that "
+        "PeftModel.from_pretrained loads. Default: CONCEPT's format where it can hold the result.",
     )
     p.add_argument("concept", type=Path)
     p.add_argument("style", type=Path)
     p.add_argument(
-        "-o", "--output", type=Path, required=True, help="output .safetensors (never an input)"
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        help="output .safetensors file (--to reference) or folder (--to peft); never an input",
+    )
+    p.add_argument(
+        "--to",
+        choices=["reference", "peft"],
+        default=None,
+        help="output format. peft needs a block-diagonal result (L = I, as every PEFT input) "
+        "without output scales; a reference GS adapter cannot be written as PEFT OFT (fold it "
+        "into the model with bake instead). Default: the first input's format where it can hold "
+        "the result, else reference",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing PEFT output folder (a reference output file is always replaced)",
     )
     p.add_argument("--t", type=float, default=0.6, help="position on the merge path (default 0.6)")
     _add_merge_options(p)
@@ -377,7 +466,8 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_demo, cublas_gemm=True)
 
     p = sub.add_parser(
-        "inspect", help="layers, block shapes, rotation angles and problems of an adapter file"
+        "inspect",
+        help="format, layers, block shapes, rotation angles and problems of an adapter file",
     )
     p.add_argument("file", type=Path)
     p.set_defaults(func=cmd_inspect)

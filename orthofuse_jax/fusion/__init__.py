@@ -10,7 +10,8 @@ Public API (implementation in private-by-convention modules):
 * baselines: :func:`multiply` / :class:`MultipliedAdapter` (App. H.2), :func:`lora_merge` (App. H.1).
 * scales: :func:`combine_scales`.
 * files: :func:`load_adapter` (reference format and PEFT OFT, detected from the keys),
-  :func:`save_adapter`, :func:`save_merged` (also checks the blocks' orthogonality).
+  :func:`save_adapter`, :func:`save_merged` (also checks the blocks' orthogonality);
+  :func:`orthofuse_jax.fusion.peft.save_peft_oft` writes PEFT OFT folders.
 """
 
 from ..geometry import GeodesicPath, geodesic_path

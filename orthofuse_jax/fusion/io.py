@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -46,7 +47,9 @@ from .._safetensors import (
     AdapterFileError,
     NonSkewWarning,
     ReferenceArrays,
+    SafetensorsFile,
     header_bytes,
+    is_peft_keys,
     read_adapter_file,
     read_reference,
     read_tensors,
@@ -57,16 +60,23 @@ from .adapter import GSAdapter, check_compatible, from_stacks, on_cpu, to_cayley
 from .maps import orthogonality_error
 
 __all__ = [
+    "ADAPTER_FORMATS",
     "SKEW_TOL",
     "AdapterFileError",
     "NonSkewWarning",
+    "adapter_format",
     "adapter_from_arrays",
     "adapter_from_tensors",
+    "adapter_keys",
     "adapter_to_tensors",
+    "atomic_folder",
     "atomic_write",
     "atomic_write_bytes",
+    "check_output_folder",
     "check_output_path",
     "check_pair",
+    "fsync_dir",
+    "install_folder",
     "load_adapter",
     "read_tensors",
     "save_adapter",
@@ -106,6 +116,61 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -
 def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> None:
     """Write ``payload`` to ``path`` atomically (:func:`atomic_write`)."""
     atomic_write(path, lambda f: f.write(payload))
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a folder's entries to disk (best effort: not every file system can)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def install_folder(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename the finished folder ``tmp`` into place; an existing ``out`` (``overwrite``) is moved aside first."""
+    if not (overwrite and out.exists()):
+        os.rename(tmp, out)  # fails if out appeared meanwhile (a non-empty folder or a file)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=tmp.parent))
+    os.rename(out, old / "x")
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old / "x", out)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def atomic_folder(
+    out: str | os.PathLike, write: Callable[[Path], object], *, overwrite: bool = False
+) -> Path:
+    """Write the folder ``out`` atomically: ``write(tmp)`` fills a temp folder next to it, then a rename.
+
+    On any failure the temp folder is removed and ``out`` is left as it was; an existing ``out``
+    is replaced only with ``overwrite`` (check it first: :func:`check_output_folder`).
+    """
+    out = Path(out)
+    parent = out.parent if str(out.parent) else Path(".")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp creates 0700; give the folder ordinary permissions
+        write(tmp)
+        fsync_dir(tmp)
+        install_folder(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_dir(parent)
+    return out
 
 
 def save_tensors(
@@ -222,6 +287,43 @@ def load_adapter(path: str | os.PathLike, *, skew_tol: float = SKEW_TOL) -> GSAd
     return adapter_from_arrays(arrays)
 
 
+def _adapter_file(path: Path) -> Path:
+    return path / "adapter_model.safetensors" if path.is_dir() else path
+
+
+def adapter_keys(path: str | os.PathLike) -> list[str]:
+    """The tensor keys of an adapter file (or of a folder's ``adapter_model.safetensors``); header only."""
+    with SafetensorsFile(_adapter_file(Path(path))) as f:
+        return list(f.entries)
+
+
+def _is_reference_keys(keys: Iterable[str]) -> bool:
+    return any(MONARCH in k for k in keys)
+
+
+# (format, test on the tensor keys), tried in order: a new format is one more entry.
+ADAPTER_FORMATS: tuple[tuple[str, Callable[[list[str]], bool]], ...] = (
+    ("peft", is_peft_keys),
+    ("reference", _is_reference_keys),
+)
+
+
+def adapter_format(path: str | os.PathLike) -> str:
+    """The format of an adapter file or folder, from its tensor keys: a name of :data:`ADAPTER_FORMATS`.
+
+    ``"reference"``: the reference's GS file (``....ort_monarch.L/R``); ``"peft"``: PEFT OFT (any
+    version: :func:`orthofuse_jax.fusion.peft.peft_format` tells which). Reads the header only.
+    """
+    keys = adapter_keys(path)
+    for name, test in ADAPTER_FORMATS:
+        if test(keys):
+            return name
+    raise AdapterFileError(
+        f"{_adapter_file(Path(path))}: no adapter keys of a known format "
+        f"({', '.join(name for name, _ in ADAPTER_FORMATS)})"
+    )
+
+
 def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike] = ()) -> Path:
     """Refuse an output path equal to an input (also through symlinks / hard links) or a directory."""
     out = Path(out)
@@ -244,6 +346,44 @@ def check_output_path(out: str | os.PathLike, inputs: Iterable[str | os.PathLike
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise AdapterFileError(f"{out}: output directory {parent} does not exist")
+    return out
+
+
+def check_output_folder(
+    out: str | os.PathLike,
+    inputs: Iterable[str | os.PathLike] = (),
+    *,
+    overwrite: bool = False,
+    replaceable: Iterable[str] = (),
+) -> Path:
+    """Refuse an output folder that is, or holds, one of ``inputs``, or that exists (unless ``overwrite``).
+
+    With ``overwrite`` an existing folder is replaced only when it holds nothing but files named in
+    ``replaceable`` (a folder of the same kind), so a mistyped path never deletes unrelated files.
+    """
+    out = Path(out)
+    real = Path(os.path.realpath(out))
+    for inp in inputs:
+        inp_real = Path(os.path.realpath(inp))
+        if inp_real == real or real in inp_real.parents:
+            raise AdapterFileError(
+                f"{out}: output folder is or holds the input {inp}; refusing to overwrite an input"
+            )
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise AdapterFileError(f"{out}: output directory {parent} does not exist")
+    if not out.exists() and not out.is_symlink():
+        return out
+    if not overwrite:
+        raise AdapterFileError(f"{out}: output folder exists (pass --overwrite to replace it)")
+    if not out.is_dir() or out.is_symlink():
+        raise AdapterFileError(f"{out}: output path exists and is not a folder; not replacing it")
+    allowed = set(replaceable)
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in allowed or not p.is_file())
+    if foreign:
+        raise AdapterFileError(
+            f"{out}: output folder holds {foreign[0]!r}, which this output does not; not replacing it"
+        )
     return out
 
 

@@ -36,7 +36,7 @@ import numpy as np
 
 from .._safetensors import AdapterFileError, SafetensorsFile, header_bytes, is_peft_keys
 from ..fusion.adapter import GSAdapter, to_orthogonal
-from ..fusion.io import load_adapter
+from ..fusion.io import fsync_dir, install_folder, load_adapter
 from ..geometry import gs_apply_transpose
 from ._backbone import CONFIG_NAME, WEIGHTS_NAME, MissingModelFileError, _weight_files
 
@@ -332,12 +332,12 @@ def _write_folder(out, config, where, layout, plan, orth, overwrite, source) -> 
                 w.write(data.data.cast("B"))
             w.flush()
             os.fsync(w.fileno())
-        _fsync_dir(tmp)
-        _install(tmp, out, overwrite)
+        fsync_dir(tmp)
+        install_folder(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(parent)
+    fsync_dir(parent)
 
 
 def _finite(data: np.ndarray, dt: str) -> bool:
@@ -350,32 +350,3 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _install(tmp: Path, out: Path, overwrite: bool) -> None:
-    """Rename the finished folder into place; an existing ``out`` (``overwrite``) is moved aside first."""
-    if not (overwrite and out.exists()):
-        os.rename(tmp, out)  # fails if out appeared meanwhile (a non-empty folder or a file)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=tmp.parent))
-    os.rename(out, old / "x")
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(old / "x", out)
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
