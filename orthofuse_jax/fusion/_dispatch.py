@@ -502,6 +502,54 @@ def _run_chunked(x1, x2, t, alpha, opts: Options, into=None):
     return y, bad, ok
 
 
+def _layout(x1, t):
+    """``(mesh, spec, t_spec)`` when stack ``x1`` is laid out over several devices by a named
+    sharding whose block axes (the last two) are whole, else None.
+
+    Concrete arrays carry their sharding; traced ones carry it in their type under an explicit mesh
+    (``jax.set_mesh`` with ``AxisType.Explicit`` axes). Without one, a traced stack's layout is
+    XLA's to choose, and the compiled kernels (custom calls) make it gather them.
+    """
+    if isinstance(x1, jax.core.Tracer):
+        sharding = getattr(jax.typeof(x1), "sharding", None)
+        mesh = getattr(sharding, "mesh", None)
+        if mesh is None or mesh.empty or not isinstance(mesh, jax.sharding.AbstractMesh):
+            return None
+    else:
+        sharding = getattr(x1, "sharding", None)
+        if not isinstance(sharding, jax.sharding.NamedSharding) or len(sharding.device_set) < 2:
+            return None
+        mesh = sharding.mesh
+    spec = tuple(sharding.spec) + (None,) * (x1.ndim - len(sharding.spec))
+    if spec[-2:] != (None, None):
+        return None
+    t_spec: tuple = ()
+    t_sharding = getattr(jax.typeof(t) if isinstance(t, jax.core.Tracer) else t, "sharding", None)
+    if isinstance(t_sharding, jax.sharding.NamedSharding) and t_sharding.mesh == mesh:
+        t_spec = tuple(t_sharding.spec)
+        used = {a for e in spec if e is not None for a in (e if isinstance(e, tuple) else (e,))}
+        if any(e is not None and set(e if isinstance(e, tuple) else (e,)) & used for e in t_spec):
+            t_spec = ()  # the t axis cannot reuse a mesh axis the blocks are split over
+    return mesh, spec, t_spec
+
+
+@functools.lru_cache(maxsize=64)
+def _per_shard(opts: Options, mesh, spec: tuple, t_spec: tuple):
+    """The kernel run shard by shard (``jax.shard_map``): every block is merged on the device that
+    holds it, so the result keeps the input's layout and no device gathers another's blocks."""
+    P = jax.sharding.PartitionSpec
+    lead = (t_spec[0] if t_spec else None,) if opts.sweep else ()
+    y_spec, flag_spec = P(*lead, *spec), P(*lead, *spec[:-2])
+    fn = jax.shard_map(
+        functools.partial(_blocks, opts=opts),
+        mesh=mesh,
+        in_specs=(P(*spec), P(*spec), P(*t_spec), P()),
+        out_specs=(y_spec, flag_spec, flag_spec),
+        check_vma=False,
+    )
+    return jax.jit(fn)
+
+
 def _run(x1, x2, t, alpha, opts: Options, into=None):
     """``(Y, bad, ok)`` of two stacks: one kernel call, or on concrete CPU stacks a chunk loop
     (:func:`_chunk_size`) sized so that a chunk's outputs for all t stay near ``_CPU_CHUNK_BYTES``
@@ -514,6 +562,16 @@ def _run(x1, x2, t, alpha, opts: Options, into=None):
     """
     concrete = is_concrete(x1, x2, t, alpha)
     opts = replace(opts, cpu=concrete and on_cpu((x1, x2)))
+    layout = _layout(x1, t)
+    if layout is not None:
+        mesh, spec, t_spec = layout
+        if concrete and x2.sharding != x1.sharding:
+            x2 = jax.device_put(x2, x1.sharding)
+        if concrete:  # t and alpha onto the stacks' devices (t split as given, else whole)
+            whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+            t = t if t_spec else jax.device_put(t, whole)
+            alpha = jax.device_put(alpha, whole)
+        return _per_shard(opts, mesh, spec, t_spec)(x1, x2, t, alpha)
     n_t = t.shape[0] if opts.sweep else 1
     budget = _CPU_CHUNK_BYTES // n_t if opts.sweep and n_t else _CPU_MERGE_CHUNK_BYTES
     min_blocks = 1 if opts.sweep else _CPU_MIN_CHUNK_BLOCKS

@@ -283,7 +283,7 @@ def sweep(
     check_compatible([adapter1, adapter2])
     _check_t(ts, extrapolate, "ts")
     dtype = adapter1.dtype
-    ts = (jnp if isinstance(ts, jax.core.Tracer) else np).asarray(ts, dtype=dtype)
+    ts = (jnp if isinstance(ts, jax.Array) else np).asarray(ts, dtype=dtype)  # keeps a layout
     if ts.ndim != 1:
         raise ValueError(f"ts must be a 1-D array of t values, got shape {ts.shape}")
     if reuse is not None:

@@ -98,10 +98,19 @@ def gpu_solver(dtype, n: int):
         not _native.enabled()
         or jnp.dtype(dtype) != jnp.float32
         or n > _pallas.MAX_BLOCK
+        or not _gpu_in_reach()
         or not _pallas.available()
     ):
         return None
     return _pallas.gauss_jordan_solve
+
+
+def _gpu_in_reach() -> bool:
+    """Whether the program being traced can run on a GPU: JAX's default backend is one, or the trace
+    targets one (an abstract mesh of GPU devices, as when lowering for a GPU elsewhere). Elsewhere no
+    GPU branch is traced: a Pallas call in a program over several CPU devices would not trace."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return getattr(device, "platform", None) == "gpu" or jax.default_backend() == "gpu"
 
 
 def cayley_map(
