@@ -118,7 +118,10 @@ def save_tensors(
     The header is built first and each tensor is then written straight from its array, so no
     second copy of the file is held in memory.
     """
-    arrays = {k: np.ascontiguousarray(v, dtype="<f4") for k, v in tensors.items()}
+    # reshape: ascontiguousarray turns a 0-d array (a scalar such as LyCORIS's alpha) into [1]
+    arrays = {
+        k: np.ascontiguousarray(v, dtype="<f4").reshape(np.shape(v)) for k, v in tensors.items()
+    }
     _write_float32(Path(path), {k: a.shape for k, a in arrays.items()}, arrays.values(), metadata)
 
 

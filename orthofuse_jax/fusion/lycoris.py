@@ -133,7 +133,9 @@ def sgm_to_diffusers(flat: str, layers_per_block: int = 2) -> str:
             return f"up_blocks_{block}_upsamplers_0_{rest}"
     kind = ("resnets", "attentions")[inner] if inner < 2 else "upsamplers"
     rest = _resnet_rest(rest) if kind == "resnets" else rest
-    return f"{'down' if m.group(1) == 'input_blocks' else 'up'}_blocks_{block}_{kind}_{layer}_{rest}"
+    return (
+        f"{'down' if m.group(1) == 'input_blocks' else 'up'}_blocks_{block}_{kind}_{layer}_{rest}"
+    )
 
 
 def _resnet_rest(rest: str) -> str:
@@ -326,6 +328,8 @@ def save_lycoris_oft(
         tensors[f"{lora}.alpha"] = np.asarray(top)
     for key, arr in tensors.items():
         if not np.all(np.isfinite(arr)):
-            raise AdapterFileError(f"{path}: key {key!r}: non-finite values to be written; nothing written")
+            raise AdapterFileError(
+                f"{path}: key {key!r}: non-finite values to be written; nothing written"
+            )
     save_tensors(path, dict(sorted(tensors.items())))
     return path
