@@ -406,12 +406,13 @@ def read_adapter_file(
     path: str | os.PathLike, skew_tol: float = SKEW_TOL
 ) -> ReferenceArrays | None:
     """A reference-format file (or ``adapter_model.safetensors`` of a folder) read straight into one
-    array per stack; ``None`` for a PEFT OFT file, which :func:`orthofuse_jax.fusion.load_adapter` reads."""
+    array per stack; ``None`` for a PEFT OFT or LyCORIS/kohya OFT file, which
+    :func:`orthofuse_jax.fusion.load_adapter` reads."""
     path = Path(path)
     file = path / "adapter_model.safetensors" if path.is_dir() else path
     with SafetensorsFile(file) as f:
-        if is_peft_keys(f.entries):
-            return None
+        if is_peft_keys(f.entries) or any(k.endswith(".oft_blocks") for k in f.entries):
+            return None  # PEFT OFT or LyCORIS/kohya OFT
         layout = {k: (f.entries[k][1], f.dtype(k)) for k in f.entries}
 
         def fill(keys, out):

@@ -9,9 +9,10 @@ Public API (implementation in private-by-convention modules):
 * adapter-level: :func:`merge`, :func:`sweep`, :func:`merge_report`, :class:`MergeError`.
 * baselines: :func:`multiply` / :class:`MultipliedAdapter` (App. H.2), :func:`lora_merge` (App. H.1).
 * scales: :func:`combine_scales`.
-* files: :func:`load_adapter` (reference format and PEFT OFT, detected from the keys),
-  :func:`save_adapter`, :func:`save_merged` (also checks the blocks' orthogonality);
-  :func:`orthofuse_jax.fusion.peft.save_peft_oft` writes PEFT OFT folders.
+* files: :func:`load_adapter` (reference format, PEFT OFT, LyCORIS/kohya OFT, detected from the
+  keys), :func:`save_adapter`, :func:`save_merged` (also checks the blocks' orthogonality);
+  :func:`orthofuse_jax.fusion.peft.save_peft_oft` writes PEFT OFT folders and
+  :mod:`orthofuse_jax.fusion.lycoris` reads and writes LyCORIS ``diag-oft`` files (output side).
 """
 
 from ..geometry import GeodesicPath, geodesic_path

@@ -8,6 +8,10 @@ axis into a :class:`LayerStack` (``[layers, nb, b, b]``) so a merge of a whole S
 
 ``L, R`` are either raw Cayley parameters (``orthogonal=False``; what the reference trains and
 saves, docs/math.md §1.2/5) or orthogonal blocks (``orthogonal=True``; what merges return).
+
+``side`` says which features of a layer the GS matrix ``Q`` rotates: ``"input"`` (the reference,
+PEFT >= 0.14: ``W_eff = diag(s) W Q``) or ``"output"`` (LyCORIS ``diag-oft``, kohya OFT:
+``W_eff = diag(s) Q^T W``). Merges act on ``Q`` alone, so they carry the side through unchanged.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from ..geometry._types import Array, Float
 
 __all__ = [
     "SCALE_NAME",
+    "SIDES",
     "GSAdapter",
     "LayerStack",
     "check_compatible",
@@ -37,6 +42,10 @@ __all__ = [
     "to_layers",
     "to_orthogonal",
 ]
+
+
+SIDES = ("input", "output")
+"""The features an adapter's rotations act on (:attr:`GSAdapter.side`)."""
 
 
 def stack_key(nb: int, b: int) -> str:
@@ -71,11 +80,17 @@ class GSAdapter:
       stacks: ``{stack_key(nb, b): LayerStack}``.
       scales: ``{layer name: scale vector [h]}``; a layer without an entry has unit scales.
       orthogonal: False when L/R are raw Cayley parameters, True when they are orthogonal blocks.
+      side: ``"input"`` (``W_eff = diag(s) W Q``) or ``"output"`` (``W_eff = diag(s) Q^T W``).
     """
 
     stacks: dict[str, LayerStack]
     scales: dict[str, Float[Array, " h"]]
     orthogonal: bool = field(default=False, metadata=dict(static=True))
+    side: str = field(default="input", metadata=dict(static=True))
+
+    def __post_init__(self):
+        if self.side not in SIDES:
+            raise ValueError(f"adapter side {self.side!r} is not one of {SIDES}")
 
     @property
     def layer_names(self) -> tuple[str, ...]:
@@ -112,6 +127,7 @@ def from_layers(
     *,
     orthogonal: bool = False,
     dtype=None,
+    side: str = "input",
 ) -> GSAdapter:
     """Group per-layer ``{name: (L, R)}`` into stacks by block shape; names sorted within a stack."""
     groups: dict[tuple[int, ...], list[str]] = {}
@@ -126,7 +142,7 @@ def from_layers(
         stacks[tuple(names)] = {
             side: _stack([layers[n][i] for n in names]) for i, side in enumerate("LR")
         }
-    return from_stacks(stacks, scales, orthogonal=orthogonal, dtype=dtype)
+    return from_stacks(stacks, scales, orthogonal=orthogonal, dtype=dtype, side=side)
 
 
 def from_stacks(
@@ -135,6 +151,7 @@ def from_stacks(
     *,
     orthogonal: bool = False,
     dtype=None,
+    side: str = "input",
 ) -> GSAdapter:
     """An adapter from already stacked layers: ``{(names...): {"L": [layers, nb, b, b], "R": ...}}``.
 
@@ -145,7 +162,7 @@ def from_stacks(
         L, R = (jnp.asarray(lr[side], dtype=dtype) for side in ("L", "R"))
         out[stack_key(L.shape[1], L.shape[2])] = LayerStack(L=L, R=R, names=tuple(names))
     sc = {k: jnp.asarray(v, dtype=dtype) for k, v in (scales or {}).items()}
-    return GSAdapter(stacks=out, scales=sc, orthogonal=orthogonal)
+    return GSAdapter(stacks=out, scales=sc, orthogonal=orthogonal, side=side)
 
 
 def _stack(xs):
@@ -203,10 +220,17 @@ def on_cpu(tree) -> bool:
 
 
 def check_compatible(adapters: Iterable[GSAdapter], names: Iterable[str] | None = None) -> None:
-    """Raise ``ValueError`` naming the layer when adapters differ in layers or block shapes."""
+    """Raise ``ValueError`` naming the layer when adapters differ in layers or block shapes, or the
+    features they rotate (:attr:`GSAdapter.side`)."""
     adapters = list(adapters)
     labels = list(names) if names is not None else [f"adapter {i}" for i in range(len(adapters))]
     ref = adapters[0]
+    for a, lab in zip(adapters[1:], labels[1:]):
+        if a.side != ref.side:
+            raise ValueError(
+                f"{lab} rotates the layers' {a.side} features, {labels[0]} their {ref.side} "
+                "features; they cannot be merged"
+            )
     ref_layers = {n: (k, s.L.shape[1:]) for k, s in ref.stacks.items() for n in s.names}
     for a, lab in zip(adapters[1:], labels[1:]):
         got = {n: (k, s.L.shape[1:]) for k, s in a.stacks.items() for n in s.names}

@@ -183,7 +183,10 @@ def save_tensors(
     The header is built first and each tensor is then written straight from its array, so no
     second copy of the file is held in memory.
     """
-    arrays = {k: np.ascontiguousarray(v, dtype="<f4") for k, v in tensors.items()}
+    # reshape: ascontiguousarray turns a 0-d array (a scalar such as LyCORIS's alpha) into [1]
+    arrays = {
+        k: np.ascontiguousarray(v, dtype="<f4").reshape(np.shape(v)) for k, v in tensors.items()
+    }
     _write_float32(Path(path), {k: a.shape for k, a in arrays.items()}, arrays.values(), metadata)
 
 
@@ -243,6 +246,7 @@ def adapter_to_tensors(adapter: GSAdapter) -> dict[str, np.ndarray]:
 
     Each stack is copied to the host once; the per-layer arrays are views of those copies.
     """
+    _check_input_side(adapter)
     raw = to_cayley_params(adapter)
     out: dict[str, np.ndarray] = {}
     for stack in raw.stacks.values():
@@ -263,7 +267,9 @@ def adapter_to_tensors(adapter: GSAdapter) -> dict[str, np.ndarray]:
 
 
 def load_adapter(path: str | os.PathLike, *, skew_tol: float = SKEW_TOL) -> GSAdapter:
-    """Read an adapter file as raw Cayley parameters: the reference format, or PEFT OFT (detected from the keys).
+    """Read an adapter file as raw Cayley parameters: the reference format, PEFT OFT, or LyCORIS
+    ``diag-oft`` / kohya OFT (:func:`~orthofuse_jax.fusion.lycoris.load_lycoris_oft`; output-side),
+    detected from the keys.
 
     Args:
       path: a ``.safetensors`` file as written by the reference's ``save_attn_procs``, or a PEFT
@@ -280,10 +286,15 @@ def load_adapter(path: str | os.PathLike, *, skew_tol: float = SKEW_TOL) -> GSAd
     A reference file is read straight into one array per stack (no copy of the whole file is held).
     """
     arrays = read_adapter_file(path, skew_tol)
-    if arrays is None:  # PEFT OFT
+    if arrays is None:  # PEFT OFT, or LyCORIS/kohya OFT
+        from .lycoris import is_lycoris_oft, load_lycoris_oft
         from .peft import load_peft_oft
 
-        return load_peft_oft(path)
+        file = Path(path) / "adapter_model.safetensors" if Path(path).is_dir() else Path(path)
+        tensors, _ = read_tensors(file)
+        if is_lycoris_oft(tensors):
+            return load_lycoris_oft(file, tensors=tensors)
+        return load_peft_oft(path, tensors=tensors)
     return adapter_from_arrays(arrays)
 
 
@@ -446,8 +457,19 @@ def _file_rows(x, start, eta, *, chunk: int, check: bool, cpu: bool):
     return params.astype(jnp.float32), err
 
 
+def _check_input_side(adapter: GSAdapter, path: Path | None = None) -> None:
+    """The reference format holds input-side rotations only; refuse output-side ones."""
+    if adapter.side != "input":
+        where = f"{path}: " if path is not None else ""
+        raise AdapterFileError(
+            f"{where}the adapter rotates the layers' {adapter.side} features, which the reference "
+            "format cannot express (write it as a LyCORIS file: fusion.lycoris.save_lycoris_oft)"
+        )
+
+
 def _write_adapter(path: Path, adapter: GSAdapter, metadata, *, check: bool, eta=None) -> float:
     """Keys stack by stack, side by side, then the scales; the rows converted chunk by chunk."""
+    _check_input_side(adapter, path)
     shapes: dict[str, tuple[int, ...]] = {}
     plan = []  # (stack, side, layers per chunk)
     for stack in adapter.stacks.values():

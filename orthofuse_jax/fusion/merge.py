@@ -225,7 +225,7 @@ def merge(
                     stacklevel=2,
                 )
     sc = combine_scales(adapters, w, scales, dtype=dtype)
-    return GSAdapter(stacks=stacks, scales=sc, orthogonal=True)
+    return GSAdapter(stacks=stacks, scales=sc, orthogonal=True, side=adapters[0].side)
 
 
 def sweep(
@@ -302,7 +302,7 @@ def sweep(
         _raise_if_bad(flags, stacks, method, restore, ts=ts)
     w = (jnp if isinstance(ts, jax.core.Tracer) else np).stack([1.0 - ts, ts], axis=-1)
     sc = combine_scales([adapter1, adapter2], w, scales, dtype=dtype)
-    return GSAdapter(stacks=stacks, scales=sc, orthogonal=True)
+    return GSAdapter(stacks=stacks, scales=sc, orthogonal=True, side=adapter1.side)
 
 
 def _check_options(method, restore, scales, algorithm) -> None:

@@ -13,6 +13,15 @@ after ``out_scale``; so for reference-format layers a ``to_q/k/v`` bias becomes 
 none) and the ``to_out.0`` bias is kept. PEFT OFT applies its ``oft_s`` to the weight only, so
 for PEFT layers every bias is kept.
 
+Output-side adapters (``adapter.side == "output"``: LyCORIS ``diag-oft``, kohya OFT) rotate the
+weight's rows instead, as LyCORIS's ``einsum("k n m, k n ... -> k m ...", R, W)`` does:
+
+    W_eff = diag(s) Q^T W,     W of shape [out, ...] flattened to [out, rest] (conv weights too)
+
+computed as ``(W^T Q)^T`` with the same structured product; biases are kept. Their layers are
+matched by :func:`weight_key`, or else by the module path with dots replaced by ``_`` (how those
+files name layers), which must then match exactly one weight.
+
 The output is a diffusers UNet folder (``config.json`` copied, one ``diffusion_pytorch_model
 .safetensors``) that ``UNet2DConditionModel.from_pretrained`` loads. Tensors are streamed one at a
 time: read, folded in float32 if adapted, cast once to the output dtype, written; the peak memory
@@ -109,6 +118,7 @@ class _Fold:
     index: int
     scale: bool  # the adapter has a scale vector for the layer
     bias_key: str | None  # a bias scaled with the output (reference to_q/k/v only)
+    output: bool = False  # rotate the weight's rows (output features) instead of its columns
 
 
 @jax.jit
@@ -118,6 +128,17 @@ def _fold_weight(W, L_stack, R_stack, index, s):
     R = jax.lax.dynamic_index_in_dim(R_stack, index, keepdims=False).astype(jnp.float32)
     with jax.default_matmul_precision("highest"):
         return gs_apply_transpose(W.astype(jnp.float32), L, R) * s.astype(jnp.float32)[:, None]
+
+
+@jax.jit
+def _fold_rows(W, L_stack, R_stack, index, s):
+    """``diag(s) Q^T W`` in float32 for ``W`` ``[out, ...]``: ``(W^T Q)^T`` on the flattened weight."""
+    L = jax.lax.dynamic_index_in_dim(L_stack, index, keepdims=False).astype(jnp.float32)
+    R = jax.lax.dynamic_index_in_dim(R_stack, index, keepdims=False).astype(jnp.float32)
+    flat = W.astype(jnp.float32).reshape(W.shape[0], -1)
+    with jax.default_matmul_precision("highest"):
+        rows = gs_apply_transpose(flat.T, L, R).T
+    return (rows * s.astype(jnp.float32)[:, None]).reshape(W.shape)
 
 
 def _encode(x: np.ndarray, dtype: str) -> np.ndarray:
@@ -249,11 +270,19 @@ def _plan(orth: GSAdapter, where: Mapping[str, SafetensorsFile], source: str, fi
         for i, name in enumerate(stack.names)
     }
     plan: dict[str, _Fold] = {}
+    output = orth.side == "output"
+    flat: dict[str, list[str]] = {}
+    if output:
+        for key in where:
+            if key.endswith(".weight"):
+                flat.setdefault(key.removesuffix(".weight").replace(".", "_"), []).append(key)
     for name in sorted(layers):
         skey, i, stack = layers[name]
         wkey = weight_key(name)
         if wkey not in where and name.startswith("unet."):
             wkey = weight_key(name.removeprefix("unet."))
+        if wkey not in where and len(flat.get(name.replace(".", "_"), [])) == 1:
+            wkey = flat[name.replace(".", "_")][0]
         if wkey not in where:
             names = ", ".join(str(p) for p in files)
             raise AdapterFileError(
@@ -262,7 +291,13 @@ def _plan(orth: GSAdapter, where: Mapping[str, SafetensorsFile], source: str, fi
         f = where[wkey]
         shape = f.entries[wkey][1]
         n = stack.nb * stack.b
-        if len(shape) != 2 or shape[1] != n:
+        if output and (len(shape) < 2 or shape[0] != n):
+            raise AdapterFileError(
+                f"{f.path}: key {wkey!r}: weight shape {list(shape)} [out, ...] does not fit "
+                f"output-side adapter layer {name!r} of {source} (GS size n = {stack.nb} x {stack.b} "
+                f"= {n}, shape {[stack.nb, stack.b, stack.b]})"
+            )
+        if not output and (len(shape) != 2 or shape[1] != n):
             raise AdapterFileError(
                 f"{f.path}: key {wkey!r}: weight shape {list(shape)} [out, in] does not fit adapter "
                 f"layer {name!r} of {source} (GS size n = {stack.nb} x {stack.b} = {n}, shape "
@@ -280,7 +315,7 @@ def _plan(orth: GSAdapter, where: Mapping[str, SafetensorsFile], source: str, fi
             )
         bias = None
         last = name.rpartition(".")[2]
-        if s is not None and last in ("to_q_moft", "to_k_moft", "to_v_moft"):
+        if s is not None and not output and last in ("to_q_moft", "to_k_moft", "to_v_moft"):
             bkey = wkey.removesuffix(".weight") + ".bias"
             if bkey in where:
                 if where[bkey].entries[bkey][1] != (shape[0],):
@@ -289,7 +324,7 @@ def _plan(orth: GSAdapter, where: Mapping[str, SafetensorsFile], source: str, fi
                         f"expected {[shape[0]]}"
                     )
                 bias = bkey
-        plan[wkey] = _Fold(name, skey, i, s is not None, bias)
+        plan[wkey] = _Fold(name, skey, i, s is not None, bias, output)
     return plan
 
 
@@ -320,7 +355,8 @@ def _write_folder(out, config, where, layout, plan, orth, overwrite, source) -> 
                         stack = orth.stacks[fold.stack]
                         ones = jnp.ones((shape[0],), jnp.float32)
                         s = ones if s is None else s
-                        x = np.asarray(_fold_weight(x, stack.L, stack.R, np.int32(fold.index), s))
+                        fn = _fold_rows if fold.output else _fold_weight
+                        x = np.asarray(fn(x, stack.L, stack.R, np.int32(fold.index), s))
                     else:
                         x = x.astype(np.float32) * np.asarray(s, np.float32)
                 data = _encode(x, dt)

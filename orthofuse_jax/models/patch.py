@@ -69,6 +69,11 @@ def fold_plan(params, adapter: GSAdapter, *, config=None, table=None):
     """
     tab = _resolve_table(params, config, table)
     groups: dict[tuple[str, int], list[tuple[int, AttentionLayer]]] = {}
+    if adapter.side != "input":
+        raise ValueError(
+            f"the adapter rotates the layers' {adapter.side} features; the Flax fold applies input "
+            "rotations only (bake_unet folds both)"
+        )
     for key, stack in adapter.stacks.items():
         n = stack.nb * stack.b
         for i, name in enumerate(stack.names):
