@@ -413,7 +413,7 @@ def _write_outputs(out, config, where, layout, plan, orth, overwrite, source, si
                 os.fsync(w.fileno())
         _fsync_dir(tmp)
         _install(tmp, out, overwrite)
-        if single is not None:
+        if tmp_single is not None:
             os.replace(tmp_single, single[0])
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -428,8 +428,8 @@ def test_original_keys_of_sdxl_base():
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
 
+    from orthofuse_jax.models import original_unet_keys
     from orthofuse_jax.models.configs import SDXL_BASE_UNET
-    from orthofuse_jax.models.single_file import original_unet_keys
 
     with init_empty_weights():
         model = UNet2DConditionModel(**SDXL_BASE_UNET)
