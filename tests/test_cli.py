@@ -545,3 +545,28 @@ def test_prefer_cublas_gemm_too_late_warns_only_on_a_gpu(monkeypatch, recwarn):
     ):
         assert orthofuse_jax.prefer_cublas_gemm() is False
     assert "XLA_FLAGS" not in os.environ
+
+
+def test_sdxl_commands_share_the_model_option(capsys):
+    """bake, generate, encode-prompt and train declare --model through one helper."""
+    for command in ("bake", "generate", "encode-prompt", "train"):
+        with pytest.raises(SystemExit) as e:
+            build_parser().parse_args([command])
+        assert e.value.code == 2 and "--model" in capsys.readouterr().err
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([command, "--help"])
+        out = capsys.readouterr().out
+        assert "--model MODEL" in out and "local diffusers SDXL folder (" in out, command
+        assert ("--hub-id" in out) == (command == "generate"), command
+
+
+def test_a_missing_torch_names_the_interop_extra(monkeypatch, capsys):
+    from orthofuse_jax.cli import bake_command
+
+    def run_bake(args):
+        raise ModuleNotFoundError("No module named 'torch'", name="torch")
+
+    monkeypatch.setattr(bake_command, "run_bake", run_bake)
+    rc, _, err = run(capsys, "bake", "--model", "m", "--adapter", "a", "-o", "o")
+    assert rc == 2 and err.count("\n") == 1, err
+    assert "torch is not installed" in err and "orthofuse-jax[interop]" in err, err

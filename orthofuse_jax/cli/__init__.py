@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _EXTRAS = {
-    m: "sdxl" for m in ("flax", "optax", "diffusers", "transformers", "PIL", "huggingface_hub")
+    **{m: "sdxl" for m in ("flax", "optax", "diffusers", "transformers", "PIL", "huggingface_hub")},
+    "torch": "interop",
 }
 """Top-level modules of the optional extras, and the extra that installs each."""
 

@@ -13,11 +13,19 @@ which needs numpy and JAX only (no torch, flax or diffusers).
   Each adapted projection's weight becomes ``W_eff = diag(s) W Q`` (docs/math.md §2). The folder
   is written under a temporary name beside OUT_DIR and renamed; an existing OUT_DIR is refused
   unless ``--overwrite`` (and then only a folder holding a config and UNet weights is replaced).
+* ``--single-file OUT.safetensors``: also write the same weights as one file in the original SDXL
+  key layout (``model.diffusion_model.*``) that single-file loaders read (ComfyUI's "Load
+  Diffusion Model", diffusers' ``from_single_file``). It holds the UNet only: no VAE and no text
+  encoders, so it is not a full A1111 checkpoint. The key names come from diffusers' own
+  conversion tables, so this option needs diffusers and torch. Written under a temporary name and
+  renamed; an existing file is replaced only with ``--overwrite``.
 """
 
 from __future__ import annotations
 
 import argparse
+
+from ._common import add_model_option
 
 __all__ = ["register", "run_bake"]
 
@@ -30,9 +38,7 @@ def register(subparsers) -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "--model", required=True, help="local diffusers model folder (with unet/) or a UNet folder"
-    )
+    add_model_option(p, "with unet/, or a UNet folder")
     p.add_argument(
         "--adapter", required=True, help="GS adapter (reference format) or PEFT OFT adapter"
     )
@@ -44,9 +50,17 @@ def register(subparsers) -> argparse.ArgumentParser:
         help="dtype of the written weights (default: each input tensor's own)",
     )
     p.add_argument(
+        "--single-file",
+        default=None,
+        metavar="OUT.safetensors",
+        help="also write the baked UNet as one .safetensors in the original SDXL key layout "
+        "(model.diffusion_model.*; the UNet only, no VAE or text encoders; needs diffusers and torch)",
+    )
+    p.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace an existing output folder (one holding only a config and UNet weights)",
+        help="replace an existing output folder (one holding only a config and UNet weights) "
+        "and an existing --single-file",
     )
     p.set_defaults(func=run_bake)
     return p
@@ -59,10 +73,18 @@ def run_bake(args) -> int:
     from ..models.bake import bake_unet
 
     start = time.perf_counter()
-    res = bake_unet(args.model, args.adapter, args.output, args.dtype, overwrite=args.overwrite)
+    res = bake_unet(
+        args.model,
+        args.adapter,
+        args.output,
+        args.dtype,
+        overwrite=args.overwrite,
+        single_file=args.single_file,
+    )
     dtypes = ", ".join(f"{n} {d}" for d, n in sorted(res.dtypes.items()))
     print(
         f"folded {res.layers} adapter layers into {res.unet_dir} ({res.tensors} tensors: {dtypes}) "
         f"in {time.perf_counter() - start:.2f} s; wrote {res.out_dir}"
+        + (f" and {res.single_file}" if res.single_file else "")
     )
     return 0

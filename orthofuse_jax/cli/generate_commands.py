@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 
+from ._common import add_model_option
+
 __all__ = ["register", "run_encode_prompt", "run_generate"]
 
 
@@ -38,12 +40,7 @@ def register(subparsers) -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "--model", required=True, help="local diffusers SDXL folder (unet/, optional vae/)"
-    )
-    p.add_argument(
-        "--hub-id", action="store_true", help="treat --model as a hub id and download it"
-    )
+    add_model_option(p, "unet/, optional vae/", hub_id=True)
     p.add_argument(
         "--adapter",
         default=None,
@@ -87,9 +84,7 @@ def register(subparsers) -> argparse.ArgumentParser:
         "text_encoder_2/ as diffusers' StableDiffusionXLPipeline does; the .npz is what generate and "
         "train take as --embeddings, so the text encoders need not be loaded again.",
     )
-    e.add_argument(
-        "--model", required=True, help="local diffusers SDXL folder (text_encoder*/, tokenizer*/)"
-    )
+    add_model_option(e, "text_encoder*/, tokenizer*/")
     e.add_argument("--prompt", required=True)
     e.add_argument("--negative-prompt", default=None, help="also encode a negative prompt")
     e.add_argument("-o", "--output", required=True, help="output .npz")

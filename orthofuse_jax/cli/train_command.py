@@ -44,6 +44,8 @@ from __future__ import annotations
 
 import argparse
 
+from ._common import add_model_option
+
 __all__ = ["register", "run_train"]
 
 
@@ -55,11 +57,7 @@ def register(subparsers) -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "--model",
-        required=True,
-        help="local diffusers SDXL folder (unet/, vae/ for images, scheduler/)",
-    )
+    add_model_option(p, "unet/, vae/ for images, scheduler/")
     p.add_argument(
         "-o", "--output", required=True, help="output adapter .safetensors (reference format)"
     )

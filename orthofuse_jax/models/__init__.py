@@ -8,10 +8,11 @@
 * :func:`prompt_embeddings` / :func:`load_text_encoders` / :func:`encode_prompt` -- SDXL's two
   Flax CLIP text encoders (transformers 4.57), as diffusers' SDXL pipeline encodes prompts.
 * :func:`bake_unet` -- fold an adapter into a diffusers UNet folder's torch weights, written as a new
-  folder (``W_eff = diag(s) W Q``; numpy and JAX only).
+  folder (``W_eff = diag(s) W Q``; numpy and JAX only), and optionally one file in the original
+  SDXL key layout (:func:`original_unet_keys`, diffusers' own conversion run backwards).
 * :func:`apply_onthefly` -- the reference's per-call application of the adapter (tests, benchmarks).
 
-Only :mod:`._backbone` imports diffusers and transformers; importing this package imports neither flax nor diffusers.
+Only :mod:`._backbone` imports diffusers and transformers (and :mod:`.single_file`, when called, diffusers' key conversion); importing this package imports neither flax nor diffusers.
 """
 
 # generate.py imports only jax/numpy; importing it here also keeps the package attribute
@@ -20,6 +21,7 @@ from .bake import bake_unet
 from .generate import decode, denoise, euler_schedule, generate, load_embeddings
 from .layers import AttentionLayer, attention_layers, attention_layers_from_params, layer_name
 from .patch import fold_plan, patch_unet_params, unpatch_unet_params
+from .single_file import original_unet_keys
 from .text import encode_prompt, load_text_encoders, prompt_embeddings, save_embeddings
 from .weights import MissingModelFileError, load_unet, load_vae, resolve_component
 
@@ -42,6 +44,7 @@ __all__ = [
     "load_unet",
     "load_vae",
     "onthefly_interceptor",
+    "original_unet_keys",
     "patch_unet_params",
     "prompt_embeddings",
     "resolve_component",

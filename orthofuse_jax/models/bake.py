@@ -28,10 +28,18 @@ time: read, folded in float32 if adapted, cast once to the output dtype, written
 is the adapter plus about one tensor. Everything is checked before the first byte is written,
 the folder is written beside ``out_dir`` under a temporary name and renamed into place, and the
 inputs are only read. Needs numpy and JAX only (no torch, flax or diffusers).
+
+With ``single_file``, the same pass also writes each tensor into one ``.safetensors`` file with the
+original SDXL keys (``model.diffusion_model.*``, the UNet only) that single-file loaders read:
+ComfyUI's diffusion-model loader, diffusers' ``UNet2DConditionModel.from_single_file``. Its key
+names come from diffusers' own conversion (:mod:`.single_file`), so that option needs diffusers
+and torch.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -48,6 +56,7 @@ from ..fusion.adapter import GSAdapter, to_orthogonal
 from ..fusion.io import fsync_dir, install_folder, load_adapter
 from ..geometry import gs_apply_transpose
 from ._backbone import CONFIG_NAME, WEIGHTS_NAME, MissingModelFileError, _weight_files
+from .single_file import original_unet_keys
 
 __all__ = ["DTYPES", "BakeResult", "bake_unet", "unet_folder", "weight_key"]
 
@@ -70,13 +79,15 @@ _NUMPY: dict[str, np.dtype] = {
 
 @dataclass(frozen=True)
 class BakeResult:
-    """What :func:`bake_unet` wrote: the folder, the UNet folder read, layers folded, tensors written."""
+    """What :func:`bake_unet` wrote: the folder, the UNet folder read, layers folded, tensors written
+    (by dtype), and the single file in the original SDXL layout if one was asked for."""
 
     out_dir: Path
     unet_dir: Path
     layers: int
     tensors: int
     dtypes: dict[str, int]
+    single_file: Path | None = None
 
 
 def unet_folder(model: str | os.PathLike) -> Path:
@@ -178,6 +189,39 @@ def _check_output(out: Path, inputs: list[Path], overwrite: bool) -> None:
         )
 
 
+def _check_single_file(path: Path, out_dir: Path, inputs: list[Path], overwrite: bool) -> None:
+    """The single-file output: a new ``.safetensors`` beside (not inside) the folder, not an input."""
+    if path.suffix != ".safetensors":
+        raise AdapterFileError(f"{path}: single-file output must end in .safetensors")
+    parent = path.parent if str(path.parent) else Path(".")
+    if out_dir.resolve() in (parent.resolve(), path.resolve()):
+        raise AdapterFileError(f"{path}: single-file output inside the output folder {out_dir}")
+    if not parent.is_dir():
+        raise AdapterFileError(f"{path}: output directory {parent} does not exist")
+    for inp in inputs:
+        if path.resolve() == inp.resolve() or (path.exists() and os.path.samefile(path, inp)):
+            raise AdapterFileError(
+                f"{path}: output file is the input {inp}; refusing to overwrite an input"
+            )
+    if not path.exists() and not path.is_symlink():
+        return
+    if not overwrite:
+        raise AdapterFileError(f"{path}: output file exists (pass --overwrite to replace it)")
+    if not path.is_file() or path.is_symlink():
+        raise AdapterFileError(f"{path}: output path exists and is not a file; not replacing it")
+
+
+def _read_config(path: Path) -> dict:
+    """The UNet's ``config.json`` as a dict (the original layout's block arithmetic reads it)."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterFileError(f"{path}: cannot read the UNet config ({e})") from None
+    if not isinstance(config, dict):
+        raise AdapterFileError(f"{path}: the UNet config is not a JSON object")
+    return config
+
+
 def _reject_output_rotations(path: Path) -> None:
     """PEFT <= 0.13 OFT rotates a layer's OUTPUT features, which this fold does not express."""
     file = path / "adapter_model.safetensors" if path.is_dir() else path
@@ -200,6 +244,7 @@ def bake_unet(
     dtype: str | None = None,
     *,
     overwrite: bool = False,
+    single_file: str | os.PathLike | None = None,
 ) -> BakeResult:
     """Write a diffusers UNet folder ``out_dir`` whose torch weights have ``adapter`` folded in.
 
@@ -211,6 +256,10 @@ def bake_unet(
       out_dir: the folder to create; it must not exist unless ``overwrite`` (then it is replaced
         only if it holds nothing but a config and ``diffusion_pytorch_model*`` files).
       dtype: ``"fp32"``, ``"fp16"`` or ``"bf16"`` for every weight; ``None`` keeps each tensor's dtype.
+      overwrite: replace an existing ``out_dir`` (and ``single_file``).
+      single_file: also write the same tensors as one ``.safetensors`` file in the original SDXL
+        key layout (``model.diffusion_model.*``, :func:`~.single_file.original_unet_keys`): the UNet
+        only, no VAE or text encoders. Needs diffusers and torch for diffusers' key conversion.
     Returns:
       a :class:`BakeResult`.
     Raises:
@@ -226,6 +275,10 @@ def bake_unet(
     files = [Path(p) for p in _weight_files(os.fspath(folder))]
     out = Path(out_dir)
     _check_output(out, [model_dir, folder], overwrite)
+    single_path = None if single_file is None else Path(single_file)
+    if single_path is not None:
+        inputs = files if isinstance(adapter, GSAdapter) else [*files, Path(adapter)]
+        _check_single_file(single_path, out, inputs, overwrite)
 
     source = "<adapter>"
     if not isinstance(adapter, GSAdapter):
@@ -252,14 +305,18 @@ def bake_unet(
         stray = sorted(set(orth.scales) - set(orth.layer_names))
         if stray:
             raise AdapterFileError(f"{source}: adapter scale {stray[0]!r} has no GS layer")
-        _write_folder(out, config, where, layout, plan, orth, overwrite, source)
+        single = None
+        if single_path is not None:
+            names = original_unet_keys(_read_config(config), layout, os.fspath(config))
+            single = (single_path, names)
+        _write_outputs(out, config, where, layout, plan, orth, overwrite, source, single)
     finally:
         for f in opened:
             f.close()
     counts: dict[str, int] = {}
     for d, _ in layout.values():
         counts[d] = counts.get(d, 0) + 1
-    return BakeResult(out, folder, len(plan), len(layout), counts)
+    return BakeResult(out, folder, len(plan), len(layout), counts, single_path)
 
 
 def _plan(orth: GSAdapter, where: Mapping[str, SafetensorsFile], source: str, files) -> dict:
@@ -328,52 +385,80 @@ def _plan(orth: GSAdapter, where: Mapping[str, SafetensorsFile], source: str, fi
     return plan
 
 
-def _write_folder(out, config, where, layout, plan, orth, overwrite, source) -> None:
+def _tensor_bytes(where, layout, plan, orth):
+    """Each output tensor's bytes in ``layout`` order: the stored bytes when unchanged, else read,
+    folded (or its bias scaled) in float32 and cast once; one tensor in memory at a time."""
+    biases = {p.bias_key: p for p in plan.values() if p.bias_key}
+    for key, (dt, shape) in layout.items():
+        f = where[key]
+        stored = f.entries[key][0]
+        fold = plan.get(key) or biases.get(key)
+        if fold is None and dt == stored:  # unchanged: the stored bytes, bit for bit
+            raw = np.empty(shape, "<u2" if stored == "BF16" else _NUMPY[stored])
+            f.read_into(key, raw)
+            yield raw.data.cast("B")
+            continue
+        x = f.read(key)
+        if fold is not None:
+            s = orth.scales.get(fold.layer)
+            if key in plan:
+                stack = orth.stacks[fold.stack]
+                ones = jnp.ones((shape[0],), jnp.float32)
+                s = ones if s is None else s
+                fn = _fold_rows if fold.output else _fold_weight
+                x = np.asarray(fn(x, stack.L, stack.R, np.int32(fold.index), s))
+            else:
+                x = x.astype(np.float32) * np.asarray(s, np.float32)
+        data = _encode(x, dt)
+        if not _finite(data, dt):
+            raise AdapterFileError(
+                f"{f.path}: key {key!r}: non-finite values after "
+                f"{'folding and ' if fold is not None else ''}conversion to {dt}; nothing written"
+            )
+        yield data.data.cast("B")
+
+
+def _write_outputs(out, config, where, layout, plan, orth, overwrite, source, single) -> None:
+    """Stream every tensor once into the folder's weights and, with ``single = (path, {key: original
+    key})``, into the single file too; both are written under temporary names and renamed."""
     parent = out.parent if str(out.parent) else Path(".")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=parent))
-    biases = {p.bias_key: p for p in plan.values() if p.bias_key}
+    tmp_single = None
+    meta = {"orthofuse_jax_adapter": os.path.basename(source)}
     try:
         os.chmod(tmp, 0o777 & ~_umask())
         shutil.copyfile(config, tmp / CONFIG_NAME)
-        weights = tmp / WEIGHTS_NAME
-        meta = {"orthofuse_jax_adapter": os.path.basename(source)}
-        with open(weights, "wb") as w:
-            w.write(header_bytes(layout, meta))
-            for key, (dt, shape) in layout.items():
-                f = where[key]
-                stored = f.entries[key][0]
-                fold = plan.get(key) or biases.get(key)
-                if fold is None and dt == stored:  # unchanged: the stored bytes, bit for bit
-                    raw = np.empty(shape, "<u2" if stored == "BF16" else _NUMPY[stored])
-                    f.read_into(key, raw)
-                    w.write(raw.data.cast("B"))
-                    continue
-                x = f.read(key)
-                if fold is not None:
-                    s = orth.scales.get(fold.layer)
-                    if key in plan:
-                        stack = orth.stacks[fold.stack]
-                        ones = jnp.ones((shape[0],), jnp.float32)
-                        s = ones if s is None else s
-                        fn = _fold_rows if fold.output else _fold_weight
-                        x = np.asarray(fn(x, stack.L, stack.R, np.int32(fold.index), s))
-                    else:
-                        x = x.astype(np.float32) * np.asarray(s, np.float32)
-                data = _encode(x, dt)
-                if not _finite(data, dt):
-                    raise AdapterFileError(
-                        f"{f.path}: key {key!r}: non-finite values after "
-                        f"{'folding and ' if fold is not None else ''}conversion to {dt}; nothing written"
-                    )
-                w.write(data.data.cast("B"))
-            w.flush()
-            os.fsync(w.fileno())
+        targets = [(tmp / WEIGHTS_NAME, header_bytes(layout, meta))]
+        if single is not None:
+            path, names = single
+            fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            tmp_single = Path(name)
+            os.chmod(tmp_single, 0o666 & ~_umask())
+            renamed = {names[k]: v for k, v in layout.items()}
+            targets.append((tmp_single, header_bytes(renamed, meta)))
+        with contextlib.ExitStack() as stack:
+            files = [stack.enter_context(open(p, "wb")) for p, _ in targets]
+            for w, (_, head) in zip(files, targets):
+                w.write(head)
+            for data in _tensor_bytes(where, layout, plan, orth):
+                for w in files:
+                    w.write(data)
+            for w in files:
+                w.flush()
+                os.fsync(w.fileno())
         fsync_dir(tmp)
         install_folder(tmp, out, overwrite)
+        if tmp_single is not None:
+            os.replace(tmp_single, single[0])
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if tmp_single is not None:
+            tmp_single.unlink(missing_ok=True)
         raise
     fsync_dir(parent)
+    if single is not None:
+        fsync_dir(single[0].parent)
 
 
 def _finite(data: np.ndarray, dt: str) -> bool:

@@ -8,6 +8,7 @@ import copy
 import json
 import os
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -370,7 +371,6 @@ def test_unknown_dtype(capsys, tmp_path, tiny_unet_dir, adapter_file):
 
 def test_bake_needs_neither_flax_nor_diffusers(tmp_path, tiny_unet_dir, adapter_file):
     import subprocess
-    import sys
 
     code = (
         "import sys; from orthofuse_jax.cli import main; "
@@ -381,3 +381,108 @@ def test_bake_needs_neither_flax_nor_diffusers(tmp_path, tiny_unet_dir, adapter_
     )
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ})
     assert (tmp_path / "o" / WEIGHTS).is_file()
+
+
+# ------------------------------------------------------------------------------------ --single-file
+
+
+def _state(model):
+    return {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_single_file_loads_as_the_baked_folder(dtype, tiny_unet_dir, adapter_file, tmp_path):
+    """diffusers' own single-file loader reads our original-layout file to the folder's weights."""
+    from diffusers import UNet2DConditionModel
+
+    out, single = tmp_path / "unet", tmp_path / "sdxl_unet.safetensors"
+    res = bake_unet(tiny_unet_dir.parent, adapter_file, out, dtype, single_file=single)
+    assert res.single_file == single and sorted(os.listdir(tmp_path)) == [single.name, "unet"]
+    folder, folder_dt = read_all(out / WEIGHTS, raw=True)
+    flat, flat_dt = read_all(single, raw=True)
+    assert len(flat) == len(folder) and all(k.startswith("model.diffusion_model.") for k in flat)
+    assert set(flat_dt.values()) == set(folder_dt.values()) == {"F32" if dtype == "fp32" else "F16"}
+    # the original SDXL names of a tiny UNet with one resnet per down block
+    attn = "transformer_blocks.0.attn1.to_q.weight"
+    assert np.array_equal(
+        flat[f"model.diffusion_model.input_blocks.1.1.{attn}"],
+        folder[f"down_blocks.0.attentions.0.{attn}"],
+    )
+    assert np.array_equal(
+        flat["model.diffusion_model.label_emb.0.0.weight"], folder["add_embedding.linear_1.weight"]
+    )
+    assert sorted(a.tobytes() for a in flat.values()) == sorted(
+        a.tobytes() for a in folder.values()
+    )
+    want = _state(UNet2DConditionModel.from_pretrained(out))
+    got = _state(
+        UNet2DConditionModel.from_single_file(str(single), config=str(out), local_files_only=True)
+    )
+    assert sorted(got) == sorted(want)
+    for key in want:
+        assert np.array_equal(got[key], want[key]), key
+
+
+def test_original_keys_of_sdxl_base():
+    """Known keys of the released SDXL base checkpoint, from the full-size UNet's key set."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+
+    from orthofuse_jax.models import original_unet_keys
+    from orthofuse_jax.models.configs import SDXL_BASE_UNET
+
+    with init_empty_weights():
+        model = UNet2DConditionModel(**SDXL_BASE_UNET)
+    names = original_unet_keys(dict(model.config), model.state_dict(), "sdxl")
+    assert len(set(names.values())) == len(names) == 1680
+    known = {
+        "up_blocks.0.upsamplers.0.conv.weight": "output_blocks.2.2.conv.weight",
+        "up_blocks.1.upsamplers.0.conv.bias": "output_blocks.5.2.conv.bias",
+        "down_blocks.0.downsamplers.0.conv.weight": "input_blocks.3.0.op.weight",
+        "down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k.weight": (
+            "input_blocks.4.1.transformer_blocks.1.attn2.to_k.weight"
+        ),
+        "down_blocks.2.attentions.1.proj_in.weight": "input_blocks.8.1.proj_in.weight",
+        "mid_block.resnets.1.norm1.weight": "middle_block.2.in_layers.0.weight",
+        "mid_block.attentions.0.transformer_blocks.9.ff.net.2.bias": (
+            "middle_block.1.transformer_blocks.9.ff.net.2.bias"
+        ),
+        "up_blocks.2.resnets.2.conv_shortcut.weight": "output_blocks.8.0.skip_connection.weight",
+        "up_blocks.0.resnets.0.time_emb_proj.weight": "output_blocks.0.0.emb_layers.1.weight",
+        "add_embedding.linear_2.bias": "label_emb.0.2.bias",
+        "time_embedding.linear_1.weight": "time_embed.0.weight",
+        "conv_norm_out.weight": "out.0.weight",
+        "conv_out.weight": "out.2.weight",
+    }
+    for key, orig in known.items():
+        assert names[key] == "model.diffusion_model." + orig, key
+
+
+def test_single_file_bad_outputs(
+    capsys, tmp_path, adapter_file, tiny_unet_dir, inputs_unchanged, monkeypatch
+):
+    base = ["bake", "--model", tiny_unet_dir, "--adapter", adapter_file, "-o"]
+    out, single = tmp_path / "out", tmp_path / "u.safetensors"
+    single.write_bytes(b"mine")
+    _bad(capsys, [*base, out, "--single-file", single], single, "exists", "--overwrite")
+    assert not out.exists() and single.read_bytes() == b"mine"
+    _bad(capsys, [*base, out, "--single-file", tmp_path / "u.ckpt"], "u.ckpt", ".safetensors")
+    _bad(capsys, [*base, out, "--single-file", tmp_path / "no" / "u.safetensors"], "does not exist")
+    _bad(capsys, [*base, out, "--single-file", out / "u.safetensors"], "inside the output folder")
+    _bad(capsys, [*base, out, "--single-file", tiny_unet_dir / WEIGHTS, "--overwrite"], "input")
+    (tmp_path / "d.safetensors").mkdir()
+    _bad(
+        capsys,
+        [*base, out, "--single-file", tmp_path / "d.safetensors", "--overwrite"],
+        "not a file",
+    )
+    for name in ("diffusers", "diffusers.loaders"):  # as if diffusers were not installed
+        monkeypatch.setitem(sys.modules, name, None)
+    _bad(capsys, [*base, out, "--single-file", tmp_path / "n.safetensors"], "diffusers", "[sdxl]")
+    monkeypatch.undo()
+    assert not out.exists() and not _no_leftovers(tmp_path)
+    assert main([str(x) for x in [*base, out, "--single-file", single, "--overwrite"]]) == 0
+    assert f"and {single}" in capsys.readouterr().out
+    with SafetensorsFile(single) as f:
+        assert len(f.entries) == len(read_all(out / WEIGHTS)[0])
+    assert not _no_leftovers(tmp_path)
