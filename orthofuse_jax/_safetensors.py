@@ -29,6 +29,7 @@ __all__ = [
     "ReferenceArrays",
     "SafetensorsFile",
     "header_bytes",
+    "is_lycoris_keys",
     "is_peft_keys",
     "read_adapter_file",
     "read_reference",
@@ -395,6 +396,11 @@ def read_reference(
     scales = {k: get(k) for k in scale_keys}
     _first_non_finite(source, {k: v for k, v in scales.items() if not np.isfinite(v).all()})
     return ReferenceArrays(stacks, {scale_keys[k]: v for k, v in scales.items()}, dtype)
+
+
+def is_lycoris_keys(keys) -> bool:
+    """Whether tensor keys are those of a LyCORIS ``diag-oft`` or kohya OFT file (``...oft_blocks``)."""
+    return any(k.endswith(".oft_blocks") for k in keys)
 
 
 def is_peft_keys(keys) -> bool:

@@ -103,18 +103,26 @@ def _enable_x64(args) -> None:
 
 
 def _input_format(path) -> tuple[str, str]:
-    """``(format, PEFT version family or "")`` of an input, from its header."""
+    """``(format, its family or "")`` of an input, from its header: the PEFT version family, or
+    LyCORIS ``diag-oft`` against kohya OFT."""
     from ..fusion.io import adapter_format, adapter_keys
+    from ..fusion.lycoris import lycoris_format
     from ..fusion.peft import peft_format
 
     fmt = adapter_format(path)
-    return fmt, peft_format(adapter_keys(path)) if fmt == "peft" else ""
+    family = {"peft": peft_format, "lycoris": lycoris_format}.get(fmt)
+    return fmt, family(adapter_keys(path)) if family else ""
 
 
 def _peft_problem(args, fmt: str, family: str, adapters) -> str | None:
     """Why the fused result cannot be a PEFT >= 0.16 OFT adapter (``None`` when it can)."""
     from ..fusion.peft import check_block_diagonal
 
+    if fmt == "lycoris":
+        return (
+            f"{args.concept}: a LyCORIS/kohya OFT adapter rotates the layer's output features, "
+            "PEFT >= 0.16 its input features; write --to lycoris"
+        )
     if fmt == "peft" and family == "<=v0.13":
         return (
             f"{args.concept}: a PEFT <= 0.13 OFT adapter rotates the layer's output features, "
@@ -130,6 +138,7 @@ def _peft_problem(args, fmt: str, family: str, adapters) -> str | None:
 
 def cmd_fuse(args, *, quiet: bool = False) -> int:
     from ..fusion.io import check_output_folder, check_output_path, save_merged
+    from ..fusion.lycoris import KOHYA_OFT, save_lycoris_oft
     from ..fusion.maps import orthogonality_error, restoration_factor
     from ..fusion.merge import merge
     from ..fusion.peft import CONFIG_NAME, WEIGHTS_NAME, check_unit_scales, save_peft_oft
@@ -162,7 +171,12 @@ def cmd_fuse(args, *, quiet: bool = False) -> int:
     kw = _merge_kwargs(args)
     # curve_over_id's result Cay(eta Y) is stored as its Cayley parameters eta skew(Y): the merge
     # stops before the restoration, and the file needs no inversion of the restored blocks.
-    eta = 0.5 * restoration_factor(args.t, args.alpha) if args.restore == "cayley" else None
+    # A LyCORIS file holds the restored blocks' parameters (its writer inverts the Cayley map).
+    eta = (
+        0.5 * restoration_factor(args.t, args.alpha)
+        if args.restore == "cayley" and to != "lycoris"
+        else None
+    )
     try:
         merged = merge(
             [concept, style],
@@ -191,7 +205,11 @@ def cmd_fuse(args, *, quiet: bool = False) -> int:
                 raise
             to, note = "reference", f" (not PEFT OFT: {e})"
             check_output_path(args.output, inputs)
-    if to == "peft":
+    if to == "lycoris":
+        err = max(float(orthogonality_error(s.R).max()) for s in merged.stacks.values())
+        save_lycoris_oft(args.output, merged, template=args.concept, inputs=inputs)
+        what = "a LyCORIS OFT file" if family != KOHYA_OFT else "a kohya OFT file"
+    elif to == "peft":
         err = max(float(orthogonality_error(s.R).max()) for s in merged.stacks.values())
         save_peft_oft(
             args.output,
@@ -322,7 +340,8 @@ def cmd_inspect(args) -> int:
     orth = to_orthogonal(adapter)
     fmt, family = _input_format(args.file)
     print(f"{args.file}: {adapter.num_layers} GS layers, {len(adapter.scales)} scale vectors")
-    print(f"  format: {fmt}" + (f" (PEFT OFT {family})" if family else ""))
+    label = {"peft": f" (PEFT OFT {family})", "lycoris": f" ({family})"}.get(fmt, "")
+    print(f"  format: {fmt}{label}")
     worst_all = 0.0
     for key in sorted(orth.stacks, key=lambda k: orth.stacks[k].b):
         st = orth.stacks[key]
@@ -421,12 +440,13 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--to",
-        choices=["reference", "peft"],
+        choices=["reference", "peft", "lycoris"],
         default=None,
         help="output format. peft needs a block-diagonal result (L = I, as every PEFT input) "
         "without output scales; a reference GS adapter cannot be written as PEFT OFT (fold it "
-        "into the model with bake instead). Default: the first input's format where it can hold "
-        "the result, else reference",
+        "into the model with bake instead). lycoris: a LyCORIS diag-oft (or, from kohya inputs, "
+        "kohya OFT) file, for LyCORIS/kohya inputs, which rotate output features. Default: the "
+        "first input's format where it can hold the result, else reference",
     )
     p.add_argument(
         "--overwrite",

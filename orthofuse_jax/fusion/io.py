@@ -49,6 +49,7 @@ from .._safetensors import (
     ReferenceArrays,
     SafetensorsFile,
     header_bytes,
+    is_lycoris_keys,
     is_peft_keys,
     read_adapter_file,
     read_reference,
@@ -315,6 +316,7 @@ def _is_reference_keys(keys: Iterable[str]) -> bool:
 # (format, test on the tensor keys), tried in order: a new format is one more entry.
 ADAPTER_FORMATS: tuple[tuple[str, Callable[[list[str]], bool]], ...] = (
     ("peft", is_peft_keys),
+    ("lycoris", is_lycoris_keys),
     ("reference", _is_reference_keys),
 )
 
@@ -323,7 +325,9 @@ def adapter_format(path: str | os.PathLike) -> str:
     """The format of an adapter file or folder, from its tensor keys: a name of :data:`ADAPTER_FORMATS`.
 
     ``"reference"``: the reference's GS file (``....ort_monarch.L/R``); ``"peft"``: PEFT OFT (any
-    version: :func:`orthofuse_jax.fusion.peft.peft_format` tells which). Reads the header only.
+    version: :func:`orthofuse_jax.fusion.peft.peft_format` tells which); ``"lycoris"``: LyCORIS
+    ``diag-oft`` or kohya OFT (:func:`orthofuse_jax.fusion.lycoris.lycoris_format` tells which).
+    Reads the header only.
     """
     keys = adapter_keys(path)
     for name, test in ADAPTER_FORMATS:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._safetensors import is_lycoris_keys
 from .adapter import GSAdapter, from_layers, to_cayley_params, to_orthogonal
 from .io import AdapterFileError, check_output_path, read_tensors, save_tensors
 
@@ -91,7 +92,7 @@ _RESNET_SGM = {
 
 def is_lycoris_oft(tensors: Iterable[str]) -> bool:
     """Whether the keys of a ``{key: array}`` mapping (or the keys themselves) are a LyCORIS/kohya OFT file's."""
-    return any(k.endswith(".oft_blocks") for k in tensors)
+    return is_lycoris_keys(tensors)
 
 
 def lycoris_format(tensors: Iterable[str]) -> str:

@@ -8,14 +8,13 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from orthofuse_jax.fusion.adapter import to_layers, to_orthogonal
 from orthofuse_jax.fusion.io import AdapterFileError
 from orthofuse_jax.fusion.peft import PeftOFTWarning, load_peft_oft, neumann_series
 from orthofuse_jax.geometry import gs_apply
-
-torch = pytest.importorskip("torch")
-from safetensors.torch import save_file  # noqa: E402
 
 MOD = "base_model.model.encoder.layers.0.self_attn.q_proj"
 R_BLOCKS, B = 4, 5

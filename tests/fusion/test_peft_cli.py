@@ -15,8 +15,6 @@ from orthofuse_jax.cli import main
 
 from .test_peft_write import X, folded_outputs, geodesic, make_adapter, peft_outputs, rotations
 
-pytest.importorskip("peft")
-
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):

@@ -6,16 +6,15 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import peft
 import pytest
 import scipy.linalg as sla
+import torch
+from safetensors.numpy import load_file
 
 from orthofuse_jax.fusion import load_adapter, merge
 from orthofuse_jax.fusion.io import AdapterFileError, adapter_format, adapter_keys
 from orthofuse_jax.fusion.peft import peft_format, save_peft_oft
-
-torch = pytest.importorskip("torch")
-peft = pytest.importorskip("peft")
-from safetensors.numpy import load_file  # noqa: E402
 
 IN, HID = 12, 6  # a: 12 -> 6, b: 6 -> 12
 

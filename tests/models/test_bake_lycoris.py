@@ -138,3 +138,38 @@ def _cay(S):
     S = np.asarray(S, np.float64)
     eye = np.eye(S.shape[-1])
     return np.linalg.solve(eye - S, eye + S)
+
+
+def test_fuse_command_writes_lycoris_for_lycoris_inputs(tmp_path, capsys):
+    from orthofuse_jax.cli import main
+
+    fa, fb = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    want_a = make_file(fa, make_model(), seed=1, rescaled=True)
+    make_file(fb, make_model(), seed=2, rescaled=True)
+    before = {p: p.read_bytes() for p in (fa, fb)}
+    assert main(["inspect", str(fa)]) == 0
+    assert "format: lycoris (lycoris-diag-oft)" in capsys.readouterr().out
+    out = tmp_path / "m.safetensors"
+    argv = ["fuse", str(fa), str(fb), "-o", str(out), "--t", "0", "--restore", "exact"]
+    assert main([*argv, "--scales", "linear"]) == 0
+    assert "a LyCORIS OFT file" in capsys.readouterr().out
+    model = make_model()  # lycoris loads the fused file; at t = 0 it is the first adapter
+    net, _ = create_lycoris_from_weights(1.0, str(out), model)
+    net.apply_to()
+    net.load_weights(str(out))
+    got = merged_weights(model, net)
+    for key in want_a:
+        np.testing.assert_allclose(got[key], want_a[key], atol=2e-6, rtol=1e-5, err_msg=key)
+    # LyCORIS adapters rotate output features: no reference or PEFT file can hold them
+    for to in ("reference", "peft"):
+        bad = tmp_path / f"bad-{to}"
+        rc = main(["fuse", str(fa), str(fb), "-o", str(bad), "--to", to])
+        err = capsys.readouterr().err
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and "output features" in err, err
+        assert not bad.exists()
+    assert {p: p.read_bytes() for p in (fa, fb)} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "a.safetensors",
+        "b.safetensors",
+        "m.safetensors",
+    ]
