@@ -28,6 +28,7 @@ inputs while JAX is still being imported); this module makes adapters of them an
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import math
 import os
@@ -373,8 +374,9 @@ def check_output_folder(
 ) -> Path:
     """Refuse an output folder that is, or holds, one of ``inputs``, or that exists (unless ``overwrite``).
 
-    With ``overwrite`` an existing folder is replaced only when it holds nothing but files named in
-    ``replaceable`` (a folder of the same kind), so a mistyped path never deletes unrelated files.
+    With ``overwrite`` an existing folder is replaced only when it holds nothing but files whose
+    names match ``replaceable`` (names or ``fnmatch`` patterns: a folder of the same kind), so a
+    mistyped path never deletes unrelated files.
     """
     out = Path(out)
     real = Path(os.path.realpath(out))
@@ -393,8 +395,12 @@ def check_output_folder(
         raise AdapterFileError(f"{out}: output folder exists (pass --overwrite to replace it)")
     if not out.is_dir() or out.is_symlink():
         raise AdapterFileError(f"{out}: output path exists and is not a folder; not replacing it")
-    allowed = set(replaceable)
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in allowed or not p.is_file())
+    allowed = tuple(replaceable)
+    foreign = sorted(
+        p.name
+        for p in out.iterdir()
+        if not p.is_file() or not any(fnmatch.fnmatchcase(p.name, a) for a in allowed)
+    )
     if foreign:
         raise AdapterFileError(
             f"{out}: output folder holds {foreign[0]!r}, which this output does not; not replacing it"

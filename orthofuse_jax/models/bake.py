@@ -53,7 +53,7 @@ import numpy as np
 
 from .._safetensors import AdapterFileError, SafetensorsFile, header_bytes, is_peft_keys
 from ..fusion.adapter import GSAdapter, to_orthogonal
-from ..fusion.io import fsync_dir, install_folder, load_adapter
+from ..fusion.io import check_output_folder, fsync_dir, install_folder, load_adapter
 from ..geometry import gs_apply_transpose
 from ._backbone import CONFIG_NAME, WEIGHTS_NAME, MissingModelFileError, _weight_files
 from .single_file import original_unet_keys
@@ -161,34 +161,6 @@ def _encode(x: np.ndarray, dtype: str) -> np.ndarray:
     return np.ascontiguousarray(x.astype(_NUMPY[dtype]))
 
 
-def _check_output(out: Path, inputs: list[Path], overwrite: bool) -> None:
-    for inp in inputs:
-        if (out.exists() and os.path.samefile(out, inp)) or out.resolve() == inp.resolve():
-            raise AdapterFileError(
-                f"{out}: output folder is the input {inp}; refusing to overwrite an input"
-            )
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise AdapterFileError(f"{out}: output directory {parent} does not exist")
-    if not out.exists() and not out.is_symlink():
-        return
-    if not overwrite:
-        raise AdapterFileError(f"{out}: output folder exists (pass --overwrite to replace it)")
-    if not out.is_dir() or out.is_symlink():
-        raise AdapterFileError(f"{out}: output path exists and is not a folder; not replacing it")
-    foreign = sorted(
-        p.name
-        for p in out.iterdir()
-        if not (p.name == CONFIG_NAME or p.name.startswith("diffusion_pytorch_model"))
-        or not p.is_file()
-    )
-    if foreign:
-        raise AdapterFileError(
-            f"{out}: output folder holds {foreign[0]!r}, which a baked UNet folder does not; "
-            "not replacing it"
-        )
-
-
 def _check_single_file(path: Path, out_dir: Path, inputs: list[Path], overwrite: bool) -> None:
     """The single-file output: a new ``.safetensors`` beside (not inside) the folder, not an input."""
     if path.suffix != ".safetensors":
@@ -274,7 +246,12 @@ def bake_unet(
     config = folder / CONFIG_NAME
     files = [Path(p) for p in _weight_files(os.fspath(folder))]
     out = Path(out_dir)
-    _check_output(out, [model_dir, folder], overwrite)
+    check_output_folder(
+        out,
+        [model_dir, folder],
+        overwrite=overwrite,
+        replaceable=(CONFIG_NAME, "diffusion_pytorch_model*"),
+    )
     single_path = None if single_file is None else Path(single_file)
     if single_path is not None:
         inputs = files if isinstance(adapter, GSAdapter) else [*files, Path(adapter)]
