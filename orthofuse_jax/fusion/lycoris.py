@@ -21,8 +21,15 @@ given, else by a vocabulary of diffusers UNet module names. Names after the orig
 (``input_blocks_4_1_...``, ``middle_block_1_...``, ``output_blocks_...``, what kohya's SDXL scripts
 write) are mapped to diffusers names as diffusers' own converter does (``layers_per_block`` 2, SDXL).
 
-BOFT files (4-d ``oft_blocks``, LyCORIS ``ButterflyOFT``) are refused: their product of
-butterfly factors is not read as a GS matrix here.
+BOFT files (LyCORIS ``ButterflyOFT``, ``oft_blocks`` ``[m, block_num, b, b]``, ``m =``
+:func:`boft_stages`) apply ``m`` stages to the rows: stage ``i`` interleaves the halves of each
+group of ``2^i b`` rows, applies ``BD(Cay(q_i))`` as ``einsum("b i j, b j ... -> b i ...")``
+(``r W``, not ``r^T W``), undoes the interleave; then ``rescale``; ``q`` constrained as above over
+the whole tensor. Only ``block_num = 1`` (one stage, one block) is a GS matrix ``Q^T``: it is read
+with ``L = I`` and ``R = -q[inv][:, inv]`` (``inv`` undoing the interleave), and written back as
+BOFT when the template layer is BOFT. Over 2 or more blocks the first stage mixes contiguous
+blocks and the second strided groups, the reverse of ``Q^T = BD(R)^T P^T BD(L)^T P``, and from 4
+blocks on there are more than two block-diagonal factors: such files are refused with the reason.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from .io import AdapterFileError, check_output_path, read_tensors, save_tensors
 __all__ = [
     "KOHYA_OFT",
     "LYCORIS_OFT",
+    "boft_stages",
     "decode_module_name",
     "is_lycoris_oft",
     "load_lycoris_oft",
@@ -178,13 +186,69 @@ def decode_module_name(flat: str, module_names: Iterable[str] | None = None) -> 
 def _effective_q(blocks: np.ndarray, alpha: float, kohya: bool) -> np.ndarray:
     """``q = blocks - blocks^T`` after the file's norm constraint, in float64."""
     q = blocks - np.swapaxes(blocks, -1, -2)
-    c = alpha * blocks.shape[0] * blocks.shape[1]
+    c = alpha * blocks.shape[-3] * blocks.shape[-2]  # alpha times the output features
     norm = float(np.linalg.norm(q))
     if kohya:
         return q * ((min(norm, c) + 1e-8) / (norm + 1e-8))
     if c > 0 and norm + 1e-8 > c:
         return q * (c / (norm + 1e-8))
     return q
+
+
+def boft_stages(block_num: int) -> int:
+    """The butterfly stages LyCORIS's ``ButterflyOFT`` uses over ``block_num`` blocks.
+
+    ``popcount(block_num - 1) + 1``; a file's ``oft_blocks`` ``[m, block_num, b, b]`` with
+    ``m = 1`` is broadcast to that many stages when LyCORIS loads it.
+    """
+    return bin(block_num - 1).count("1") + 1
+
+
+def _boft_q(where: str, blocks: np.ndarray, alpha: float) -> np.ndarray:
+    """Raw Cayley parameters ``[1, b, b]`` of ``Q`` with ``Q^T`` a one-block BOFT file's rotation.
+
+    The stage permutes rows within the block (``perm``), applies ``Cay(q)`` and permutes back:
+    ``M = Cay(q)[inv][:, inv]``, so ``Q = M^T = Cay(-q[inv][:, inv])``.
+    """
+    m, num, b, b2 = blocks.shape
+    if num < 1 or b != b2 or b % 2:
+        raise AdapterFileError(
+            f"{where}: shape {list(blocks.shape)} is not BOFT [m, block_num, b, b] with even b"
+        )
+    stages = boft_stages(num)
+    if num > 1:
+        raise AdapterFileError(f"{where}: {_not_gs(stages, num, b)}")
+    if m != 1:
+        raise AdapterFileError(
+            f"{where}: shape {list(blocks.shape)}: {m} butterfly stages over one block; "
+            "LyCORIS reads 1"
+        )
+    q = _effective_q(blocks, alpha, kohya=False)[0, 0]
+    inv = np.argsort(np.arange(b).reshape(2, b // 2).T.reshape(-1))
+    return -q[np.ix_(inv, inv)][None]
+
+
+def _boft_blocks(path: Path, name: str, S: np.ndarray) -> np.ndarray:
+    """One-block BOFT ``oft_blocks`` ``[1, 1, b, b]`` for raw parameters ``S`` ``[1, b, b]``: the
+    inverse of :func:`_boft_q` (``q = -S[perm][:, perm]``, ``oft_blocks = q / 2``)."""
+    if S.shape[0] != 1:
+        raise AdapterFileError(
+            f"{path}: layer {name!r}: {S.shape[0]} blocks; the template's BOFT layer holds one"
+        )
+    b = S.shape[-1]
+    perm = np.arange(b).reshape(2, b // 2).T.reshape(-1)
+    return (-S[0][np.ix_(perm, perm)] / 2)[None, None]
+
+
+def _not_gs(stages: int, num: int, b: int) -> str:
+    """Why a BOFT rotation over ``num > 1`` blocks of ``b`` is not an output-side GS matrix."""
+    head = f"BOFT with m={stages} butterfly stages over {num} blocks of {b} is not a GS matrix"
+    if stages > 2:
+        return f"{head} (a GS matrix has two block-diagonal factors joined by one perfect shuffle)"
+    return (
+        f"{head} (its first stage mixes contiguous blocks, an output-side GS rotation Q^T first "
+        "mixes strided groups; only one-block BOFT is read)"
+    )
 
 
 def load_lycoris_oft(
@@ -204,8 +268,9 @@ def load_lycoris_oft(
       ``GSAdapter(orthogonal=False, side="output")`` float32: ``L = 0``, ``R`` the effective ``q``
       (module docstring), ``rescale`` as the scale vector.
     Raises:
-      AdapterFileError: naming the file and key: BOFT blocks, bad shapes, non-finite values,
-        a missing ``oft_blocks`` or ``alpha``, an unexpected key.
+      AdapterFileError: naming the file and key: BOFT over more than one block (not a GS
+        matrix), bad shapes, non-finite values, a missing ``oft_blocks`` or ``alpha``, an
+        unexpected key.
     """
     source = os.fspath(path)
     if tensors is None:
@@ -229,20 +294,19 @@ def load_lycoris_oft(
             if need not in parts:
                 raise AdapterFileError(f"{source}: key {lora + '.' + need!r} is missing")
         blocks, key = parts["oft_blocks"], lora + ".oft_blocks"
-        if blocks.ndim == 4:
-            raise AdapterFileError(
-                f"{source}: key {key!r}: BOFT with m={blocks.shape[0]} butterfly factors is not read "
-                "as a GS matrix (only diag-oft blocks [k, b, b] are supported)"
-            )
-        if blocks.ndim != 3 or blocks.shape[1] != blocks.shape[2]:
-            raise AdapterFileError(
-                f"{source}: key {key!r}: shape {list(blocks.shape)} is not [k, b, b]"
-            )
         if parts["alpha"].size != 1:
             raise AdapterFileError(
                 f"{source}: key {lora + '.alpha'!r}: shape {list(parts['alpha'].shape)} is not a scalar"
             )
-        q = _effective_q(blocks, float(parts["alpha"].reshape(())), kohya)
+        alpha = float(parts["alpha"].reshape(()))
+        if blocks.ndim == 4:
+            q = _boft_q(f"{source}: key {key!r}", blocks, alpha)
+        elif blocks.ndim != 3 or blocks.shape[1] != blocks.shape[2]:
+            raise AdapterFileError(
+                f"{source}: key {key!r}: shape {list(blocks.shape)} is not [k, b, b]"
+            )
+        else:
+            q = _effective_q(blocks, alpha, kohya)
         try:
             name = decode_module_name(_strip_prefix(lora)[1], names)
         except ValueError as e:
@@ -250,7 +314,7 @@ def load_lycoris_oft(
         layers[name] = (np.zeros(q.shape, np.float32), q.astype(np.float32))
         if "rescale" in parts:
             r = parts["rescale"]
-            out = blocks.shape[0] * blocks.shape[1]
+            out = q.shape[0] * q.shape[1]
             if r.shape[:1] != (out,) or r.size != out:
                 raise AdapterFileError(
                     f"{source}: key {lora + '.rescale'!r}: shape {list(r.shape)} is not [{out}, 1, ...]"
@@ -269,6 +333,8 @@ def save_lycoris_oft(
     identity_tol: float = 1e-5,
 ) -> Path:
     """Write an output-side adapter with ``L = I`` as a LyCORIS ``diag-oft`` (or kohya OFT) file.
+
+    Layers whose template ``oft_blocks`` are BOFT (one block) are written as BOFT blocks.
 
     ``oft_blocks = S / 2`` for each layer's raw Cayley parameters ``S`` (so ``q = S``), ``alpha``
     0 (no constraint; for kohya files, whose constraint is always on, the smallest alpha that
@@ -292,7 +358,7 @@ def save_lycoris_oft(
         )
     orth = to_orthogonal(adapter)
     raw = to_cayley_params(orth)
-    names, shapes, kohya = {}, {}, False
+    names, shapes, kohya, boft = {}, {}, False, set()
     if template is not None:
         tt, _ = read_tensors(template)
         kohya = lycoris_format(tt) == KOHYA_OFT
@@ -302,6 +368,8 @@ def save_lycoris_oft(
             names[flat] = lora
             if suffix == "rescale":
                 shapes[lora] = np.shape(arr)
+            if suffix == "oft_blocks" and np.ndim(arr) == 4:
+                boft.add(lora)
     tensors: dict[str, np.ndarray] = {}
     alphas = []
     for stack_o, stack_r in zip(orth.stacks.values(), raw.stacks.values()):
@@ -319,7 +387,7 @@ def save_lycoris_oft(
                 raise AdapterFileError(f"{path}: layer {name!r} is not in the template {template}")
             lora = names.get(flat, f"{prefix}_{flat}")
             S = 0.5 * (R[i] - np.swapaxes(R[i], -1, -2))
-            tensors[f"{lora}.oft_blocks"] = S / 2
+            tensors[f"{lora}.oft_blocks"] = _boft_blocks(path, name, S) if lora in boft else S / 2
             alphas.append((lora, float(np.linalg.norm(S)) / (stack_o.nb * stack_o.b)))
             if name in adapter.scales:
                 s = np.asarray(adapter.scales[name], np.float64)

@@ -166,7 +166,7 @@ def test_formats():
         ),
         (
             {"lycoris_a.oft_blocks": np.zeros((3, 2, 2, 2)), "lycoris_a.alpha": 0.0},
-            "BOFT with m=3 butterfly factors",
+            "BOFT with m=2 butterfly stages over 2 blocks of 2 is not a GS matrix",
         ),
         (
             {
