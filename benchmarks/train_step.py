@@ -67,13 +67,8 @@ def _jax_step(cfg, nb, impl):
     from orthofuse_jax.geometry import cayley
     from orthofuse_jax.models import apply_onthefly
     from orthofuse_jax.models._backbone import build_unet
-    from orthofuse_jax.models.train import (
-        alphas_cumprod,
-        init_adapter,
-        make_loss,
-        make_optimizer,
-        make_train_step,
-    )
+    from orthofuse_jax.models.generate import alphas_cumprod
+    from orthofuse_jax.models.train import init_adapter, make_loss, make_optimizer, make_train_step
 
     unet = build_unet(cfg)
     shapes = jax.eval_shape(unet.init_weights, jax.random.PRNGKey(0))

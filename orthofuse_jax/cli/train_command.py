@@ -264,7 +264,7 @@ def _dataset(args, which: str, vae_cache: dict):
     ), prompt
 
 
-# What a fingerprint entry (models.train.train_fingerprint) is called on the command line.
+# What a fingerprint entry (models.checkpoint.train_fingerprint) is called on the command line.
 _SETTING_FLAGS = {
     "nblocks": "--nblocks",
     "learning_rate": "--lr",
@@ -296,7 +296,7 @@ def run_train(args) -> int:
     if not 0.0 < args.style_fraction < 1.0:
         raise ValueError(f"--style-fraction must be in (0, 1), got {args.style_fraction}")
     from ..fusion.io import check_output_path
-    from ..models.train import train_state_path
+    from ..models.checkpoint import train_state_path
 
     inputs = [
         x
@@ -327,15 +327,13 @@ def run_train(args) -> int:
 
     import jax.numpy as jnp
 
+    from ..models.checkpoint import load_checkpoint, save_checkpoint, train_fingerprint
     from ..models.train import (
         TrainConfig,
         init_adapter,
         init_train_state,
-        load_checkpoint,
         run_training,
-        save_checkpoint,
         scheduler_config,
-        train_fingerprint,
     )
     from ..models.weights import load_unet
 

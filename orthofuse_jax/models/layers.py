@@ -22,6 +22,7 @@ __all__ = [
     "attention_layers",
     "attention_layers_from_params",
     "layer_name",
+    "layer_table",
 ]
 
 # GS layer suffix -> Flax Dense module name inside a FlaxAttention.
@@ -142,3 +143,10 @@ def attention_layers_from_params(params: Mapping) -> dict[str, AttentionLayer]:
 
     walk(params, ())
     return table
+
+
+def layer_table(config_or_table: Mapping) -> dict[str, AttentionLayer]:
+    """A ``{name: AttentionLayer}`` table as given, or :func:`attention_layers` of a UNet config."""
+    if config_or_table and all(isinstance(v, AttentionLayer) for v in config_or_table.values()):
+        return dict(config_or_table)
+    return attention_layers(config_or_table)

@@ -6,16 +6,24 @@ The reference applies ``W_eff = diag(s) W Q`` at every call. For a Flax ``Dense`
     K_eff = (Q^T K) * s[None, :]            and back:  K = Q (K_eff / s[None, :]),
 
 computed with the structured GS product on the kernel's columns (``O(n b out)``, never a dense
-``n x n`` Q): two batched block products with the perfect shuffle folded into their index maps.
-One jitted program per kernel/stack shape (four for SDXL) is called per layer; each layer reads its
-blocks from the stack by index and writes its own output buffer, so the transient memory is one
-kernel. Only attention kernels are new arrays in the result; every
-other leaf is shared with the input (jax arrays are immutable; dict containers are copied).
+``n x n`` Q): two batched block products with the perfect shuffle folded into their index maps
+(:func:`_fold_one`, the one per-layer fold of the package). It runs in two settings:
+
+* :func:`patch_unet_params` / :func:`unpatch_unet_params` (generation, baking, tests): eager, with
+  value checks. One jitted program per kernel/stack shape (four for SDXL) is called per layer; each
+  layer reads its blocks from the stack by index and writes its own output buffer, so the transient
+  memory is one kernel.
+* :func:`fold_adapter` (training, :mod:`.train`): traceable, no value checks, differentiable in the
+  adapter; the layers of a :class:`FoldPlan` group go through one ``vmap`` of the same fold.
+
+Only attention kernels are new arrays in the result; every other leaf is shared with the input
+(jax arrays are immutable; dict containers are copied).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import partial
 
 import jax
@@ -24,31 +32,10 @@ import numpy as np
 
 from ..fusion.adapter import GSAdapter, to_orthogonal
 from ..geometry._linalg import einsum
+from ._tree import copy_containers, get_path, set_path
 from .layers import AttentionLayer, attention_layers, attention_layers_from_params
 
-__all__ = ["fold_plan", "patch_unet_params", "unpatch_unet_params"]
-
-
-def _copy_containers(tree):
-    if isinstance(tree, Mapping):
-        return {k: _copy_containers(v) for k, v in tree.items()}
-    return tree
-
-
-def _get(tree, path):
-    node = tree
-    for p in path:
-        if not isinstance(node, Mapping) or p not in node:
-            return None
-        node = node[p]
-    return node
-
-
-def _set(tree, path, value):
-    node = tree
-    for p in path[:-1]:
-        node = node[p]
-    node[path[-1]] = value
+__all__ = ["FoldPlan", "fold_adapter", "fold_plan", "patch_unet_params", "unpatch_unet_params"]
 
 
 def _resolve_table(params, config, table) -> dict[str, AttentionLayer]:
@@ -82,7 +69,7 @@ def fold_plan(params, adapter: GSAdapter, *, config=None, table=None):
                     f"adapter layer {name!r} is not an attention projection of this UNet"
                 )
             spec = tab[name]
-            kernel = _get(params, spec.path)
+            kernel = get_path(params, spec.path)
             if kernel is None:
                 raise ValueError(
                     f"adapter layer {name!r}: UNet parameter {'/'.join(spec.path)} is missing"
@@ -105,6 +92,27 @@ def fold_plan(params, adapter: GSAdapter, *, config=None, table=None):
     if stray:
         raise ValueError(f"adapter scale {stray[0]!r} has no GS layer in the adapter")
     return groups
+
+
+@dataclass(frozen=True)
+class FoldPlan:
+    """The groups of :func:`fold_plan` as static data, in sorted ``(stack key, output width)`` order.
+
+    Each group is ``(stack key, indices in the stack, AttentionLayers)``. Built once, outside any
+    transformation, by :meth:`build` (which validates the adapter against the UNet); both folds
+    iterate it, and :func:`fold_adapter` closes over it when traced.
+    """
+
+    groups: tuple[tuple[str, tuple[int, ...], tuple[AttentionLayer, ...]], ...]
+
+    @classmethod
+    def build(cls, params, adapter: GSAdapter, config=None, *, table=None) -> FoldPlan:
+        """:func:`fold_plan` of ``adapter`` against ``params`` (same arguments and errors)."""
+        raw = fold_plan(params, adapter, config=config, table=table)
+        groups = []
+        for (key, _n_out), members in sorted(raw.items()):
+            groups.append((key, tuple(i for i, _ in members), tuple(spec for _, spec in members)))
+        return cls(tuple(groups))
 
 
 @jax.jit
@@ -159,20 +167,22 @@ def _fold_layer(K, L_stack, R_stack, index, s, *, inverse: bool):
 
 
 def _apply(params, adapter: GSAdapter, *, config, table, inverse: bool):
-    groups = fold_plan(params, adapter, config=config, table=table)
+    plan = FoldPlan.build(params, adapter, config=config, table=table)
     adapter = to_orthogonal(adapter)
     _check_finite(adapter)
-    new = _copy_containers(params)
-    for (key, _), members in groups.items():
+    new = copy_containers(params)
+    for key, idx, specs in plan.groups:
         stack = adapter.stacks[key]
-        for i, spec in members:
+        for i, spec in zip(idx, specs):
             s = adapter.scales.get(spec.name)
             if inverse and s is not None and not np.all(np.asarray(s) != 0):
                 raise ValueError(
                     f"adapter layer {spec.name!r} has a zero scale; the fold cannot be undone"
                 )
-            K = _get(params, spec.path)
-            _set(new, spec.path, _fold_layer(K, stack.L, stack.R, np.int32(i), s, inverse=inverse))
+            K = get_path(params, spec.path)
+            set_path(
+                new, spec.path, _fold_layer(K, stack.L, stack.R, np.int32(i), s, inverse=inverse)
+            )
     return new
 
 
@@ -202,3 +212,33 @@ def unpatch_unet_params(params, adapter: GSAdapter, *, config: Mapping | None = 
     Needs only the patched tree and the adapter, not a saved copy of the original UNet.
     """
     return _apply(params, adapter, config=config, table=table, inverse=True)
+
+
+def fold_adapter(params, adapter: GSAdapter, plan: FoldPlan, *, compute_dtype=None):
+    """Traceable ``K_eff = (Q^T K) * s`` for every adapted kernel; differentiable in ``adapter``.
+
+    The same per-layer fold as :func:`patch_unet_params`, ``vmap``-ed over each group of ``plan``.
+    Unlike :func:`patch_unet_params` this does no value checks, so it runs under
+    ``jax.grad``/``jax.jit``. The product is computed in the promoted dtype of the adapter and
+    float32 (never lower), then cast to ``compute_dtype`` (default: the kernel's dtype).
+    """
+    orth = to_orthogonal(adapter)
+    new = copy_containers(params)
+    fold = jax.vmap(partial(_fold_one, inverse=False))
+    for key, idx, specs in plan.groups:
+        stack = orth.stacks[key]
+        dt = jnp.promote_types(stack.L.dtype, jnp.float32)
+        K = jnp.stack([get_path(params, spec.path).astype(dt) for spec in specs])
+        ones = jnp.ones((specs[0].n_out,), dt)
+        s = jnp.stack(
+            [
+                adapter.scales[spec.name].astype(dt) if spec.name in adapter.scales else ones
+                for spec in specs
+            ]
+        )
+        ii = np.asarray(idx)
+        res = fold(K, stack.L[ii].astype(dt), stack.R[ii].astype(dt), s)
+        for j, spec in enumerate(specs):
+            out_dt = compute_dtype or get_path(params, spec.path).dtype
+            set_path(new, spec.path, res[j].astype(out_dt))
+    return new

@@ -12,15 +12,9 @@ import pytest
 
 from orthofuse_jax.fusion.adapter import to_layers, to_orthogonal
 from orthofuse_jax.models import attention_layers, patch_unet_params
-from orthofuse_jax.models.train import (
-    FoldPlan,
-    alphas_cumprod,
-    fold_adapter,
-    init_adapter,
-    make_loss,
-    make_optimizer,
-    make_train_step,
-)
+from orthofuse_jax.models.generate import alphas_cumprod
+from orthofuse_jax.models.patch import FoldPlan, fold_adapter
+from orthofuse_jax.models.train import init_adapter, make_loss, make_optimizer, make_train_step
 from orthofuse_jax.models.train_data import LatentData, load_latents, schedule_datasets
 
 from .conftest import TEXT_EMBED_DIM, TINY_UNET, random_adapter, torch_forward
@@ -496,13 +490,8 @@ def test_resumed_run_is_the_uninterrupted_run_bit_for_bit(flax_unet, tmp_path):
     from dataclasses import replace
 
     from orthofuse_jax.fusion.io import read_tensors
-    from orthofuse_jax.models.train import (
-        TrainConfig,
-        load_checkpoint,
-        run_training,
-        save_checkpoint,
-        train_fingerprint,
-    )
+    from orthofuse_jax.models.checkpoint import load_checkpoint, save_checkpoint, train_fingerprint
+    from orthofuse_jax.models.train import TrainConfig, run_training
 
     unet, params, cfg_unet = flax_unet
     data = _joint_data()
@@ -609,7 +598,8 @@ def cli_resume(tiny_model_dir, tmp_path_factory):
 def test_train_cli_resume_round_trip(cli_resume, tiny_model_dir):
     from orthofuse_jax.fusion.io import read_tensors
     from orthofuse_jax.models import load_unet
-    from orthofuse_jax.models.train import TrainConfig, load_checkpoint, train_fingerprint
+    from orthofuse_jax.models.checkpoint import load_checkpoint, train_fingerprint
+    from orthofuse_jax.models.train import TrainConfig
 
     d = cli_resume["dir"]
     assert cli_resume["rc"] == 0 and cli_resume["rc_resume"] == 0
