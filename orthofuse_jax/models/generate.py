@@ -170,7 +170,7 @@ def _pad_rows(a: np.ndarray, multiple: int) -> np.ndarray:
 
 
 def initial_noise(seed: int, num_images: int, shape) -> np.ndarray:
-    """Unit-variance noise ``[N, *shape[1:]]``: image ``i`` is ``normal(PRNGKey(seed + i), shape)``.
+    """Unit-variance noise ``[N, *shape[1:]]``: image ``i`` is ``normal(PRNGKey(seed + i))`` (float32).
 
     Image ``i`` depends on neither ``N`` nor the device count, and image 0 is the noise of a
     one-image run with the same ``seed``.
@@ -178,7 +178,7 @@ def initial_noise(seed: int, num_images: int, shape) -> np.ndarray:
     one = (1, *tuple(shape)[1:])
     return np.concatenate(
         [
-            np.asarray(jax.random.normal(jax.random.PRNGKey(seed + i), one))
+            np.asarray(jax.random.normal(jax.random.PRNGKey(seed + i), one, jnp.float32))
             for i in range(num_images)
         ]
     )

@@ -1,13 +1,15 @@
 """Data-parallel generation on four forced CPU devices, against one image per call on one device.
 
-Run as a script by ``test_generate_sharded.py`` with the tiny model folder (unet/, vae/) as its
-argument (the device count is fixed when JAX starts, so it needs a process of its own); prints
-one JSON object of findings.
+Run as a script by ``test_generate_sharded.py`` with the tiny model folder (unet/, vae/) and a
+folder for ``reference.npz`` (the embeddings and the reference uint8 images, for the CLI test) as
+its arguments (the device count is fixed when JAX starts, so it needs a process of its own);
+prints one JSON object of findings.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import jax
@@ -69,7 +71,9 @@ def one_by_one(model: str, unet, params, emb: dict, count: int) -> tuple[np.ndar
 
     lats, imgs = [], []
     for i in range(count):
-        x = jax.random.normal(jax.random.PRNGKey(SEED + i), (1, 4, SIZE // 8, SIZE // 8))
+        x = jax.random.normal(
+            jax.random.PRNGKey(SEED + i), (1, 4, SIZE // 8, SIZE // 8), jnp.float32
+        )
         x = x * sched.init_noise_sigma
         for k, t in enumerate(sched.timesteps):
             x = x + (sched.sigmas[k + 1] - sched.sigmas[k]) * eps(x, t, sched.sigmas[k])
@@ -105,11 +109,13 @@ def step_program(unet, params, emb: dict, mesh) -> dict:
     }
 
 
-def main(model: str) -> None:
+def main(model: str, out: str) -> None:
     found: dict = {"devices": jax.device_count()}
     unet, params, config = load_unet(model)
     emb = embeddings(config)
     ref_lat, ref_img = one_by_one(model, unet, params, emb, 6)
+    images = np.round(ref_img * 255).astype(np.uint8)
+    np.savez(os.path.join(out, "reference.npz"), images=images, **emb)
     kw = dict(num_steps=STEPS, guidance_scale=GUIDANCE, height=SIZE, width=SIZE, seed=SEED)
     kw.update(progress=False)
     for d, n in ((4, 4), (4, 6)):
@@ -125,4 +131,4 @@ def main(model: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2])

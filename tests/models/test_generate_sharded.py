@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from orthofuse_jax.models.mesh import MeshSpecError, parse_mesh
@@ -16,7 +18,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def found(tiny_model_dir) -> dict:
+def reference_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("sharded_reference")
+
+
+@pytest.fixture(scope="module")
+def found(tiny_model_dir, reference_dir) -> dict:
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
@@ -24,7 +31,12 @@ def found(tiny_model_dir) -> dict:
     }
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run(
-        [sys.executable, str(Path(__file__).with_name("sharded_generate.py")), str(tiny_model_dir)],
+        [
+            sys.executable,
+            str(Path(__file__).with_name("sharded_generate.py")),
+            str(tiny_model_dir),
+            str(reference_dir),
+        ],
         capture_output=True,
         text=True,
         env=env,
@@ -79,3 +91,43 @@ def test_mesh_requests():
     assert parse_mesh("data=3", 4) == 3
     assert parse_mesh(" data = 2", 4) == 2
     assert parse_mesh(1, 4) == 1
+
+
+def test_cli_writes_one_png_per_image(found, reference_dir, tiny_model_dir, tmp_path):
+    """``--num-images 3``: OUT-0/1/2.png, image i from seed 3 + i, as the one-image Euler loop."""
+    from PIL import Image
+
+    from orthofuse_jax.cli import main
+
+    with np.load(reference_dir / "reference.npz") as f:
+        ref = f["images"]
+        np.savez(tmp_path / "emb.npz", prompt_embeds=f["prompt_embeds"], pooled=f["pooled"])
+    args = ["generate", "--model", str(tiny_model_dir), "--embeddings", str(tmp_path / "emb.npz")]
+    args += ["--steps", "2", "--height", "64", "--width", "64", "--seed", "3", "--no-progress"]
+    rc = main([*args, "--num-images", "3", "--mesh", "data=1", "-o", str(tmp_path / "out.png")])
+    assert rc == 0
+    assert sorted(p.name for p in tmp_path.glob("out*")) == ["out-0.png", "out-1.png", "out-2.png"]
+    for i in range(3):
+        img = Image.open(tmp_path / f"out-{i}.png")
+        assert f"seed={3 + i} " in img.text["orthofuse-jax"]
+        assert np.abs(np.asarray(img).astype(int) - ref[i]).max() <= 1
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        (["--mesh", "data=2"], r"'data=2'.*1 local device"),
+        (["--mesh", "batch=1"], r"'batch=1'.*one axis"),
+        (["--num-images", "0"], r"--num-images must be >= 1, got 0"),
+    ],
+)
+def test_cli_bad_mesh_or_count_exits_2(extra, match, tmp_path, capsys):
+    from orthofuse_jax.cli import main
+
+    out = tmp_path / "o.png"
+    args = ["generate", "--model", str(tmp_path), "--embeddings", "e.npz", "-o", str(out)]
+    assert main([*args, *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("orthofuse-jax generate: error: ")
+    assert re.search(match, err[0])
+    assert not list(tmp_path.iterdir())
