@@ -16,6 +16,7 @@ projected pooled output), e.g. written by ``orthofuse-jax encode-prompt``.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -253,12 +254,13 @@ def denoise(
 def _num_images(num_images: int | None, latents) -> int:
     """``num_images``, else the rows of ``latents``, else 1; at least 1."""
     n = num_images if num_images is not None else (1 if latents is None else len(latents))
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise ValueError(f"num_images must be a whole number >= 1, got {n!r}")
-    return n
+    return int(n)
 
 
 def _size(mesh: Mesh | None) -> int:
+    """Devices on the ``data`` axis (1 without a mesh)."""
     return 1 if mesh is None else mesh.shape[DATA_AXIS]
 
 

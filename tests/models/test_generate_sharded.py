@@ -131,3 +131,19 @@ def test_cli_bad_mesh_or_count_exits_2(extra, match, tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("orthofuse-jax generate: error: ")
     assert re.search(match, err[0])
     assert not list(tmp_path.iterdir())
+
+
+def test_denoise_refuses_bad_image_counts(flax_unet):
+    from orthofuse_jax.models import denoise
+
+    unet, params, _ = flax_unet
+    kw = dict(height=64, width=64, num_steps=1, progress=False)
+    emb = (np.zeros((5, 48), np.float32), np.zeros(32, np.float32))
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match=f"num_images .*got {bad!r}"):
+            denoise(unet, params, *emb, num_images=bad, **kw)
+    noise = np.zeros((2, 4, 8, 8), np.float32)
+    with pytest.raises(
+        ValueError, match=r"latents have shape \(2, 4, 8, 8\), expected \(3, 4, 8, 8\)"
+    ):
+        denoise(unet, params, *emb, latents=noise, num_images=3, **kw)
