@@ -20,7 +20,12 @@ What the command needs:
   encode-prompt`` writes such a file.
 * ``--adapter FILE.safetensors``: reference-format GS adapter (docs/math.md §5), e.g. a fused one.
 
-The PNG (or ``.npy``) is written atomically; an output path equal to an input is refused.
+* ``--num-images N``: image ``i`` starts from the noise of seed ``--seed + i``, so it is the same
+  whatever ``N`` and the device count; with ``N > 1`` image ``i`` goes to ``OUT-i.png`` (the
+  index zero-padded to the width of ``N - 1``). ``--mesh data=D`` splits the images over ``D``
+  local devices (default: all), UNet and VAE replicated; any ``N`` works.
+
+Each PNG (or ``.npy``) is written atomically; an output path equal to an input is refused.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import argparse
 
 from ._common import add_model_option
 
-__all__ = ["register", "run_encode_prompt", "run_generate"]
+__all__ = ["output_paths", "register", "run_encode_prompt", "run_generate"]
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -68,7 +73,11 @@ def register(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of image 0; image i uses seed + i")
+    p.add_argument("--num-images", type=int, default=1, help="images to sample (default 1)")
+    p.add_argument(
+        "--mesh", default=None, help="data=D: split the images over D local devices (default: all)"
+    )
     p.add_argument(
         "--dtype",
         choices=("fp32", "bf16"),
@@ -116,6 +125,7 @@ def run_generate(args) -> int:
 
     from ..fusion.io import atomic_write_bytes, check_output_path
     from ..models.generate import generate, load_embeddings
+    from ..models.mesh import data_mesh
 
     if args.embeddings is None and args.prompt is None:
         raise ValueError(
@@ -126,10 +136,14 @@ def run_generate(args) -> int:
             "--negative-prompt is encoded with the text encoders; with --embeddings put "
             "negative_prompt_embeds / negative_pooled in the .npz instead"
         )
+    if args.num_images < 1:
+        raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
+    mesh = data_mesh(args.mesh)
     inputs = [x for x in (args.adapter, args.embeddings) if x]
-    out = os.fspath(args.output)
-    check_output_path(out, inputs)
-    check_output_path(os.path.splitext(out)[0] + ".npy", inputs)
+    outs = output_paths(os.fspath(args.output), args.num_images)
+    for out in outs:
+        check_output_path(out, inputs)
+        check_output_path(os.path.splitext(out)[0] + ".npy", inputs)
     adapter = None
     if args.adapter:
         from ..fusion.io import load_adapter
@@ -141,7 +155,7 @@ def run_generate(args) -> int:
 
         model = _backbone.download(model)
     emb = load_embeddings(args.embeddings) if args.embeddings else args.prompt
-    image, latents = generate(
+    images, latents = generate(
         model,
         emb,
         negative_prompt=args.negative_prompt if args.embeddings is None else None,
@@ -153,14 +167,38 @@ def run_generate(args) -> int:
         seed=args.seed,
         dtype=args.dtype,
         progress=not args.no_progress,
+        num_images=args.num_images,
+        mesh=mesh,
     )
-    buf = io.BytesIO()
-    if image is None:
-        out = os.path.splitext(out)[0] + ".npy"
-        np.save(buf, latents)
-        atomic_write_bytes(out, buf.getvalue())
-        print(f"no vae/ in {args.model}: wrote latents {out}")
+    if images is None:
+        for i, out in enumerate(outs):
+            buf = io.BytesIO()
+            out = os.path.splitext(out)[0] + ".npy"
+            np.save(buf, latents[i : i + 1])
+            atomic_write_bytes(out, buf.getvalue())
+            print(f"no vae/ in {args.model}: wrote latents {out}")
         return 0
+    for i, out in enumerate(outs):
+        atomic_write_bytes(out, _png(images[i], args, seed=args.seed + i))
+        print(f"wrote {out}")
+    return 0
+
+
+def output_paths(output: str, num_images: int) -> list[str]:
+    """``[output]`` for one image, else ``STEM-i.EXT`` with ``i`` zero-padded to the width of ``N - 1``."""
+    import os
+
+    if num_images == 1:
+        return [output]
+    stem, ext = os.path.splitext(output)
+    width = len(str(num_images - 1))
+    return [f"{stem}-{i:0{width}d}{ext}" for i in range(num_images)]
+
+
+def _png(image, args, *, seed: int) -> bytes:
+    """``image`` as PNG bytes with the prompt and the sampling settings (``seed``: this image's)."""
+    import io
+
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
@@ -170,10 +208,9 @@ def run_generate(args) -> int:
         info.add_text("negative_prompt", args.negative_prompt)
     info.add_text(
         "orthofuse-jax",
-        f"steps={args.steps} guidance={args.guidance} seed={args.seed} dtype={args.dtype} adapter={args.adapter} "
+        f"steps={args.steps} guidance={args.guidance} seed={seed} dtype={args.dtype} adapter={args.adapter} "
         f"embeddings={args.embeddings}",
     )
+    buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG", pnginfo=info)
-    atomic_write_bytes(out, buf.getvalue())
-    print(f"wrote {out}")
-    return 0
+    return buf.getvalue()

@@ -5,6 +5,8 @@
 * :func:`attention_layers` -- reference layer name -> Flax parameter path table from a UNet config.
 * :func:`load_unet` / :func:`load_vae` -- diffusers PyTorch safetensors -> Flax params (no torch).
 * :func:`generate` / :func:`denoise` / :func:`euler_schedule` -- SDXL Euler sampling with CFG (docs/math.md §4).
+* :func:`data_mesh` -- a ``data`` mesh over local devices; ``generate(..., mesh=)`` splits the
+  images over it (one image seed per image: ``seed + i``).
 * :func:`prompt_embeddings` / :func:`load_text_encoders` / :func:`encode_prompt` -- SDXL's two
   Flax CLIP text encoders (transformers 4.57), as diffusers' SDXL pipeline encodes prompts.
 * :func:`bake_unet` -- fold an adapter into a diffusers UNet folder's torch weights, written as a new
@@ -20,6 +22,7 @@ Only :mod:`._backbone` imports diffusers and transformers (and :mod:`.single_fil
 from .bake import bake_unet
 from .generate import decode, denoise, euler_schedule, generate, load_embeddings
 from .layers import AttentionLayer, attention_layers, attention_layers_from_params, layer_name
+from .mesh import MeshSpecError, data_mesh
 from .patch import fold_plan, patch_unet_params, unpatch_unet_params
 from .single_file import original_unet_keys
 from .text import encode_prompt, load_text_encoders, prompt_embeddings, save_embeddings
@@ -27,11 +30,13 @@ from .weights import MissingModelFileError, load_unet, load_vae, resolve_compone
 
 __all__ = [
     "AttentionLayer",
+    "MeshSpecError",
     "MissingModelFileError",
     "apply_onthefly",
     "attention_layers",
     "attention_layers_from_params",
     "bake_unet",
+    "data_mesh",
     "decode",
     "denoise",
     "encode_prompt",

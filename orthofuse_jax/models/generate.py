@@ -16,6 +16,7 @@ projected pooled output), e.g. written by ``orthofuse-jax encode-prompt``.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,6 +24,10 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from .mesh import DATA_AXIS
 
 __all__ = [
     "EulerSchedule",
@@ -32,7 +37,9 @@ __all__ = [
     "denoise",
     "euler_schedule",
     "generate",
+    "initial_noise",
     "load_embeddings",
+    "make_step",
     "to_uint8",
 ]
 
@@ -114,13 +121,21 @@ def euler_schedule(
     )
 
 
-def _make_step(unet, guidance_scale: float):
+def make_step(unet, guidance_scale: float, mesh: Mesh | None = None):
+    """The jitted Euler step ``(params, x, t, sigma, sigma_next, ctx, text_embeds, time_ids) -> x'``.
+
+    ``x`` ``[B, C, h, w]``; with guidance (``guidance_scale > 1``) the conditioning has ``2B`` rows,
+    each image's unconditional row followed by its conditional one (``u0, c0, u1, c1, ...``), so
+    a device holding image ``i`` holds both of its UNet rows. ``mesh``: params and scalars
+    replicated, ``x`` and the conditioning split on their batch axis over ``data``: one program
+    for the whole mesh, with no communication between devices.
+    """
     cfg = guidance_scale > 1.0
 
     def step(params, x, t, sigma, sigma_next, ctx, text_embeds, time_ids):
         inp = x / jnp.sqrt(sigma**2 + 1)
         if cfg:
-            inp = jnp.concatenate([inp, inp])
+            inp = jnp.repeat(inp, 2, axis=0)
         tt = jnp.broadcast_to(t, (inp.shape[0],))
         eps = unet.apply(
             {"params": params},
@@ -130,11 +145,44 @@ def _make_step(unet, guidance_scale: float):
             {"text_embeds": text_embeds, "time_ids": time_ids},
         ).sample.astype(jnp.float32)
         if cfg:
-            eps_u, eps_c = jnp.split(eps, 2)
-            eps = eps_u + guidance_scale * (eps_c - eps_u)
+            pair = eps.reshape(x.shape[0], 2, *x.shape[1:])
+            eps = pair[:, 0] + guidance_scale * (pair[:, 1] - pair[:, 0])
         return x + (sigma_next - sigma) * eps
 
-    return jax.jit(step)
+    if mesh is None:
+        return jax.jit(step)
+    rep, batch = _shardings(mesh)
+    return jax.jit(
+        step,
+        in_shardings=(rep, batch, rep, rep, rep, batch, batch, batch),
+        out_shardings=batch,
+    )
+
+
+def _shardings(mesh: Mesh) -> tuple[NamedSharding, NamedSharding]:
+    """Replicated, and split over ``data`` on the leading axis."""
+    return NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
+
+
+def _pad_rows(a: np.ndarray, multiple: int) -> np.ndarray:
+    """``a`` with zero rows appended up to a multiple of ``multiple`` rows."""
+    extra = -a.shape[0] % multiple
+    return np.concatenate([a, np.zeros((extra, *a.shape[1:]), a.dtype)]) if extra else a
+
+
+def initial_noise(seed: int, num_images: int, shape) -> np.ndarray:
+    """Unit-variance noise ``[N, *shape[1:]]``: image ``i`` is ``normal(PRNGKey(seed + i))`` (float32).
+
+    Image ``i`` depends on neither ``N`` nor the device count, and image 0 is the noise of a
+    one-image run with the same ``seed``.
+    """
+    one = (1, *tuple(shape)[1:])
+    return np.concatenate(
+        [
+            np.asarray(jax.random.normal(jax.random.PRNGKey(seed + i), one, jnp.float32))
+            for i in range(num_images)
+        ]
+    )
 
 
 def denoise(
@@ -154,61 +202,107 @@ def denoise(
     vae_scale_factor: int = 8,
     progress: bool = True,
     latents=None,
+    num_images: int | None = None,
+    mesh: Mesh | None = None,
 ):
-    """Euler sampling loop over a jitted UNet step; returns latents ``[1, C, H/f, W/f]`` (float32).
+    """Euler sampling loop over a jitted UNet step; returns latents ``[N, C, H/f, W/f]`` (float32).
 
-    ``prompt_embeds`` ``[T, D]``, ``pooled`` ``[P]``; negatives default to zeros (docs/math.md §4).
-    ``latents``: initial unit-variance noise (default ``normal(PRNGKey(seed))``); it is
-    multiplied by ``init_noise_sigma`` here.
+    ``prompt_embeds`` ``[T, D]``, ``pooled`` ``[P]``, one prompt for all ``N`` images; negatives
+    default to zeros (docs/math.md §4). ``latents``: initial unit-variance noise ``[N, C, H/f,
+    W/f]`` (default :func:`initial_noise`: image ``i`` from ``seed + i``); it is multiplied by
+    ``init_noise_sigma`` here. ``num_images`` defaults to ``latents``' rows, else 1.
+
+    ``mesh`` (:func:`~orthofuse_jax.models.mesh.data_mesh`): ``params`` replicated, the images
+    split over ``data``; the batch is padded with zero latents to a multiple of the device count
+    and the padding dropped. ``None``: the default device, no padding.
     """
     from tqdm.auto import tqdm
 
-    sched = schedule or euler_schedule(num_steps)
-    dt = unet.dtype
-    pe = jnp.asarray(prompt_embeds, jnp.float32)[None]
-    pp = jnp.asarray(pooled, jnp.float32)[None]
-    ne = (
-        jnp.zeros_like(pe)
-        if negative_prompt_embeds is None
-        else jnp.asarray(negative_prompt_embeds)[None]
-    )
-    npool = jnp.zeros_like(pp) if negative_pooled is None else jnp.asarray(negative_pooled)[None]
-    time_ids = jnp.asarray([[height, width, 0, 0, height, width]], jnp.float32)
-    if guidance_scale > 1.0:
-        ctx, text, tids = (
-            jnp.concatenate([ne, pe]),
-            jnp.concatenate([npool, pp]),
-            jnp.concatenate([time_ids] * 2),
-        )
-    else:
-        ctx, text, tids = pe, pp, time_ids
-    ctx, text = ctx.astype(dt), text.astype(dt)
     if height % vae_scale_factor or width % vae_scale_factor:
         raise ValueError(
             f"height/width must be multiples of {vae_scale_factor}, got {height}x{width}"
         )
-    shape = (1, unet.in_channels, height // vae_scale_factor, width // vae_scale_factor)
+    n = _num_images(num_images, latents)
+    shape = (n, unet.in_channels, height // vae_scale_factor, width // vae_scale_factor)
     if latents is None:
-        latents = jax.random.normal(jax.random.PRNGKey(seed), shape, jnp.float32)
+        latents = initial_noise(seed, n, shape)
     elif tuple(latents.shape) != shape:
         raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
-    x = jnp.asarray(latents, jnp.float32) * sched.init_noise_sigma
-    step = _make_step(unet, guidance_scale)
-    steps = range(len(sched.timesteps))
-    for i in tqdm(steps, desc="denoising", disable=not progress):
-        x = step(
-            params, x, sched.timesteps[i], sched.sigmas[i], sched.sigmas[i + 1], ctx, text, tids
-        )
-    return x
-
-
-def decode(vae, vae_params, latents, *, scaling_factor: float | None = None):
-    """VAE decode ``latents / scaling_factor`` -> images ``[B, H, W, 3]`` in [0, 1]."""
-    sf = scaling_factor if scaling_factor is not None else vae.config.scaling_factor
-    img = jax.jit(lambda p, z: vae.apply({"params": p}, z / sf, method=vae.decode).sample)(
-        vae_params, latents.astype(vae.dtype)
+    sched = schedule or euler_schedule(num_steps)
+    x = _pad_rows(np.asarray(latents, np.float32) * sched.init_noise_sigma, _size(mesh))
+    cond = _conditioning(
+        prompt_embeds,
+        pooled,
+        negative_prompt_embeds,
+        negative_pooled,
+        rows=x.shape[0],
+        cfg=guidance_scale > 1.0,
+        height=height,
+        width=width,
+        dtype=unet.dtype,
     )
-    return jnp.clip(img.astype(jnp.float32) / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
+    if mesh is not None:
+        rep, batch = _shardings(mesh)
+        params = jax.device_put(params, rep)
+        x, cond = jax.device_put(x, batch), jax.device_put(cond, batch)
+    step = make_step(unet, guidance_scale, mesh)
+    for i in tqdm(range(len(sched.timesteps)), desc="denoising", disable=not progress):
+        x = step(params, x, sched.timesteps[i], sched.sigmas[i], sched.sigmas[i + 1], *cond)
+    return x[:n] if x.shape[0] != n else x
+
+
+def _num_images(num_images: int | None, latents) -> int:
+    """``num_images``, else the rows of ``latents``, else 1; at least 1."""
+    n = num_images if num_images is not None else (1 if latents is None else len(latents))
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"num_images must be a whole number >= 1, got {n!r}")
+    return int(n)
+
+
+def _size(mesh: Mesh | None) -> int:
+    """Devices on the ``data`` axis (1 without a mesh)."""
+    return 1 if mesh is None else mesh.shape[DATA_AXIS]
+
+
+def _conditioning(pe, pp, ne, npool, *, rows: int, cfg: bool, height: int, width: int, dtype):
+    """Context ``[R, T, D]``, pooled ``[R, P]`` and time ids ``[R, 6]`` for ``rows`` images.
+
+    ``R = 2 rows`` with guidance: (negative, positive) per image, in :func:`make_step`'s order.
+    """
+    pe = np.asarray(pe, np.float32)[None]
+    pp = np.asarray(pp, np.float32)[None]
+    time_ids = np.asarray([[height, width, 0, 0, height, width]], np.float32)
+    if cfg:
+        ne = np.zeros_like(pe) if ne is None else np.asarray(ne, np.float32)[None]
+        npool = np.zeros_like(pp) if npool is None else np.asarray(npool, np.float32)[None]
+        pe, pp = np.concatenate([ne, pe]), np.concatenate([npool, pp])
+        time_ids = np.concatenate([time_ids] * 2)
+    ctx, text, tids = (np.tile(a, (rows,) + (1,) * (a.ndim - 1)) for a in (pe, pp, time_ids))
+    return jnp.asarray(ctx, dtype), jnp.asarray(text, dtype), jnp.asarray(tids)
+
+
+def decode(
+    vae, vae_params, latents, *, scaling_factor: float | None = None, mesh: Mesh | None = None
+):
+    """VAE decode ``latents / scaling_factor`` -> images ``[B, H, W, 3]`` in [0, 1].
+
+    ``mesh``: ``vae_params`` replicated, one image per device per call (the decoder's activations
+    at full resolution are the largest of the pipeline), padding dropped.
+    """
+    sf = scaling_factor if scaling_factor is not None else vae.config.scaling_factor
+
+    def run(p, z):
+        img = vae.apply({"params": p}, z.astype(vae.dtype) / sf, method=vae.decode).sample
+        return jnp.clip(img.astype(jnp.float32) / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
+
+    if mesh is None:
+        return jax.jit(run)(vae_params, latents)
+    rep, batch = _shardings(mesh)
+    fn = jax.jit(run, in_shardings=(rep, batch), out_shardings=batch)
+    params, d = jax.device_put(vae_params, rep), _size(mesh)
+    z = _pad_rows(np.asarray(latents, np.float32), d)
+    parts = [np.asarray(fn(params, z[i : i + d])) for i in range(0, len(z), d)]
+    return jnp.asarray(np.concatenate(parts)[: len(latents)])
 
 
 def to_uint8(images) -> np.ndarray:
@@ -295,17 +389,26 @@ def generate(
     progress: bool = True,
     allow_download: bool = False,
     latents=None,
+    num_images: int | None = None,
+    mesh: Mesh | None = None,
 ):
-    """Sample one image with the SDXL UNet in ``model`` and ``adapter`` folded in (docs/math.md §4 defaults).
+    """Sample images with the SDXL UNet in ``model`` and ``adapter`` folded in (docs/math.md §4 defaults).
 
     ``embeddings``: a prompt string (encoded with ``model``'s text encoders, ``negative_prompt``
     as the SDXL pipeline treats it: see :func:`~orthofuse_jax.models.text.prompt_embeddings`) or
     the mapping :func:`load_embeddings` returns.
 
-    Returns ``(image uint8 [H, W, 3] or None, latents [1, 4, H/8, W/8])``; the image is ``None``
-    when ``model`` has no ``vae/`` folder. ``dtype`` "bf16" runs the UNet in bfloat16 (params cast
-    after folding, which happens in float32); the scheduler and the VAE stay float32.
-    ``latents``: initial unit-variance noise ``[1, 4, H/8, W/8]`` (default: drawn from ``seed``).
+    Returns ``(images uint8 [N, H, W, 3] or None, latents [N, 4, H/8, W/8])``; the images are
+    ``None`` when ``model`` has no ``vae/`` folder. ``dtype`` "bf16" runs the UNet in bfloat16
+    (params cast after folding, which happens in float32); the scheduler and the VAE stay float32.
+    ``latents``: initial unit-variance noise ``[N, 4, H/8, W/8]`` (default: image ``i`` drawn
+    from ``seed + i``, :func:`initial_noise`). ``num_images`` ``N`` defaults to ``latents``' rows,
+    else 1.
+
+    ``mesh`` (:func:`~orthofuse_jax.models.mesh.data_mesh`): the images are split over its
+    ``data`` devices, the UNet and VAE params replicated; any ``N`` works (the batch is padded to
+    a multiple of the device count). Image ``i`` is the same whatever ``N`` and the device count.
+    ``None``: the default device.
     """
     from .patch import patch_unet_params
     from .weights import load_unet, load_vae
@@ -357,8 +460,10 @@ def generate(
         vae_scale_factor=vae_factor,
         progress=progress,
         latents=latents,
+        num_images=num_images,
+        mesh=mesh,
     )
     if not has_vae:
         return None, np.asarray(latents)
-    image = to_uint8(decode(vae, vae_params, latents))[0]
-    return image, np.asarray(latents)
+    images = to_uint8(decode(vae, vae_params, latents, mesh=mesh))
+    return images, np.asarray(latents)
