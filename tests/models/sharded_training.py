@@ -1,0 +1,112 @@
+"""Data-parallel training on four forced CPU devices, against the same run on one device.
+
+Run as a script by ``test_train_sharded.py`` with the tiny UNet folder as its argument (the device
+count is fixed when JAX starts, so it needs a process of its own); prints one JSON object of
+findings.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import jax
+
+jax.config.update("jax_num_cpu_devices", 4)
+
+from dataclasses import replace  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from orthofuse_jax import configure_cpu_threads  # noqa: E402
+from orthofuse_jax.models import load_unet  # noqa: E402
+from orthofuse_jax.models.configs import TINY_SDXL_UNET, pooled_dim  # noqa: E402
+from orthofuse_jax.models.mesh import make_mesh, replicate, shard_batch  # noqa: E402
+from orthofuse_jax.models.train import (  # noqa: E402
+    TrainConfig,
+    init_train_state,
+    make_loss,
+    make_train_step,
+    run_training,
+)
+from orthofuse_jax.models.train_data import LatentData  # noqa: E402
+
+configure_cpu_threads()
+
+
+def data() -> list[LatentData]:
+    """Concept latents with a posterior std (random draws) and two prompts' worth of tokens."""
+    rng = np.random.default_rng(3)
+    return [
+        LatentData(
+            rng.standard_normal((6, 4, 8, 8)).astype(np.float32),
+            (0.1 + 0.1 * rng.random((6, 4, 8, 8))).astype(np.float32),
+            rng.standard_normal((5, TINY_SDXL_UNET["cross_attention_dim"])),
+            rng.standard_normal(pooled_dim(TINY_SDXL_UNET)),
+            np.array([[64, 64]] * 6),
+            (8, 8),
+        )
+    ]
+
+
+def largest_gap(a, b) -> float:
+    """The largest absolute difference between two trees' leaves."""
+    gaps = jax.tree_util.tree_map(
+        lambda x, y: float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64)))),
+        a,
+        b,
+    )
+    return max(jax.tree_util.tree_leaves(gaps))
+
+
+def largest_value(tree) -> float:
+    """The largest absolute Cayley parameter: shows the steps moved the adapter."""
+    return max(float(np.max(np.abs(np.asarray(s.L)))) for s in tree.stacks.values())
+
+
+def main() -> None:
+    unet, params, config = load_unet(sys.argv[1])
+    found: dict = {"devices": jax.device_count()}
+    ds = data()
+    cfg = TrainConfig(steps=2, nblocks=4, batch_size=4, learning_rate=1e-2, progress=False)
+    one = run_training(unet, params, config, ds, cfg)
+    for d in (4, 2):
+        run = run_training(unet, params, config, ds, replace(cfg, mesh=make_mesh({"data": d})))
+        found[f"data={d}"] = {
+            "adapter": largest_gap(run.adapter, one.adapter),
+            "opt_state": largest_gap(run.opt_state, one.opt_state),
+            "losses": float(np.max(np.abs(run.losses - one.losses))),
+        }
+    found["moved"] = largest_value(one.adapter)
+    found["losses"] = one.losses.tolist()
+
+    # The step itself: the batch split four ways, the adapter replicated, gradients all-reduced.
+    mesh = make_mesh({"data": 4})
+    state = init_train_state(config, cfg)
+    loss_fn = make_loss(unet, params, state.adapter, config=config)
+    step = make_train_step(loss_fn, cfg.optimizer(), mesh=mesh, donate=False)
+    batch = shard_batch(ds[0].sample(np.random.default_rng(0), 4), mesh)
+    args = replicate((state.adapter, state.opt_state, params), mesh)
+    key = replicate(np.asarray(state.key), mesh)
+    out = step(*args, batch, key)
+    found["batch_specs"] = sorted(
+        {str(tuple(x.sharding.spec)) for x in jax.tree_util.tree_leaves(batch)}
+    )
+    found["batch_shard_rows"] = sorted(
+        {s.data.shape[0] for x in jax.tree_util.tree_leaves(batch) for s in x.addressable_shards}
+    )
+    found["out_replicated"] = all(
+        x.sharding.is_fully_replicated for x in jax.tree_util.tree_leaves(out)
+    )
+    found["all_reduce"] = "all-reduce" in step.lower(*args, batch, key).compile().as_text()
+
+    try:
+        run_training(unet, params, config, ds, replace(cfg, batch_size=6, mesh=mesh))
+        found["indivisible"] = None
+    except ValueError as e:
+        found["indivisible"] = str(e)
+    print(json.dumps(found))
+
+
+if __name__ == "__main__":
+    main()
