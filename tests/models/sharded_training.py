@@ -64,6 +64,31 @@ def largest_value(tree) -> float:
     return max(float(np.max(np.abs(np.asarray(s.L)))) for s in tree.stacks.values())
 
 
+def cli_run(unet_dir: str, out: str, d: LatentData, one) -> dict:
+    """``orthofuse-jax train --mesh data=4`` on ``d`` written to files, against the 1-device run ``one``."""
+    import os
+
+    from orthofuse_jax.cli import main as cli
+    from orthofuse_jax.fusion.adapter import to_layers
+    from orthofuse_jax.fusion.io import load_adapter
+
+    lat, emb = os.path.join(out, "lat.npz"), os.path.join(out, "emb.npz")
+    np.savez(lat, latents=d.latents, latents_std=d.std, original_sizes=d.original_sizes)
+    np.savez(emb, prompt_embeds=d.prompt_embeds, pooled=d.pooled)
+    ck, log = os.path.join(out, "dp.safetensors"), os.path.join(out, "log.json")
+    argv = ["train", "--model", os.path.dirname(unet_dir), "--latents", lat, "--embeddings", emb]
+    argv += ["--nblocks", "4", "--steps", "2", "--batch-size", "4", "--lr", "1e-2"]
+    rc = cli(argv + ["--mesh", "data=4", "--no-progress", "--log-json", log, "-o", ck])
+    got, want = to_layers(load_adapter(ck)), to_layers(one.adapter)
+    with open(log) as f:
+        losses = json.load(f)["losses"]
+    return {
+        "rc": rc,
+        "adapter": largest_gap(got, want),
+        "losses": float(np.max(np.abs(np.asarray(losses) - one.losses))),
+    }
+
+
 def main() -> None:
     unet, params, config = load_unet(sys.argv[1])
     found: dict = {"devices": jax.device_count()}
@@ -99,6 +124,8 @@ def main() -> None:
         x.sharding.is_fully_replicated for x in jax.tree_util.tree_leaves(out)
     )
     found["all_reduce"] = "all-reduce" in step.lower(*args, batch, key).compile().as_text()
+
+    found["cli"] = cli_run(sys.argv[1], sys.argv[2], ds[0], one)
 
     try:
         run_training(unet, params, config, ds, replace(cfg, batch_size=6, mesh=mesh))

@@ -15,14 +15,19 @@ TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def found(tiny_unet_dir) -> dict:
+def found(tiny_unet_dir, tmp_path_factory) -> dict:
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run(
-        [sys.executable, str(Path(__file__).with_name("sharded_training.py")), str(tiny_unet_dir)],
+        [
+            sys.executable,
+            str(Path(__file__).with_name("sharded_training.py")),
+            str(tiny_unet_dir),
+            str(tmp_path_factory.mktemp("dp")),
+        ],
         capture_output=True,
         text=True,
         env=env,
@@ -57,3 +62,35 @@ def test_a_batch_the_data_axis_does_not_divide_is_refused(found):
         "batch size 6 is not divisible by the mesh's data size 4 "
         "(every device takes batch_size / data items)"
     )
+
+
+def test_train_cli_mesh_equals_the_one_device_run(found):
+    got = found["cli"]
+    assert got["rc"] == 0 and got["adapter"] <= TOL and got["losses"] <= TOL
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ["--mesh", "data=2", "--batch-size", "3"],
+            "--batch-size 3 is not divisible by --mesh data=2 (every device takes batch-size / D items)",
+        ),
+        (["--mesh", "data=64", "--batch-size", "64"], "mesh data=64 needs 64 devices, 1 available"),
+        (["--mesh", "data"], "mesh 'data': entry 'data' is not AXIS=SIZE (e.g. data=4)"),
+        (
+            ["--mesh", "model=1"],
+            "--mesh 'model=1': training splits batches over a 'data' axis (data=D)",
+        ),
+    ],
+)
+def test_train_cli_refuses_a_bad_mesh(flags, message, tmp_path, capsys):
+    """One line, exit 2, before any data or weights are read (the paths here do not exist)."""
+    from orthofuse_jax.cli import main
+
+    out = tmp_path / "a.safetensors"
+    argv = ["train", "--model", str(tmp_path / "none"), "--latents", str(tmp_path / "x.npz")]
+    assert main(argv + flags + ["-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"orthofuse-jax train: error: {message}"
+    assert not out.exists()
