@@ -38,6 +38,12 @@ not fit the model and --nblocks. --steps, --checkpoint-every, --apply, -o and --
 change. The input checkpoint is never overwritten (-o must be another path); later checkpoints keep
 the uninterrupted run's names and steps and get their own .opt.npz, so a resumed run can be
 resumed again. The --log-json losses cover all steps, those before the checkpoint included.
+
+Several devices: ``--mesh data=D`` trains data parallel (each --batch-size batch split over D
+devices, the model, adapter and optimizer state replicated; the same steps as on one device, to
+float32 rounding); a run may resume on another mesh. Several hosts run one process each with the
+same arguments and ``--distributed`` (implied by JAX_COORDINATOR_ADDRESS; JAX_NUM_PROCESSES and
+JAX_PROCESS_ID are passed on when set); process 0 writes the files. See docs/design.md.
 """
 
 from __future__ import annotations
@@ -298,6 +304,22 @@ _SETTING_FLAGS = {
 }
 
 
+def _process_env() -> dict[str, int]:
+    """``num_processes`` / ``process_id`` from ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` when set
+    (``jax.distributed.initialize`` reads only the coordinator address from the environment)."""
+    import os
+
+    found = {}
+    for var, arg in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+        text = os.environ.get(var)
+        if text is None:
+            continue
+        if not text.strip().isdigit():
+            raise ValueError(f"environment variable {var}={text!r} is not a non-negative integer")
+        found[arg] = int(text)
+    return found
+
+
 def _training_mesh(args):
     """The ``--mesh`` of ``args`` (None: one device), after ``--distributed`` start-up; checks
     that its data size divides ``--batch-size`` before any data or weights are loaded."""
@@ -306,7 +328,7 @@ def _training_mesh(args):
     import jax
 
     if args.distributed or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize()
+        jax.distributed.initialize(**_process_env())
     if args.mesh is None:
         return None
     from ..models.mesh import make_mesh, parse_mesh

@@ -1,13 +1,14 @@
 """Data-parallel training on four forced CPU devices, against the same run on one device.
 
-Run as a script by ``test_train_sharded.py`` with the tiny UNet folder as its argument (the device
-count is fixed when JAX starts, so it needs a process of its own); prints one JSON object of
-findings.
+Run as a script by ``test_train_sharded.py`` with the tiny UNet folder and a scratch folder as its
+arguments (the device count is fixed when JAX starts, so it needs a process of its own); prints
+one JSON object of findings.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import jax
@@ -20,6 +21,11 @@ import numpy as np  # noqa: E402
 
 from orthofuse_jax import configure_cpu_threads  # noqa: E402
 from orthofuse_jax.models import load_unet  # noqa: E402
+from orthofuse_jax.models.checkpoint import (  # noqa: E402
+    load_checkpoint,
+    save_checkpoint,
+    train_fingerprint,
+)
 from orthofuse_jax.models.configs import TINY_SDXL_UNET, pooled_dim  # noqa: E402
 from orthofuse_jax.models.mesh import make_mesh, replicate, shard_batch  # noqa: E402
 from orthofuse_jax.models.train import (  # noqa: E402
@@ -66,8 +72,6 @@ def largest_value(tree) -> float:
 
 def cli_run(unet_dir: str, out: str, d: LatentData, one) -> dict:
     """``orthofuse-jax train --mesh data=4`` on ``d`` written to files, against the 1-device run ``one``."""
-    import os
-
     from orthofuse_jax.cli import main as cli
     from orthofuse_jax.fusion.adapter import to_layers
     from orthofuse_jax.fusion.io import load_adapter
@@ -95,12 +99,28 @@ def main() -> None:
     ds = data()
     cfg = TrainConfig(steps=2, nblocks=4, batch_size=4, learning_rate=1e-2, progress=False)
     one = run_training(unet, params, config, ds, cfg)
-    for d in (4, 2):
-        run = run_training(unet, params, config, ds, replace(cfg, mesh=make_mesh({"data": d})))
-        found[f"data={d}"] = {
+    # data=4 with a checkpoint after step 1; that checkpoint resumed on data=2 (another mesh)
+    fp = train_fingerprint(cfg, ds)
+    half = os.path.join(sys.argv[2], "half.safetensors")
+    four = run_training(
+        unet,
+        params,
+        config,
+        ds,
+        replace(cfg, mesh=make_mesh({"data": 4}), checkpoint_every=1),
+        on_checkpoint=lambda st: save_checkpoint(half, st, fp),
+    )
+    two = replace(cfg, mesh=make_mesh({"data": 2}))
+    resumed = run_training(
+        unet, params, config, ds, two, state=load_checkpoint(half, config, two, fp)
+    )
+    for name, run in (("data=4", four), ("resume data=4 -> data=2", resumed)):
+        found[name] = {
             "adapter": largest_gap(run.adapter, one.adapter),
             "opt_state": largest_gap(run.opt_state, one.opt_state),
             "losses": float(np.max(np.abs(run.losses - one.losses))),
+            "key": bool(np.array_equal(run.key, one.key)),
+            "data_rng": run.data_rng == one.data_rng,
         }
     found["moved"] = largest_value(one.adapter)
     found["losses"] = one.losses.tolist()

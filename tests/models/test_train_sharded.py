@@ -42,10 +42,12 @@ def test_four_devices(found):
     assert found["devices"] == 4
 
 
-@pytest.mark.parametrize("mesh", ["data=4", "data=2"])
-def test_data_parallel_steps_equal_the_one_device_steps(found, mesh):
-    got = found[mesh]
+@pytest.mark.parametrize("run", ["data=4", "resume data=4 -> data=2"])
+def test_data_parallel_steps_equal_the_one_device_steps(found, run):
+    """Two steps on data=4, and step 1 on data=4 saved and resumed on data=2 for step 2."""
+    got = found[run]
     assert got["adapter"] <= TOL and got["opt_state"] <= TOL and got["losses"] <= TOL
+    assert got["key"] and got["data_rng"]
     # not vacuous: two steps moved the adapter and the two losses differ
     assert found["moved"] > 1e-3 and len(set(found["losses"])) == 2
 
