@@ -81,7 +81,7 @@ def cli_run(unet_dir: str, out: str, d: LatentData, one) -> dict:
     np.savez(emb, prompt_embeds=d.prompt_embeds, pooled=d.pooled)
     ck, log = os.path.join(out, "dp.safetensors"), os.path.join(out, "log.json")
     argv = ["train", "--model", os.path.dirname(unet_dir), "--latents", lat, "--embeddings", emb]
-    argv += ["--nblocks", "4", "--steps", "2", "--batch-size", "4", "--lr", "1e-2"]
+    argv += ["--nblocks", "4", "--steps", "2", "--batch-size", "4", "--lr", "3e-3"]
     rc = cli(argv + ["--mesh", "data=4", "--no-progress", "--log-json", log, "-o", ck])
     got, want = to_layers(load_adapter(ck)), to_layers(one.adapter)
     with open(log) as f:
@@ -97,7 +97,7 @@ def main() -> None:
     unet, params, config = load_unet(sys.argv[1])
     found: dict = {"devices": jax.device_count()}
     ds = data()
-    cfg = TrainConfig(steps=2, nblocks=4, batch_size=4, learning_rate=1e-2, progress=False)
+    cfg = TrainConfig(steps=2, nblocks=4, batch_size=4, learning_rate=3e-3, progress=False)
     one = run_training(unet, params, config, ds, cfg)
     # data=4 with a checkpoint after step 1; that checkpoint resumed on data=2 (another mesh)
     fp = train_fingerprint(cfg, ds)
