@@ -38,6 +38,12 @@ not fit the model and --nblocks. --steps, --checkpoint-every, --apply, -o and --
 change. The input checkpoint is never overwritten (-o must be another path); later checkpoints keep
 the uninterrupted run's names and steps and get their own .opt.npz, so a resumed run can be
 resumed again. The --log-json losses cover all steps, those before the checkpoint included.
+
+Several devices: ``--mesh data=D`` trains data parallel (each --batch-size batch split over D
+devices, the model, adapter and optimizer state replicated; the same steps as on one device, to
+float32 rounding); a run may resume on another mesh. Several hosts run one process each with the
+same arguments and ``--distributed`` (implied by JAX_COORDINATOR_ADDRESS; JAX_NUM_PROCESSES and
+JAX_PROCESS_ID are passed on when set); process 0 writes the files. See docs/design.md.
 """
 
 from __future__ import annotations
@@ -143,6 +149,21 @@ def register(subparsers) -> argparse.ArgumentParser:
         default="fold",
         help="fold the adapter into the kernels once per step (default) or rotate every "
         "projection input as the reference does (same loss; often faster for few tokens)",
+    )
+    dev = p.add_argument_group("devices")
+    dev.add_argument(
+        "--mesh",
+        default=None,
+        metavar="data=D",
+        help="train data parallel on D devices: each batch split over them, the model, adapter "
+        "and optimizer state replicated (--batch-size, the global batch, divisible by D; "
+        "default: one device)",
+    )
+    dev.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() first: one process per host of a multi-host run "
+        "(implied when JAX_COORDINATOR_ADDRESS is set); only process 0 writes files",
     )
     out = p.add_argument_group("output")
     out.add_argument(
@@ -283,6 +304,51 @@ _SETTING_FLAGS = {
 }
 
 
+def _process_env() -> dict[str, int]:
+    """``num_processes`` / ``process_id`` from ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` when set
+    (``jax.distributed.initialize`` reads only the coordinator address from the environment)."""
+    import os
+
+    found = {}
+    for var, arg in (("JAX_NUM_PROCESSES", "num_processes"), ("JAX_PROCESS_ID", "process_id")):
+        text = os.environ.get(var)
+        if text is None:
+            continue
+        if not text.strip().isdigit():
+            raise ValueError(f"environment variable {var}={text!r} is not a non-negative integer")
+        found[arg] = int(text)
+    return found
+
+
+def _training_mesh(args):
+    """The ``--mesh`` of ``args`` (None: one device), after ``--distributed`` start-up; checks
+    that its data size divides ``--batch-size`` before any data or weights are loaded."""
+    import os
+
+    import jax
+
+    if args.distributed or os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize(**_process_env())
+    if args.mesh is None:
+        return None
+    from ..models.mesh import make_mesh, parse_mesh
+    from ..models.train import check_data_parallel
+
+    axes = parse_mesh(args.mesh)
+    if "data" not in axes:
+        raise ValueError(
+            f"--mesh {args.mesh!r}: training splits batches over a 'data' axis (data=D)"
+        )
+    if args.batch_size % axes["data"]:
+        raise ValueError(
+            f"--batch-size {args.batch_size} is not divisible by --mesh data={axes['data']} "
+            "(every device takes batch-size / D items)"
+        )
+    mesh = make_mesh(axes)
+    check_data_parallel(args.batch_size, mesh)
+    return mesh
+
+
 def run_train(args) -> int:
     """Run ``train`` for parsed ``args``; returns the exit status (2 on a bad input)."""
     import json
@@ -295,6 +361,7 @@ def run_train(args) -> int:
         raise ValueError("--checkpoint-every must be >= 0")
     if not 0.0 < args.style_fraction < 1.0:
         raise ValueError(f"--style-fraction must be in (0, 1), got {args.style_fraction}")
+    mesh = _training_mesh(args)
     from ..fusion.io import check_output_path
     from ..models.checkpoint import train_state_path
 
@@ -361,6 +428,7 @@ def run_train(args) -> int:
         progress=not args.no_progress,
         noise_schedule=scheduler_config(args.model),
         apply=args.apply,
+        mesh=mesh,
     )
     fingerprint = train_fingerprint(cfg, datasets, mix)
     if args.resume:
@@ -410,6 +478,8 @@ def run_train(args) -> int:
         meta["resumed_from"] = os.path.basename(os.fspath(args.resume))
 
     def save(path, state):
+        if not writer:
+            return
         save_checkpoint(
             path, state, fingerprint, metadata={**meta, "step": str(state.step)}, inputs=inputs
         )
@@ -420,6 +490,9 @@ def run_train(args) -> int:
         if args.no_progress:
             print(f"checkpoint {path}")
 
+    import jax
+
+    writer = jax.process_index() == 0
     start = state0.step
     t0 = time.perf_counter()
     final = run_training(
@@ -428,7 +501,7 @@ def run_train(args) -> int:
     elapsed = time.perf_counter() - t0
     save(args.output, final)
     losses = final.losses
-    if args.log_json:
+    if args.log_json and writer:
         from ..fusion.io import atomic_write_bytes
 
         log = {

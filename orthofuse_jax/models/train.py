@@ -50,6 +50,7 @@ from ..fusion.adapter import GSAdapter, from_layers
 from ..geometry import cayley
 from .generate import alphas_cumprod
 from .layers import layer_table
+from .mesh import DATA_AXIS, data_size, replicate, shard_batch
 from .patch import FoldPlan, fold_adapter
 
 __all__ = [
@@ -57,6 +58,7 @@ __all__ = [
     "TrainConfig",
     "TrainState",
     "add_noise",
+    "check_data_parallel",
     "diffusion_loss",
     "init_adapter",
     "init_train_state",
@@ -145,6 +147,7 @@ def diffusion_loss(
     abar,
     compute_dtype=None,
     apply: str = "fold",
+    batch_sharding=None,
 ):
     """Epsilon-prediction MSE of the UNet with ``adapter`` folded in (docs/math.md §6); returns a scalar.
 
@@ -161,6 +164,9 @@ def diffusion_loss(
         ``s * W (Q x)`` at every projection call, :func:`~orthofuse_jax.models.apply_onthefly`);
         the same function of the adapter, with different costs: folding costs ``O(n b out)`` per
         layer, the on-the-fly rotation ``O(tokens n b)`` (cheaper for few tokens, e.g. attn2 k/v).
+      batch_sharding: optional ``NamedSharding`` of the batch axis (``P("data")``) laid on the drawn
+        ``t`` and ``eps`` too, so each device noises its own share of the batch (the values do not
+        depend on it: JAX's random bits are independent of the layout).
     """
     x0 = jnp.asarray(batch["latents"])
     loss_dt = jnp.promote_types(x0.dtype, jnp.float32)
@@ -168,6 +174,8 @@ def diffusion_loss(
     kt, kn = jax.random.split(key)
     t = jax.random.randint(kt, (x0.shape[0],), 0, abar.shape[0])
     noise = jax.random.normal(kn, x0.shape, loss_dt)
+    if batch_sharding is not None:
+        t, noise = jax.lax.with_sharding_constraint((t, noise), batch_sharding)
     xt = add_noise(x0, noise, t, jnp.asarray(abar, loss_dt))
     cdt = compute_dtype or unet.dtype
     args = (
@@ -205,9 +213,10 @@ def make_loss(
     noise_schedule: Mapping | None = None,
     compute_dtype=None,
     apply: str = "fold",
+    batch_sharding=None,
 ):
     """``loss(adapter, params, batch, key)`` bound to ``unet``, its fold plan and the DDPM schedule
-    (``apply``: see :func:`diffusion_loss`)."""
+    (``apply``, ``batch_sharding``: see :func:`diffusion_loss`)."""
     if apply not in ("fold", "onthefly"):
         raise ValueError(f"apply must be 'fold' or 'onthefly', got {apply!r}")
     plan = FoldPlan.build(params, adapter, config=config)
@@ -227,6 +236,7 @@ def make_loss(
             abar=abar,
             compute_dtype=compute_dtype,
             apply=apply,
+            batch_sharding=batch_sharding,
         )
 
     return loss
@@ -256,11 +266,14 @@ def make_optimizer(
     return optax.chain(optax.clip_by_global_norm(max_grad_norm), adam)
 
 
-def make_train_step(loss_fn: Callable, optimizer, *, donate: bool = True):
+def make_train_step(loss_fn: Callable, optimizer, *, donate: bool = True, mesh=None):
     """Jitted ``(adapter, opt_state, params, batch, key) -> (adapter, opt_state, loss)``.
 
     Only ``adapter`` is differentiated; ``params`` is a plain (frozen) argument. With ``donate``
-    the old adapter and optimiser state buffers are reused for the new ones.
+    the old adapter and optimiser state buffers are reused for the new ones. With a ``mesh``
+    (data parallel; inputs placed by :func:`~.mesh.replicate` and :func:`~.mesh.shard_batch`) the
+    outputs are replicated over it: the loss is the mean over the global batch, so its gradient is
+    the average of the devices' gradients (an all-reduce over ``data``) by construction.
     """
     import optax
 
@@ -269,12 +282,23 @@ def make_train_step(loss_fn: Callable, optimizer, *, donate: bool = True):
         updates, opt_state = optimizer.update(grads, opt_state, adapter)
         return optax.apply_updates(adapter, updates), opt_state, loss
 
-    return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+    donated = (0, 1) if donate else ()
+    if mesh is None:
+        return jax.jit(step, donate_argnums=donated)
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    return jax.jit(step, donate_argnums=donated, out_shardings=NamedSharding(mesh, P()))
 
 
 @dataclass
 class TrainConfig:
-    """Options of :func:`run_training` (defaults = the reference recipe, docs/math.md §6, except ``steps``)."""
+    """Options of :func:`run_training` (defaults = the reference recipe, docs/math.md §6, except ``steps``).
+
+    ``mesh``: ``None`` (one device) or a :class:`jax.sharding.Mesh` with a ``data`` axis
+    (:func:`~.mesh.make_mesh`) to train data parallel: each batch split over ``data``, the UNet,
+    adapter and optimiser state replicated; ``batch_size`` must be divisible by its size.
+    """
 
     steps: int = 1000
     nblocks: int = 32
@@ -292,6 +316,7 @@ class TrainConfig:
     apply: str = "fold"
     progress: bool = True
     noise_schedule: dict = field(default_factory=lambda: dict(DDPM_SDXL))
+    mesh: Any = None
 
     def optimizer(self):
         """The optimiser of these settings: :func:`make_optimizer` (AdamW, optional clipping)."""
@@ -329,6 +354,23 @@ class TrainState:
 def _host_copy(tree):
     # np.array copies: a zero-copy view of a CPU buffer would be invalidated when the next step donates it
     return jax.tree_util.tree_map(np.array, tree)
+
+
+def check_data_parallel(batch_size: int, mesh) -> None:
+    """``ValueError`` (one line) unless ``mesh``'s ``data`` size divides the global ``batch_size``."""
+    if mesh is None:
+        return
+    if DATA_AXIS not in mesh.axis_names:
+        raise ValueError(
+            f"the training mesh needs a {DATA_AXIS!r} axis to split batches over, got axes "
+            f"{list(mesh.axis_names)}"
+        )
+    d = data_size(mesh)
+    if batch_size % d:
+        raise ValueError(
+            f"batch size {batch_size} is not divisible by the mesh's data size {d} "
+            "(every device takes batch_size / data items)"
+        )
 
 
 def init_train_state(
@@ -402,12 +444,25 @@ def run_training(
         raise ValueError(
             f"the state is at step {state.step}; steps must be >= that, got {cfg.steps}"
         )
+    mesh = cfg.mesh
+    check_data_parallel(cfg.batch_size, mesh)
     # fresh device copies: the jitted step donates its inputs, and ``state`` stays the caller's
     adapter = jax.tree_util.tree_map(jnp.array, state.adapter).astype(jnp.float32)
     opt_state = jax.tree_util.tree_map(jnp.array, state.opt_state)
     compute = jnp.bfloat16 if cfg.bf16 else None
     if cfg.bf16:
         params = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), params)
+    batch_sharding = None
+    if mesh is not None:
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
+        params, adapter, opt_state = replicate((params, adapter, opt_state), mesh)
+
+    def place(batch):
+        return batch if mesh is None else shard_batch(batch, mesh)
+
     loss_fn = make_loss(
         unet,
         params,
@@ -416,12 +471,15 @@ def run_training(
         noise_schedule=cfg.noise_schedule,
         compute_dtype=compute,
         apply=cfg.apply,
+        batch_sharding=batch_sharding,
     )
-    step_fn = make_train_step(loss_fn, cfg.optimizer())
+    step_fn = make_train_step(loss_fn, cfg.optimizer(), mesh=mesh)
     order = schedule_datasets(len(datasets), cfg.steps, mix)
     rng = np.random.default_rng()
     rng.bit_generator.state = state.data_rng
     key = jnp.asarray(state.key)
+    if mesh is not None:
+        key = replicate(key, mesh)
     losses = [float(x) for x in np.asarray(state.losses)]
 
     def snapshot(done):
@@ -439,7 +497,7 @@ def run_training(
         disable=not cfg.progress,
     )
     for i in bar:
-        batch = datasets[order[i]].sample(rng, cfg.batch_size)
+        batch = place(datasets[order[i]].sample(rng, cfg.batch_size))
         key, sub = jax.random.split(key)
         adapter, opt_state, loss = step_fn(adapter, opt_state, params, batch, sub)
         loss = float(loss)

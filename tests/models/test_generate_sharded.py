@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from orthofuse_jax.models.mesh import MeshSpecError, parse_mesh
+from orthofuse_jax.models.mesh import MeshSpecError, data_devices
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -73,24 +73,24 @@ def test_one_step_program_gathers_nothing(found):
     "spec, match",
     [
         ("data=5", r"'data=5'.*4 local device"),
-        ("data=0", r"'data=0'.*1 <= D <= 4"),
+        ("data=0", r"'data=0'.*size 0"),
         ("data=-2", r"'data=-2'"),
-        ("data=two", r"'data=two'.*whole number"),
+        ("data=two", r"'data=two'.*AXIS=SIZE"),
         ("model=2", r"'model=2'.*one axis"),
-        ("4", r"'4'.*expected 'data=D'"),
+        ("4", r"'4'.*AXIS=SIZE"),
         (0, r"1 <= D"),
     ],
 )
 def test_bad_mesh_requests_are_named(spec, match):
     with pytest.raises(MeshSpecError, match=match):
-        parse_mesh(spec, 4)
+        data_devices(spec, 4)
 
 
 def test_mesh_requests():
-    assert parse_mesh(None, 4) == 4
-    assert parse_mesh("data=3", 4) == 3
-    assert parse_mesh(" data = 2", 4) == 2
-    assert parse_mesh(1, 4) == 1
+    assert data_devices(None, 4) == 4
+    assert data_devices("data=3", 4) == 3
+    assert data_devices(" data = 2", 4) == 2
+    assert data_devices(1, 4) == 1
 
 
 def test_cli_writes_one_png_per_image(found, reference_dir, tiny_model_dir, tmp_path):
