@@ -1,10 +1,12 @@
 """Build step for the optional compiled CPU kernels (everything else is in pyproject.toml).
 
-``orthofuse_jax/_native/solve.cc`` holds XLA FFI custom calls for the CPU: batched solves without
-pivoting, the Cayley maps, and the points of a decomposed geodesic. It needs a C++17 compiler;
-the XLA FFI headers are vendored under ``orthofuse_jax/_native/include``, so no jaxlib is needed
-at build time. The extension is optional: if it does not compile, the install goes on and the
-package uses XLA and jaxlib's LAPACK instead.
+``orthofuse_jax/_native/ffi.cc`` binds the CPU kernels of ``orthofuse_jax/_native/kernels.inc``
+as XLA FFI custom calls (batched solves without pivoting, the Cayley maps, the points of a
+decomposed geodesic, the exact merge and its sweep), built as ``orthofuse_jax._native._kernels``.
+It needs a C++17 compiler; the XLA FFI headers are vendored under
+``orthofuse_jax/_native/include``, so no jaxlib is needed at build time. The extension is
+optional: if it does not compile, the install goes on and the package uses XLA and jaxlib's
+LAPACK instead.
 """
 
 import os
@@ -17,8 +19,8 @@ include = os.path.join(here, "orthofuse_jax", "_native", "include")
 setup(
     ext_modules=[
         Extension(
-            "orthofuse_jax._native._solve",
-            sources=["orthofuse_jax/_native/solve.cc"],
+            "orthofuse_jax._native._kernels",
+            sources=["orthofuse_jax/_native/ffi.cc"],
             depends=[
                 "orthofuse_jax/_native/kernels.inc"
             ],  # included twice: the AVX-512 and AVX2 builds

@@ -1,11 +1,12 @@
 """Optional compiled CPU kernels, called from JAX as XLA FFI custom calls.
 
-``_solve`` (built from ``solve.cc`` when the package is installed; a C++17 compiler is needed,
-and without one the install still succeeds and this module reports it missing) holds batched
-solves without pivoting for the Cayley maps (:func:`orthofuse_jax.geometry._linalg.solve_pd`)
-and the Cayley maps themselves, fused with the skew part and, for the fast merge, with its
-restoration (:func:`orthofuse_jax.geometry._linalg.cayley_map`), the points of a decomposed
-geodesic (:func:`orthofuse_jax.geometry._linalg.geodesic_point`), the product-only exact merge
+``_kernels`` (built when the package is installed from ``ffi.cc``, the XLA FFI handlers, and
+``kernels.inc``, the kernels they run; a C++17 compiler is needed, and without one the install still
+succeeds and this module reports it missing) holds batched solves without pivoting for the Cayley
+maps (:func:`orthofuse_jax.geometry._linalg.solve_pd`) and the Cayley maps themselves, fused with
+the skew part and, for the fast merge, with its restoration
+(:func:`orthofuse_jax.geometry._linalg.cayley_map`), the points of a decomposed geodesic
+(:func:`orthofuse_jax.geometry._linalg.geodesic_point`), the product-only exact merge
 (``orthofuse_jax.fusion._dispatch._geodesic_matmul``: float32 input gets float32 products) and its
 sweep over many t (``_dispatch._geodesic_sweep_matmul``: the log once per block, then the geodesic's
 Taylor coefficients).
@@ -38,8 +39,8 @@ _state: dict = {}
 
 
 def library_path() -> str | None:
-    """Where the built ``_solve`` library is, or None if it was not built."""
-    spec = importlib.util.find_spec(f"{__name__}._solve")
+    """Where the built ``_kernels`` library is, or None if it was not built."""
+    spec = importlib.util.find_spec(f"{__name__}._kernels")
     return spec.origin if spec is not None and spec.origin and os.path.exists(spec.origin) else None
 
 

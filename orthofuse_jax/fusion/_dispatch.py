@@ -25,6 +25,7 @@ from ..geometry import (
     geodesic_path,
     geodesic_path_cayley,
     inverse_cayley,
+    is_concrete,
     relative_rotation,
     skew,
     spectral_map_with_flag,
@@ -45,7 +46,6 @@ from .maps import cayley_restored, cayley_space_blocks, restoration_factor
 
 __all__ = [
     "Options",
-    "is_concrete",
     "mean_stack",
     "merge_pair",
     "resolve_algorithm",
@@ -88,12 +88,6 @@ at a time) are filled. A sweep's chunks are filled along its t axis instead."""
 
 # ------------------------------------------------------------------------------------------------
 # Inputs and the choice of algorithm.
-
-
-def is_concrete(*trees) -> bool:
-    """Whether no leaf of ``trees`` is a tracer."""
-    leaves = jax.tree_util.tree_leaves(trees)
-    return not any(isinstance(x, jax.core.Tracer) for x in leaves)
 
 
 def resolve_algorithm(algorithm: str, *, sweep: bool, dtype, adapter=None) -> str:
@@ -267,7 +261,7 @@ def _geodesic_matmul(x1, x2, t, f, *, restore, orthogonal):
     ``U1 expm(t log(U1^T U2))`` (:class:`_MatmulPath`), then ``restore``.
 
     On the CPU with the compiled kernels this is one pass per block
-    (``orthofuse_jax/_native/solve.cc``, ``GeodesicBlocks``: the Cayley maps inverted in double,
+    (``orthofuse_jax/_native/kernels.inc``, ``GeodesicBlocks``: the Cayley maps inverted in double,
     ``W^t`` by the direct power ``a_t(P) + K b_t(P)`` where ``t`` is in ``POWER_T_RANGE`` and
     the angles within 2.4 rad (``polynomial.POWER_TIERS``; else the log interpolant and the
     exponential with only the squarings a block needs), the polar step and the restoration, with
@@ -305,9 +299,9 @@ def _geodesic_sweep_matmul(x1, x2, ts, alpha, *, restore, orthogonal):
     """``(Y, bad, ok)`` ``[T, ...]``: :func:`_geodesic_matmul` at every t of ``ts`` (1-D), the
     t-independent half (the Cayley maps and the log) done once per block.
 
-    On the CPU with the compiled kernels this is one pass per block (``solve.cc``, ``SweepBlocks``):
-    after the log, the Taylor coefficients ``M_k = U1 X^k / k!`` of the geodesic
-    ``U1 expm(t X) = sum_k t^k M_k`` in double, as many as the largest ``|t|`` needs for the
+    On the CPU with the compiled kernels this is one pass per block
+    (``kernels.inc``, ``SweepBlocks``): after the log, the Taylor coefficients ``M_k = U1 X^k / k!``
+    of the geodesic ``U1 expm(t X) = sum_k t^k M_k`` in double, as many as the largest ``|t|`` needs for the
     output's round-off (a bound from the ``M_k`` themselves), then per t a Horner pass and the
     restoration (``curve_over_id``: one inversion). Elsewhere, and for derivatives, the XLA
     composition: :class:`_MatmulPath` vmapped over t (an exponential per t).

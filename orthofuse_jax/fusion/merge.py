@@ -47,10 +47,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._runtime import warn_cpu_threads
-from ..geometry import DEFAULT_ANGLE_TOL
+from ..geometry import DEFAULT_ANGLE_TOL, is_concrete
 from ._dispatch import (
     Options,
-    is_concrete,
     mean_stack,
     merge_pair,
     resolve_algorithm,

@@ -6,6 +6,7 @@ matmuls, ``solve`` and ``eigh`` are used on merge paths (no ``eig``, ``schur`` o
 The products with one GS layer (``gs_apply``, ``gs_apply_transpose``, ``act``, ``orbit_map``,
 ``sign_stabilizer_element``) take a single ``[nb, b, b]`` layer; map them over stacks of layers
 with ``jax.vmap`` (tests/geometry/test_jit_vmap.py checks vmap against a loop).
+``is_concrete`` says whether arrays (or pytrees of them) hold values rather than tracers.
 """
 
 from ._linalg import cpu_only, solve_pd
@@ -44,6 +45,7 @@ from .spectral import (
     LOG_ALGORITHMS,
     NegativeEigenvalueError,
     expm_skew,
+    is_concrete,
     log,
     log_with_flag,
     power,
@@ -78,6 +80,7 @@ __all__ = [
     "gs_dense",
     "gs_shape",
     "inverse_cayley",
+    "is_concrete",
     "log",
     "log_polynomial",
     "log_with_flag",

@@ -38,7 +38,7 @@ def solve_pd(a, b):
 
     Every matrix the Cayley maps solve against is of this kind (``I - S`` has symmetric part
     ``I``), and for them Gaussian elimination needs no pivoting. On the CPU this uses the
-    package's compiled kernel (``orthofuse_jax/_native/solve.cc``: 2-3x faster than jaxlib's
+    package's compiled kernel (``orthofuse_jax/_native/kernels.inc``: 2-3x faster than jaxlib's
     LAPACK ``getrf`` + ``trsm`` at the merges' block sizes and, eliminating in double, 10x more
     accurate in float32; docs/performance.md) when it was built, for blocks up to
     :data:`NATIVE_MAX_BLOCK`. On CUDA GPUs it is a Pallas (Triton) Gauss-Jordan kernel for float32
@@ -127,7 +127,7 @@ def cayley_map(
 
     On the CPU, with the compiled kernel built, the whole map is one pass per block in double
     (the skew part and one in-place inversion, two for ``square``: ``Cay(eta Cay(S))``;
-    ``orthofuse_jax/_native/solve.cc``): XLA's transposes, small fusions and temporaries around
+    ``orthofuse_jax/_native/kernels.inc``): XLA's transposes, small fusions and temporaries around
     a solve cost as much as the solve itself. Its derivatives are those of the XLA formula
     (``jax.custom_jvp``), which is what runs elsewhere.
 

@@ -125,7 +125,7 @@ def _power_coefficients(t: float, theta_max: float, degree: int) -> tuple[np.nda
 
 def kernel_attributes(max_squarings: int, dtype=np.float32) -> dict[str, np.ndarray]:
     """The log interpolant, the exponential's Taylor series and the power's tiers (for ``dtype``)
-    as the compiled CPU kernel's attributes (``orthofuse_jax/_native/solve.cc``, ``PolyParams``):
+    as the compiled CPU kernel's attributes (``orthofuse_jax/_native/ffi.cc``, ``PolyParams``):
     the polynomials are defined here only."""
     params = [_C0, _H0, _TAYLOR_RADIUS, _KERNEL_LOWER, float(max_squarings)]
     tiers = POWER_TIERS[np.dtype(dtype)]

@@ -128,8 +128,11 @@ def decompose_skew(s: Block, angle_tol: float):
     return s, v, sigma, theta, bad
 
 
-def is_concrete(*xs) -> bool:
-    return not any(isinstance(x, jax.core.Tracer) for x in xs)
+def is_concrete(*trees) -> bool:
+    """Whether no leaf of ``trees`` (arrays, or pytrees of them) is a tracer: the values can be
+    read on the host (to raise on flagged blocks, or to run a stack as a loop over chunks)."""
+    leaves = jax.tree_util.tree_leaves(trees)
+    return not any(isinstance(x, jax.core.Tracer) for x in leaves)
 
 
 def raise_if_negative_eigenvalue(bad: Array, what: str) -> None:

@@ -1,4 +1,4 @@
-"""The product-only exact merge as one compiled pass per block (``solve.cc``, ``GeodesicBlocks``).
+"""The product-only exact merge as one compiled pass per block (``GeodesicBlocks``, kernels.inc).
 
 ``merge(..., method="geodesic", algorithm="matmul")`` (what ``"auto"`` picks for float32) runs,
 on the CPU, the Cayley maps, ``W^t`` for ``W = U1^T U2`` (by the direct power, or for t outside
@@ -13,32 +13,18 @@ exponential's squarings; threads; derivatives; and that GPU lowerings never call
 
 from __future__ import annotations
 
-import importlib
-
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from jax.test_util import check_grads
-from lowering import cuda_text
 
-from orthofuse_jax import _native
+from .geodesic_reference import reference, rotations
+from .native_setup import MARKS, check_derivatives, check_lowerings, dispatch, inputs, one_plane
 
-from .geodesic_reference import cay, reference, rotations
-
-dispatch = importlib.import_module("orthofuse_jax.fusion._dispatch")
 _geodesic_matmul = dispatch._geodesic_matmul
 
-pytestmark = [
-    pytest.mark.skipif(jax.default_backend() != "cpu", reason="a CPU kernel"),
-    pytest.mark.usefixtures("kernel_build"),  # both builds of the kernels (conftest.py)
-]
-
-
-def _uses_kernel(fn, *args) -> bool:
-    return "orthofuse_geodesic" in jax.jit(fn).lower(*args).as_text()
+pytestmark = MARKS
 
 
 @settings(max_examples=40, deadline=None)
@@ -54,9 +40,7 @@ def _uses_kernel(fn, *args) -> bool:
 def test_matches_scipy_float64(dtype, tol, n, batch, restore, orthogonal, per_block, seed):
     rng = np.random.default_rng(seed)
     # each rotation up to 0.9 rad per plane: relative angles up to 1.8, inside the interpolant's 2.4
-    x1, x2 = (rotations(rng, batch, n, 0.9) for _ in range(2))
-    x1 = cay(x1) if orthogonal[0] else x1
-    x2 = cay(x2) if orthogonal[1] else x2
+    x1, x2 = inputs(rng, batch, n, 0.9, orthogonal)
     if per_block:
         t = rng.uniform(-0.3, 1.3, batch)
         f = rng.uniform(1.0, 2.0, batch)
@@ -79,29 +63,21 @@ def test_matches_scipy_float64(dtype, tol, n, batch, restore, orthogonal, per_bl
 
 def test_the_merge_runs_the_kernel_where_built_and_gpus_never_do():
     rng = np.random.default_rng(1)
-    x1, x2 = (rotations(rng, (4,), 12, 0.5).astype(np.float32) for _ in range(2))
+    x1, x2 = (x.astype(np.float32) for x in inputs(rng, (4,), 12, 0.5))
     fn = lambda a, b: _geodesic_matmul(a, b, 0.3, 1.4, restore="cayley", orthogonal=(False, False))
-    traced = jax.jit(fn).trace(x1, x2)
-    assert "orthofuse_geodesic" not in cuda_text(fn, x1, x2)
-    if _native.available():
-        assert "orthofuse_geodesic_f32" in traced.lower(lowering_platforms=("cpu",)).as_text()
+    check_lowerings(fn, "orthofuse_geodesic", x1, x2)
 
 
-@pytest.mark.parametrize("native", ["1", "0"])
+@pytest.mark.usefixtures("native_switch")  # the kernel, then the XLA composition (conftest.py)
 @pytest.mark.parametrize("n, dtype", [(6, np.float64), (40, np.float32), (64, np.float32)])
-def test_declined_blocks_are_those_the_interpolant_or_the_squarings_cannot_take(
-    monkeypatch, native, n, dtype
-):
+def test_declined_blocks_are_those_the_interpolant_or_the_squarings_cannot_take(n, dtype):
     """``ok`` is False (and the block NaN) for a relative rotation angle above the interpolant's
     2.4 rad, for ``|t| theta`` beyond the exponential's 4 squarings, and for non-finite input;
     True otherwise. The same for the kernel and the XLA composition, and at the SDXL block sizes
     in float32 (where the kernel's range check eliminates in panels of vectors)."""
-    monkeypatch.setenv("ORTHOFUSE_JAX_NATIVE", native)
-    jax.clear_caches()
     angles = np.array([0.3, 1.5, 2.2, 2.35, 2.5, 2.9, 1.0, 1.0])
     ts = np.array([0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 6.5, 0.5])
-    x2 = np.zeros((len(angles), n, n))
-    x2[:, 1, 2], x2[:, 2, 1] = -np.tan(angles / 2), np.tan(angles / 2)  # one plane at that angle
+    x2 = one_plane(angles, n)  # one plane at that angle
     # in a random basis (Cay(Q S Q^T) = Q Cay(S) Q^T), so that sym(W) is not diagonal and the
     # kernel's range check must eliminate
     q = np.linalg.qr(np.random.default_rng(n).standard_normal((n, n)))[0]
@@ -128,11 +104,7 @@ def test_declined_blocks_are_those_the_interpolant_or_the_squarings_cannot_take(
         atol=1e-7 if dtype == np.float64 else 2e-6,
         rtol=0,
     )
-    far = np.zeros((1, n, n))
-    far[0, 1, 2], far[0, 2, 1] = (
-        -np.tan(0.5),
-        np.tan(0.5),
-    )  # 1 rad, t = 20: 20 rad needs 6 squarings
+    far = one_plane([1.0], n)  # 1 rad, t = 20: 20 rad needs 6 squarings
     _, _, ok = _geodesic_matmul(
         jnp.zeros((1, n, n)),
         jnp.asarray(far),
@@ -154,9 +126,7 @@ def test_the_direct_power_is_exact_to_float64_round_off_where_it_applies(restore
     angles = np.array(
         [0.3, 1.0, 1.7, 2.0, 2.3, 2.39]
     )  # the first tier (<= 1.75 rad), then the second
-    x2 = rotations(rng, (len(angles),), n, 0.05)
-    x2[:, 1, 2] -= np.tan(angles / 2)
-    x2[:, 2, 1] += np.tan(angles / 2)
+    x2 = rotations(rng, (len(angles),), n, 0.05) + one_plane(angles, n)
     x1 = rotations(rng, (len(angles),), n, 0.02)
     for t, f, tol in [
         (-1.0, 1.0, 1e-10),
@@ -183,11 +153,10 @@ def test_the_direct_power_is_exact_to_float64_round_off_where_it_applies(restore
         np.testing.assert_allclose(np.asarray(y), want, atol=tol, rtol=0, err_msg=f"t = {t}")
 
 
-@pytest.mark.parametrize("threads", ["1", "3"])
-def test_threads_split_the_batch(monkeypatch, threads):
-    monkeypatch.setenv("ORTHOFUSE_JAX_THREADS", threads)
+@pytest.mark.usefixtures("kernel_threads")  # one thread, then three (conftest.py)
+def test_threads_split_the_batch():
     rng = np.random.default_rng(5)
-    x1, x2 = (rotations(rng, (37,), 40, 0.8) for _ in range(2))
+    x1, x2 = inputs(rng, (37,), 40, 0.8)
     t = rng.uniform(0.0, 1.0, 37)
     y, _, ok = _geodesic_matmul(
         jnp.asarray(x1),
@@ -205,16 +174,9 @@ def test_threads_split_the_batch(monkeypatch, threads):
 
 def test_derivatives_are_the_xla_compositions():
     rng = np.random.default_rng(6)
-    x1, x2 = (rotations(rng, (3,), 5, 0.6) for _ in range(2))
+    x1, x2 = inputs(rng, (3,), 5, 0.6)
 
     def fn(a, b, t):
         return _geodesic_matmul(a, b, t, 1.5, restore="cayley", orthogonal=(False, False))[0]
 
-    check_grads(
-        fn,
-        (jnp.asarray(x1), jnp.asarray(x2), jnp.asarray(0.4)),
-        order=1,
-        modes=("fwd", "rev"),
-        atol=1e-5,
-        rtol=1e-5,
-    )
+    check_derivatives(fn, jnp.asarray(x1), jnp.asarray(x2), jnp.asarray(0.4))

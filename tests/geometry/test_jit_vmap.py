@@ -30,6 +30,8 @@ SKIPPED = {
     "stabilizer_is_discrete",
     "perfect_shuffle_indices",
     "perfect_shuffle_matrix",
+    # whether its arguments are traced: a question for the host (test_spectral.py)
+    "is_concrete",
     # not functions (GeodesicPath is covered through geodesic_path)
     "DEFAULT_ANGLE_TOL",
     "cpu_only",  # a context manager for tracing

@@ -1,4 +1,4 @@
-"""``solve_pd``: the compiled no-pivot CPU solve (``orthofuse_jax/_native/solve.cc``) behind the Cayley maps.
+"""``solve_pd``: the compiled no-pivot CPU solve (``_native/kernels.inc``) behind the Cayley maps.
 
 Checked against float64 numpy (never against itself), in float32 and float64, over block sizes
 1-70 and batch sizes that are not multiples of the kernel's 8 lanes, under
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("kernel_build")  # both builds of the kerne
 
 def test_the_kernel_is_built_where_ci_runs():
     if os.environ.get("CI") or _native.library_path() is not None:
-        assert _native.library_path() is not None, "orthofuse_jax/_native/solve.cc was not compiled"
+        assert _native.library_path() is not None, "orthofuse_jax/_native/ffi.cc was not compiled"
         assert _native.solve_target(np.dtype("float32")) == "orthofuse_solve_f32"
         assert _native.solve_target(np.dtype("float64")) == "orthofuse_solve_f64"
         assert _native.target("cayley", np.dtype("float32")) == "orthofuse_cayley_f32"

@@ -163,6 +163,22 @@ def test_negative_eigenvalue_raises_outside_jit():
     assert issubclass(NegativeEigenvalueError, ValueError)
 
 
+def test_is_concrete_looks_at_every_leaf():
+    """Arrays, scalars and pytrees of them are concrete; a tracer anywhere (an argument, or a leaf
+    of a pytree argument) is not. Flags are read on the host (and raised) only when concrete."""
+    x = np.eye(3)
+    assert geo.is_concrete()
+    assert geo.is_concrete(x, 0.5, None, {"a": (x, jax.numpy.asarray(x))})
+    seen = []
+
+    def probe(y):
+        seen.append((geo.is_concrete(y), geo.is_concrete(x, {"b": [x, y]})))
+        return y
+
+    jax.jit(probe)(x)
+    assert seen == [(False, False)]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_negative_eigenvalue_under_jit_flags_exactly_bad_blocks(dtype):
     bad_idx = (1, 3)

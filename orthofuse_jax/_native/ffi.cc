@@ -1,5 +1,6 @@
-// Batched Cayley-type maps and solves without pivoting, for the CPU (XLA FFI custom calls; the
-// Python side is orthofuse_jax/_native/__init__.py and geometry/_linalg.py: solve_pd, cayley_map).
+// The XLA FFI side of the compiled CPU kernels (built as orthofuse_jax._native._kernels; the
+// Python side is orthofuse_jax/_native/__init__.py and geometry/_linalg.py: solve_pd, cayley_map):
+// batched Cayley-type maps and solves without pivoting, and the exact merge and sweep.
 //
 // Only for matrices whose symmetric part is positive definite -- every matrix the Cayley maps
 // solve against: I - S (symmetric part I), I - S^2 - 2 eta S (symmetric part I + S^T S). For
@@ -16,7 +17,7 @@
 // 3e-8 from float64 for 64x64 Cayley blocks, where an all-float32 elimination (and LAPACK's
 // float32 solve, 3.4e-7) lose more.
 //
-// Five entry points:
+// Five kernels, each an FFI handler per dtype (ORTHOFUSE_HANDLERS at the end of this file):
 //   orthofuse_solve_{f32,f64}(A, B) -> A^{-1} B
 //   orthofuse_cayley_{f32,f64}(X1, X2, C) -> (I - q S^2 - c S)^{-1} (I - q S^2 + c S) per block, and
 //     per block whether it holds an inf or a NaN (the merges' "bad" flag),
@@ -38,7 +39,8 @@
 //
 // The kernels themselves are in kernels.inc, compiled twice (see "The builds" below): for
 // AVX-512 and for AVX2 with FMA; every call runs the build the CPU has. This file holds what is
-// the same for both: threads, work space, page faults, and the FFI handlers.
+// the same for both: threads, work space, page faults, the power's coefficients, and the FFI
+// handlers (shape checks, then the kernel of the build that runs here over the batch).
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
@@ -335,7 +337,7 @@ ffi::Error NoBuild() {
       "orthofuse kernels: built for AVX-512F and for AVX2 with FMA, and this CPU has neither");
 }
 
-template <ffi::DataType DT, typename TIn>
+template <ffi::DataType DT, typename TIn = ffi::NativeType<DT>>
 ffi::Error Solve(ffi::Buffer<DT> a, ffi::Buffer<DT> b, ffi::ResultBuffer<DT> x,
                  void (*kernel)(const TIn*, const TIn*, TIn*, int64_t, int64_t, int64_t, double*)) {
   if (kernel == nullptr) return NoBuild();
@@ -360,15 +362,7 @@ ffi::Error Solve(ffi::Buffer<DT> a, ffi::Buffer<DT> b, ffi::ResultBuffer<DT> x,
   return ffi::Error::Success();
 }
 
-ffi::Error SolveF32Impl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> x) {
-  return Solve<ffi::F32, float>(a, b, x, Pick(wide::SolveF32, narrow::SolveF32));
-}
-
-ffi::Error SolveF64Impl(ffi::Buffer<ffi::F64> a, ffi::Buffer<ffi::F64> b, ffi::ResultBuffer<ffi::F64> x) {
-  return Solve<ffi::F64, double>(a, b, x, Pick(wide::SolveF64, narrow::SolveF64));
-}
-
-template <ffi::DataType DT, typename TIn>
+template <ffi::DataType DT, typename TIn = ffi::NativeType<DT>>
 ffi::Error Cayley(ffi::Buffer<DT> x1, ffi::Buffer<DT> x2, ffi::Buffer<DT> coef, ffi::ResultBuffer<DT> y,
                   ffi::ResultBuffer<ffi::PRED> bad,
                   void (*kernel)(const TIn*, const TIn*, const TIn*, TIn*, bool*, int64_t, int64_t, double*)) {
@@ -397,17 +391,7 @@ ffi::Error Cayley(ffi::Buffer<DT> x1, ffi::Buffer<DT> x2, ffi::Buffer<DT> coef, 
   return ffi::Error::Success();
 }
 
-ffi::Error CayleyF32Impl(ffi::Buffer<ffi::F32> x1, ffi::Buffer<ffi::F32> x2, ffi::Buffer<ffi::F32> c,
-                         ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::PRED> bad) {
-  return Cayley<ffi::F32, float>(x1, x2, c, y, bad, Pick(wide::CayleyF32, narrow::CayleyF32));
-}
-
-ffi::Error CayleyF64Impl(ffi::Buffer<ffi::F64> x1, ffi::Buffer<ffi::F64> x2, ffi::Buffer<ffi::F64> c,
-                         ffi::ResultBuffer<ffi::F64> y, ffi::ResultBuffer<ffi::PRED> bad) {
-  return Cayley<ffi::F64, double>(x1, x2, c, y, bad, Pick(wide::CayleyF64, narrow::CayleyF64));
-}
-
-template <ffi::DataType DT, typename TIn>
+template <ffi::DataType DT, typename TIn = ffi::NativeType<DT>>
 ffi::Error Point(ffi::Buffer<DT> a, ffi::Buffer<DT> b, ffi::Buffer<DT> v, ffi::Buffer<DT> cs, ffi::Buffer<DT> coef,
                  ffi::ResultBuffer<DT> y,
                  void (*kernel)(const TIn*, const TIn*, const TIn*, const TIn*, const TIn*, TIn*, int64_t, int64_t,
@@ -445,17 +429,6 @@ ffi::Error Point(ffi::Buffer<DT> a, ffi::Buffer<DT> b, ffi::Buffer<DT> v, ffi::B
   return ffi::Error::Success();
 }
 
-ffi::Error PointF32Impl(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, ffi::Buffer<ffi::F32> v,
-                        ffi::Buffer<ffi::F32> cs, ffi::Buffer<ffi::F32> coef, ffi::ResultBuffer<ffi::F32> y) {
-  return Point<ffi::F32, float>(a, b, v, cs, coef, y, Pick(wide::PointF32, narrow::PointF32));
-}
-
-ffi::Error PointF64Impl(ffi::Buffer<ffi::F64> a, ffi::Buffer<ffi::F64> b, ffi::Buffer<ffi::F64> v,
-                        ffi::Buffer<ffi::F64> cs, ffi::Buffer<ffi::F64> coef, ffi::ResultBuffer<ffi::F64> y) {
-  return Point<ffi::F64, double>(a, b, v, cs, coef, y, Pick(wide::PointF64, narrow::PointF64));
-}
-
-
 // The polynomials' attributes as PolyParams (polynomial.kernel_attributes): log_coef, exp_coef,
 // params = (c0, h0, radius, lower, max_squarings), power = (t_lo, t_hi, margin, lower, tiers,
 // then c0, h0, terms per tier).
@@ -479,7 +452,7 @@ ffi::Error ReadPoly(const char* who, ffi::Span<const double> log_coef, ffi::Span
   return ffi::Error::Success();
 }
 
-template <ffi::DataType DT, typename TIn>
+template <ffi::DataType DT, typename TIn = ffi::NativeType<DT>>
 ffi::Error Geodesic(ffi::Buffer<DT> x1, ffi::Buffer<DT> x2, ffi::Buffer<DT> coef, ffi::Span<const double> log_coef,
                     ffi::Span<const double> exp_coef, ffi::Span<const double> params, ffi::Span<const double> power,
                     ffi::ResultBuffer<DT> y,
@@ -513,25 +486,7 @@ ffi::Error Geodesic(ffi::Buffer<DT> x1, ffi::Buffer<DT> x2, ffi::Buffer<DT> coef
   return ffi::Error::Success();
 }
 
-ffi::Error GeodesicF32Impl(ffi::Buffer<ffi::F32> x1, ffi::Buffer<ffi::F32> x2, ffi::Buffer<ffi::F32> c,
-                           ffi::Span<const double> log_coef, ffi::Span<const double> exp_coef,
-                           ffi::Span<const double> params, ffi::Span<const double> power,
-                           ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::PRED> bad,
-                           ffi::ResultBuffer<ffi::PRED> ok) {
-  return Geodesic<ffi::F32, float>(x1, x2, c, log_coef, exp_coef, params, power, y, bad, ok,
-                                   Pick(wide::GeodesicF32, narrow::GeodesicF32));
-}
-
-ffi::Error GeodesicF64Impl(ffi::Buffer<ffi::F64> x1, ffi::Buffer<ffi::F64> x2, ffi::Buffer<ffi::F64> c,
-                           ffi::Span<const double> log_coef, ffi::Span<const double> exp_coef,
-                           ffi::Span<const double> params, ffi::Span<const double> power,
-                           ffi::ResultBuffer<ffi::F64> y, ffi::ResultBuffer<ffi::PRED> bad,
-                           ffi::ResultBuffer<ffi::PRED> ok) {
-  return Geodesic<ffi::F64, double>(x1, x2, c, log_coef, exp_coef, params, power, y, bad, ok,
-                                    Pick(wide::GeodesicF64, narrow::GeodesicF64));
-}
-
-template <ffi::DataType DT, typename TIn>
+template <ffi::DataType DT, typename TIn = ffi::NativeType<DT>>
 ffi::Error Sweep(ffi::Buffer<DT> x1, ffi::Buffer<DT> x2, ffi::Buffer<DT> pts, ffi::Span<const double> log_coef,
                  ffi::Span<const double> exp_coef, ffi::Span<const double> params, ffi::Span<const double> power,
                  ffi::Span<const double> flags, ffi::ResultBuffer<DT> y, ffi::ResultBuffer<ffi::PRED> bad, ffi::ResultBuffer<ffi::PRED> ok,
@@ -570,94 +525,63 @@ ffi::Error Sweep(ffi::Buffer<DT> x1, ffi::Buffer<DT> x2, ffi::Buffer<DT> pts, ff
   return ffi::Error::Success();
 }
 
-ffi::Error SweepF32Impl(ffi::Buffer<ffi::F32> x1, ffi::Buffer<ffi::F32> x2, ffi::Buffer<ffi::F32> pts,
-                        ffi::Span<const double> log_coef, ffi::Span<const double> exp_coef,
-                        ffi::Span<const double> params, ffi::Span<const double> power,
-                        ffi::Span<const double> flags, ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::PRED> bad,
-                        ffi::ResultBuffer<ffi::PRED> ok) {
-  return Sweep<ffi::F32, float>(x1, x2, pts, log_coef, exp_coef, params, power, flags, y, bad, ok,
-                                Pick(wide::SweepF32, narrow::SweepF32));
-}
-
-ffi::Error SweepF64Impl(ffi::Buffer<ffi::F64> x1, ffi::Buffer<ffi::F64> x2, ffi::Buffer<ffi::F64> pts,
-                        ffi::Span<const double> log_coef, ffi::Span<const double> exp_coef,
-                        ffi::Span<const double> params, ffi::Span<const double> power,
-                        ffi::Span<const double> flags, ffi::ResultBuffer<ffi::F64> y, ffi::ResultBuffer<ffi::PRED> bad,
-                        ffi::ResultBuffer<ffi::PRED> ok) {
-  return Sweep<ffi::F64, double>(x1, x2, pts, log_coef, exp_coef, params, power, flags, y, bad, ok,
-                                 Pick(wide::SweepF64, narrow::SweepF64));
-}
-
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(OrthofuseSolveF32, SolveF32Impl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(OrthofuseSolveF64, SolveF64Impl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F64>>()
-                                  .Arg<ffi::Buffer<ffi::F64>>()
-                                  .Ret<ffi::Buffer<ffi::F64>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(OrthofuseCayleyF32, CayleyF32Impl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::PRED>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(OrthofuseCayleyF64, CayleyF64Impl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F64>>()
-                                  .Arg<ffi::Buffer<ffi::F64>>()
-                                  .Arg<ffi::Buffer<ffi::F64>>()
-                                  .Ret<ffi::Buffer<ffi::F64>>()
-                                  .Ret<ffi::Buffer<ffi::PRED>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(OrthofusePointF32, PointF32Impl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(OrthofusePointF64, PointF64Impl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F64>>()
-                                  .Arg<ffi::Buffer<ffi::F64>>()
-                                  .Arg<ffi::Buffer<ffi::F64>>()
-                                  .Arg<ffi::Buffer<ffi::F64>>()
-                                  .Arg<ffi::Buffer<ffi::F64>>()
-                                  .Ret<ffi::Buffer<ffi::F64>>());
-
-// The geodesic kernels' arguments: X1, X2, the coefficients / points, and the polynomials.
-#define ORTHOFUSE_POLY_ARGS(DT)                              \
-  ffi::Ffi::Bind()                                           \
-      .Arg<ffi::Buffer<DT>>()                                \
-      .Arg<ffi::Buffer<DT>>()                                \
-      .Arg<ffi::Buffer<DT>>()                                \
-      .Attr<ffi::Span<const double>>("log_coef")             \
-      .Attr<ffi::Span<const double>>("exp_coef")             \
-      .Attr<ffi::Span<const double>>("params")               \
+// ---- The FFI handlers ----
+// Each kernel's arguments, attributes and results for the dtype DT: ORTHOFUSE_BIND_<Kernel>(DT).
+#define ORTHOFUSE_BIND_Solve(DT) \
+  ffi::Ffi::Bind().Arg<ffi::Buffer<DT>>().Arg<ffi::Buffer<DT>>().Ret<ffi::Buffer<DT>>()
+#define ORTHOFUSE_BIND_Cayley(DT)  \
+  ffi::Ffi::Bind()                 \
+      .Arg<ffi::Buffer<DT>>()      \
+      .Arg<ffi::Buffer<DT>>()      \
+      .Arg<ffi::Buffer<DT>>()      \
+      .Ret<ffi::Buffer<DT>>()      \
+      .Ret<ffi::Buffer<ffi::PRED>>()
+#define ORTHOFUSE_BIND_Point(DT) \
+  ffi::Ffi::Bind()               \
+      .Arg<ffi::Buffer<DT>>()    \
+      .Arg<ffi::Buffer<DT>>()    \
+      .Arg<ffi::Buffer<DT>>()    \
+      .Arg<ffi::Buffer<DT>>()    \
+      .Arg<ffi::Buffer<DT>>()    \
+      .Ret<ffi::Buffer<DT>>()
+// The geodesic kernels' arguments: X1, X2, the coefficients / points, and the polynomials; their
+// results: Y, bad, ok.
+#define ORTHOFUSE_POLY_ARGS(DT)                  \
+  ffi::Ffi::Bind()                               \
+      .Arg<ffi::Buffer<DT>>()                    \
+      .Arg<ffi::Buffer<DT>>()                    \
+      .Arg<ffi::Buffer<DT>>()                    \
+      .Attr<ffi::Span<const double>>("log_coef") \
+      .Attr<ffi::Span<const double>>("exp_coef") \
+      .Attr<ffi::Span<const double>>("params")   \
       .Attr<ffi::Span<const double>>("power")
 #define ORTHOFUSE_Y_BAD_OK(DT) .Ret<ffi::Buffer<DT>>().Ret<ffi::Buffer<ffi::PRED>>().Ret<ffi::Buffer<ffi::PRED>>()
+#define ORTHOFUSE_BIND_Geodesic(DT) ORTHOFUSE_POLY_ARGS(DT) ORTHOFUSE_Y_BAD_OK(DT)
+#define ORTHOFUSE_BIND_Sweep(DT) \
+  ORTHOFUSE_POLY_ARGS(DT).Attr<ffi::Span<const double>>("flags") ORTHOFUSE_Y_BAD_OK(DT)
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(OrthofuseGeodesicF32, GeodesicF32Impl,
-                              ORTHOFUSE_POLY_ARGS(ffi::F32) ORTHOFUSE_Y_BAD_OK(ffi::F32));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(OrthofuseGeodesicF64, GeodesicF64Impl,
-                              ORTHOFUSE_POLY_ARGS(ffi::F64) ORTHOFUSE_Y_BAD_OK(ffi::F64));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(OrthofuseSweepF32, SweepF32Impl,
-                              ORTHOFUSE_POLY_ARGS(ffi::F32).Attr<ffi::Span<const double>>("flags")
-                                  ORTHOFUSE_Y_BAD_OK(ffi::F32));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(OrthofuseSweepF64, SweepF64Impl,
-                              ORTHOFUSE_POLY_ARGS(ffi::F64).Attr<ffi::Span<const double>>("flags")
-                                  ORTHOFUSE_Y_BAD_OK(ffi::F64));
+// The handler Orthofuse<Kernel><D>, D = F32 or F64 (the name ffi::D shares with the kernels'
+// entry points in kernels.inc): <Kernel><ffi::D> above on the decoded arguments and the entry
+// point <Kernel><D> of the build that runs here (Pick, at every call), bound by
+// ORTHOFUSE_BIND_<Kernel>(ffi::D). ORTHOFUSE_HANDLERS(Kernel) defines both dtypes' handlers.
+#define ORTHOFUSE_HANDLER(Kernel, D)                                                          \
+  namespace {                                                                                 \
+  constexpr auto Kernel##D##Impl = [](auto... args) {                                         \
+    return Kernel<ffi::D>(args..., Pick(wide::Kernel##D, narrow::Kernel##D));                 \
+  };                                                                                          \
+  }                                                                                           \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(Orthofuse##Kernel##D, Kernel##D##Impl, ORTHOFUSE_BIND_##Kernel(ffi::D))
+#define ORTHOFUSE_HANDLERS(Kernel) \
+  ORTHOFUSE_HANDLER(Kernel, F32);  \
+  ORTHOFUSE_HANDLER(Kernel, F64)
+
+ORTHOFUSE_HANDLERS(Solve);
+ORTHOFUSE_HANDLERS(Cayley);
+ORTHOFUSE_HANDLERS(Point);
+ORTHOFUSE_HANDLERS(Geodesic);
+ORTHOFUSE_HANDLERS(Sweep);
 
 // Which build of the kernels runs on this CPU (Isa): 2 AVX-512, 1 AVX2, 0 none, -1 the portable
 // one. Python registers the kernels where it is 1 or 2 (orthofuse_jax._native.isa).
