@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from device_script import run_json_script
 
 from orthofuse_jax.models.mesh import MeshSpecError, data_devices
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -24,27 +19,12 @@ def reference_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def found(tiny_model_dir, reference_dir) -> dict:
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-        "JAX_PLATFORMS": "cpu",
-    }
-    env.pop("XLA_FLAGS", None)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(Path(__file__).with_name("sharded_generate.py")),
-            str(tiny_model_dir),
-            str(reference_dir),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
+    return run_json_script(
+        Path(__file__).with_name("sharded_generate.py"),
+        str(tiny_model_dir),
+        str(reference_dir),
         timeout=600,
-        check=False,
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def test_four_devices(found):

@@ -2,40 +2,21 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from device_script import run_json_script
 
-ROOT = Path(__file__).resolve().parents[2]
 TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
 def found(tiny_unet_dir, tmp_path_factory) -> dict:
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
-    env.pop("XLA_FLAGS", None)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(Path(__file__).with_name("sharded_training.py")),
-            str(tiny_unet_dir),
-            str(tmp_path_factory.mktemp("dp")),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-        check=False,
+    return run_json_script(
+        Path(__file__).with_name("sharded_training.py"),
+        str(tiny_unet_dir),
+        str(tmp_path_factory.mktemp("dp")),
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def test_four_devices(found):
