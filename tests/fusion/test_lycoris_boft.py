@@ -6,22 +6,21 @@ with ``Q = P^T BD(L) P BD(R)``."""
 
 from __future__ import annotations
 
-import json
 import logging
 
+import lycoris_files
 import numpy as np
 import pytest
 import torch
-from lycoris import create_lycoris
 from lycoris.functional.boft import _diff_weight
 from lycoris.wrapper import create_lycoris_from_weights
+from lycoris_files import baked, unet_folder
 from safetensors.torch import load_file, save_file
 
 from orthofuse_jax.cli import main
 from orthofuse_jax.fusion import merge
 from orthofuse_jax.fusion.io import AdapterFileError
 from orthofuse_jax.fusion.lycoris import boft_stages, load_lycoris_oft, save_lycoris_oft
-from orthofuse_jax.models.bake import bake_unet
 
 logging.getLogger("LyCORIS").setLevel(logging.WARNING)
 
@@ -47,37 +46,9 @@ def make_model(width, seed=0):
     return Tiny(width)
 
 
-def make_file(path, model, *, seed, alpha=0.0, rescaled=False, scale=0.3):
+def make_file(path, model, **kw):
     """A random BOFT adapter of ``model`` saved by ``lycoris``; returns lycoris's merged weights."""
-    net = create_lycoris(model, 1.0, linear_dim=8, algo="boft", constraint=alpha, rescaled=rescaled)
-    net.apply_to()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if name.endswith("oft_blocks"):
-                p.copy_(scale * torch.randn(p.shape, generator=g))
-            elif name.endswith("rescale"):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-    net.save_weights(str(path), torch.float32, None)
-    net.merge_to(1.0)
-    return {k: v.detach().numpy().astype(np.float64) for k, v in model.state_dict().items()}
-
-
-def unet_folder(tmp_path, model):
-    folder = tmp_path / "unet"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"_class_name": "Tiny"}))
-    save_file(
-        {k: v.contiguous() for k, v in model.state_dict().items()},
-        str(folder / "diffusion_pytorch_model.safetensors"),
-    )
-    return folder
-
-
-def baked(tmp_path, folder, adapter, name="out"):
-    bake_unet(folder, adapter, tmp_path / name)
-    sd = load_file(str(tmp_path / name / "diffusion_pytorch_model.safetensors"))
-    return {k: v.numpy().astype(np.float64) for k, v in sd.items()}
+    return lycoris_files.make_file(path, model, algo="boft", linear_dim=8, **kw)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.05])

@@ -4,19 +4,18 @@ merge of two files written back with ``save_lycoris_oft`` and loaded by ``lycori
 
 from __future__ import annotations
 
-import json
 import logging
 
+import lycoris_files
 import numpy as np
 import pytest
 import torch
-from lycoris import create_lycoris
 from lycoris.wrapper import create_lycoris_from_weights
-from safetensors.torch import load_file, save_file
+from lycoris_files import baked, merged_weights, unet_folder
+from safetensors.torch import load_file
 
 from orthofuse_jax.fusion import merge
 from orthofuse_jax.fusion.lycoris import load_lycoris_oft, save_lycoris_oft
-from orthofuse_jax.models.bake import bake_unet
 
 logging.getLogger("LyCORIS").setLevel(logging.WARNING)
 
@@ -42,43 +41,9 @@ def make_model(seed=0):
     return Tiny()
 
 
-def make_file(path, model, *, seed, alpha=0.0, rescaled=False, scale=0.3):
-    """A random diag-oft adapter of ``model`` saved by ``lycoris``; returns the merged weights."""
-    net = create_lycoris(
-        model, 1.0, linear_dim=4, algo="diag-oft", constraint=alpha, rescaled=rescaled
-    )
-    net.apply_to()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if name.endswith("oft_blocks"):
-                p.copy_(scale * torch.randn(p.shape, generator=g))
-            elif name.endswith("rescale"):
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-    net.save_weights(str(path), torch.float32, None)
-    return merged_weights(model, net)
-
-
-def merged_weights(model, net):
-    net.merge_to(1.0)
-    return {k: v.detach().numpy().astype(np.float64) for k, v in model.state_dict().items()}
-
-
-def unet_folder(tmp_path, model):
-    folder = tmp_path / "unet"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({"_class_name": "Tiny"}))
-    save_file(
-        {k: v.contiguous() for k, v in model.state_dict().items()},
-        str(folder / "diffusion_pytorch_model.safetensors"),
-    )
-    return folder
-
-
-def baked(tmp_path, folder, adapter, name="out"):
-    bake_unet(folder, adapter, tmp_path / name)
-    sd = load_file(str(tmp_path / name / "diffusion_pytorch_model.safetensors"))
-    return {k: v.numpy().astype(np.float64) for k, v in sd.items()}
+def make_file(path, model, **kw):
+    """A random diag-oft adapter of ``model`` saved by ``lycoris``; returns lycoris's merged weights."""
+    return lycoris_files.make_file(path, model, algo="diag-oft", linear_dim=4, **kw)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.02])
