@@ -34,6 +34,7 @@ __all__ = [
     "load_clip_tokenizer",
     "load_config",
     "load_flax_weights",
+    "weight_files",
 ]
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -65,7 +66,7 @@ def load_config(folder: str | os.PathLike) -> dict:
         return json.load(f)
 
 
-def _weight_files(folder: str) -> list[str]:
+def weight_files(folder: str) -> list[str]:
     """The safetensors weight files of a diffusers component folder: the single file, else the
     shards of its index, else the same for the ``fp16`` variant (what a hub download often holds)."""
     for name, index_name in (
@@ -99,7 +100,7 @@ def iter_safetensors(folder: str | os.PathLike) -> Iterator[tuple[str, np.ndarra
     """Yield ``(torch key, numpy array)`` one tensor at a time (keeps peak host memory low)."""
     from safetensors import safe_open
 
-    for path in _weight_files(os.fspath(folder)):
+    for path in weight_files(os.fspath(folder)):
         with safe_open(path, framework="numpy") as f:  # type: ignore[attr-defined]
             for key in f.keys():  # noqa: SIM118 (a safe_open handle, not a dict)
                 yield key, f.get_tensor(key)
@@ -177,7 +178,7 @@ def load_flax_weights(folder: str | os.PathLike, *, kind: str = "unet", dtype=No
     """``(module, params, config)`` from a local diffusers folder (``kind`` = "unet" or "vae")."""
     config = load_config(folder)
     module = build_unet(config, dtype) if kind == "unet" else build_vae(config, dtype)
-    files = _weight_files(os.fspath(folder))
+    files = weight_files(os.fspath(folder))
     params = convert_torch_state_dict(iter_safetensors(folder), module, source=", ".join(files))
     return module, params, config
 

@@ -55,7 +55,7 @@ from .._safetensors import AdapterFileError, SafetensorsFile, header_bytes, is_p
 from ..fusion.adapter import GSAdapter, to_orthogonal
 from ..fusion.io import check_output_folder, fsync_dir, install_folder, load_adapter
 from ..geometry import gs_apply_transpose
-from ._backbone import CONFIG_NAME, WEIGHTS_NAME, MissingModelFileError, _weight_files
+from ._backbone import CONFIG_NAME, WEIGHTS_NAME, MissingModelFileError, weight_files
 from .single_file import original_unet_keys
 
 __all__ = ["DTYPES", "BakeResult", "bake_unet", "unet_folder", "weight_key"]
@@ -244,7 +244,7 @@ def bake_unet(
     model_dir = Path(model_dir)
     folder = unet_folder(model_dir)
     config = folder / CONFIG_NAME
-    files = [Path(p) for p in _weight_files(os.fspath(folder))]
+    files = [Path(p) for p in weight_files(os.fspath(folder))]
     out = Path(out_dir)
     check_output_folder(
         out,

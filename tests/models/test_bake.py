@@ -164,7 +164,7 @@ def test_fp16_only_input_folder(tiny_unet_dir, adapter_file, reference, tmp_path
     from safetensors.numpy import save_file
 
     from orthofuse_jax.models import load_unet
-    from orthofuse_jax.models._backbone import _weight_files
+    from orthofuse_jax.models._backbone import weight_files
 
     src, _ = read_all(tiny_unet_dir / WEIGHTS)
     fp16 = tmp_path / "sdxl" / "unet"
@@ -175,7 +175,7 @@ def test_fp16_only_input_folder(tiny_unet_dir, adapter_file, reference, tmp_path
         str(fp16 / "diffusion_pytorch_model.fp16.safetensors"),
         metadata={"format": "pt"},
     )
-    assert _weight_files(str(fp16)) == [str(fp16 / "diffusion_pytorch_model.fp16.safetensors")]
+    assert weight_files(str(fp16)) == [str(fp16 / "diffusion_pytorch_model.fp16.safetensors")]
     _, params, _ = load_unet(fp16.parent)  # the Flax loader finds the variant too
     np.testing.assert_array_equal(
         np.asarray(params["conv_in"]["kernel"], np.float32),
