@@ -205,12 +205,12 @@ def cmd_fuse(args, *, quiet: bool = False) -> int:
                 raise
             to, note = "reference", f" (not PEFT OFT: {e})"
             check_output_path(args.output, inputs)
-    if to == "lycoris":
+    if to != "reference":  # save_merged measures it as it writes; these writers do not
         err = max(float(orthogonality_error(s.R).max()) for s in merged.stacks.values())
+    if to == "lycoris":
         save_lycoris_oft(args.output, merged, template=args.concept, inputs=inputs)
         what = "a LyCORIS OFT file" if family != KOHYA_OFT else "a kohya OFT file"
     elif to == "peft":
-        err = max(float(orthogonality_error(s.R).max()) for s in merged.stacks.values())
         save_peft_oft(
             args.output,
             merged,
